@@ -1,0 +1,15 @@
+//! sendbridge: an SMTP relay that lets legacy programs keep sending mail
+//! after providers switched off plain-password sign-in. See DESIGN.md for
+//! the module map.
+
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod observe;
+pub mod policy;
+pub mod reply;
+pub mod secret;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,101 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use sendbridge::config::Config;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "SMTP relay for legacy programs: local password in, app password or OAuth 2.0 out"
+)]
+struct Cli {
+    /// Configuration file [default: config/sendbridge.toml, optional]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the relay
+    Run,
+    /// Validate the configuration and print a summary (no secrets)
+    Check,
+    /// Print an argon2 hash of a password read from stdin, for users.<name>.password_hash
+    HashPassword,
+}
+
+/// Exit code for an invalid configuration (as sysexits' EX_USAGE family does).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::HashPassword = cli.command {
+        return report(sendbridge::cli::hash_password_from_stdin());
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("sendbridge: invalid configuration: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::Check => {
+            sendbridge::cli::check(&config);
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            sendbridge::tls::install_crypto_provider();
+            sendbridge::observe::init_tracing(&config.log);
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            report(runtime.block_on(run(config)))
+        }
+        Command::HashPassword => unreachable!("handled above"),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let server = sendbridge::server::Server::bind(&config, shutdown.clone()).await?;
+    if config.accounts.is_empty() {
+        tracing::warn!(
+            "no upstream account configured: set [accounts.<name>] username and password in config/sendbridge.toml, or e.g. SENDBRIDGE_ACCOUNTS__GMAIL__USERNAME and SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD (a Gmail app password), plus a local login SENDBRIDGE_USERS__<NAME>__PASSWORD"
+        );
+    }
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, open sessions get a grace period");
+        shutdown.cancel();
+    });
+    server.run().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("sendbridge: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! SMTP replies as the relay sends them: a code, an enhanced status code and
+//! text that may span several lines.
+
+use std::fmt;
+
+use smtp_proto::Response;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Enhanced status code (RFC 3463); `None` for greetings, EHLO and 334.
+    pub status: Option<[u8; 3]>,
+    /// Lines separated by `\n`.
+    pub text: String,
+}
+
+impl Reply {
+    pub fn new(code: u16, status: [u8; 3], text: impl Into<String>) -> Self {
+        Reply {
+            code,
+            status: Some(status),
+            text: text.into(),
+        }
+    }
+
+    /// A reply without an enhanced status code.
+    pub fn bare(code: u16, text: impl Into<String>) -> Self {
+        Reply {
+            code,
+            status: None,
+            text: text.into(),
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// The first line only: what a log line or another reply quotes.
+    pub fn first_line(&self) -> &str {
+        self.text.lines().next().unwrap_or_default()
+    }
+
+    /// Appends the wire form: `250-...` continuation lines, `250 ...` last.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let mut lines = self.text.split('\n').peekable();
+        while let Some(line) = lines.next() {
+            let separator = if lines.peek().is_some() { '-' } else { ' ' };
+            let line = line.trim_end_matches('\r');
+            let text = match self.status {
+                Some([a, b, c]) => format!("{}{separator}{a}.{b}.{c} {line}\r\n", self.code),
+                None => format!("{}{separator}{line}\r\n", self.code),
+            };
+            out.extend_from_slice(text.as_bytes());
+        }
+    }
+}
+
+impl From<Response<String>> for Reply {
+    fn from(response: Response<String>) -> Self {
+        let status = (response.esc != [0, 0, 0]).then_some(response.esc);
+        Reply {
+            code: response.code,
+            status,
+            text: response.message,
+        }
+    }
+}
+
+/// `535 5.7.8 first line`: how logs and other replies quote a reply.
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.status {
+            Some([a, b, c]) => write!(f, "{} {a}.{b}.{c} {}", self.code, self.first_line()),
+            None => write!(f, "{} {}", self.code, self.first_line()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiline_replies_repeat_code_and_status() {
+        let mut out = Vec::new();
+        Reply::new(550, [5, 1, 1], "no such user\nsee the docs").write_to(&mut out);
+        assert_eq!(out, b"550-5.1.1 no such user\r\n550 5.1.1 see the docs\r\n");
+        assert_eq!(
+            Reply::new(550, [5, 1, 1], "no such user\nmore").to_string(),
+            "550 5.1.1 no such user"
+        );
+    }
+}

@@ -1,0 +1,219 @@
+//! Local sign-in of legacy programs: SASL PLAIN and LOGIN decoding, and
+//! password checks against argon2 hashes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use argon2::Argon2;
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::secret::Secret;
+
+/// Argon2 needs ~19 MiB per check: bound how many run at once so a flood of
+/// AUTH attempts cannot exhaust memory.
+const CONCURRENT_CHECKS: usize = 4;
+
+/// A signed-in local user.
+#[derive(Debug, Clone)]
+pub struct SignedIn {
+    pub user: String,
+    pub account: String,
+}
+
+struct LocalUser {
+    name: String,
+    password_hash: String,
+    account: String,
+}
+
+/// The configured local users, keyed by lower-case name: configuration
+/// keys are lower-case, legacy programs are not always.
+pub struct Users {
+    by_name: HashMap<String, Arc<LocalUser>>,
+    checks: Semaphore,
+}
+
+impl Users {
+    /// Plain-text passwords from the config are hashed here, once, so every
+    /// check takes the same constant-time argon2 path.
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let mut by_name = HashMap::new();
+        for (name, user) in &config.users {
+            let password_hash = match (&user.password_hash, &user.password) {
+                (Some(hash), _) => hash.clone(),
+                (None, Some(password)) => hash_password(password)?,
+                (None, None) => unreachable!("config validation requires a password"),
+            };
+            let account = user
+                .account
+                .clone()
+                .expect("config validation sets the account");
+            by_name.insert(
+                name.to_lowercase(),
+                Arc::new(LocalUser {
+                    name: name.clone(),
+                    password_hash,
+                    account,
+                }),
+            );
+        }
+        Ok(Users {
+            by_name,
+            checks: Semaphore::new(CONCURRENT_CHECKS),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Checks a user name and password. Unknown names cost the same as wrong
+    /// passwords, so timing does not reveal which names exist.
+    pub async fn verify(&self, username: &str, password: Secret) -> Option<SignedIn> {
+        let user = self.by_name.get(&username.to_lowercase()).cloned();
+        let hash = match &user {
+            Some(user) => user.password_hash.clone(),
+            None => dummy_hash().to_string(),
+        };
+        let _permit = self.checks.acquire().await.ok()?;
+        let matches = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash).is_ok_and(|parsed| {
+                Argon2::default()
+                    .verify_password(password.expose().as_bytes(), &parsed)
+                    .is_ok()
+            })
+        })
+        .await
+        .unwrap_or(false);
+        let user = user.filter(|_| matches)?;
+        Some(SignedIn {
+            user: user.name.clone(),
+            account: user.account.clone(),
+        })
+    }
+}
+
+/// An argon2 PHC string for `password`, with a random salt.
+pub fn hash_password(password: &Secret) -> anyhow::Result<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.expose().as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|err| anyhow::anyhow!("hashing failed: {err}"))
+}
+
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        hash_password(&Secret::new("no such user")).expect("argon2 hashes a fixed password")
+    })
+}
+
+/// Why a SASL exchange did not yield credentials.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SaslError {
+    /// The client sent `*`.
+    Cancelled,
+    /// Not base64, or not the mechanism's format.
+    Malformed,
+}
+
+/// A client's answer to a 334 challenge.
+pub fn decode_response(line: &str) -> Result<Vec<u8>, SaslError> {
+    match line.trim() {
+        "*" => Err(SaslError::Cancelled),
+        // RFC 4954: "=" is an empty initial response.
+        "=" => Ok(Vec::new()),
+        text => BASE64.decode(text).map_err(|_| SaslError::Malformed),
+    }
+}
+
+/// PLAIN (RFC 4616): `authzid NUL authcid NUL password`. We sign in as
+/// authcid; an authzid naming someone else is refused rather than ignored.
+pub fn parse_plain(decoded: &[u8]) -> Result<(String, Secret), SaslError> {
+    let mut parts = decoded.split(|&b| b == 0);
+    let (Some(authzid), Some(authcid), Some(password), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(SaslError::Malformed);
+    };
+    let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).map_err(|_| SaslError::Malformed);
+    let (authzid, authcid) = (text(authzid)?, text(authcid)?);
+    if authcid.is_empty() || (!authzid.is_empty() && authzid != authcid) {
+        return Err(SaslError::Malformed);
+    }
+    Ok((authcid, Secret::new(text(password)?)))
+}
+
+/// One LOGIN field (user name or password): base64 of UTF-8 text.
+pub fn parse_login_field(decoded: Vec<u8>) -> Result<String, SaslError> {
+    String::from_utf8(decoded).map_err(|_| SaslError::Malformed)
+}
+
+pub const LOGIN_USERNAME_CHALLENGE: &str = "VXNlcm5hbWU6"; // "Username:"
+pub const LOGIN_PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6"; // "Password:"
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_splits_on_nul() {
+        let (user, password) = parse_plain(b"\0invoices\0old-password").unwrap();
+        assert_eq!(
+            (user.as_str(), password.expose()),
+            ("invoices", "old-password")
+        );
+        assert!(parse_plain(b"invoices\0invoices\0pw").is_ok());
+        assert_eq!(
+            parse_plain(b"admin\0invoices\0pw").unwrap_err(),
+            SaslError::Malformed
+        );
+        assert_eq!(
+            parse_plain(b"no-separators").unwrap_err(),
+            SaslError::Malformed
+        );
+    }
+
+    #[test]
+    fn responses_decode_cancel_and_empty() {
+        assert_eq!(decode_response("*"), Err(SaslError::Cancelled));
+        assert_eq!(decode_response("="), Ok(Vec::new()));
+        assert_eq!(decode_response("aGk="), Ok(b"hi".to_vec()));
+        assert_eq!(decode_response("not base64!"), Err(SaslError::Malformed));
+    }
+
+    #[tokio::test]
+    async fn verify_accepts_only_the_right_password() {
+        let config = Config::from_toml(
+            "[accounts.gmail]\nusername = \"me@gmail.com\"\npassword = \"x\"\n[users.Invoices]\npassword = \"old-password\"",
+        )
+        .unwrap();
+        let users = Users::new(&config).unwrap();
+        let signed_in = users
+            .verify("INVOICES", Secret::new("old-password"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (signed_in.user.as_str(), signed_in.account.as_str()),
+            ("Invoices", "gmail")
+        );
+        assert!(
+            users
+                .verify("invoices", Secret::new("wrong"))
+                .await
+                .is_none()
+        );
+        assert!(
+            users
+                .verify("nobody", Secret::new("old-password"))
+                .await
+                .is_none()
+        );
+    }
+}

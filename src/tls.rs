@@ -1,0 +1,118 @@
+//! TLS material: the inbound certificate (loaded, or generated on first start)
+//! and the trust store used to verify upstream servers.
+
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::TlsConfig;
+
+/// Installs the one crypto provider this binary ships (aws-lc-rs). rustls
+/// refuses to guess when a dependency compiles in a second one.
+pub fn install_crypto_provider() {
+    // An error only means a provider is already installed (tests start many relays).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// The acceptor for STARTTLS and the implicit-TLS listener. Generates a
+/// self-signed certificate when neither file exists; `None` when that is
+/// impossible (e.g. a read-only directory): the relay then runs without TLS.
+pub fn inbound_acceptor(config: &TlsConfig, hostname: &str) -> anyhow::Result<Option<TlsAcceptor>> {
+    match (config.cert.exists(), config.key.exists()) {
+        (true, true) => {}
+        (false, false) => {
+            if let Err(err) = generate_self_signed(&config.cert, &config.key, hostname) {
+                tracing::warn!(
+                    cert = %config.cert.display(),
+                    error = %format!("{err:#}"),
+                    "cannot create a self-signed certificate; STARTTLS is not offered (set tls.cert and tls.key)"
+                );
+                return Ok(None);
+            }
+            tracing::info!(
+                cert = %config.cert.display(),
+                key = %config.key.display(),
+                "generated a self-signed certificate for STARTTLS"
+            );
+        }
+        (true, false) => bail!("tls.key: {} does not exist", config.key.display()),
+        (false, true) => bail!("tls.cert: {} does not exist", config.cert.display()),
+    }
+    let certs = read_certs(&config.cert).context("tls.cert")?;
+    let key = read_key(&config.key).context("tls.key")?;
+    let server = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("tls.cert/tls.key do not form a usable certificate")?;
+    Ok(Some(TlsAcceptor::from(Arc::new(server))))
+}
+
+fn generate_self_signed(cert_path: &Path, key_path: &Path, hostname: &str) -> anyhow::Result<()> {
+    let names = vec![hostname.to_string(), "localhost".to_string()];
+    let certified = rcgen::generate_simple_self_signed(names)?;
+    for path in [cert_path, key_path] {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    std::fs::write(cert_path, certified.cert.pem())
+        .with_context(|| format!("writing {}", cert_path.display()))?;
+    write_private(key_path, certified.signing_key.serialize_pem().as_bytes())
+        .with_context(|| format!("writing {}", key_path.display()))?;
+    Ok(())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(contents)
+}
+
+fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut BufReader::new(file))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not PEM", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no certificate", path.display());
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    rustls_pemfile::private_key(&mut BufReader::new(file))
+        .with_context(|| format!("{} is not PEM", path.display()))?
+        .with_context(|| format!("{} holds no private key", path.display()))
+}
+
+/// A connector that verifies upstream servers against the system's roots,
+/// the bundled Mozilla roots (a `scratch` container has no system store) and
+/// the account's `ca_file`.
+pub fn upstream_connector(ca_file: Option<&Path>) -> anyhow::Result<TlsConnector> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // Unreadable system certificates are skipped; the bundled roots remain.
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(ca_file) = ca_file {
+        for cert in read_certs(ca_file)? {
+            roots.add(cert).with_context(|| {
+                format!("{} holds an unusable CA certificate", ca_file.display())
+            })?;
+        }
+    }
+    let client = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(client)))
+}

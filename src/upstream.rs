@@ -1,0 +1,294 @@
+//! Delivery to an upstream submission server (Gmail, Microsoft 365, …) with
+//! mail-send: TLS always verified, AUTH with the account's app password, and
+//! every result turned into an [`Outcome`].
+
+use std::time::Duration;
+
+use mail_send::smtp::message::Parameters;
+use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::{AccountConfig, UpstreamTls};
+use crate::reply::Reply;
+
+/// How one attempt to hand a message to the upstream ended (DESIGN.md,
+/// "Outcome classes").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream accepted the message (its 2xx reply).
+    Delivered(Reply),
+    /// A permanent rejection of the message or a recipient.
+    Rejected(Reply),
+    /// The upstream refused our sign-in: the account's secret needs fixing.
+    AuthFailed(Reply),
+    /// Worth retrying: a 4xx reply, or no reply at all (`reason` says why).
+    Deferred {
+        reply: Option<Reply>,
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// The upstream reply code for logs; 0 when there was no reply.
+    pub fn code(&self) -> u16 {
+        match self {
+            Outcome::Delivered(reply) | Outcome::Rejected(reply) | Outcome::AuthFailed(reply) => {
+                reply.code
+            }
+            Outcome::Deferred { reply, .. } => reply.as_ref().map_or(0, |reply| reply.code),
+        }
+    }
+}
+
+/// What the client declared in MAIL FROM that the upstream must hear too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BodyFlags {
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+}
+
+/// One configured upstream account, ready to open connections.
+pub struct Upstream {
+    name: String,
+    builder: SmtpClientBuilder<String>,
+    tls: UpstreamTls,
+    sender: String,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(name: &str, account: &AccountConfig, helo_name: &str) -> anyhow::Result<Self> {
+        let connector = crate::tls::upstream_connector(account.ca_file.as_deref())
+            .map_err(|err| anyhow::anyhow!("accounts.{name}.ca_file: {err:#}"))?;
+        let password = account
+            .password
+            .as_ref()
+            .expect("config validation requires a password");
+        let builder = SmtpClientBuilder::new_with_tls_connector(
+            account.host.clone(),
+            account.port,
+            connector,
+        )
+        .implicit_tls(account.tls_mode() == UpstreamTls::Implicit)
+        .helo_host(helo_name)
+        .timeout(account.timeout)
+        .credentials(Credentials::new(
+            account.username.clone(),
+            password.expose().to_string(),
+        ));
+        Ok(Upstream {
+            name: name.to_string(),
+            builder,
+            tls: account.tls_mode(),
+            sender: account.sender().to_string(),
+            timeout: account.timeout,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Opens a connection, signs in and sends one message. `message` is the
+    /// content as received, ending in CRLF.
+    pub async fn send(&self, recipients: &[String], flags: BodyFlags, message: &[u8]) -> Outcome {
+        let result = match self.tls {
+            UpstreamTls::None => {
+                self.connect_and_send(self.builder.connect_plain(), recipients, flags, message)
+                    .await
+            }
+            UpstreamTls::Starttls | UpstreamTls::Implicit => {
+                self.connect_and_send(self.builder.connect(), recipients, flags, message)
+                    .await
+            }
+        };
+        match result {
+            Ok(reply) => Outcome::Delivered(reply.into()),
+            Err(err) => self.classify(err),
+        }
+    }
+
+    async fn connect_and_send<T: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        connect: impl Future<Output = mail_send::Result<SmtpClient<T>>>,
+        recipients: &[String],
+        flags: BodyFlags,
+        message: &[u8],
+    ) -> mail_send::Result<smtp_proto::Response<String>> {
+        // mail-send's connect() bounds only some of its reads; bound it all.
+        let mut client = tokio::time::timeout(self.timeout, connect)
+            .await
+            .map_err(|_| mail_send::Error::Timeout)??;
+        self.transact(&mut client, recipients, flags, message).await
+    }
+
+    async fn transact<T: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut SmtpClient<T>,
+        recipients: &[String],
+        flags: BodyFlags,
+        message: &[u8],
+    ) -> mail_send::Result<smtp_proto::Response<String>> {
+        let mut params = Parameters::new();
+        let size = message.len().to_string();
+        params.add(("SIZE", size.as_str()));
+        if flags.eight_bit {
+            params.add(("BODY", "8BITMIME"));
+        }
+        if flags.smtputf8 {
+            params.add("SMTPUTF8");
+        }
+        client.mail_from(&self.sender, &params).await?;
+        for recipient in recipients {
+            client.rcpt_to(recipient, &Parameters::new()).await?;
+        }
+        // data() adds the CRLF "." CRLF terminator itself; a message that
+        // still ended in CRLF would gain an empty line.
+        let reply = client.data(without_final_crlf(message)).await?;
+        // The message is accepted; a failed QUIT changes nothing.
+        let _ = client.cmd(b"QUIT\r\n").await;
+        Ok(reply)
+    }
+
+    fn classify(&self, err: mail_send::Error) -> Outcome {
+        use mail_send::Error;
+        let deferred = |reason: String| Outcome::Deferred {
+            reply: None,
+            reason,
+        };
+        match err {
+            Error::AuthenticationFailed(reply) => Outcome::AuthFailed(reply.into()),
+            Error::UnexpectedReply(reply) => classify_reply(reply.into()),
+            Error::Timeout => deferred(format!("timed out after {}s", self.timeout.as_secs())),
+            Error::Io(err) => deferred(self.describe_io(&err)),
+            Error::Tls(err) => deferred(format!("TLS failed: {err}")),
+            Error::MissingStartTls => deferred(format!(
+                "the server does not offer STARTTLS; if it expects TLS from the start, set accounts.{}.tls = \"implicit\"",
+                self.name
+            )),
+            Error::UnsupportedAuthMechanism => deferred(
+                "the server offers no sign-in method sendbridge supports (PLAIN, LOGIN)"
+                    .to_string(),
+            ),
+            Error::UnparseableReply => {
+                deferred("the connection closed or the server's reply was not SMTP".to_string())
+            }
+            other => deferred(other.to_string()),
+        }
+    }
+
+    fn describe_io(&self, err: &std::io::Error) -> String {
+        let tls_error = err
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        match tls_error {
+            Some(rustls::Error::InvalidCertificate(reason)) => format!(
+                "the server's TLS certificate is not trusted ({reason:?}); if it uses a private CA, set accounts.{}.ca_file",
+                self.name
+            ),
+            Some(tls) => format!("TLS failed: {tls}"),
+            None => format!("{err}"),
+        }
+    }
+}
+
+/// Sorts a reply by the classes in DESIGN.md.
+pub fn classify_reply(reply: Reply) -> Outcome {
+    match reply.code {
+        200..=299 => Outcome::Delivered(reply),
+        500..=599 if is_auth_failure(&reply) => Outcome::AuthFailed(reply),
+        500..=599 => Outcome::Rejected(reply),
+        _ => Outcome::Deferred {
+            reason: reply.to_string(),
+            reply: Some(reply),
+        },
+    }
+}
+
+fn is_auth_failure(reply: &Reply) -> bool {
+    match reply.status {
+        // Microsoft 365: basic auth disabled, or not supported for submission.
+        Some([5, 7, 139]) | Some([5, 7, 30]) => true,
+        Some([5, 7, _]) => matches!(reply.code, 530 | 534 | 535),
+        _ => matches!(reply.code, 534 | 535),
+    }
+}
+
+/// What an operator should do about a provider's reply, naming the config
+/// key. `None` when the reply speaks for itself.
+pub fn hint(account: &str, reply: &Reply) -> Option<String> {
+    let text = reply.text.as_str();
+    let hint = match (reply.code, reply.status) {
+        (534, Some([5, 7, 9])) => format!(
+            "Google requires an app password for this account: create one under Google Account → Security → App passwords (2-step verification must be on) and set accounts.{account}.password"
+        ),
+        (535, Some([5, 7, 8])) => format!(
+            "the provider rejected accounts.{account}.username or accounts.{account}.password; for Gmail use a 16-character app password, not the account password"
+        ),
+        (534, Some([5, 7, 14])) => format!(
+            "Google wants an interactive sign-in first: sign in to the account in a browser, then use an app password in accounts.{account}.password"
+        ),
+        (535, Some([5, 7, 139]))
+            if text.contains("basic authentication is disabled")
+                || text.contains("SmtpClientAuthentication") =>
+        {
+            format!(
+                "Microsoft 365 has SMTP basic authentication switched off for this mailbox or tenant: enable SMTP AUTH for the mailbox, or use OAuth 2.0 for accounts.{account}"
+            )
+        }
+        (535, Some([5, 7, 139])) => format!(
+            "Microsoft 365 rejected the credentials: check accounts.{account}.username and accounts.{account}.password"
+        ),
+        (530, Some([5, 7, 0])) => format!(
+            "the provider requires sign-in or STARTTLS first: check accounts.{account}.tls and the credentials"
+        ),
+        _ => return None,
+    };
+    Some(hint)
+}
+
+/// mail-send terminates the data itself; drop the CRLF that ends the content.
+fn without_final_crlf(message: &[u8]) -> &[u8] {
+    message.strip_suffix(b"\r\n").unwrap_or(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(code: u16, status: [u8; 3]) -> Outcome {
+        classify_reply(Reply::new(code, status, "text"))
+    }
+
+    #[test]
+    fn replies_sort_into_outcome_classes() {
+        assert!(matches!(outcome(250, [2, 0, 0]), Outcome::Delivered(_)));
+        assert!(matches!(outcome(535, [5, 7, 8]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(534, [5, 7, 9]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(530, [5, 7, 0]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(535, [5, 7, 139]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(550, [5, 7, 30]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(550, [5, 7, 1]), Outcome::Rejected(_)));
+        assert!(matches!(outcome(550, [5, 1, 1]), Outcome::Rejected(_)));
+        assert!(matches!(
+            outcome(421, [4, 7, 0]),
+            Outcome::Deferred { reply: Some(_), .. }
+        ));
+    }
+
+    #[test]
+    fn app_password_hint_names_the_key() {
+        let hint = hint(
+            "gmail",
+            &Reply::new(534, [5, 7, 9], "Application-specific password required."),
+        )
+        .unwrap();
+        assert!(hint.contains("app password") && hint.contains("accounts.gmail.password"));
+    }
+
+    #[test]
+    fn final_crlf_is_dropped_once() {
+        assert_eq!(without_final_crlf(b"a\r\n\r\n"), b"a\r\n");
+        assert_eq!(without_final_crlf(b""), b"");
+    }
+}
