@@ -161,7 +161,7 @@ impl Upstream {
             Error::UnexpectedReply(reply) => classify_reply(reply.into()),
             Error::Timeout => deferred(format!("timed out after {}s", self.timeout.as_secs())),
             Error::Io(err) => deferred(self.describe_io(&err)),
-            Error::Tls(err) => deferred(format!("TLS failed: {err}")),
+            Error::Tls(err) => deferred(self.describe_tls(&err)),
             Error::MissingStartTls => deferred(format!(
                 "the server does not offer STARTTLS; if it expects TLS from the start, set accounts.{}.tls = \"implicit\"",
                 self.name
@@ -178,16 +178,22 @@ impl Upstream {
     }
 
     fn describe_io(&self, err: &std::io::Error) -> String {
-        let tls_error = err
+        match err
             .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-        match tls_error {
-            Some(rustls::Error::InvalidCertificate(reason)) => format!(
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(tls) => self.describe_tls(tls),
+            None => err.to_string(),
+        }
+    }
+
+    fn describe_tls(&self, err: &rustls::Error) -> String {
+        match err {
+            rustls::Error::InvalidCertificate(reason) => format!(
                 "the server's TLS certificate is not trusted ({reason:?}); if it uses a private CA, set accounts.{}.ca_file",
                 self.name
             ),
-            Some(tls) => format!("TLS failed: {tls}"),
-            None => format!("{err}"),
+            other => format!("TLS failed: {other}"),
         }
     }
 }

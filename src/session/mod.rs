@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smtp_proto::request::receiver::{LineReceiver, RequestReceiver};
+use smtp_proto::request::receiver::{LineReceiver, MAX_LINE_LENGTH, RequestReceiver};
 use smtp_proto::{
     AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_AUTH, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING,
     EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME,
@@ -180,8 +180,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         loop {
             let mut bytes = self.input[self.start..self.end].iter();
             let parsed = self.requests.ingest(&mut bytes).map(Request::into_owned);
-            self.start = self.end - bytes.len();
+            let consumed = self.end - bytes.len() - self.start;
+            self.start += consumed;
             let error = match parsed {
+                // smtp-proto bounds lines it had to buffer across reads; a
+                // line that arrived whole in one read is bounded here.
+                Ok(_) if consumed > MAX_LINE_LENGTH => smtp_proto::Error::ResponseTooLong,
                 Ok(request) => return Ok(Some(request)),
                 Err(smtp_proto::Error::NeedsMoreData { .. }) => {
                     let timeout = self.ctx.server.command_timeout;
@@ -279,7 +283,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.tls && self.ctx.tls.is_some() {
             ehlo.capabilities |= EXT_START_TLS;
         }
-        let _ = ehlo.write(&mut self.output);
+        // smtp-proto's first line carries a joke; operators grep for ours.
+        let mut lines = Vec::new();
+        let _ = ehlo.write(&mut lines);
+        let first_line_end = lines.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+        self.output
+            .extend_from_slice(format!("250-{hostname} at your service\r\n").as_bytes());
+        self.output.extend_from_slice(&lines[first_line_end..]);
     }
 
     fn starttls(&mut self) -> Flow {

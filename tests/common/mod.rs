@@ -1,0 +1,6 @@
+// Each test binary compiles this module but uses only part of it.
+#![allow(dead_code)]
+
+pub mod fake_upstream;
+pub mod relay;
+pub mod smtp;

@@ -1,0 +1,102 @@
+//! Starts the relay in this process, on 127.0.0.1:0, delivering to a fake
+//! upstream; the relay is stopped when the handle drops.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use sendbridge::config::Config;
+use sendbridge::server::Server;
+use tokio_util::sync::CancellationToken;
+
+use super::fake_upstream::{FakeUpstream, UpstreamTls};
+
+pub const UPSTREAM_USER: &str = "me@gmail.com";
+pub const UPSTREAM_PASSWORD: &str = "abcdabcdabcdabcd";
+pub const LOCAL_USER: &str = "invoices";
+pub const LOCAL_PASSWORD: &str = "old-password";
+
+pub struct Relay {
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    /// The relay's own (generated) certificate, for clients using STARTTLS.
+    pub cert: PathBuf,
+    shutdown: CancellationToken,
+    server: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// A configuration with account `gmail` pointing at `upstream` and local
+/// user `invoices`; `extra` is appended TOML (it may add a `[server]` table).
+pub fn config_for(upstream: &FakeUpstream, tls: UpstreamTls, extra: &str) -> Config {
+    let tls = match tls {
+        UpstreamTls::StartTls => "starttls",
+        UpstreamTls::Implicit => "implicit",
+    };
+    config_with_account(
+        upstream.port(),
+        tls,
+        upstream.ca_file().to_str().unwrap(),
+        extra,
+    )
+}
+
+/// The same configuration for an upstream at any port.
+pub fn config_with_account(port: u16, tls: &str, ca_file: &str, extra: &str) -> Config {
+    let toml = format!(
+        r#"
+        [accounts.gmail]
+        host = "localhost"
+        port = {port}
+        tls = "{tls}"
+        username = "{UPSTREAM_USER}"
+        password = "{UPSTREAM_PASSWORD}"
+        ca_file = "{ca_file}"
+        timeout = "10s"
+        [users.{LOCAL_USER}]
+        password = "{LOCAL_PASSWORD}"
+        account = "gmail"
+        {extra}
+        "#
+    );
+    Config::from_toml(&toml).expect("test configuration is valid")
+}
+
+impl Relay {
+    pub async fn start(mut config: Config) -> Relay {
+        sendbridge::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        if config.server.listen_tls.is_some() {
+            config.server.listen_tls = Some("127.0.0.1:0".parse().unwrap());
+        }
+        config.server.hostname = "relay.test".to_string();
+        config.tls.cert = dir.path().join("relay.crt");
+        config.tls.key = dir.path().join("relay.key");
+        let shutdown = CancellationToken::new();
+        let server = Server::bind(&config, shutdown.clone())
+            .await
+            .expect("relay starts");
+        Relay {
+            addr: server.local_addr(),
+            tls_addr: server.tls_local_addr(),
+            cert: config.tls.cert.clone(),
+            shutdown,
+            server: Some(tokio::spawn(server.run())),
+            _dir: dir,
+        }
+    }
+
+    /// Stops accepting, lets sessions end, and waits for the server to return.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            server.await.expect("relay task ends cleanly");
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,637 @@
+//! End to end over real sockets: a legacy client talks to the relay, the
+//! relay delivers to a fake Gmail over verified TLS.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, Script, UpstreamTls, gmail};
+use common::relay::{
+    LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
+    config_with_account,
+};
+use common::smtp::Client;
+
+const WAIT: Duration = Duration::from_secs(10);
+const MESSAGE: &str = "From: Invoices <billing@legacy.example>\r\nTo: customer@example.com\r\nSubject: Invoice 42\r\n\r\nPlease find invoice 42.\r\n";
+
+async fn upstream(tls: UpstreamTls) -> FakeUpstream {
+    FakeUpstream::start(FakeUpstreamOptions::new(
+        tls,
+        UPSTREAM_USER,
+        UPSTREAM_PASSWORD,
+    ))
+    .await
+}
+
+async fn upstream_with(script: Script) -> FakeUpstream {
+    let mut options =
+        FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
+    options.script = script;
+    FakeUpstream::start(options).await
+}
+
+async fn relay_to(upstream: &FakeUpstream) -> Relay {
+    Relay::start(config_for(upstream, UpstreamTls::StartTls, "")).await
+}
+
+async fn signed_in_client(relay: &Relay) -> Client {
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+    assert_eq!(
+        client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await.code,
+        235
+    );
+    client
+}
+
+#[tokio::test]
+async fn auth_plain_client_mail_arrives_upstream_via_starttls() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = signed_in_client(&relay).await;
+
+    let reply = client
+        .send_mail(
+            "billing@legacy.example",
+            &["customer@example.com", "cc@example.com"],
+            MESSAGE,
+        )
+        .await;
+
+    // The client hears the upstream's own verdict.
+    assert_eq!(reply.code, 250, "{reply:?}");
+    assert!(reply.text.contains("gsmtp"), "{reply:?}");
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(received.len(), 1);
+    let message = &received[0];
+    assert_eq!(message.auth_user, UPSTREAM_USER);
+    // The envelope sender upstream is the account's sender.
+    assert_eq!(message.mail_from, UPSTREAM_USER);
+    assert_eq!(message.rcpt_to, ["customer@example.com", "cc@example.com"]);
+    assert_eq!(String::from_utf8_lossy(&message.data), MESSAGE);
+}
+
+#[tokio::test]
+async fn auth_login_with_and_without_initial_response() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let user = BASE64.encode(LOCAL_USER);
+    let password = BASE64.encode(LOCAL_PASSWORD);
+
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+    let challenge = client.expect("AUTH LOGIN", 334).await;
+    assert_eq!(challenge.text, "VXNlcm5hbWU6");
+    client.expect(&user, 334).await;
+    client.expect(&password, 235).await;
+    assert_eq!(
+        client
+            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+            .await
+            .code,
+        250
+    );
+
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+    client.expect(&format!("AUTH LOGIN {user}"), 334).await;
+    client.expect(&password, 235).await;
+    assert_eq!(
+        client
+            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+            .await
+            .code,
+        250
+    );
+
+    assert_eq!(upstream.wait_for_messages(2, WAIT).await.len(), 2);
+}
+
+#[tokio::test]
+async fn auth_plain_without_initial_response_and_cancel() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+
+    client.expect("AUTH PLAIN", 334).await;
+    let cancelled = client.expect("*", 501).await;
+    assert!(cancelled.text.starts_with("5.0.0"), "{cancelled:?}");
+
+    client.expect("AUTH PLAIN", 334).await;
+    client
+        .expect(
+            &BASE64.encode(format!("\0{LOCAL_USER}\0{LOCAL_PASSWORD}")),
+            235,
+        )
+        .await;
+    client.expect("AUTH PLAIN", 503).await;
+}
+
+#[tokio::test]
+async fn helo_only_client_from_trusted_network_sends_without_auth() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let extra = "[server]\ntrusted_networks = [\"127.0.0.0/8\"]\ndefault_account = \"gmail\"";
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+
+    let mut client = Client::connect(relay.addr).await;
+    let helo = client.expect("HELO printer", 250).await;
+    assert_eq!(helo.text, "relay.test");
+    let reply = client
+        .send_mail("scanner@office.example", &["me@example.com"], MESSAGE)
+        .await;
+
+    assert_eq!(reply.code, 250, "{reply:?}");
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(received[0].rcpt_to, ["me@example.com"]);
+}
+
+#[tokio::test]
+async fn untrusted_client_without_auth_is_refused() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+
+    let reply = client.expect("MAIL FROM:<spammer@example.com>", 530).await;
+
+    assert_eq!(reply.text, "5.7.0 Authentication required");
+    client.expect("RCPT TO:<victim@example.com>", 503).await;
+    assert_eq!(upstream.connections(), 0, "nothing may reach the upstream");
+}
+
+#[tokio::test]
+async fn wrong_local_password_is_a_local_535() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+
+    let reply = client.login_plain(LOCAL_USER, "not-the-password").await;
+    assert_eq!(
+        (reply.code, reply.text.as_str()),
+        (535, "5.7.8 Authentication credentials invalid")
+    );
+    assert_eq!(client.login_plain("nobody", LOCAL_PASSWORD).await.code, 535);
+    // The third failure also closes the connection.
+    assert_eq!(
+        client.login_plain(LOCAL_USER, "again wrong").await.code,
+        535
+    );
+    assert_eq!(client.read_reply().await.code, 421);
+    assert!(client.is_closed().await);
+    assert_eq!(upstream.connections(), 0);
+}
+
+#[tokio::test]
+async fn client_starttls_then_auth_and_send() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = Client::connect(relay.addr).await;
+    assert!(client.ehlo().await.text.contains("STARTTLS"));
+
+    let mut client = client.starttls(&relay.cert).await;
+    let ehlo = client.ehlo().await;
+    assert!(!ehlo.text.contains("STARTTLS"), "{ehlo:?}");
+    assert_eq!(
+        client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await.code,
+        235
+    );
+    assert_eq!(
+        client
+            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+            .await
+            .code,
+        250
+    );
+    assert_eq!(upstream.wait_for_messages(1, WAIT).await.len(), 1);
+}
+
+#[tokio::test]
+async fn plaintext_pipelined_after_starttls_is_discarded() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+
+    // An attacker on the path appends a command to STARTTLS (CVE-2011-0411).
+    client.write(b"STARTTLS\r\nNOOP injected\r\n").await;
+    let mut client = {
+        assert_eq!(client.read_reply().await.code, 220);
+        client.into_tls(&relay.cert).await
+    };
+
+    // The first reply inside TLS answers our EHLO, not the injected NOOP.
+    let ehlo = client.ehlo().await;
+    assert!(ehlo.text.starts_with("relay.test"), "{ehlo:?}");
+}
+
+#[tokio::test]
+async fn implicit_tls_listener() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let extra = "[server]\nlisten_tls = \"127.0.0.1:0\"";
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+
+    let mut client = Client::connect_tls(relay.tls_addr.unwrap(), &relay.cert).await;
+    client.ehlo().await;
+    assert_eq!(
+        client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await.code,
+        235
+    );
+    assert_eq!(
+        client
+            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+            .await
+            .code,
+        250
+    );
+    assert_eq!(upstream.wait_for_messages(1, WAIT).await.len(), 1);
+}
+
+#[tokio::test]
+async fn upstream_via_implicit_tls() {
+    let upstream = upstream(UpstreamTls::Implicit).await;
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::Implicit, "")).await;
+    let mut client = signed_in_client(&relay).await;
+
+    assert_eq!(
+        client
+            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+            .await
+            .code,
+        250
+    );
+    assert_eq!(
+        upstream.wait_for_messages(1, WAIT).await[0].auth_user,
+        UPSTREAM_USER
+    );
+}
+
+#[tokio::test]
+async fn untrusted_upstream_certificate_fails_clearly() {
+    let mut options =
+        FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
+    options.trusted_cert = false;
+    let upstream = FakeUpstream::start(options).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = signed_in_client(&relay).await;
+
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+        .await;
+
+    assert_eq!(reply.code, 451, "{reply:?}");
+    assert!(reply.text.starts_with("4.4.1"), "{reply:?}");
+    assert!(
+        reply.text.contains("certificate is not trusted"),
+        "{reply:?}"
+    );
+    assert!(reply.text.contains("accounts.gmail.ca_file"), "{reply:?}");
+    assert_eq!(
+        upstream.auth_attempts(),
+        0,
+        "no password may be sent to an unverified server"
+    );
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn upstream_rejecting_a_recipient_passes_its_reply_through() {
+    let upstream = upstream_with(Script {
+        rcpt: Some(gmail::RECIPIENT_UNKNOWN.to_string()),
+        ..Script::default()
+    })
+    .await;
+    let relay = relay_to(&upstream).await;
+    let mut client = signed_in_client(&relay).await;
+
+    let reply = client
+        .send_mail("a@legacy.example", &["typo@example.com"], MESSAGE)
+        .await;
+
+    assert_eq!(reply.code, 550);
+    assert!(
+        reply
+            .text
+            .starts_with("5.1.1 The email account that you tried to reach does not exist"),
+        "{reply:?}"
+    );
+    assert!(
+        reply.text.contains("NoSuchUser"),
+        "multi-line text is kept: {reply:?}"
+    );
+    // The session goes on.
+    client.expect("NOOP", 250).await;
+}
+
+#[tokio::test]
+async fn upstream_rejecting_the_message_passes_its_reply_through() {
+    let upstream = upstream_with(Script {
+        data: Some(gmail::DAILY_LIMIT.to_string()),
+        ..Script::default()
+    })
+    .await;
+    let relay = relay_to(&upstream).await;
+    let mut client = signed_in_client(&relay).await;
+
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+        .await;
+
+    assert_eq!(reply.code, 550);
+    assert!(
+        reply
+            .text
+            .starts_with("5.4.5 Daily user sending limit exceeded"),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_app_password_required_is_temporary_with_a_hint() {
+    let upstream = upstream_with(Script {
+        auth: Some(gmail::APP_PASSWORD_REQUIRED.to_string()),
+        ..Script::default()
+    })
+    .await;
+    let relay = relay_to(&upstream).await;
+    let mut client = signed_in_client(&relay).await;
+
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+        .await;
+
+    // Not a 535: the client's own login was fine, and it should retry later.
+    assert_eq!(reply.code, 454, "{reply:?}");
+    assert!(reply.text.contains("534 5.7.9"), "{reply:?}");
+    assert!(
+        reply.text.contains("app password") && reply.text.contains("accounts.gmail.password"),
+        "{reply:?}"
+    );
+    assert!(!reply.text.contains(UPSTREAM_PASSWORD));
+}
+
+#[tokio::test]
+async fn upstream_wrong_app_password_is_temporary() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    upstream.set_password("a-different-app-password");
+    let relay = relay_to(&upstream).await;
+    let mut client = signed_in_client(&relay).await;
+
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+        .await;
+
+    assert_eq!(reply.code, 454, "{reply:?}");
+    assert!(reply.text.contains("535 5.7.8"), "{reply:?}");
+}
+
+#[tokio::test]
+async fn upstream_try_again_later_is_451_not_421() {
+    let upstream = upstream_with(Script {
+        mail: Some(gmail::TRY_AGAIN_LATER.to_string()),
+        ..Script::default()
+    })
+    .await;
+    let relay = relay_to(&upstream).await;
+    let mut client = signed_in_client(&relay).await;
+
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+        .await;
+
+    assert_eq!(reply.code, 451, "{reply:?}");
+    assert!(reply.text.starts_with("4.7.0 Try again later"), "{reply:?}");
+    client.expect("NOOP", 250).await;
+}
+
+#[tokio::test]
+async fn upstream_unreachable_is_451() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    let config = config_with_account(port, "starttls", ca.path().to_str().unwrap(), "");
+    // ca_file must hold a certificate to be loaded; an empty one is refused.
+    let config = sendbridge::config::Config {
+        accounts: config
+            .accounts
+            .into_iter()
+            .map(|(name, mut account)| {
+                account.ca_file = None;
+                (name, account)
+            })
+            .collect(),
+        ..config
+    };
+    let relay = Relay::start(config).await;
+    let mut client = signed_in_client(&relay).await;
+
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+        .await;
+
+    assert_eq!(reply.code, 451, "{reply:?}");
+    assert!(
+        reply.text.starts_with("4.4.1 Upstream unavailable"),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn oversize_message_is_refused_at_mail_and_at_data() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let extra = "[server]\nmax_message_size = 1000";
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    let mut client = signed_in_client(&relay).await;
+
+    // Announced size over the limit (EHLO advertised it as SIZE 1000).
+    let reply = client
+        .expect("MAIL FROM:<a@legacy.example> SIZE=5000", 552)
+        .await;
+    assert!(reply.text.starts_with("5.3.4"), "{reply:?}");
+
+    // Not announced: the content is drained and then refused.
+    client.expect("MAIL FROM:<a@legacy.example>", 250).await;
+    client.expect("RCPT TO:<b@example.com>", 250).await;
+    client.expect("DATA", 354).await;
+    let line = "x".repeat(98) + "\r\n";
+    client.write(line.repeat(200).as_bytes()).await;
+    client.write(b".\r\n").await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 552, "{reply:?}");
+    assert!(reply.text.starts_with("5.3.4"), "{reply:?}");
+
+    // The session is still in step and a small message goes through.
+    assert_eq!(
+        client
+            .send_mail(
+                "a@legacy.example",
+                &["b@example.com"],
+                "Subject: s\r\n\r\nok\r\n"
+            )
+            .await
+            .code,
+        250
+    );
+    assert_eq!(upstream.wait_for_messages(1, WAIT).await.len(), 1);
+}
+
+#[tokio::test]
+async fn too_many_recipients_is_452() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let extra = "[server]\nmax_recipients = 2";
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    let mut client = signed_in_client(&relay).await;
+
+    client.expect("MAIL FROM:<a@legacy.example>", 250).await;
+    client.expect("RCPT TO:<one@example.com>", 250).await;
+    client.expect("RCPT TO:<two@example.com>", 250).await;
+    let reply = client.expect("RCPT TO:<three@example.com>", 452).await;
+    assert!(reply.text.starts_with("4.5.3"), "{reply:?}");
+
+    // The accepted two still get the message.
+    client.expect("DATA", 354).await;
+    client.write(MESSAGE.as_bytes()).await;
+    client.write(b".\r\n").await;
+    assert_eq!(client.read_reply().await.code, 250);
+    assert_eq!(
+        upstream.wait_for_messages(1, WAIT).await[0].rcpt_to.len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn pipelined_transaction_gets_every_reply_in_order() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = Client::connect(relay.addr).await;
+    let token = BASE64.encode(format!("\0{LOCAL_USER}\0{LOCAL_PASSWORD}"));
+
+    client
+        .write(
+            format!(
+                "EHLO legacy.test\r\nAUTH PLAIN {token}\r\nMAIL FROM:<a@legacy.example>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(client.read_reply().await.code);
+    }
+    assert_eq!(got, [250, 235, 250, 250, 250, 354]);
+    client
+        .write(format!("{MESSAGE}.\r\nQUIT\r\n").as_bytes())
+        .await;
+    assert_eq!(client.read_reply().await.code, 250);
+    assert_eq!(client.read_reply().await.code, 221);
+    assert_eq!(
+        upstream.wait_for_messages(1, WAIT).await[0].rcpt_to.len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn dot_stuffed_lines_arrive_unchanged() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = signed_in_client(&relay).await;
+    let content = "Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n";
+    // On the wire every line starting with a dot gets one more.
+    let stuffed = "Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\nend\r\n";
+
+    assert_eq!(
+        client
+            .send_mail("a@legacy.example", &["b@example.com"], stuffed)
+            .await
+            .code,
+        250
+    );
+
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(String::from_utf8_lossy(&received[0].data), content);
+}
+
+#[tokio::test]
+async fn bare_lf_dot_cannot_smuggle_a_second_message() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = signed_in_client(&relay).await;
+    let smuggled = "Subject: hello\r\n\r\nhi\n.\nMAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nsend money\r\n";
+
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], smuggled)
+        .await;
+
+    assert_eq!(reply.code, 250, "{reply:?}");
+    client.expect("NOOP", 250).await;
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(received.len(), 1, "exactly one message");
+    let data = String::from_utf8_lossy(&received[0].data);
+    assert!(
+        data.contains("send money") && data.contains("MAIL FROM:<ceo@example.com>"),
+        "{data}"
+    );
+    assert_eq!(received[0].rcpt_to, ["b@example.com"]);
+}
+
+#[tokio::test]
+async fn protocol_errors_get_the_proper_codes() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = Client::connect(relay.addr).await;
+
+    client.expect("MAIL FROM:<a@legacy.example>", 503).await; // before EHLO
+    client.ehlo().await;
+    client.expect("FROB", 500).await;
+    client.expect("EXPN staff", 502).await;
+    client.expect("MAIL FROM:a@b", 501).await;
+    client.expect("RCPT TO:<b@example.com>", 503).await;
+    client.expect("DATA", 503).await;
+    let long = format!("NOOP {}", "x".repeat(5000));
+    let reply = client.cmd(&long).await;
+    assert_eq!(reply.code, 500, "{reply:?}");
+    assert!(reply.text.contains("too long"), "{reply:?}");
+    client.expect("VRFY someone", 252).await;
+    client.expect("HELP", 214).await;
+    client.expect("AUTH CRAM-MD5", 504).await;
+    client.expect("RSET", 250).await;
+    client.expect("QUIT", 221).await;
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_421() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let extra = "[server]\nmax_connections = 2";
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    let _first = Client::connect(relay.addr).await;
+    let _second = Client::connect(relay.addr).await;
+
+    let stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let mut third = Client::over(Box::new(stream));
+    let reply = third.read_reply().await;
+
+    assert_eq!(reply.code, 421);
+    assert!(reply.text.starts_with("4.3.2"), "{reply:?}");
+    assert!(third.is_closed().await);
+}
+
+#[tokio::test]
+async fn shutdown_answers_421_to_idle_sessions() {
+    let upstream = upstream(UpstreamTls::StartTls).await;
+    let relay = relay_to(&upstream).await;
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+
+    relay.stop().await;
+
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 421);
+    assert!(reply.text.starts_with("4.3.0"), "{reply:?}");
+}
