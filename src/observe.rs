@@ -1,6 +1,8 @@
 //! Logging setup. Log lines carry facts (ids, addresses, codes), never
 //! passwords, tokens, AUTH payloads or message content.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -14,7 +16,10 @@ pub fn init_tracing(config: &LogConfig) {
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only help a person at a terminal; files and log
+        // collectors get plain text.
+        .with_ansi(std::io::stderr().is_terminal());
     match config.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder

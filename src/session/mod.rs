@@ -627,3 +627,92 @@ enum Flow {
     Quit,
     StartTls,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+
+    fn context(toml: &str) -> Arc<SessionContext> {
+        let mut config = Config::from_toml(toml).unwrap();
+        config.server.hostname = "relay.test".to_string();
+        Arc::new(SessionContext {
+            users: Users::new(&config).unwrap(),
+            policy: Policy::new(&config),
+            delivery: Delivery::new(&config).unwrap(),
+            server: config.server,
+            tls: None,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// A session over an in-memory pipe; returns the client's end.
+    fn start(ctx: Arc<SessionContext>) -> (BufReader<DuplexStream>, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let peer = "192.0.2.10:40000".parse().unwrap();
+        let session = Session::new(ctx, server, "test".into(), peer, false);
+        let task = tokio::spawn(async move {
+            session.run(true).await;
+        });
+        (BufReader::new(client), task)
+    }
+
+    async fn line(client: &mut BufReader<DuplexStream>) -> String {
+        let mut line = String::new();
+        client.read_line(&mut line).await.unwrap();
+        line
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_client_is_dropped_after_command_timeout() {
+        let (mut client, task) = start(context("[server]\ncommand_timeout = \"5m\""));
+        assert!(line(&mut client).await.starts_with("220 relay.test"));
+        let started = tokio::time::Instant::now();
+
+        let reply = line(&mut client).await;
+
+        assert_eq!(reply, "421 4.4.2 relay.test Timeout, closing connection\r\n");
+        assert_eq!(started.elapsed(), Duration::from_secs(300));
+        task.await.unwrap();
+        assert_eq!(line(&mut client).await, "", "connection closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stalled_data_is_dropped_after_data_timeout() {
+        let ctx = context(
+            "[server]\ncommand_timeout = \"5m\"\ndata_timeout = \"3m\"\ntrusted_networks = [\"192.0.2.0/24\"]\ndefault_account = \"gmail\"\n\
+             [accounts.gmail]\nusername = \"me@gmail.com\"\npassword = \"x\"",
+        );
+        let (mut client, task) = start(ctx);
+        line(&mut client).await;
+        client
+            .get_mut()
+            .write_all(b"HELO printer\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        for expected in ["250 ", "250 2.1.0", "250 2.1.5", "354 "] {
+            assert!(line(&mut client).await.starts_with(expected));
+        }
+        client.get_mut().write_all(b"Subject: half a message\r\n").await.unwrap();
+        let started = tokio::time::Instant::now();
+
+        let reply = line(&mut client).await;
+
+        assert!(reply.starts_with("421 4.4.2"), "{reply}");
+        assert_eq!(started.elapsed(), Duration::from_secs(180));
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn too_many_errors_close_the_session() {
+        let (mut client, task) = start(context(""));
+        line(&mut client).await;
+        client.get_mut().write_all("FROB\r\n".repeat(MAX_ERRORS as usize).as_bytes()).await.unwrap();
+        for _ in 0..MAX_ERRORS {
+            assert!(line(&mut client).await.starts_with("500 5.5.2"));
+        }
+        assert_eq!(line(&mut client).await, "421 4.7.0 Too many errors, closing connection\r\n");
+        task.await.unwrap();
+    }
+}

@@ -4,3 +4,4 @@
 pub mod fake_upstream;
 pub mod relay;
 pub mod smtp;
+pub mod process;

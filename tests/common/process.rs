@@ -1,0 +1,105 @@
+//! The relay as a child process, configured by environment variables only,
+//! the way a container runs it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const STARTUP: Duration = Duration::from_secs(30);
+
+pub struct RelayProcess {
+    pub addr: SocketAddr,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    log_done: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A `sendbridge` command in `dir` (so the default config path and the
+/// generated certificate stay inside it), with no inherited `SENDBRIDGE_*`.
+pub fn sendbridge(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sendbridge"));
+    command.args(args).current_dir(dir).kill_on_drop(true);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SENDBRIDGE_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    command
+}
+
+impl RelayProcess {
+    /// Starts `sendbridge run` listening on a free loopback port and waits
+    /// for its "accepting connections" line.
+    pub async fn start(dir: &Path, env: &[(&str, &str)]) -> RelayProcess {
+        let mut command = sendbridge(dir, &["run"], env);
+        command
+            .env("SENDBRIDGE_SERVER__LISTEN", "127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("sendbridge starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (listening_tx, mut listening_rx) = mpsc::channel(1);
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = log.clone();
+        let log_done = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = listen_address(&line) {
+                    let _ = listening_tx.try_send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = tokio::time::timeout(STARTUP, listening_rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("relay did not start; log: {:#?}", log.lock().unwrap()));
+        RelayProcess {
+            addr,
+            child,
+            log,
+            log_done: Some(log_done),
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit code once the relay stopped.
+    pub async fn terminate(mut self) -> (Option<i32>, Vec<String>) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(STARTUP, self.child.wait())
+            .await
+            .expect("relay stops after SIGTERM")
+            .unwrap();
+        (exit.code(), self.finish_log().await)
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn finish_log(&mut self) -> Vec<String> {
+        if let Some(done) = self.log_done.take() {
+            let _ = tokio::time::timeout(STARTUP, done).await;
+        }
+        self.log()
+    }
+}
+
+/// `... sendbridge is accepting connections listen=127.0.0.1:PORT ...`
+fn listen_address(line: &str) -> Option<SocketAddr> {
+    if !line.contains("accepting connections") {
+        return None;
+    }
+    let rest = &line[line.find("listen=")? + "listen=".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
