@@ -17,7 +17,10 @@ async fn output(
     env: &[(&str, &str)],
 ) -> std::process::Output {
     let command = sendbridge(dir, args, env).output();
-    tokio::time::timeout(WAIT, command).await.expect("command finishes").unwrap()
+    tokio::time::timeout(WAIT, command)
+        .await
+        .expect("command finishes")
+        .unwrap()
 }
 
 #[tokio::test]
@@ -65,10 +68,20 @@ async fn config_file_and_env_combine() {
 
     let env = [("SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD", "abcdabcdabcdabcd")];
     let out = output(dir.path(), &["check"], &env).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("account gmail: me@gmail.com@smtp.gmail.com:587"), "{stdout}");
-    assert!(stdout.contains("user invoices: sends through gmail"), "{stdout}");
+    assert!(
+        stdout.contains("account gmail: me@gmail.com@smtp.gmail.com:587"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("user invoices: sends through gmail"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("abcdabcdabcdabcd"));
 }
 
@@ -83,10 +96,16 @@ async fn starts_without_accounts_and_says_what_to_set() {
 
     let (code, log) = relay.terminate().await;
     assert_eq!(code, Some(0), "SIGTERM is a clean stop");
-    let hints: Vec<_> = log.iter().filter(|l| l.contains("no upstream account configured")).collect();
+    let hints: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("no upstream account configured"))
+        .collect();
     assert_eq!(hints.len(), 1, "{log:#?}");
     assert!(hints[0].contains("SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD"));
-    assert!(dir.path().join("certs/sendbridge.crt").is_file(), "certificate generated");
+    assert!(
+        dir.path().join("certs/sendbridge.crt").is_file(),
+        "certificate generated"
+    );
 }
 
 /// The README's scenario: configured by environment variables only, with
@@ -107,7 +126,10 @@ async fn env_only_configuration_relays_and_never_logs_secrets() {
     let env = [
         ("SENDBRIDGE_ACCOUNTS__GMAIL__HOST", "localhost"),
         ("SENDBRIDGE_ACCOUNTS__GMAIL__PORT", port.as_str()),
-        ("SENDBRIDGE_ACCOUNTS__GMAIL__CA_FILE", upstream.ca_file().to_str().unwrap()),
+        (
+            "SENDBRIDGE_ACCOUNTS__GMAIL__CA_FILE",
+            upstream.ca_file().to_str().unwrap(),
+        ),
         ("SENDBRIDGE_ACCOUNTS__GMAIL__USERNAME", "me@gmail.com"),
         ("SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD", APP_PASSWORD),
         ("SENDBRIDGE_USERS__INVOICES__PASSWORD", LOCAL_PASSWORD),
@@ -118,9 +140,21 @@ async fn env_only_configuration_relays_and_never_logs_secrets() {
 
     let mut client = Client::connect(relay.addr).await;
     client.ehlo().await;
-    assert_eq!(client.login_plain("invoices", "Wr0ng-Passw0rd").await.code, 535);
-    assert_eq!(client.login_plain("INVOICES", LOCAL_PASSWORD).await.code, 235);
-    let reply = client.send_mail("billing@legacy.example", &["customer@example.com"], "Subject: s\r\n\r\nbody\r\n").await;
+    assert_eq!(
+        client.login_plain("invoices", "Wr0ng-Passw0rd").await.code,
+        535
+    );
+    assert_eq!(
+        client.login_plain("INVOICES", LOCAL_PASSWORD).await.code,
+        235
+    );
+    let reply = client
+        .send_mail(
+            "billing@legacy.example",
+            &["customer@example.com"],
+            "Subject: s\r\n\r\nbody\r\n",
+        )
+        .await;
     assert_eq!(reply.code, 250, "{reply:?}");
     client.expect("QUIT", 221).await;
 
@@ -130,12 +164,19 @@ async fn env_only_configuration_relays_and_never_logs_secrets() {
     assert_eq!(code, Some(0));
     let log = log.join("\n");
     assert!(log.contains("message relayed"), "{log}");
-    assert!(log.contains("local sign-in failed") && log.contains("invoices"), "{log}");
+    assert!(
+        log.contains("local sign-in failed") && log.contains("invoices"),
+        "{log}"
+    );
     for secret in [APP_PASSWORD, LOCAL_PASSWORD, "Wr0ng-Passw0rd"] {
-        assert!(!log.contains(secret), "{secret:?} appears in the log:\n{log}");
+        assert!(
+            !log.contains(secret),
+            "{secret:?} appears in the log:\n{log}"
+        );
     }
     use base64::Engine;
-    let payload = base64::engine::general_purpose::STANDARD.encode(format!("\0INVOICES\0{LOCAL_PASSWORD}"));
+    let payload =
+        base64::engine::general_purpose::STANDARD.encode(format!("\0INVOICES\0{LOCAL_PASSWORD}"));
     assert!(!log.contains(&payload), "AUTH payload in the log");
 }
 
@@ -148,8 +189,17 @@ async fn hash_password_output_is_accepted_as_password_hash() {
         .spawn()
         .unwrap();
     use tokio::io::AsyncWriteExt;
-    child.stdin.take().unwrap().write_all(b"old-password\n").await.unwrap();
-    let out = tokio::time::timeout(WAIT, child.wait_with_output()).await.unwrap().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"old-password\n")
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(out.status.success());
     let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(hash.starts_with("$argon2id$"), "{hash}");
@@ -162,7 +212,13 @@ async fn hash_password_output_is_accepted_as_password_hash() {
     let relay = RelayProcess::start(dir.path(), &env).await;
     let mut client = Client::connect(relay.addr).await;
     client.ehlo().await;
-    assert_eq!(client.login_plain("invoices", "old-password").await.code, 235);
-    assert_eq!(client.login_plain("invoices", "old-password\n").await.code, 503);
+    assert_eq!(
+        client.login_plain("invoices", "old-password").await.code,
+        235
+    );
+    assert_eq!(
+        client.login_plain("invoices", "old-password\n").await.code,
+        503
+    );
     relay.terminate().await;
 }

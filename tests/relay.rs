@@ -12,29 +12,45 @@ use common::relay::{
     LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
     config_with_account,
 };
-use common::smtp::Client;
+use common::smtp::{Client, Reply};
 
 const WAIT: Duration = Duration::from_secs(10);
 const MESSAGE: &str = "From: Invoices <billing@legacy.example>\r\nTo: customer@example.com\r\nSubject: Invoice 42\r\n\r\nPlease find invoice 42.\r\n";
 
-async fn upstream(tls: UpstreamTls) -> FakeUpstream {
-    FakeUpstream::start(FakeUpstreamOptions::new(
-        tls,
-        UPSTREAM_USER,
-        UPSTREAM_PASSWORD,
-    ))
-    .await
+/// A fake Gmail and a relay delivering to it.
+struct Setup {
+    upstream: FakeUpstream,
+    relay: Relay,
 }
 
-async fn upstream_with(script: Script) -> FakeUpstream {
-    let mut options =
-        FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
-    options.script = script;
-    FakeUpstream::start(options).await
-}
+impl Setup {
+    async fn new() -> Setup {
+        Setup::scripted(Script::default()).await
+    }
 
-async fn relay_to(upstream: &FakeUpstream) -> Relay {
-    Relay::start(config_for(upstream, UpstreamTls::StartTls, "")).await
+    async fn scripted(script: Script) -> Setup {
+        let mut options =
+            FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
+        options.script = script;
+        Setup::with(options, "").await
+    }
+
+    /// `extra` is appended to the relay's TOML configuration.
+    async fn configured(extra: &str) -> Setup {
+        let options =
+            FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
+        Setup::with(options, extra).await
+    }
+
+    async fn with(options: FakeUpstreamOptions, extra: &str) -> Setup {
+        let tls = match options.tls {
+            UpstreamTls::StartTls => UpstreamTls::StartTls,
+            UpstreamTls::Implicit => UpstreamTls::Implicit,
+        };
+        let upstream = FakeUpstream::start(options).await;
+        let relay = Relay::start(config_for(&upstream, tls, extra)).await;
+        Setup { upstream, relay }
+    }
 }
 
 async fn signed_in_client(relay: &Relay) -> Client {
@@ -47,11 +63,27 @@ async fn signed_in_client(relay: &Relay) -> Client {
     client
 }
 
+/// Sends MESSAGE to one recipient and asserts the upstream accepted it.
+async fn assert_relays(client: &mut Client) {
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+        .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+}
+
+/// Signs in and relays MESSAGE to `to`; returns the reply to the data and
+/// the still-open client.
+async fn send(relay: &Relay, to: &[&str]) -> (Reply, Client) {
+    let mut client = signed_in_client(relay).await;
+    let reply = client.send_mail("a@legacy.example", to, MESSAGE).await;
+    (reply, client)
+}
+
 #[tokio::test]
 async fn auth_plain_client_mail_arrives_upstream_via_starttls() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
-    let mut client = signed_in_client(&relay).await;
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
+    let mut client = signed_in_client(relay).await;
 
     let reply = client
         .send_mail(
@@ -76,8 +108,8 @@ async fn auth_plain_client_mail_arrives_upstream_via_starttls() {
 
 #[tokio::test]
 async fn auth_login_with_and_without_initial_response() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
     let user = BASE64.encode(LOCAL_USER);
     let password = BASE64.encode(LOCAL_PASSWORD);
 
@@ -87,33 +119,21 @@ async fn auth_login_with_and_without_initial_response() {
     assert_eq!(challenge.text, "VXNlcm5hbWU6");
     client.expect(&user, 334).await;
     client.expect(&password, 235).await;
-    assert_eq!(
-        client
-            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-            .await
-            .code,
-        250
-    );
+    assert_relays(&mut client).await;
 
     let mut client = Client::connect(relay.addr).await;
     client.ehlo().await;
     client.expect(&format!("AUTH LOGIN {user}"), 334).await;
     client.expect(&password, 235).await;
-    assert_eq!(
-        client
-            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-            .await
-            .code,
-        250
-    );
+    assert_relays(&mut client).await;
 
     assert_eq!(upstream.wait_for_messages(2, WAIT).await.len(), 2);
 }
 
 #[tokio::test]
 async fn auth_plain_without_initial_response_and_cancel() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
+    let setup = Setup::new().await;
+    let relay = &setup.relay;
     let mut client = Client::connect(relay.addr).await;
     client.ehlo().await;
 
@@ -133,9 +153,9 @@ async fn auth_plain_without_initial_response_and_cancel() {
 
 #[tokio::test]
 async fn helo_only_client_from_trusted_network_sends_without_auth() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
     let extra = "[server]\ntrusted_networks = [\"127.0.0.0/8\"]\ndefault_account = \"gmail\"";
-    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    let setup = Setup::configured(extra).await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
 
     let mut client = Client::connect(relay.addr).await;
     let helo = client.expect("HELO printer", 250).await;
@@ -151,8 +171,8 @@ async fn helo_only_client_from_trusted_network_sends_without_auth() {
 
 #[tokio::test]
 async fn untrusted_client_without_auth_is_refused() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
     let mut client = Client::connect(relay.addr).await;
     client.ehlo().await;
 
@@ -165,8 +185,8 @@ async fn untrusted_client_without_auth_is_refused() {
 
 #[tokio::test]
 async fn wrong_local_password_is_a_local_535() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
     let mut client = Client::connect(relay.addr).await;
     client.ehlo().await;
 
@@ -188,8 +208,8 @@ async fn wrong_local_password_is_a_local_535() {
 
 #[tokio::test]
 async fn client_starttls_then_auth_and_send() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
     let mut client = Client::connect(relay.addr).await;
     assert!(client.ehlo().await.text.contains("STARTTLS"));
 
@@ -200,20 +220,14 @@ async fn client_starttls_then_auth_and_send() {
         client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await.code,
         235
     );
-    assert_eq!(
-        client
-            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-            .await
-            .code,
-        250
-    );
+    assert_relays(&mut client).await;
     assert_eq!(upstream.wait_for_messages(1, WAIT).await.len(), 1);
 }
 
 #[tokio::test]
 async fn plaintext_pipelined_after_starttls_is_discarded() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
+    let setup = Setup::new().await;
+    let relay = &setup.relay;
     let mut client = Client::connect(relay.addr).await;
     client.ehlo().await;
 
@@ -231,9 +245,9 @@ async fn plaintext_pipelined_after_starttls_is_discarded() {
 
 #[tokio::test]
 async fn implicit_tls_listener() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
     let extra = "[server]\nlisten_tls = \"127.0.0.1:0\"";
-    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    let setup = Setup::configured(extra).await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
 
     let mut client = Client::connect_tls(relay.tls_addr.unwrap(), &relay.cert).await;
     client.ehlo().await;
@@ -241,29 +255,19 @@ async fn implicit_tls_listener() {
         client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await.code,
         235
     );
-    assert_eq!(
-        client
-            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-            .await
-            .code,
-        250
-    );
+    assert_relays(&mut client).await;
     assert_eq!(upstream.wait_for_messages(1, WAIT).await.len(), 1);
 }
 
 #[tokio::test]
 async fn upstream_via_implicit_tls() {
-    let upstream = upstream(UpstreamTls::Implicit).await;
-    let relay = Relay::start(config_for(&upstream, UpstreamTls::Implicit, "")).await;
-    let mut client = signed_in_client(&relay).await;
+    let options = FakeUpstreamOptions::new(UpstreamTls::Implicit, UPSTREAM_USER, UPSTREAM_PASSWORD);
+    let setup = Setup::with(options, "").await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
 
-    assert_eq!(
-        client
-            .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-            .await
-            .code,
-        250
-    );
+    let (reply, _client) = send(relay, &["b@example.com"]).await;
+
+    assert_eq!(reply.code, 250, "{reply:?}");
     assert_eq!(
         upstream.wait_for_messages(1, WAIT).await[0].auth_user,
         UPSTREAM_USER
@@ -275,13 +279,10 @@ async fn untrusted_upstream_certificate_fails_clearly() {
     let mut options =
         FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
     options.trusted_cert = false;
-    let upstream = FakeUpstream::start(options).await;
-    let relay = relay_to(&upstream).await;
-    let mut client = signed_in_client(&relay).await;
+    let setup = Setup::with(options, "").await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
 
-    let reply = client
-        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-        .await;
+    let (reply, _client) = send(relay, &["b@example.com"]).await;
 
     assert_eq!(reply.code, 451, "{reply:?}");
     assert!(reply.text.starts_with("4.4.1"), "{reply:?}");
@@ -300,17 +301,13 @@ async fn untrusted_upstream_certificate_fails_clearly() {
 
 #[tokio::test]
 async fn upstream_rejecting_a_recipient_passes_its_reply_through() {
-    let upstream = upstream_with(Script {
+    let setup = Setup::scripted(Script {
         rcpt: Some(gmail::RECIPIENT_UNKNOWN.to_string()),
         ..Script::default()
     })
     .await;
-    let relay = relay_to(&upstream).await;
-    let mut client = signed_in_client(&relay).await;
-
-    let reply = client
-        .send_mail("a@legacy.example", &["typo@example.com"], MESSAGE)
-        .await;
+    let relay = &setup.relay;
+    let (reply, mut client) = send(relay, &["typo@example.com"]).await;
 
     assert_eq!(reply.code, 550);
     assert!(
@@ -329,17 +326,13 @@ async fn upstream_rejecting_a_recipient_passes_its_reply_through() {
 
 #[tokio::test]
 async fn upstream_rejecting_the_message_passes_its_reply_through() {
-    let upstream = upstream_with(Script {
+    let setup = Setup::scripted(Script {
         data: Some(gmail::DAILY_LIMIT.to_string()),
         ..Script::default()
     })
     .await;
-    let relay = relay_to(&upstream).await;
-    let mut client = signed_in_client(&relay).await;
-
-    let reply = client
-        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-        .await;
+    let relay = &setup.relay;
+    let (reply, _client) = send(relay, &["b@example.com"]).await;
 
     assert_eq!(reply.code, 550);
     assert!(
@@ -352,17 +345,13 @@ async fn upstream_rejecting_the_message_passes_its_reply_through() {
 
 #[tokio::test]
 async fn upstream_app_password_required_is_temporary_with_a_hint() {
-    let upstream = upstream_with(Script {
+    let setup = Setup::scripted(Script {
         auth: Some(gmail::APP_PASSWORD_REQUIRED.to_string()),
         ..Script::default()
     })
     .await;
-    let relay = relay_to(&upstream).await;
-    let mut client = signed_in_client(&relay).await;
-
-    let reply = client
-        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-        .await;
+    let relay = &setup.relay;
+    let (reply, _client) = send(relay, &["b@example.com"]).await;
 
     // Not a 535: the client's own login was fine, and it should retry later.
     assert_eq!(reply.code, 454, "{reply:?}");
@@ -376,14 +365,11 @@ async fn upstream_app_password_required_is_temporary_with_a_hint() {
 
 #[tokio::test]
 async fn upstream_wrong_app_password_is_temporary() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
     upstream.set_password("a-different-app-password");
-    let relay = relay_to(&upstream).await;
-    let mut client = signed_in_client(&relay).await;
 
-    let reply = client
-        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-        .await;
+    let (reply, _client) = send(relay, &["b@example.com"]).await;
 
     assert_eq!(reply.code, 454, "{reply:?}");
     assert!(reply.text.contains("535 5.7.8"), "{reply:?}");
@@ -391,17 +377,13 @@ async fn upstream_wrong_app_password_is_temporary() {
 
 #[tokio::test]
 async fn upstream_try_again_later_is_451_not_421() {
-    let upstream = upstream_with(Script {
+    let setup = Setup::scripted(Script {
         mail: Some(gmail::TRY_AGAIN_LATER.to_string()),
         ..Script::default()
     })
     .await;
-    let relay = relay_to(&upstream).await;
-    let mut client = signed_in_client(&relay).await;
-
-    let reply = client
-        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-        .await;
+    let relay = &setup.relay;
+    let (reply, mut client) = send(relay, &["b@example.com"]).await;
 
     assert_eq!(reply.code, 451, "{reply:?}");
     assert!(reply.text.starts_with("4.7.0 Try again later"), "{reply:?}");
@@ -429,11 +411,7 @@ async fn upstream_unreachable_is_451() {
         ..config
     };
     let relay = Relay::start(config).await;
-    let mut client = signed_in_client(&relay).await;
-
-    let reply = client
-        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
-        .await;
+    let (reply, _client) = send(&relay, &["b@example.com"]).await;
 
     assert_eq!(reply.code, 451, "{reply:?}");
     assert!(
@@ -444,10 +422,10 @@ async fn upstream_unreachable_is_451() {
 
 #[tokio::test]
 async fn oversize_message_is_refused_at_mail_and_at_data() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
     let extra = "[server]\nmax_message_size = 1000";
-    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
-    let mut client = signed_in_client(&relay).await;
+    let setup = Setup::configured(extra).await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
+    let mut client = signed_in_client(relay).await;
 
     // Announced size over the limit (EHLO advertised it as SIZE 1000).
     let reply = client
@@ -483,10 +461,10 @@ async fn oversize_message_is_refused_at_mail_and_at_data() {
 
 #[tokio::test]
 async fn too_many_recipients_is_452() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
     let extra = "[server]\nmax_recipients = 2";
-    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
-    let mut client = signed_in_client(&relay).await;
+    let setup = Setup::configured(extra).await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
+    let mut client = signed_in_client(relay).await;
 
     client.expect("MAIL FROM:<a@legacy.example>", 250).await;
     client.expect("RCPT TO:<one@example.com>", 250).await;
@@ -507,8 +485,8 @@ async fn too_many_recipients_is_452() {
 
 #[tokio::test]
 async fn pipelined_transaction_gets_every_reply_in_order() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
     let mut client = Client::connect(relay.addr).await;
     let token = BASE64.encode(format!("\0{LOCAL_USER}\0{LOCAL_PASSWORD}"));
 
@@ -539,9 +517,9 @@ async fn pipelined_transaction_gets_every_reply_in_order() {
 
 #[tokio::test]
 async fn dot_stuffed_lines_arrive_unchanged() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
-    let mut client = signed_in_client(&relay).await;
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
+    let mut client = signed_in_client(relay).await;
     let content = "Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n";
     // On the wire every line starting with a dot gets one more.
     let stuffed = "Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\nend\r\n";
@@ -560,9 +538,9 @@ async fn dot_stuffed_lines_arrive_unchanged() {
 
 #[tokio::test]
 async fn bare_lf_dot_cannot_smuggle_a_second_message() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
-    let mut client = signed_in_client(&relay).await;
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
+    let mut client = signed_in_client(relay).await;
     let smuggled = "Subject: hello\r\n\r\nhi\n.\nMAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nsend money\r\n";
 
     let reply = client
@@ -583,8 +561,8 @@ async fn bare_lf_dot_cannot_smuggle_a_second_message() {
 
 #[tokio::test]
 async fn protocol_errors_get_the_proper_codes() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
+    let setup = Setup::new().await;
+    let relay = &setup.relay;
     let mut client = Client::connect(relay.addr).await;
 
     client.expect("MAIL FROM:<a@legacy.example>", 503).await; // before EHLO
@@ -607,9 +585,9 @@ async fn protocol_errors_get_the_proper_codes() {
 
 #[tokio::test]
 async fn connections_over_the_limit_get_421() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
     let extra = "[server]\nmax_connections = 2";
-    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    let setup = Setup::configured(extra).await;
+    let relay = &setup.relay;
     let _first = Client::connect(relay.addr).await;
     let _second = Client::connect(relay.addr).await;
 
@@ -624,12 +602,11 @@ async fn connections_over_the_limit_get_421() {
 
 #[tokio::test]
 async fn shutdown_answers_421_to_idle_sessions() {
-    let upstream = upstream(UpstreamTls::StartTls).await;
-    let relay = relay_to(&upstream).await;
-    let mut client = Client::connect(relay.addr).await;
+    let setup = Setup::new().await;
+    let mut client = Client::connect(setup.relay.addr).await;
     client.ehlo().await;
 
-    relay.stop().await;
+    setup.relay.stop().await;
 
     let reply = client.read_reply().await;
     assert_eq!(reply.code, 421);

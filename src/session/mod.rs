@@ -672,7 +672,10 @@ mod tests {
 
         let reply = line(&mut client).await;
 
-        assert_eq!(reply, "421 4.4.2 relay.test Timeout, closing connection\r\n");
+        assert_eq!(
+            reply,
+            "421 4.4.2 relay.test Timeout, closing connection\r\n"
+        );
         assert_eq!(started.elapsed(), Duration::from_secs(300));
         task.await.unwrap();
         assert_eq!(line(&mut client).await, "", "connection closed");
@@ -688,13 +691,19 @@ mod tests {
         line(&mut client).await;
         client
             .get_mut()
-            .write_all(b"HELO printer\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+            .write_all(
+                b"HELO printer\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n",
+            )
             .await
             .unwrap();
         for expected in ["250 ", "250 2.1.0", "250 2.1.5", "354 "] {
             assert!(line(&mut client).await.starts_with(expected));
         }
-        client.get_mut().write_all(b"Subject: half a message\r\n").await.unwrap();
+        client
+            .get_mut()
+            .write_all(b"Subject: half a message\r\n")
+            .await
+            .unwrap();
         let started = tokio::time::Instant::now();
 
         let reply = line(&mut client).await;
@@ -708,11 +717,18 @@ mod tests {
     async fn too_many_errors_close_the_session() {
         let (mut client, task) = start(context(""));
         line(&mut client).await;
-        client.get_mut().write_all("FROB\r\n".repeat(MAX_ERRORS as usize).as_bytes()).await.unwrap();
+        client
+            .get_mut()
+            .write_all("FROB\r\n".repeat(MAX_ERRORS as usize).as_bytes())
+            .await
+            .unwrap();
         for _ in 0..MAX_ERRORS {
             assert!(line(&mut client).await.starts_with("500 5.5.2"));
         }
-        assert_eq!(line(&mut client).await, "421 4.7.0 Too many errors, closing connection\r\n");
+        assert_eq!(
+            line(&mut client).await,
+            "421 4.7.0 Too many errors, closing connection\r\n"
+        );
         task.await.unwrap();
     }
 }
