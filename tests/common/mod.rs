@@ -2,6 +2,6 @@
 #![allow(dead_code)]
 
 pub mod fake_upstream;
+pub mod process;
 pub mod relay;
 pub mod smtp;
-pub mod process;

@@ -73,7 +73,11 @@ impl RelayProcess {
     /// Sends SIGTERM and returns the exit code once the relay stopped.
     pub async fn terminate(mut self) -> (Option<i32>, Vec<String>) {
         let pid = self.child.id().expect("running").to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
         assert!(status.success());
         let exit = tokio::time::timeout(STARTUP, self.child.wait())
             .await
