@@ -42,7 +42,74 @@ pub struct Config {
     pub tls: TlsConfig,
     pub users: BTreeMap<String, UserConfig>,
     pub accounts: BTreeMap<String, AccountConfig>,
+    pub spool: SpoolConfig,
+    pub delivery: DeliveryConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Relative paths are resolved against the working directory.
+    pub dir: PathBuf,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: PathBuf::from("spool"),
+        }
+    }
+}
+
+/// When the client hears back (DESIGN.md, "Delivery model").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// Spool, then wait up to `sync_timeout` for the first attempt.
+    #[default]
+    Hybrid,
+    /// Spool and answer 250 at once.
+    Queue,
+    /// Answer with the upstream's verdict; the client retries failures.
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    pub mode: DeliveryMode,
+    #[serde(deserialize_with = "duration")]
+    pub sync_timeout: Duration,
+    /// First retry delay after a temporary failure; doubles per attempt.
+    #[serde(deserialize_with = "duration")]
+    pub retry_initial: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+    /// After this long in the queue a message is given up (moved to rejected/).
+    #[serde(deserialize_with = "duration")]
+    pub max_age: Duration,
+    /// An unused upstream connection is closed after this long.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// How often the queue directory is re-read, so `queue retry` from the
+    /// command line takes effect without a signal.
+    #[serde(deserialize_with = "duration")]
+    pub scan_interval: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            mode: DeliveryMode::Hybrid,
+            sync_timeout: Duration::from_secs(5),
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            max_age: Duration::from_secs(5 * 24 * 3600),
+            idle_timeout: Duration::from_secs(30),
+            scan_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +218,8 @@ pub struct AccountConfig {
     /// Bound on connecting, TLS, AUTH and each SMTP command upstream.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
+    /// Concurrent deliveries (and upstream connections) for this account.
+    pub max_connections: usize,
 }
 
 impl Default for AccountConfig {
@@ -165,6 +234,7 @@ impl Default for AccountConfig {
             ca_file: None,
             sender: None,
             timeout: Duration::from_secs(60),
+            max_connections: 4,
         }
     }
 }
@@ -305,6 +375,12 @@ impl AccountConfig {
         }
         if self.port == 0 {
             return Err(ConfigError::new(key("port"), "must not be 0"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::new(
+                key("max_connections"),
+                "must be at least 1",
+            ));
         }
         if self.username.trim().is_empty() {
             return Err(ConfigError::new(

@@ -1,68 +1,638 @@
-//! The seam between a finished SMTP transaction and the upstream.
+//! The delivery engine: spool first, then deliver (DESIGN.md, "Delivery
+//! model").
 //!
-//! This is pass-through delivery: the client's DATA reply waits for the
-//! upstream's verdict. The durable spool replaces the body of [`Delivery::submit`]
-//! (DESIGN.md, "Delivery model"); the session does not change.
+//! `submit` stores a message durably and hands it to its account's workers.
+//! Workers keep upstream connections open for reuse. Temporary failures are
+//! retried with exponential backoff by the scheduler; permanent rejections go
+//! to `rejected/`; a refused sign-in puts the whole account on hold, where
+//! one probe login at a time checks whether it works again.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::config::Config;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, DeliveryConfig, DeliveryMode};
 use crate::reply::Reply;
-use crate::upstream::{BodyFlags, Outcome, Upstream, hint};
+use crate::spool::{Envelope, Spool, State};
+use crate::upstream::{Connection, Outcome, Upstream, hint};
 
-/// Everything about a message except its bytes.
-#[derive(Debug, Clone)]
-pub struct Envelope {
-    pub session_id: String,
-    pub client: SocketAddr,
-    /// Local user that signed in; `None` for trusted-network clients.
-    pub user: Option<String>,
-    pub account: String,
-    /// MAIL FROM as the client sent it (upstream uses the account's sender).
-    pub mail_from: String,
-    pub recipients: Vec<String>,
-    pub flags: BodyFlags,
+/// Unix milliseconds that follow tokio's clock, so retry schedules can be
+/// tested with a paused clock. Anchored to the wall clock at start.
+#[derive(Clone, Copy)]
+struct Clock {
+    unix_at_start: u64,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            unix_at_start: crate::spool::unix_millis(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.unix_at_start + self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// A message for a worker. `message` is the bytes when the session still
+/// holds them (saves reading them back); `verdict` is the waiting session.
+struct Job {
+    id: String,
+    message: Option<Arc<Vec<u8>>>,
+    verdict: Option<oneshot::Sender<Outcome>>,
+}
+
+/// Why an account is on hold.
+#[derive(Clone)]
+struct Hold {
+    since: u64,
+    reply: Reply,
+}
+
+struct Account {
+    upstream: Upstream,
+    jobs: mpsc::UnboundedSender<Job>,
+    queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
+    hold: Mutex<Option<Hold>>,
+    /// Wakes the prober when a hold starts.
+    hold_started: Notify,
+}
+
+impl Account {
+    fn hold(&self) -> Option<Hold> {
+        self.hold.lock().expect("hold lock").clone()
+    }
 }
 
 pub struct Delivery {
-    upstreams: HashMap<String, Upstream>,
+    spool: Arc<Spool>,
+    settings: DeliveryConfig,
+    clock: Clock,
+    accounts: HashMap<String, Arc<Account>>,
+    wake_scheduler: Notify,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl Delivery {
-    pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let upstreams = config
-            .accounts
-            .iter()
-            .map(|(name, account)| {
-                Upstream::new(name, account, &config.server.hostname).map(|up| (name.clone(), up))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Delivery { upstreams })
+    /// Opens and recovers the spool and starts workers, the retry scheduler
+    /// and hold probers. They stop when `shutdown` is cancelled.
+    pub fn start(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Arc<Delivery>> {
+        let spool = Spool::open(&config.spool.dir).map_err(|err| {
+            anyhow::anyhow!(
+                "spool.dir: cannot use {}: {err}",
+                config.spool.dir.display()
+            )
+        })?;
+        let recovered = spool.recover()?;
+        if recovered != Default::default() {
+            info!(
+                removed = recovered.removed,
+                requeued = recovered.reactivated,
+                "spool recovered after an unclean stop: unacknowledged leftovers removed, interrupted deliveries requeued"
+            );
+        }
+        let mut accounts = HashMap::new();
+        for (name, account) in &config.accounts {
+            let (jobs, queue) = mpsc::unbounded_channel();
+            let upstream = Upstream::new(name, account, &config.server.hostname)?;
+            let account = Account {
+                upstream,
+                jobs,
+                queue: tokio::sync::Mutex::new(queue),
+                hold: Mutex::new(None),
+                hold_started: Notify::new(),
+            };
+            accounts.insert(name.clone(), Arc::new(account));
+        }
+        let delivery = Arc::new(Delivery {
+            spool: Arc::new(spool),
+            settings: config.delivery.clone(),
+            clock: Clock::new(),
+            accounts,
+            wake_scheduler: Notify::new(),
+            shutdown,
+            tasks: TaskTracker::new(),
+        });
+        // Held mail from the last run: the password may have been fixed while
+        // the relay was stopped, so probe at once.
+        for envelope in delivery.spool.list(State::Held)? {
+            if let Some(account) = delivery.accounts.get(&envelope.account) {
+                let reply =
+                    Reply::new(535, [5, 7, 8], "held at the previous run; checking sign-in");
+                account
+                    .hold
+                    .lock()
+                    .expect("hold lock")
+                    .get_or_insert(Hold { since: 0, reply });
+            }
+        }
+        for (name, account) in &delivery.accounts {
+            let workers = config.accounts[name].max_connections;
+            for _ in 0..workers {
+                delivery
+                    .tasks
+                    .spawn(delivery.clone().worker(account.clone()));
+            }
+            delivery
+                .tasks
+                .spawn(delivery.clone().prober(name.clone(), account.clone()));
+        }
+        delivery.tasks.spawn(delivery.clone().scheduler());
+        delivery.tasks.close();
+        Ok(delivery)
     }
 
-    /// Hands one message to its account's upstream and returns the reply
-    /// for the client together with the outcome for the log line.
-    pub async fn submit(&self, envelope: &Envelope, message: &[u8]) -> (Reply, Outcome) {
-        let Some(upstream) = self.upstreams.get(&envelope.account) else {
-            // Config validation makes this unreachable; answer safely anyway.
-            let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
-            let outcome = Outcome::Deferred {
-                reply: None,
-                reason: reply.text.clone(),
-            };
-            return (reply, outcome);
+    /// Waits (bounded) for workers to finish in-flight deliveries after
+    /// shutdown; what is cut off returns to `deferred/` at the next start.
+    pub async fn stopped(&self, grace: Duration) {
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "deliveries still running after the shutdown grace period; they resume at the next start"
+            );
+        }
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Stores a message and answers the client per the delivery mode.
+    pub async fn submit(&self, mut envelope: Envelope, message: Vec<u8>) -> Reply {
+        let Some(account) = self.accounts.get(&envelope.account).cloned() else {
+            return Reply::new(451, [4, 3, 5], "No such upstream account configured");
         };
-        let outcome = upstream
-            .send(&envelope.recipients, envelope.flags, message)
+        let held = account.hold().is_some();
+        let state = if held { State::Held } else { State::Active };
+        let now = self.clock.now();
+        envelope.received_at = now;
+        envelope.record(
+            now,
+            format!(
+                "received from {} ({} bytes)",
+                envelope.client,
+                message.len()
+            ),
+        );
+        let message = Arc::new(message);
+        let stored = {
+            let (spool, message) = (self.spool.clone(), message.clone());
+            tokio::task::spawn_blocking(move || {
+                spool
+                    .accept(&mut envelope, &message, state)
+                    .map(|()| envelope)
+            })
+            .await
+        };
+        let envelope = match stored {
+            Ok(Ok(envelope)) => envelope,
+            Ok(Err(err)) => {
+                error!(
+                    error = %err,
+                    spool = %self.spool.root().display(),
+                    reason = "spool_failed",
+                    "cannot store a message: nothing was acknowledged; check free space and permissions of spool.dir"
+                );
+                return Reply::new(
+                    452,
+                    [4, 3, 1],
+                    "Insufficient system storage, try again later",
+                );
+            }
+            Err(_) => return Reply::new(451, [4, 3, 0], "Internal error, try again later"),
+        };
+        let id = envelope.id;
+        info!(id = %id, account = %envelope.account, state = %state, recipients = envelope.recipients.len(), size = envelope.size, "message spooled");
+        let queued = Reply::new(250, [2, 0, 0], format!("OK queued as {id}"));
+        if held {
+            return match self.settings.mode {
+                DeliveryMode::Passthrough => {
+                    self.discard(State::Held, &id).await;
+                    client_reply(
+                        &envelope.account,
+                        &Outcome::AuthFailed(account.hold().map_or_else(
+                            || Reply::new(535, [5, 7, 8], "sign-in refused"),
+                            |hold| hold.reply,
+                        )),
+                    )
+                }
+                _ => queued,
+            };
+        }
+        let wait = self.settings.mode != DeliveryMode::Queue;
+        let (verdict, outcome) = if wait {
+            let (sender, receiver) = oneshot::channel();
+            (Some(sender), Some(receiver))
+        } else {
+            (None, None)
+        };
+        let job = Job {
+            id: id.clone(),
+            message: wait.then_some(message),
+            verdict,
+        };
+        if account.jobs.send(job).is_err() {
+            // Shutting down: the message is safe in active/ and resumes at start.
+            return queued;
+        }
+        let Some(outcome) = outcome else {
+            return queued;
+        };
+        match self.settings.mode {
+            DeliveryMode::Hybrid => {
+                match tokio::time::timeout(self.settings.sync_timeout, outcome).await {
+                    Ok(Ok(Outcome::Rejected(reply))) => reply,
+                    _ => queued,
+                }
+            }
+            DeliveryMode::Passthrough => match outcome.await {
+                Ok(Outcome::Delivered(_)) => queued,
+                Ok(other) => client_reply(&envelope.account, &other),
+                Err(_) => Reply::new(451, [4, 3, 0], "Delivery interrupted, try again later"),
+            },
+            DeliveryMode::Queue => queued,
+        }
+    }
+
+    async fn worker(self: Arc<Self>, account: Arc<Account>) {
+        let mut connection: Option<Connection> = None;
+        loop {
+            let next_job = async { account.queue.lock().await.recv().await };
+            let job = tokio::select! {
+                job = next_job => job,
+                _ = tokio::time::sleep(self.settings.idle_timeout), if connection.is_some() => {
+                    connection.take().expect("checked").quit().await;
+                    continue;
+                }
+                _ = self.shutdown.cancelled() => None,
+            };
+            let Some(job) = job else { break };
+            self.deliver(&account, job, &mut connection).await;
+        }
+        if let Some(connection) = connection {
+            connection.quit().await;
+        }
+    }
+
+    async fn deliver(&self, account: &Account, job: Job, connection: &mut Option<Connection>) {
+        let id = job.id.clone();
+        let mut envelope = match self
+            .io(move |spool| spool.read_envelope(State::Active, &id))
+            .await
+        {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                // Deleted by an operator meanwhile, or unreadable.
+                warn!(id = %job.id, error = %err, "queued message vanished before delivery");
+                return;
+            }
+        };
+        if let Some(hold) = account.hold() {
+            let operator_retry = envelope
+                .retry_requested_at
+                .is_some_and(|at| at >= hold.since);
+            if !operator_retry {
+                let outcome = Outcome::AuthFailed(hold.reply);
+                self.settle(&mut envelope, &outcome, job.verdict.is_some())
+                    .await;
+                notify(job.verdict, outcome);
+                return;
+            }
+        }
+        let message = match job.message {
+            Some(message) => message,
+            None => {
+                let id = envelope.id.clone();
+                match self.io(move |spool| spool.read_message(&id)).await {
+                    Ok(message) => Arc::new(message),
+                    Err(err) => {
+                        error!(id = %envelope.id, error = %err, "cannot read a queued message");
+                        return;
+                    }
+                }
+            }
+        };
+        let outcome = self.attempt(account, connection, &envelope, &message).await;
+        let passthrough = job.verdict.is_some() && self.settings.mode == DeliveryMode::Passthrough;
+        self.settle(&mut envelope, &outcome, passthrough).await;
+        match &outcome {
+            Outcome::AuthFailed(reply) => self.start_hold(&envelope.account, account, reply),
+            Outcome::Delivered(_) if account.hold().is_some() => {
+                self.release_hold(
+                    &envelope.account,
+                    account,
+                    "a retried message was delivered",
+                )
+                .await;
+            }
+            _ => {}
+        }
+        notify(job.verdict, outcome);
+    }
+
+    /// One delivery attempt over a reused or new connection. A reused
+    /// connection the server closed meanwhile is replaced once.
+    async fn attempt(
+        &self,
+        account: &Account,
+        connection: &mut Option<Connection>,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> Outcome {
+        for _ in 0..2 {
+            let reused = connection.is_some();
+            let mut current = match connection.take() {
+                Some(current) => current,
+                None => match account.upstream.connect().await {
+                    Ok(current) => current,
+                    Err(outcome) => return outcome,
+                },
+            };
+            let outcome = account
+                .upstream
+                .send(&mut current, &envelope.recipients, envelope.flags, message)
+                .await;
+            match &outcome {
+                Outcome::Deferred { reply: None, .. } if reused => continue,
+                // The connection is still in step after a verdict on the message.
+                Outcome::Delivered(_) | Outcome::Rejected(_) => *connection = Some(current),
+                _ => {}
+            }
+            return outcome;
+        }
+        unreachable!("the second attempt uses a new connection and returns")
+    }
+
+    /// Records an attempt's outcome in the spool. With `discard`, the client
+    /// still holds the message (passthrough) and a failure deletes our copy.
+    async fn settle(&self, envelope: &mut Envelope, outcome: &Outcome, discard: bool) {
+        let now = self.clock.now();
+        let id = envelope.id.clone();
+        let account = envelope.account.clone();
+        let delivered = matches!(outcome, Outcome::Delivered(_));
+        if !matches!(outcome, Outcome::AuthFailed(_)) || envelope.retry_requested_at.is_some() {
+            envelope.attempts += 1;
+        }
+        envelope.retry_requested_at = None;
+        if discard && !delivered {
+            info!(id = %id, account = %account, outcome = %describe(outcome), "message returned to the client (passthrough)");
+            self.discard(State::Active, &id).await;
+            return;
+        }
+        let to = match outcome {
+            Outcome::Delivered(reply) => {
+                info!(id = %id, account = %account, attempts = envelope.attempts, upstream_reply = %reply, "message delivered");
+                if let Err(err) = self.io(move |spool| spool.remove(State::Active, &id)).await {
+                    error!(id = %envelope.id, error = %err, "delivered, but cannot remove it from the spool: it may be sent again");
+                }
+                return;
+            }
+            Outcome::Rejected(reply) => {
+                let hint = hint(&account, reply).unwrap_or_default();
+                warn!(id = %id, account = %account, reason = "upstream_rejected", upstream_reply = %reply, hint = %hint, "message rejected by the upstream; kept in rejected/ (queue retry replays it)");
+                envelope.last_reply = Some(reply.to_string());
+                State::Rejected
+            }
+            Outcome::AuthFailed(reply) => {
+                info!(id = %id, account = %account, "message held until the account's sign-in works");
+                envelope.last_reply = Some(reply.to_string());
+                State::Held
+            }
+            Outcome::Deferred { reason, .. } => {
+                envelope.last_reply = Some(reason.clone());
+                let age = Duration::from_millis(now.saturating_sub(envelope.received_at));
+                if age >= self.settings.max_age {
+                    warn!(id = %id, account = %account, attempts = envelope.attempts, last_reply = %reason, reason = "expired", "message given up after delivery.max_age; kept in rejected/");
+                    State::Rejected
+                } else {
+                    let delay = retry_delay(&self.settings, envelope.attempts);
+                    envelope.next_attempt_at = now + delay.as_millis() as u64;
+                    info!(id = %id, account = %account, attempts = envelope.attempts, retry_in_s = delay.as_secs(), last_reply = %reason, "message deferred");
+                    State::Deferred
+                }
+            }
+        };
+        envelope.record(now, format!("{to}: {}", describe(outcome)));
+        let updated = envelope.clone();
+        if let Err(err) = self
+            .io(move |spool| spool.update(&updated, State::Active, to))
+            .await
+        {
+            error!(id = %envelope.id, error = %err, "cannot record a delivery attempt in the spool");
+        }
+        if to == State::Deferred {
+            self.wake_scheduler.notify_one();
+        }
+    }
+
+    fn start_hold(&self, name: &str, account: &Account, reply: &Reply) {
+        let mut hold = account.hold.lock().expect("hold lock");
+        let new = hold.as_ref().is_none_or(|hold| hold.since == 0);
+        *hold = Some(Hold {
+            since: self.clock.now(),
+            reply: reply.clone(),
+        });
+        drop(hold);
+        if new {
+            let hint = hint(name, reply).unwrap_or_else(|| {
+                format!("check accounts.{name}.username and accounts.{name}.password")
+            });
+            error!(
+                account = %name,
+                upstream_reply = %reply,
+                hint = %hint,
+                "account on hold: the upstream refused sign-in; its mail waits in held/ and goes out by itself once sign-in works (probe, restart, or `sendbridge queue retry --account {name}`)"
+            );
+            account.hold_started.notify_one();
+        }
+    }
+
+    /// Ends a hold and makes the account's held mail due now.
+    async fn release_hold(&self, name: &str, account: &Account, why: &str) {
+        if account.hold.lock().expect("hold lock").take().is_none() {
+            return;
+        }
+        let now = self.clock.now();
+        let name_owned = name.to_string();
+        let released = self
+            .io(move |spool| {
+                let mut released = 0;
+                for mut envelope in spool.list(State::Held)? {
+                    if envelope.account == name_owned {
+                        envelope.next_attempt_at = now;
+                        envelope.record(now, "hold released");
+                        spool.update(&envelope, State::Held, State::Deferred)?;
+                        released += 1;
+                    }
+                }
+                Ok(released)
+            })
             .await;
-        (client_reply(upstream.name(), &outcome), outcome)
+        match released {
+            Ok(count) => {
+                warn!(account = %name, released = count, why, "account hold released: held mail is being sent")
+            }
+            Err(err) => {
+                error!(account = %name, error = %err, "hold released, but held mail could not be requeued")
+            }
+        }
+        self.wake_scheduler.notify_one();
+    }
+
+    /// While the account is on hold, tries one sign-in at backoff intervals.
+    async fn prober(self: Arc<Self>, name: String, account: Arc<Account>) {
+        loop {
+            let Some(hold) = account.hold() else {
+                tokio::select! {
+                    _ = account.hold_started.notified() => continue,
+                    _ = self.shutdown.cancelled() => return,
+                }
+            };
+            // A hold carried over from the last run is probed at once.
+            let mut delay = if hold.since == 0 {
+                Duration::ZERO
+            } else {
+                self.settings.retry_initial
+            };
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.shutdown.cancelled() => return,
+                }
+                if account.hold().is_none() {
+                    break;
+                }
+                match account.upstream.probe().await {
+                    Ok(()) => {
+                        self.release_hold(&name, &account, "sign-in works again")
+                            .await;
+                        break;
+                    }
+                    Err(outcome) => {
+                        if let Outcome::AuthFailed(reply) = &outcome {
+                            self.start_hold(&name, &account, reply);
+                        }
+                        delay =
+                            (delay * 2).clamp(self.settings.retry_initial, self.settings.retry_max);
+                        warn!(account = %name, outcome = %describe(&outcome), next_probe_in_s = delay.as_secs(), "account still on hold");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves due messages from `deferred/` to the workers. Re-reads the
+    /// directory at least every `scan_interval` so that changes made by
+    /// `sendbridge queue` from outside are picked up.
+    async fn scheduler(self: Arc<Self>) {
+        loop {
+            let now = self.clock.now();
+            let scanned = self
+                .io(move |spool| {
+                    let mut due = Vec::new();
+                    let mut next: Option<u64> = None;
+                    for mut envelope in spool.list(State::Deferred)? {
+                        if envelope.next_attempt_at <= now {
+                            envelope.record(now, "retrying");
+                            spool.update(&envelope, State::Deferred, State::Active)?;
+                            due.push((envelope.account, envelope.id));
+                        } else {
+                            next = Some(next.map_or(envelope.next_attempt_at, |n| {
+                                n.min(envelope.next_attempt_at)
+                            }));
+                        }
+                    }
+                    Ok((due, next))
+                })
+                .await;
+            let mut wait = self.settings.scan_interval;
+            match scanned {
+                Ok((due, next)) => {
+                    for (account, id) in due {
+                        match self.accounts.get(&account) {
+                            Some(account) => {
+                                let _ = account.jobs.send(Job {
+                                    id,
+                                    message: None,
+                                    verdict: None,
+                                });
+                            }
+                            None => {
+                                warn!(id = %id, account = %account, "queued message for an account that is no longer configured")
+                            }
+                        }
+                    }
+                    if let Some(next) = next {
+                        wait = wait.min(Duration::from_millis(next.saturating_sub(now)));
+                    }
+                }
+                Err(err) => error!(error = %err, "cannot read the queue"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.wake_scheduler.notified() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn discard(&self, state: State, id: &str) {
+        let id = id.to_string();
+        if let Err(err) = self.io(move |spool| spool.remove(state, &id)).await {
+            error!(error = %err, "cannot remove a message from the spool");
+        }
+    }
+
+    /// Runs blocking spool I/O (fsync) off the async workers.
+    async fn io<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Spool) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || work(&spool))
+            .await
+            .map_err(std::io::Error::other)?
     }
 }
 
-/// What the legacy client hears. Upstream verdicts on the message pass
-/// through; an upstream sign-in failure never looks like the client's own
-/// login failing, and is temporary so the client keeps the message.
+fn notify(verdict: Option<oneshot::Sender<Outcome>>, outcome: Outcome) {
+    if let Some(verdict) = verdict {
+        let _ = verdict.send(outcome);
+    }
+}
+
+/// `retry_initial`, doubling per attempt, at most `retry_max`.
+fn retry_delay(settings: &DeliveryConfig, attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(30);
+    settings
+        .retry_initial
+        .saturating_mul(1 << doublings)
+        .min(settings.retry_max)
+}
+
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Delivered(reply) => format!("delivered: {reply}"),
+        Outcome::Rejected(reply) => format!("rejected: {reply}"),
+        Outcome::AuthFailed(reply) => format!("sign-in refused: {reply}"),
+        Outcome::Deferred { reason, .. } => format!("deferred: {reason}"),
+    }
+}
+
+/// What a client hears when it must retry itself (passthrough mode).
+/// Upstream verdicts on the message pass through; an upstream sign-in
+/// failure never looks like the client's own login failing.
 fn client_reply(account: &str, outcome: &Outcome) -> Reply {
     match outcome {
         Outcome::Delivered(reply) | Outcome::Rejected(reply) => reply.clone(),
@@ -70,7 +640,6 @@ fn client_reply(account: &str, outcome: &Outcome) -> Reply {
             let hint = hint(account, reply).unwrap_or_else(|| {
                 format!("check accounts.{account}.username and accounts.{account}.password")
             });
-            tracing::warn!(account, upstream_reply = %reply, hint = %hint, "upstream refused sign-in");
             Reply::new(
                 454,
                 [4, 7, 0],
@@ -91,5 +660,20 @@ fn client_reply(account: &str, outcome: &Outcome) -> Reply {
             reply: None,
             reason,
         } => Reply::new(451, [4, 4, 1], format!("Upstream unavailable: {reason}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap() {
+        let settings = DeliveryConfig::default();
+        let delays: Vec<u64> = (1..=8)
+            .map(|n| retry_delay(&settings, n).as_secs())
+            .collect();
+        assert_eq!(delays, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(retry_delay(&settings, u32::MAX).as_secs(), 3600);
     }
 }

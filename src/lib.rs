@@ -11,5 +11,6 @@ pub mod reply;
 pub mod secret;
 pub mod server;
 pub mod session;
+pub mod spool;
 pub mod tls;
 pub mod upstream;

@@ -52,7 +52,7 @@ impl Server {
             server: config.server.clone(),
             users: Users::new(config)?,
             policy: Policy::new(config),
-            delivery: Delivery::new(config)?,
+            delivery: Delivery::start(config, shutdown.clone())?,
             tls,
             shutdown,
         };

@@ -2,6 +2,7 @@
 //! mail-send: TLS always verified, AUTH with the account's app password, and
 //! every result turned into an [`Outcome`].
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use mail_send::smtp::message::Parameters;
@@ -41,7 +42,7 @@ impl Outcome {
 }
 
 /// What the client declared in MAIL FROM that the upstream must hear too.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BodyFlags {
     pub eight_bit: bool,
     pub smtputf8: bool,
@@ -54,6 +55,29 @@ pub struct Upstream {
     tls: UpstreamTls,
     sender: String,
     timeout: Duration,
+}
+
+/// Any stream mail-send can speak SMTP over (TCP, or TLS over TCP).
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A signed-in upstream connection, reusable for several messages: a TLS
+/// handshake plus AUTH per message is the main cost of a relay.
+pub struct Connection {
+    client: SmtpClient<Box<dyn Stream>>,
+    messages: usize,
+}
+
+impl Connection {
+    /// Messages sent over this connection so far.
+    pub fn messages(&self) -> usize {
+        self.messages
+    }
+
+    /// Says goodbye; the connection is gone either way.
+    pub async fn quit(mut self) {
+        let _ = self.client.cmd(b"QUIT\r\n").await;
+    }
 }
 
 impl Upstream {
@@ -89,65 +113,70 @@ impl Upstream {
         &self.name
     }
 
-    /// Opens a connection, signs in and sends one message. `message` is the
-    /// content as received, ending in CRLF.
-    pub async fn send(&self, recipients: &[String], flags: BodyFlags, message: &[u8]) -> Outcome {
-        let result = match self.tls {
-            UpstreamTls::None => {
-                self.connect_and_send(self.builder.connect_plain(), recipients, flags, message)
-                    .await
-            }
+    /// Connects, secures and signs in. The error is the attempt's outcome.
+    pub async fn connect(&self) -> Result<Connection, Outcome> {
+        // mail-send's connect() bounds only some of its reads; bound it all.
+        let connected = match self.tls {
+            UpstreamTls::None => tokio::time::timeout(self.timeout, self.builder.connect_plain())
+                .await
+                .map(|result| result.map(boxed)),
             UpstreamTls::Starttls | UpstreamTls::Implicit => {
-                self.connect_and_send(self.builder.connect(), recipients, flags, message)
+                tokio::time::timeout(self.timeout, self.builder.connect())
                     .await
+                    .map(|result| result.map(boxed))
             }
         };
+        match connected {
+            Ok(Ok(client)) => Ok(Connection {
+                client,
+                messages: 0,
+            }),
+            Ok(Err(err)) => Err(self.classify(err)),
+            Err(_) => Err(self.classify(mail_send::Error::Timeout)),
+        }
+    }
+
+    /// Checks that sign-in works again, for an account on hold.
+    pub async fn probe(&self) -> Result<(), Outcome> {
+        self.connect().await?.quit().await;
+        Ok(())
+    }
+
+    /// Sends one message over `connection`. `message` is the content as
+    /// received, ending in CRLF.
+    pub async fn send(
+        &self,
+        connection: &mut Connection,
+        recipients: &[String],
+        flags: BodyFlags,
+        message: &[u8],
+    ) -> Outcome {
+        let client = &mut connection.client;
+        let result = async {
+            if connection.messages > 0 {
+                client.rset().await?;
+            }
+            let mut params = Parameters::new();
+            let size = message.len().to_string();
+            params.add(("SIZE", size.as_str()));
+            if flags.eight_bit {
+                params.add(("BODY", "8BITMIME"));
+            }
+            if flags.smtputf8 {
+                params.add("SMTPUTF8");
+            }
+            client.mail_from(&self.sender, &params).await?;
+            for recipient in recipients {
+                client.rcpt_to(recipient, &Parameters::new()).await?;
+            }
+            client.data(wire_content(message)).await
+        }
+        .await;
+        connection.messages += 1;
         match result {
             Ok(reply) => Outcome::Delivered(reply.into()),
             Err(err) => self.classify(err),
         }
-    }
-
-    async fn connect_and_send<T: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        connect: impl Future<Output = mail_send::Result<SmtpClient<T>>>,
-        recipients: &[String],
-        flags: BodyFlags,
-        message: &[u8],
-    ) -> mail_send::Result<smtp_proto::Response<String>> {
-        // mail-send's connect() bounds only some of its reads; bound it all.
-        let mut client = tokio::time::timeout(self.timeout, connect)
-            .await
-            .map_err(|_| mail_send::Error::Timeout)??;
-        self.transact(&mut client, recipients, flags, message).await
-    }
-
-    async fn transact<T: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        client: &mut SmtpClient<T>,
-        recipients: &[String],
-        flags: BodyFlags,
-        message: &[u8],
-    ) -> mail_send::Result<smtp_proto::Response<String>> {
-        let mut params = Parameters::new();
-        let size = message.len().to_string();
-        params.add(("SIZE", size.as_str()));
-        if flags.eight_bit {
-            params.add(("BODY", "8BITMIME"));
-        }
-        if flags.smtputf8 {
-            params.add("SMTPUTF8");
-        }
-        client.mail_from(&self.sender, &params).await?;
-        for recipient in recipients {
-            client.rcpt_to(recipient, &Parameters::new()).await?;
-        }
-        // data() adds the CRLF "." CRLF terminator itself; a message that
-        // still ended in CRLF would gain an empty line.
-        let reply = client.data(without_final_crlf(message)).await?;
-        // The message is accepted; a failed QUIT changes nothing.
-        let _ = client.cmd(b"QUIT\r\n").await;
-        Ok(reply)
     }
 
     fn classify(&self, err: mail_send::Error) -> Outcome {
@@ -195,6 +224,13 @@ impl Upstream {
             ),
             other => format!("TLS failed: {other}"),
         }
+    }
+}
+
+fn boxed<T: Stream + 'static>(client: SmtpClient<T>) -> SmtpClient<Box<dyn Stream>> {
+    SmtpClient {
+        stream: Box::new(client.stream),
+        timeout: client.timeout,
     }
 }
 
@@ -253,9 +289,17 @@ pub fn hint(account: &str, reply: &Reply) -> Option<String> {
     Some(hint)
 }
 
-/// mail-send terminates the data itself; drop the CRLF that ends the content.
-fn without_final_crlf(message: &[u8]) -> &[u8] {
-    message.strip_suffix(b"\r\n").unwrap_or(message)
+/// The content as mail-send's `data()` needs it. It appends CRLF "." CRLF
+/// itself, so the CRLF ending the content goes (or the message would gain an
+/// empty line); and it stuffs dots only after a line break, so a dot that
+/// starts the message is stuffed here.
+fn wire_content(message: &[u8]) -> Cow<'_, [u8]> {
+    let content = message.strip_suffix(b"\r\n").unwrap_or(message);
+    if content.starts_with(b".") {
+        Cow::Owned([b".", content].concat())
+    } else {
+        Cow::Borrowed(content)
+    }
 }
 
 #[cfg(test)]
@@ -293,8 +337,12 @@ mod tests {
     }
 
     #[test]
-    fn final_crlf_is_dropped_once() {
-        assert_eq!(without_final_crlf(b"a\r\n\r\n"), b"a\r\n");
-        assert_eq!(without_final_crlf(b""), b"");
+    fn wire_content_drops_one_final_crlf_and_stuffs_a_leading_dot() {
+        assert_eq!(&*wire_content(b"a\r\n\r\n"), b"a\r\n");
+        assert_eq!(&*wire_content(b""), b"");
+        assert_eq!(
+            &*wire_content(b".first\r\nsecond\r\n"),
+            b"..first\r\nsecond"
+        );
     }
 }

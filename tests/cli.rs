@@ -163,7 +163,10 @@ async fn env_only_configuration_relays_and_never_logs_secrets() {
     let (code, log) = relay.terminate().await;
     assert_eq!(code, Some(0));
     let log = log.join("\n");
-    assert!(log.contains("message relayed"), "{log}");
+    assert!(
+        log.contains("message received") && log.contains("message delivered"),
+        "{log}"
+    );
     assert!(
         log.contains("local sign-in failed") && log.contains("invoices"),
         "{log}"

@@ -1,31 +1,31 @@
 //! Real third-party SMTP clients (Python's smtplib, curl, swaks) against the
-//! relay: legacy programs are built on libraries like these, and each has its
+//! relay: legacy programs are built on clients like these, and each has its
 //! own ideas about AUTH mechanisms, dot-stuffing, line endings and TLS.
 //!
-//! python3 must be installed. curl and swaks are skipped when missing, except
-//! under CI (where `CI` is set), where a missing tool fails the test.
+//! A test whose client is not installed is skipped on a developer machine
+//! but fails under CI (`CI` set).
 
 mod common;
 
-use std::ffi::OsStr;
-use std::net::SocketAddr;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, Received, UpstreamTls};
+use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls};
 use common::relay::{
     LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
 };
 use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(10);
-/// Bounds every client run, so a client stuck on a reply fails the test.
+/// Bounds every client run, so a client stuck waiting for a reply fails the
+/// test instead of hanging it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 const SENDER: &str = "billing@legacy.example";
 const RECIPIENTS: [&str; 2] = ["customer@example.com", "cc@example.com"];
 
-/// "Rechnung für März" as an RFC 2047 encoded word, and body lines that
-/// start with dots, which the client must stuff and the relay unstuff.
+/// The message smtplib sends: a subject "Rechnung für März" as an RFC 2047
+/// encoded word, and lines starting with dots, which the client must stuff
+/// and the relay unstuff.
 const MESSAGE: &str = "From: Invoices <billing@legacy.example>\r\n\
     To: customer@example.com\r\n\
     Subject: =?UTF-8?B?UmVjaG51bmcgZsO8ciBNw6Ryeg==?=\r\n\
@@ -35,6 +35,35 @@ const MESSAGE: &str = "From: Invoices <billing@legacy.example>\r\n\
     ..and one with two\r\n\
     .\r\n\
     end\r\n";
+
+/// The file curl uploads, as a legacy program writes it: LF line endings.
+const MESSAGE_FILE: &str = "From: billing@legacy.example\n\
+    To: customer@example.com\n\
+    Subject: curl test\n\
+    \n\
+    Invoice attached.\n\
+    .dot line\n";
+
+/// How a client reaches the relay.
+#[derive(Clone, Copy)]
+enum Transport {
+    /// Plain text on the main port, no STARTTLS.
+    Plain,
+    /// STARTTLS on the main port, verifying the relay's certificate.
+    StartTls,
+    /// The implicit-TLS listener, verifying the relay's certificate.
+    ImplicitTls,
+}
+
+impl Transport {
+    /// The relay port to connect to.
+    fn port(self, relay: &Relay) -> u16 {
+        match self {
+            Transport::Plain | Transport::StartTls => relay.addr.port(),
+            Transport::ImplicitTls => relay.tls_addr.expect("start() enables listen_tls").port(),
+        }
+    }
+}
 
 /// A fake Gmail and a relay in front of it, with the implicit-TLS listener on.
 async fn start() -> (FakeUpstream, Relay) {
@@ -49,49 +78,8 @@ async fn start() -> (FakeUpstream, Relay) {
     (upstream, relay)
 }
 
-fn implicit_tls_addr(relay: &Relay) -> SocketAddr {
-    relay.tls_addr.expect("start() enables listen_tls")
-}
-
-/// Runs a client to completion with no input; a client still running after
-/// `CLIENT_TIMEOUT` is killed and fails the test.
-async fn run(command: &mut Command) -> Output {
-    command.stdin(Stdio::null()).kill_on_drop(true);
-    let program = command.as_std().get_program().to_owned();
-    tokio::time::timeout(CLIENT_TIMEOUT, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("{program:?} did not finish within {CLIENT_TIMEOUT:?}"))
-        .unwrap_or_else(|err| panic!("cannot run {program:?}: {err}"))
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "client failed ({}):\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-}
-
-/// Waits for exactly one message upstream and checks its envelope: sent as
-/// the account, to `recipients`.
-async fn delivered(upstream: &FakeUpstream, recipients: &[&str]) -> Received {
-    let received = upstream.wait_for_messages(1, WAIT).await;
-    assert_eq!(received.len(), 1, "{received:?}");
-    let message = received.into_iter().next().unwrap();
-    assert_eq!(message.auth_user, UPSTREAM_USER);
-    assert_eq!(message.mail_from, UPSTREAM_USER);
-    assert_eq!(message.rcpt_to, recipients);
-    message
-}
-
-fn text(data: &[u8]) -> String {
-    String::from_utf8(data.to_vec()).expect("the test messages are UTF-8")
-}
-
-/// Whether `tool` is on PATH. A missing tool skips the test (returns false)
-/// on a developer machine, but fails it under CI, which must install it.
+/// Whether `tool` is on PATH. A missing tool skips the test (false) on a
+/// developer machine, but fails it under CI, which must install it.
 fn tool_available(tool: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     if std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()) {
@@ -105,22 +93,35 @@ fn tool_available(tool: &str) -> bool {
     false
 }
 
-// ---------------------------------------------------------------- smtplib
+/// Runs a client to completion with no input; a client still running after
+/// `CLIENT_TIMEOUT` is killed and fails the test.
+async fn run(command: &mut Command) -> Output {
+    command.stdin(Stdio::null()).kill_on_drop(true);
+    let program = command.as_std().get_program().to_owned();
+    tokio::time::timeout(CLIENT_TIMEOUT, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{program:?} did not finish within {CLIENT_TIMEOUT:?}"))
+        .unwrap_or_else(|err| panic!("cannot run {program:?}: {err}"))
+}
 
-/// Signs in as `invoices` with `password` (smtplib picks the mechanism) and
-/// sends `MESSAGE` from `SENDER` to `RECIPIENTS`. Prints the TLS version in
-/// use, or the code of a failed sign-in (and exits 1).
-const SMTPLIB_CLIENT: &str = r#"
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8(bytes.to_vec()).expect("client output and test messages are UTF-8")
+}
+
+/// Signs in with `user` and `password` (smtplib picks the mechanism) and
+/// sends `message`. Prints the TLS version in use, or the reply code of a
+/// failed sign-in (then exits 1).
+const SMTPLIB_SCRIPT: &str = r#"
 import smtplib, ssl, sys
 
-host, port, tls, cafile, user, password, sender, recipients, message = sys.argv[1:]
+host, port, transport, cafile, user, password, sender, recipients, message = sys.argv[1:]
 context = ssl.create_default_context(cafile=cafile)
-if tls == "implicit":
+if transport == "implicit":
     smtp = smtplib.SMTP_SSL(host, int(port), context=context, timeout=30)
 else:
     smtp = smtplib.SMTP(host, int(port), timeout=30)
 smtp.ehlo()
-if tls == "starttls":
+if transport == "starttls":
     smtp.starttls(context=context)
     smtp.ehlo()
 try:
@@ -133,114 +134,222 @@ print("tls:", smtp.sock.version() if isinstance(smtp.sock, ssl.SSLSocket) else "
 smtp.quit()
 "#;
 
-#[derive(Clone, Copy)]
-enum Tls {
-    None,
-    StartTls,
-    Implicit,
-}
-
-/// Runs `SMTPLIB_CLIENT` against the relay. With TLS it connects to
-/// "localhost", the name in the relay's certificate, and verifies it.
-async fn smtplib(relay: &Relay, tls: Tls, password: &str) -> Output {
-    let (host, addr, mode) = match tls {
-        Tls::None => ("127.0.0.1", relay.addr, "none"),
-        Tls::StartTls => ("localhost", relay.addr, "starttls"),
-        Tls::Implicit => ("localhost", implicit_tls_addr(relay), "implicit"),
+/// Sends `MESSAGE` with Python's smtplib. For TLS it connects to
+/// "localhost", the name smtplib checks the certificate against; smtplib
+/// tries every address the name resolves to, so a ::1 first is harmless.
+async fn smtplib(relay: &Relay, transport: Transport, password: &str) -> Output {
+    let (host, mode) = match transport {
+        Transport::Plain => ("127.0.0.1", "plain"),
+        Transport::StartTls => ("localhost", "starttls"),
+        Transport::ImplicitTls => ("localhost", "implicit"),
     };
-    let args: [&OsStr; 9] = [
-        host.as_ref(),
-        addr.port().to_string().as_ref(),
-        mode.as_ref(),
-        relay.cert.as_os_str(),
-        LOCAL_USER.as_ref(),
-        password.as_ref(),
-        SENDER.as_ref(),
-        RECIPIENTS.join(",").as_ref(),
-        MESSAGE.as_ref(),
-    ];
+    let port = transport.port(relay).to_string();
     run(Command::new("python3")
-        .arg("-c")
-        .arg(SMTPLIB_CLIENT)
-        .args(args))
+        .args(["-c", SMTPLIB_SCRIPT, host, &port, mode])
+        .arg(&relay.cert)
+        .args([LOCAL_USER, password, SENDER, &RECIPIENTS.join(","), MESSAGE]))
     .await
 }
 
-async fn smtplib_sends_message(tls: Tls, expected_tls: &str) {
+/// Uploads `MESSAGE_FILE` with curl.
+async fn curl(relay: &Relay, transport: Transport) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("message.txt");
+    std::fs::write(&file, MESSAGE_FILE).unwrap();
+    let port = transport.port(relay);
+    let mut command = Command::new("curl");
+    command
+        .args(["--silent", "--show-error", "--mail-from", SENDER])
+        .args(RECIPIENTS.iter().flat_map(|rcpt| ["--mail-rcpt", rcpt]))
+        // curl sends the file's LFs as they are unless told to convert them.
+        .arg("--crlf")
+        .arg("--upload-file")
+        .arg(&file)
+        .args(["--user", &format!("{LOCAL_USER}:{LOCAL_PASSWORD}")]);
+    let url = match transport {
+        Transport::Plain => format!("smtp://127.0.0.1:{port}"),
+        Transport::StartTls => format!("smtp://localhost:{port}"),
+        Transport::ImplicitTls => format!("smtps://localhost:{port}"),
+    };
+    if !matches!(transport, Transport::Plain) {
+        // The certificate names "localhost"; pin it to the relay's address
+        // rather than trust the resolver.
+        command
+            .args([
+                "--ssl-reqd",
+                "--resolve",
+                &format!("localhost:{port}:127.0.0.1"),
+            ])
+            .arg("--cacert")
+            .arg(&relay.cert);
+    }
+    run(command.arg(url)).await
+}
+
+/// Sends swaks's own test message, subject "swaks test", body "hello".
+async fn swaks(relay: &Relay, transport: Transport) -> Output {
+    // "localhost", the name in the certificate, for swaks versions that
+    // check it; -4 because the relay listens on 127.0.0.1 only.
+    let (host, tls_args): (&str, &[&str]) = match transport {
+        Transport::Plain => ("127.0.0.1", &[]),
+        Transport::StartTls => ("localhost", &["-4", "--tls"]),
+        Transport::ImplicitTls => ("localhost", &["-4", "--tls-on-connect"]),
+    };
+    let mut command = Command::new("swaks");
+    command
+        .args(["--server", &format!("{host}:{}", transport.port(relay))])
+        .args(["--auth", "PLAIN", "--auth-user", LOCAL_USER])
+        .args(["--auth-password", LOCAL_PASSWORD])
+        .args(["--from", SENDER, "--to", &RECIPIENTS.join(",")])
+        .args(["--header", "Subject: swaks test", "--body", "hello"])
+        .args(["--silent", "2"])
+        .args(tls_args);
+    if !matches!(transport, Transport::Plain) {
+        command
+            .args(["--tls-verify", "--tls-ca-path"])
+            .arg(&relay.cert);
+    }
+    run(&mut command).await
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "client failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+}
+
+/// What a client produced by sending one message through a fresh relay.
+struct Relayed {
+    stdout: String,
+    /// The message as it arrived upstream.
+    content: String,
+}
+
+/// Starts a fake Gmail and a relay, has `client` send one message through
+/// the relay, and checks that the client succeeded and that the message went
+/// upstream as the account to `RECIPIENTS`. `None` (skip the test) when
+/// `program` is not installed.
+async fn relay_one_message(
+    program: &str,
+    client: impl AsyncFnOnce(&Relay) -> Output,
+) -> Option<Relayed> {
+    if !tool_available(program) {
+        return None;
+    }
     let (upstream, relay) = start().await;
 
-    let output = smtplib(&relay, tls, LOCAL_PASSWORD).await;
+    let output = client(&relay).await;
 
     assert_success(&output);
-    let stdout = text(&output.stdout);
-    assert!(stdout.contains(expected_tls), "{stdout}");
-    let message = delivered(&upstream, &RECIPIENTS).await;
-    assert_eq!(text(&message.data), MESSAGE);
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(received.len(), 1, "{received:?}");
+    let message = &received[0];
+    assert_eq!(message.auth_user, UPSTREAM_USER);
+    assert_eq!(message.mail_from, UPSTREAM_USER);
+    assert_eq!(message.rcpt_to, RECIPIENTS);
+    Some(Relayed {
+        stdout: text(&output.stdout),
+        content: text(&message.data),
+    })
 }
 
-#[tokio::test]
-async fn python_smtplib_plain_login_and_sendmail() {
-    smtplib_sends_message(Tls::None, "tls: none").await;
+/// Declares one test per transport for a check `async fn(Transport)`, so
+/// each shows up (and fails) on its own.
+macro_rules! test_each_transport {
+    ($check:ident: $plain:ident, $starttls:ident, $implicit_tls:ident) => {
+        #[tokio::test]
+        async fn $plain() {
+            $check(Transport::Plain).await;
+        }
+
+        #[tokio::test]
+        async fn $starttls() {
+            $check(Transport::StartTls).await;
+        }
+
+        #[tokio::test]
+        async fn $implicit_tls() {
+            $check(Transport::ImplicitTls).await;
+        }
+    };
 }
 
-#[tokio::test]
-async fn python_smtplib_starttls_with_verified_certificate() {
-    smtplib_sends_message(Tls::StartTls, "tls: TLSv1.").await;
+/// smtplib sends `MESSAGE`; it must arrive byte for byte, and smtplib must
+/// report the connection as encrypted exactly when the transport is TLS.
+async fn smtplib_relays_message(transport: Transport) {
+    let client = async |relay: &Relay| smtplib(relay, transport, LOCAL_PASSWORD).await;
+    let Some(relayed) = relay_one_message("python3", client).await else {
+        return;
+    };
+    let reported_tls = match transport {
+        Transport::Plain => "tls: none",
+        Transport::StartTls | Transport::ImplicitTls => "tls: TLSv1.",
+    };
+    assert!(
+        relayed.stdout.starts_with(reported_tls),
+        "{}",
+        relayed.stdout
+    );
+    assert_eq!(relayed.content, MESSAGE);
 }
 
-#[tokio::test]
-async fn python_smtplib_ssl_on_implicit_tls_listener() {
-    smtplib_sends_message(Tls::Implicit, "tls: TLSv1.").await;
-}
+test_each_transport!(smtplib_relays_message:
+    python_smtplib_login_and_sendmail,
+    python_smtplib_starttls_verifying_the_relay_certificate,
+    python_smtplib_ssl_on_the_implicit_tls_listener);
 
 #[tokio::test]
 async fn python_smtplib_wrong_password_raises_535() {
-    let (upstream, relay) = start().await;
-
-    let output = smtplib(&relay, Tls::None, "wrong-password").await;
-
-    assert!(!output.status.success());
-    assert_eq!(text(&output.stdout).trim(), "auth failed: 535", "{output:?}");
-    assert!(upstream.received().is_empty());
-    assert_eq!(upstream.connections(), 0);
-}
-
-// ------------------------------------------------------------------- curl
-
-/// What a legacy program writes to a file: Unix line endings.
-const CURL_MESSAGE: &str = "From: billing@legacy.example\nTo: customer@example.com\nSubject: curl test\n\nInvoice attached.\n.dot line\n";
-
-/// Uploads `CURL_MESSAGE` with curl, signing in as `invoices`; `tls_args`
-/// and `url` select the connection.
-async fn curl(tls_args: &[&str], url: &str) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("message.txt");
-    std::fs::write(&file, CURL_MESSAGE).unwrap();
-    run(Command::new("curl")
-        .args(["--silent", "--show-error", "--mail-from", SENDER])
-        .args(["--mail-rcpt", RECIPIENTS[0]])
-        .arg("--upload-file")
-        .arg(&file)
-        .args(["--user", &format!("{LOCAL_USER}:{LOCAL_PASSWORD}")])
-        .args(tls_args)
-        .arg(url))
-    .await
-}
-
-async fn curl_sends_message(tls_args: &[&str], url: &str) {
-    
-}
-
-#[tokio::test]
-async fn curl_uploads_a_file_with_lf_line_endings() {
-    if !tool_available("curl") {
+    if !tool_available("python3") {
         return;
     }
     let (upstream, relay) = start().await;
 
-    let output = curl(&[], &format!("smtp://127.0.0.1:{}", relay.addr.port())).await;
+    let output = smtplib(&relay, Transport::Plain, "wrong-password").await;
 
-    assert_success(&output);
-    let message = delivered(&upstream, &RECIPIENTS[..1]).await;
-    assert_eq!(text(&message.data), CURL_MESSAGE.replace('\n', "\r\n"));
+    assert!(!output.status.success(), "{output:?}");
+    assert_eq!(
+        text(&output.stdout).trim(),
+        "auth failed: 535",
+        "{output:?}"
+    );
+    assert_eq!(upstream.connections(), 0);
 }
+
+/// curl uploads `MESSAGE_FILE`; it must arrive with CRLF line endings.
+async fn curl_relays_file(transport: Transport) {
+    let client = async |relay: &Relay| curl(relay, transport).await;
+    let Some(relayed) = relay_one_message("curl", client).await else {
+        return;
+    };
+    assert_eq!(relayed.content, MESSAGE_FILE.replace('\n', "\r\n"));
+}
+
+test_each_transport!(curl_relays_file:
+    curl_uploads_a_file_with_lf_line_endings,
+    curl_starttls_verifying_the_relay_certificate,
+    curl_smtps_on_the_implicit_tls_listener);
+
+/// swaks sends its test message; subject and body must arrive.
+async fn swaks_relays_message(transport: Transport) {
+    let client = async |relay: &Relay| swaks(relay, transport).await;
+    let Some(Relayed { content, .. }) = relay_one_message("swaks", client).await else {
+        return;
+    };
+    let (header, body) = content.split_once("\r\n\r\n").expect("header and body");
+    assert!(
+        header.contains("\r\nSubject: swaks test\r\n"),
+        "{content:?}"
+    );
+    // swaks ends its body with blank lines of its own.
+    assert_eq!(body.trim_end_matches("\r\n"), "hello", "{content:?}");
+}
+
+test_each_transport!(swaks_relays_message:
+    swaks_auth_plain,
+    swaks_starttls_verifying_the_relay_certificate,
+    swaks_tls_on_connect_to_the_implicit_tls_listener);

@@ -14,6 +14,7 @@ use common::relay::{
 };
 use common::smtp::{Client, Reply};
 
+const PASSTHROUGH: &str = "[delivery]\nmode = \"passthrough\"";
 const WAIT: Duration = Duration::from_secs(10);
 const MESSAGE: &str = "From: Invoices <billing@legacy.example>\r\nTo: customer@example.com\r\nSubject: Invoice 42\r\n\r\nPlease find invoice 42.\r\n";
 
@@ -29,10 +30,20 @@ impl Setup {
     }
 
     async fn scripted(script: Script) -> Setup {
+        Setup::scripted_with(script, "").await
+    }
+
+    /// Passthrough mode: the client hears the upstream's verdict and retries
+    /// failures itself, as before the spool existed.
+    async fn passthrough(script: Script) -> Setup {
+        Setup::scripted_with(script, PASSTHROUGH).await
+    }
+
+    async fn scripted_with(script: Script, extra: &str) -> Setup {
         let mut options =
             FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
         options.script = script;
-        Setup::with(options, "").await
+        Setup::with(options, extra).await
     }
 
     /// `extra` is appended to the relay's TOML configuration.
@@ -43,10 +54,7 @@ impl Setup {
     }
 
     async fn with(options: FakeUpstreamOptions, extra: &str) -> Setup {
-        let tls = match options.tls {
-            UpstreamTls::StartTls => UpstreamTls::StartTls,
-            UpstreamTls::Implicit => UpstreamTls::Implicit,
-        };
+        let tls = options.tls;
         let upstream = FakeUpstream::start(options).await;
         let relay = Relay::start(config_for(&upstream, tls, extra)).await;
         Setup { upstream, relay }
@@ -93,9 +101,8 @@ async fn auth_plain_client_mail_arrives_upstream_via_starttls() {
         )
         .await;
 
-    // The client hears the upstream's own verdict.
     assert_eq!(reply.code, 250, "{reply:?}");
-    assert!(reply.text.contains("gsmtp"), "{reply:?}");
+    assert!(reply.text.starts_with("2.0.0 OK queued as "), "{reply:?}");
     let received = upstream.wait_for_messages(1, WAIT).await;
     assert_eq!(received.len(), 1);
     let message = &received[0];
@@ -275,11 +282,11 @@ async fn upstream_via_implicit_tls() {
 }
 
 #[tokio::test]
-async fn untrusted_upstream_certificate_fails_clearly() {
+async fn passthrough_untrusted_upstream_certificate_fails_clearly() {
     let mut options =
         FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
     options.trusted_cert = false;
-    let setup = Setup::with(options, "").await;
+    let setup = Setup::with(options, PASSTHROUGH).await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
 
     let (reply, _client) = send(relay, &["b@example.com"]).await;
@@ -344,8 +351,8 @@ async fn upstream_rejecting_the_message_passes_its_reply_through() {
 }
 
 #[tokio::test]
-async fn upstream_app_password_required_is_temporary_with_a_hint() {
-    let setup = Setup::scripted(Script {
+async fn passthrough_app_password_required_is_temporary_with_a_hint() {
+    let setup = Setup::passthrough(Script {
         auth: Some(gmail::APP_PASSWORD_REQUIRED.to_string()),
         ..Script::default()
     })
@@ -364,8 +371,8 @@ async fn upstream_app_password_required_is_temporary_with_a_hint() {
 }
 
 #[tokio::test]
-async fn upstream_wrong_app_password_is_temporary() {
-    let setup = Setup::new().await;
+async fn passthrough_wrong_app_password_is_temporary() {
+    let setup = Setup::passthrough(Script::default()).await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
     upstream.set_password("a-different-app-password");
 
@@ -376,8 +383,8 @@ async fn upstream_wrong_app_password_is_temporary() {
 }
 
 #[tokio::test]
-async fn upstream_try_again_later_is_451_not_421() {
-    let setup = Setup::scripted(Script {
+async fn passthrough_try_again_later_is_451_not_421() {
+    let setup = Setup::passthrough(Script {
         mail: Some(gmail::TRY_AGAIN_LATER.to_string()),
         ..Script::default()
     })
@@ -391,13 +398,13 @@ async fn upstream_try_again_later_is_451_not_421() {
 }
 
 #[tokio::test]
-async fn upstream_unreachable_is_451() {
+async fn passthrough_upstream_unreachable_is_451() {
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
     let ca = tempfile::NamedTempFile::new().unwrap();
-    let config = config_with_account(port, "starttls", ca.path().to_str().unwrap(), "");
+    let config = config_with_account(port, "starttls", ca.path().to_str().unwrap(), PASSTHROUGH);
     // ca_file must hold a certificate to be loaded; an empty one is refused.
     let config = sendbridge::config::Config {
         accounts: config
@@ -513,6 +520,30 @@ async fn pipelined_transaction_gets_every_reply_in_order() {
         upstream.wait_for_messages(1, WAIT).await[0].rcpt_to.len(),
         2
     );
+}
+
+#[tokio::test]
+async fn empty_message_and_leading_dot_are_handled() {
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
+    let mut client = signed_in_client(relay).await;
+
+    // DATA followed at once by the terminator: an empty message.
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], "")
+        .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    // A first line starting with a dot, stuffed on the wire.
+    let reply = client
+        .send_mail("a@legacy.example", &["b@example.com"], "..first\r\n")
+        .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+
+    let received = upstream.wait_for_messages(2, WAIT).await;
+    // mail-send always ends the data with CRLF "." CRLF, so an empty message
+    // arrives as one empty line.
+    assert_eq!(received[0].data, b"\r\n");
+    assert_eq!(received[1].data, b".first\r\n");
 }
 
 #[tokio::test]

@@ -21,6 +21,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let timeout = self.ctx.server.data_timeout;
         let mut receiver = DataReceiver::new();
         let mut message = Vec::new();
+        // The CRLF that ended the DATA command starts the first line: without
+        // it an empty message (a lone ".") would not end, and a stuffed dot
+        // on the first line would not be removed.
+        receiver.ingest(&mut b"\r\n".iter(), &mut message);
+        message.clear();
         loop {
             let mut bytes = self.input[self.start..self.end].iter();
             let complete = receiver.ingest(&mut bytes, &mut message);

@@ -22,9 +22,10 @@ use tracing::{info, warn};
 pub use auth::{SignedIn, Users, hash_password};
 
 use crate::config::ServerConfig;
-use crate::delivery::{Delivery, Envelope};
+use crate::delivery::Delivery;
 use crate::policy::Policy;
 use crate::reply::Reply;
+use crate::spool::Envelope;
 use crate::upstream::BodyFlags;
 use auth::SaslError;
 use data::DataEnd;
@@ -40,7 +41,7 @@ pub struct SessionContext {
     pub server: ServerConfig,
     pub users: Users,
     pub policy: Policy,
-    pub delivery: Delivery,
+    pub delivery: Arc<Delivery>,
     pub tls: Option<TlsAcceptor>,
     pub shutdown: CancellationToken,
 }
@@ -546,28 +547,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let envelope = Envelope {
             session_id: self.id.clone(),
-            client: self.peer,
+            client: self.peer.to_string(),
             user: self.signed_in.as_ref().map(|s| s.user.clone()),
             account: transaction.account,
             mail_from: transaction.mail_from,
             recipients: transaction.recipients,
             flags: transaction.flags,
+            ..Envelope::default()
         };
-        // The client hears nothing until the upstream answered: flush what we
-        // owe it now.
+        let (user, account, from, recipients, size) = (
+            envelope.user.clone(),
+            envelope.account.clone(),
+            envelope.mail_from.clone(),
+            envelope.recipients.len(),
+            message.len(),
+        );
+        // The client hears nothing until the message is stored (and, per the
+        // delivery mode, attempted): flush what we owe it now.
         self.flush().await.map_err(Stop::Io)?;
         let started = Instant::now();
-        let (reply, outcome) = self.ctx.delivery.submit(&envelope, &message).await;
+        let reply = self.ctx.delivery.submit(envelope, message).await;
         info!(
-            user = envelope.user.as_deref().unwrap_or("-"),
-            account = %envelope.account,
-            from = ?envelope.mail_from,
-            recipients = envelope.recipients.len(),
-            size = message.len(),
-            upstream_code = outcome.code(),
+            user = user.as_deref().unwrap_or("-"),
+            account = %account,
+            from = ?from,
+            recipients,
+            size,
             reply = %reply,
             duration_ms = started.elapsed().as_millis() as u64,
-            "message relayed"
+            "message received"
         );
         self.reply(reply);
         Ok(Flow::Continue)
@@ -636,11 +644,12 @@ mod tests {
 
     fn context(toml: &str) -> Arc<SessionContext> {
         let mut config = Config::from_toml(toml).unwrap();
+        config.spool.dir = tempfile::tempdir().unwrap().keep();
         config.server.hostname = "relay.test".to_string();
         Arc::new(SessionContext {
             users: Users::new(&config).unwrap(),
             policy: Policy::new(&config),
-            delivery: Delivery::new(&config).unwrap(),
+            delivery: Delivery::start(&config, CancellationToken::new()).unwrap(),
             server: config.server,
             tls: None,
             shutdown: CancellationToken::new(),

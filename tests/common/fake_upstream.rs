@@ -39,6 +39,7 @@ pub mod gmail {
 }
 
 /// How the fake upstream offers TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamTls {
     /// Plain-text greeting; TLS is negotiated with STARTTLS (port 587 style).
     StartTls,

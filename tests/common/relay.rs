@@ -72,6 +72,7 @@ impl Relay {
         config.server.hostname = "relay.test".to_string();
         config.tls.cert = dir.path().join("relay.crt");
         config.tls.key = dir.path().join("relay.key");
+        config.spool.dir = dir.path().join("spool");
         let shutdown = CancellationToken::new();
         let server = Server::bind(&config, shutdown.clone())
             .await

@@ -1,0 +1,455 @@
+//! The durable queue on disk.
+//!
+//! ```text
+//! spool/data/<id>.eml                      message bytes; written once, never moved
+//! spool/{incoming,active,deferred,held,rejected}/<id>.json   the envelope
+//! ```
+//! A message's state is the directory holding its envelope, so every state
+//! change is one atomic rename. Acceptance writes and fsyncs the bytes and
+//! the envelope, then renames the envelope out of `incoming/` and fsyncs that
+//! directory: only then may the client hear `250`. On start, envelopes left
+//! in `incoming/` and bytes without an envelope were never acknowledged and
+//! are removed; `active/` returns to `deferred/`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::upstream::BodyFlags;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Active,
+    Deferred,
+    Held,
+    Rejected,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [State::Active, State::Deferred, State::Held, State::Rejected];
+
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            State::Active => "active",
+            State::Deferred => "deferred",
+            State::Held => "held",
+            State::Rejected => "rejected",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dir_name())
+    }
+}
+
+/// One line of a message's history, shown by `queue show`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix milliseconds.
+    pub at: u64,
+    pub what: String,
+}
+
+/// Everything about a message except its bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Time-ordered and unique; assigned by [`Spool::accept`].
+    pub id: String,
+    pub account: String,
+    /// MAIL FROM as the client sent it (upstream uses the account's sender).
+    pub mail_from: String,
+    pub recipients: Vec<String>,
+    #[serde(default)]
+    pub flags: BodyFlags,
+    /// Local user that signed in; `None` for trusted-network clients.
+    pub user: Option<String>,
+    pub client: String,
+    pub session_id: String,
+    pub size: u64,
+    /// Unix milliseconds.
+    pub received_at: u64,
+    pub attempts: u32,
+    /// Unix milliseconds; meaningful in `deferred/`.
+    pub next_attempt_at: u64,
+    pub last_reply: Option<String>,
+    /// Set by `queue retry`: an operator asked to try again even though the
+    /// account is on hold (unix milliseconds of the request).
+    #[serde(default)]
+    pub retry_requested_at: Option<u64>,
+    #[serde(default)]
+    pub history: Vec<Event>,
+}
+
+impl Envelope {
+    pub fn record(&mut self, at: u64, what: impl Into<String>) {
+        self.history.push(Event {
+            at,
+            what: what.into(),
+        });
+    }
+}
+
+pub struct Spool {
+    root: PathBuf,
+}
+
+/// What recovery found on start.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Unacknowledged leftovers removed from `incoming/` and `data/`.
+    pub removed: usize,
+    /// Messages that were being delivered when the relay stopped.
+    pub reactivated: usize,
+}
+
+impl Spool {
+    /// Opens (creating when needed) a spool and checks it is writable.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Spool> {
+        let spool = Spool { root: root.into() };
+        for dir in ["data", "incoming"]
+            .into_iter()
+            .chain(State::ALL.iter().map(|state| state.dir_name()))
+        {
+            fs::create_dir_all(spool.root.join(dir))?;
+        }
+        Ok(spool)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Stores a new message durably in `state` and assigns its id. Returns
+    /// only after the bytes and the envelope are on disk.
+    pub fn accept(&self, envelope: &mut Envelope, message: &[u8], state: State) -> io::Result<()> {
+        envelope.id = new_id();
+        envelope.size = message.len() as u64;
+        let data = self.data_path(&envelope.id);
+        let result = (|| {
+            write_synced(&data, message)?;
+            let incoming = self
+                .root
+                .join("incoming")
+                .join(format!("{}.json", envelope.id));
+            write_synced(&incoming, &serde_json::to_vec_pretty(envelope)?)?;
+            sync_dir(&self.root.join("data"))?;
+            fs::rename(&incoming, self.envelope_path(state, &envelope.id))?;
+            sync_dir(&self.root.join(state.dir_name()))
+        })();
+        if result.is_err() {
+            // Nothing was acknowledged: leave no half-written message behind.
+            let _ = fs::remove_file(&data);
+            let _ = fs::remove_file(
+                self.root
+                    .join("incoming")
+                    .join(format!("{}.json", envelope.id)),
+            );
+        }
+        result
+    }
+
+    /// Cleans up after a crash; see the module documentation.
+    pub fn recover(&self) -> io::Result<Recovered> {
+        let mut recovered = Recovered::default();
+        for entry in fs::read_dir(self.root.join("incoming"))? {
+            fs::remove_file(entry?.path())?;
+            recovered.removed += 1;
+        }
+        for id in self.ids(State::Active)? {
+            fs::rename(
+                self.envelope_path(State::Active, &id),
+                self.envelope_path(State::Deferred, &id),
+            )?;
+            recovered.reactivated += 1;
+        }
+        for entry in fs::read_dir(self.root.join("data"))? {
+            let path = entry?.path();
+            let Some(id) = id_of(&path, "eml") else {
+                // A temporary file from an interrupted write.
+                fs::remove_file(&path)?;
+                recovered.removed += 1;
+                continue;
+            };
+            if self.find(&id)?.is_none() {
+                fs::remove_file(&path)?;
+                recovered.removed += 1;
+            }
+        }
+        sync_dir(&self.root.join("deferred"))?;
+        Ok(recovered)
+    }
+
+    pub fn read_message(&self, id: &str) -> io::Result<Vec<u8>> {
+        fs::read(self.data_path(id))
+    }
+
+    pub fn read_envelope(&self, state: State, id: &str) -> io::Result<Envelope> {
+        let bytes = fs::read(self.envelope_path(state, id))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
+    }
+
+    /// Rewrites a message's envelope and moves it from `from` to `to`.
+    pub fn update(&self, envelope: &Envelope, from: State, to: State) -> io::Result<()> {
+        let current = self.envelope_path(from, &envelope.id);
+        if !current.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not {from}", envelope.id),
+            ));
+        }
+        // Replace in place first, so a crash leaves either the old or the new
+        // envelope in `from`, never none.
+        let temp = self
+            .root
+            .join(from.dir_name())
+            .join(format!(".{}.tmp", envelope.id));
+        write_synced(&temp, &serde_json::to_vec_pretty(envelope)?)?;
+        fs::rename(&temp, &current)?;
+        if from != to {
+            fs::rename(&current, self.envelope_path(to, &envelope.id))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a delivered (or operator-deleted) message.
+    pub fn remove(&self, state: State, id: &str) -> io::Result<()> {
+        fs::remove_file(self.envelope_path(state, id))?;
+        match fs::remove_file(self.data_path(id)) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+            _ => Ok(()),
+        }
+    }
+
+    /// The ids in a state, oldest first.
+    pub fn ids(&self, state: State) -> io::Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(self.root.join(state.dir_name()))? {
+            if let Some(id) = id_of(&entry?.path(), "json") {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// The envelopes in a state, oldest first. Envelopes that vanish while
+    /// listing (delivered meanwhile) are skipped.
+    pub fn list(&self, state: State) -> io::Result<Vec<Envelope>> {
+        let mut envelopes = Vec::new();
+        for id in self.ids(state)? {
+            match self.read_envelope(state, &id) {
+                Ok(envelope) => envelopes.push(envelope),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(envelopes)
+    }
+
+    /// Where a message is, if anywhere.
+    pub fn find(&self, id: &str) -> io::Result<Option<State>> {
+        if !is_valid_id(id) {
+            return Ok(None);
+        }
+        Ok(State::ALL
+            .into_iter()
+            .find(|state| self.envelope_path(*state, id).exists()))
+    }
+
+    /// Bytes of message content on disk, for metrics and `queue list`.
+    pub fn data_path(&self, id: &str) -> PathBuf {
+        self.root.join("data").join(format!("{id}.eml"))
+    }
+
+    fn envelope_path(&self, state: State, id: &str) -> PathBuf {
+        self.root.join(state.dir_name()).join(format!("{id}.json"))
+    }
+}
+
+/// Unix milliseconds of the wall clock.
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// 16 hex digits of microseconds, then a per-process sequence: sorts by
+/// arrival, unique within a process and across restarts.
+fn new_id() -> String {
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_micros() as u64);
+    let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed) & 0xffff;
+    format!("{micros:016x}{sequence:04x}")
+}
+
+/// Ids come from outside (the CLI); they must never name another path.
+fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+fn id_of(path: &Path, extension: &str) -> Option<String> {
+    if path.extension()? != extension {
+        return None;
+    }
+    let id = path.file_stem()?.to_str()?;
+    is_valid_id(id).then(|| id.to_string())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Makes renames and new files in `dir` durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope() -> Envelope {
+        Envelope {
+            account: "gmail".into(),
+            mail_from: "billing@legacy.example".into(),
+            recipients: vec!["customer@example.com".into()],
+            ..Envelope::default()
+        }
+    }
+
+    #[test]
+    fn accept_stores_bytes_and_envelope() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut envelope = envelope();
+
+        spool
+            .accept(&mut envelope, b"Subject: hi\r\n\r\nbody\r\n", State::Active)
+            .unwrap();
+
+        assert_eq!(spool.find(&envelope.id).unwrap(), Some(State::Active));
+        assert_eq!(
+            spool.read_message(&envelope.id).unwrap(),
+            b"Subject: hi\r\n\r\nbody\r\n"
+        );
+        let stored = spool.read_envelope(State::Active, &envelope.id).unwrap();
+        assert_eq!(
+            stored,
+            Envelope {
+                size: 21,
+                ..envelope
+            }
+        );
+        assert!(
+            fs::read_dir(dir.path().join("incoming"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn ids_are_unique_and_ordered() {
+        let ids: Vec<String> = (0..2000).map(|_| new_id()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted, ids, "already in order and without duplicates");
+    }
+
+    #[test]
+    fn state_moves_are_renames_and_keep_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut envelope = envelope();
+        spool
+            .accept(&mut envelope, b"x\r\n", State::Active)
+            .unwrap();
+
+        envelope.attempts = 1;
+        envelope.last_reply = Some("421 4.7.0 Try again later".into());
+        spool
+            .update(&envelope, State::Active, State::Deferred)
+            .unwrap();
+
+        assert_eq!(spool.find(&envelope.id).unwrap(), Some(State::Deferred));
+        assert_eq!(
+            spool
+                .read_envelope(State::Deferred, &envelope.id)
+                .unwrap()
+                .attempts,
+            1
+        );
+        assert_eq!(spool.list(State::Deferred).unwrap().len(), 1);
+        assert!(
+            spool.update(&envelope, State::Active, State::Held).is_err(),
+            "not active any more"
+        );
+
+        spool.remove(State::Deferred, &envelope.id).unwrap();
+        assert_eq!(spool.find(&envelope.id).unwrap(), None);
+        assert!(!spool.data_path(&envelope.id).exists());
+    }
+
+    #[test]
+    fn recovery_cleans_torn_writes_and_reactivates() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut acknowledged = envelope();
+        spool
+            .accept(&mut acknowledged, b"kept\r\n", State::Active)
+            .unwrap();
+        let mut deferred = envelope();
+        spool
+            .accept(&mut deferred, b"also kept\r\n", State::Deferred)
+            .unwrap();
+        // A crash mid-accept: truncated bytes, a truncated envelope in
+        // incoming/, and bytes whose envelope never got written.
+        fs::write(spool.data_path("00000000000000010000"), b"Subject: tr").unwrap();
+        fs::write(
+            dir.path().join("incoming/00000000000000010000.json"),
+            b"{\"id\": \"0000",
+        )
+        .unwrap();
+        fs::write(spool.data_path("00000000000000020000"), b"Subject: half").unwrap();
+
+        let recovered = Spool::open(dir.path()).unwrap().recover().unwrap();
+
+        assert_eq!(
+            recovered,
+            Recovered {
+                removed: 3,
+                reactivated: 1
+            }
+        );
+        assert!(!spool.data_path("00000000000000010000").exists());
+        assert!(!spool.data_path("00000000000000020000").exists());
+        assert_eq!(spool.find(&acknowledged.id).unwrap(), Some(State::Deferred));
+        assert_eq!(spool.read_message(&acknowledged.id).unwrap(), b"kept\r\n");
+        assert_eq!(spool.find(&deferred.id).unwrap(), Some(State::Deferred));
+    }
+
+    #[test]
+    fn foreign_ids_never_name_other_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(spool.find("../../etc/passwd").unwrap(), None);
+        assert_eq!(spool.find("").unwrap(), None);
+    }
+}
