@@ -1,12 +1,14 @@
 //! Subcommands besides `run`.
 
 use std::io::Read;
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
 
 use crate::config::Config;
 use crate::secret::Secret;
 use crate::session::hash_password;
+use crate::spool::{Spool, State, unix_millis};
 
 /// `sendbridge hash-password`: reads a password from stdin (one line, the
 /// newline is not part of it) and prints its argon2 hash for `password_hash`.
@@ -57,5 +59,174 @@ pub fn check(config: &Config) {
             config.server.default_account.as_deref().unwrap_or("-"),
             config.server.trusted_networks
         );
+    }
+}
+
+/// Which queued messages `queue retry` makes due now.
+pub enum RetryTarget {
+    One(String),
+    All,
+    Account(String),
+}
+
+/// `sendbridge queue list`: every queued message, oldest first.
+pub fn queue_list(spool: &Spool, json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for state in State::ALL {
+        for envelope in spool.list(state)? {
+            rows.push((state, envelope));
+        }
+    }
+    rows.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+    if json {
+        let entries: Vec<_> = rows
+            .iter()
+            .map(|(state, envelope)| serde_json::json!({ "state": state, "envelope": envelope }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("the queue is empty");
+        return Ok(());
+    }
+    println!(
+        "{:<20}  {:<8}  {:<10}  {:<28}  {:>4}  {:>9}  {:>6}  {:>4}  LAST REPLY",
+        "ID", "STATE", "ACCOUNT", "FROM", "RCPT", "SIZE", "AGE", "TRY"
+    );
+    let now = unix_millis();
+    for (state, envelope) in rows {
+        println!(
+            "{:<20}  {:<8}  {:<10}  {:<28}  {:>4}  {:>9}  {:>6}  {:>4}  {}",
+            envelope.id,
+            state,
+            clip(&envelope.account, 10),
+            clip(&envelope.mail_from, 28),
+            envelope.recipients.len(),
+            envelope.size,
+            age(now.saturating_sub(envelope.received_at)),
+            envelope.attempts,
+            envelope.last_reply.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+/// `sendbridge queue show ID`: envelope, history and the message headers.
+pub fn queue_show(spool: &Spool, id: &str) -> anyhow::Result<()> {
+    let state = find(spool, id)?;
+    let envelope = spool.read_envelope(state, id)?;
+    println!("id:         {}", envelope.id);
+    println!("state:      {state}");
+    println!("account:    {}", envelope.account);
+    println!("from:       {}", envelope.mail_from);
+    println!("recipients: {}", envelope.recipients.join(", "));
+    println!("size:       {} bytes", envelope.size);
+    println!(
+        "client:     {} (user {}, session {})",
+        envelope.client,
+        envelope.user.as_deref().unwrap_or("-"),
+        envelope.session_id
+    );
+    println!("attempts:   {}", envelope.attempts);
+    println!(
+        "last reply: {}",
+        envelope.last_reply.as_deref().unwrap_or("-")
+    );
+    println!("\nhistory:");
+    for event in &envelope.history {
+        println!(
+            "  {}  {}",
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(event.at)),
+            event.what
+        );
+    }
+    println!("\nheaders:");
+    let message = spool.read_message(id)?;
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(message.len(), |at| at + 2);
+    print!(
+        "{}",
+        String::from_utf8_lossy(&message[..end.min(64 * 1024)])
+    );
+    Ok(())
+}
+
+/// `sendbridge queue retry`: due now; held and rejected messages go back to
+/// the queue, and an account's hold is lifted for them. The running relay
+/// picks the change up at its next scan.
+pub fn queue_retry(spool: &Spool, target: RetryTarget) -> anyhow::Result<usize> {
+    let now = unix_millis();
+    let mut retried = 0;
+    let chosen: Vec<(State, String)> = match &target {
+        RetryTarget::One(id) => vec![(find(spool, id)?, id.clone())],
+        RetryTarget::All | RetryTarget::Account(_) => {
+            let mut chosen = Vec::new();
+            for state in [State::Deferred, State::Held, State::Rejected] {
+                for envelope in spool.list(state)? {
+                    let wanted = match &target {
+                        RetryTarget::Account(name) => &envelope.account == name,
+                        _ => true,
+                    };
+                    if wanted {
+                        chosen.push((state, envelope.id));
+                    }
+                }
+            }
+            chosen
+        }
+    };
+    for (state, id) in chosen {
+        if state == State::Active {
+            println!("{id}: being delivered right now");
+            continue;
+        }
+        let mut envelope = spool.read_envelope(state, &id)?;
+        envelope.next_attempt_at = now;
+        envelope.retry_requested_at = Some(now);
+        envelope.record(now, format!("retry requested (was {state})"));
+        match spool.update(&envelope, state, State::Deferred) {
+            Ok(()) => retried += 1,
+            // The relay moved it meanwhile (e.g. started delivering it).
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                println!("{id}: moved meanwhile, skipped")
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(retried)
+}
+
+/// `sendbridge queue delete ID`.
+pub fn queue_delete(spool: &Spool, id: &str) -> anyhow::Result<()> {
+    let state = find(spool, id)?;
+    spool.remove(state, id)?;
+    Ok(())
+}
+
+fn find(spool: &Spool, id: &str) -> anyhow::Result<State> {
+    spool
+        .find(id)?
+        .with_context(|| format!("no message {id} in the queue ({})", spool.root().display()))
+}
+
+fn clip(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut clipped: String = text.chars().take(width - 1).collect();
+    clipped.push('…');
+    clipped
+}
+
+fn age(millis: u64) -> String {
+    let secs = millis / 1000;
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
     }
 }

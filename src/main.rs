@@ -27,6 +27,37 @@ enum Command {
     Check,
     /// Print an argon2 hash of a password read from stdin, for users.<name>.password_hash
     HashPassword,
+    /// Inspect and manage the queue (works while the relay runs)
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// List queued messages: id, state, account, from, recipients, size, age, attempts, last reply
+    List {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message: envelope, history and headers
+    Show { id: String },
+    /// Make messages due now; held and rejected ones are sent again
+    Retry {
+        /// One message
+        #[arg(conflicts_with_all = ["all", "account"], required_unless_present_any = ["all", "account"])]
+        id: Option<String>,
+        /// Every deferred, held and rejected message
+        #[arg(long)]
+        all: bool,
+        /// Every deferred, held and rejected message of this account
+        #[arg(long, conflicts_with = "all")]
+        account: Option<String>,
+    },
+    /// Delete one message
+    Delete { id: String },
 }
 
 /// Exit code for an invalid configuration (as sysexits' EX_USAGE family does).
@@ -55,7 +86,34 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             report(runtime.block_on(run(config)))
         }
+        Command::Queue { action } => report(queue(&config, action)),
         Command::HashPassword => unreachable!("handled above"),
+    }
+}
+
+fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
+    use sendbridge::cli::{RetryTarget, queue_delete, queue_list, queue_retry, queue_show};
+    let spool = sendbridge::spool::Spool::open(&config.spool.dir)?;
+    match action {
+        QueueAction::List { json } => queue_list(&spool, json),
+        QueueAction::Show { id } => queue_show(&spool, &id),
+        QueueAction::Retry { id, all, account } => {
+            let target = match (id, all, account) {
+                (Some(id), _, _) => RetryTarget::One(id),
+                (None, _, Some(account)) => RetryTarget::Account(account),
+                _ => RetryTarget::All,
+            };
+            let count = queue_retry(&spool, target)?;
+            println!(
+                "{count} message(s) due now; the running relay sends them within delivery.scan_interval"
+            );
+            Ok(())
+        }
+        QueueAction::Delete { id } => {
+            queue_delete(&spool, &id)?;
+            println!("deleted {id}");
+            Ok(())
+        }
     }
 }
 

@@ -80,6 +80,7 @@ pub struct Script {
     pub data: Option<String>,
 }
 
+#[derive(Clone)]
 pub struct FakeUpstreamOptions {
     pub tls: UpstreamTls,
     pub username: String,
@@ -89,6 +90,8 @@ pub struct FakeUpstreamOptions {
     /// false: the leaf is self-signed, so a client trusting only that CA
     /// rejects it.
     pub trusted_cert: bool,
+    /// 0 picks a free port; a fixed one lets a test bring an upstream "back".
+    pub port: u16,
 }
 
 impl FakeUpstreamOptions {
@@ -99,6 +102,7 @@ impl FakeUpstreamOptions {
             password: password.to_string(),
             script: Script::default(),
             trusted_cert: true,
+            port: 0,
         }
     }
 }
@@ -162,7 +166,19 @@ impl FakeUpstream {
         // Several tests (and the relay under test) may race to install it.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
-        let pki = generate_pki(opts.trusted_cert);
+        let pki = if opts.trusted_cert {
+            // One CA per test process: an upstream restarted on the same port
+            // is trusted like the one it replaces.
+            static TRUSTED: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
+            let pki = TRUSTED.get_or_init(|| generate_pki(true));
+            TestPki {
+                ca_pem: pki.ca_pem.clone(),
+                leaf_cert: pki.leaf_cert.clone(),
+                leaf_key: pki.leaf_key.clone_key(),
+            }
+        } else {
+            generate_pki(false)
+        };
         let ca_dir = TempDir::new().expect("create temp dir for the test CA");
         let ca_file = ca_dir.path().join("ca.pem");
         std::fs::write(&ca_file, &pki.ca_pem).expect("write test CA PEM");
@@ -173,7 +189,7 @@ impl FakeUpstream {
             .expect("build TLS server config");
         let acceptor = TlsAcceptor::from(Arc::new(tls_config));
 
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(("127.0.0.1", opts.port))
             .await
             .expect("bind fake upstream");
         let addr = listener.local_addr().expect("fake upstream local addr");

@@ -38,7 +38,37 @@ impl RelayProcess {
     /// Starts `sendbridge run` listening on a free loopback port and waits
     /// for its "accepting connections" line.
     pub async fn start(dir: &Path, env: &[(&str, &str)]) -> RelayProcess {
-        let mut command = sendbridge(dir, &["run"], env);
+        Self::spawn(sendbridge(dir, &["run"], env)).await
+    }
+
+    /// Like `start`, but the relay may write files of at most `kib` KiB
+    /// (RLIMIT_FSIZE), as on a nearly full disk. SIGXFSZ is ignored so writes
+    /// fail with EFBIG instead of killing the process.
+    pub async fn start_with_file_size_limit(
+        dir: &Path,
+        env: &[(&str, &str)],
+        kib: u64,
+    ) -> RelayProcess {
+        let script = format!("ulimit -f {kib}; trap '' XFSZ; exec \"$0\" run");
+        let command = sendbridge(dir, &[], env);
+        let program = command.as_std().get_program().to_owned();
+        let mut wrapped = Command::new("bash");
+        wrapped
+            .arg("-c")
+            .arg(script)
+            .arg(program)
+            .current_dir(dir)
+            .kill_on_drop(true);
+        for (key, value) in command.as_std().get_envs() {
+            match value {
+                Some(value) => wrapped.env(key, value),
+                None => wrapped.env_remove(key),
+            };
+        }
+        Self::spawn(wrapped).await
+    }
+
+    async fn spawn(mut command: Command) -> RelayProcess {
         command
             .env("SENDBRIDGE_SERVER__LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
@@ -84,6 +114,12 @@ impl RelayProcess {
             .expect("relay stops after SIGTERM")
             .unwrap();
         (exit.code(), self.finish_log().await)
+    }
+
+    /// Kills the relay with SIGKILL, as a crash or power loss would.
+    pub async fn kill(mut self) -> Vec<String> {
+        self.child.kill().await.expect("kill the relay");
+        self.finish_log().await
     }
 
     /// Everything logged so far.

@@ -20,6 +20,7 @@ pub struct Relay {
     pub tls_addr: Option<SocketAddr>,
     /// The relay's own (generated) certificate, for clients using STARTTLS.
     pub cert: PathBuf,
+    pub spool: PathBuf,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -81,6 +82,7 @@ impl Relay {
             addr: server.local_addr(),
             tls_addr: server.tls_local_addr(),
             cert: config.tls.cert.clone(),
+            spool: config.spool.dir.clone(),
             shutdown,
             server: Some(tokio::spawn(server.run())),
             _dir: dir,
