@@ -62,34 +62,47 @@ impl Client {
     }
 
     pub async fn read_reply(&mut self) -> Reply {
+        self.try_reply()
+            .await
+            .expect("a complete reply before the connection closed")
+    }
+
+    /// The next reply, or `None` when the connection closed, failed or
+    /// stayed silent for the read timeout.
+    pub async fn try_reply(&mut self) -> Option<Reply> {
         let mut lines = Vec::new();
         loop {
             let mut line = String::new();
             let read = tokio::time::timeout(READ_TIMEOUT, self.stream.read_line(&mut line))
                 .await
-                .expect("reply within the timeout")
-                .unwrap();
-            assert!(
-                read > 0,
-                "connection closed while waiting for a reply; got {lines:?}"
-            );
+                .ok()?
+                .ok()?;
+            if read == 0 {
+                return None;
+            }
             let line = line.trim_end_matches(['\r', '\n']);
-            assert!(line.len() >= 3, "short reply line {line:?}");
-            let code: u16 = line[..3].parse().unwrap();
+            let code: u16 = line.get(..3)?.parse().ok()?;
             let last = line.as_bytes().get(3) != Some(&b'-');
-            lines.push((code, line.get(4..).unwrap_or("").to_string()));
+            lines.push(line.get(4..).unwrap_or("").to_string());
             if last {
-                break;
+                return Some(Reply {
+                    code,
+                    text: lines.join("\n"),
+                });
             }
         }
-        Reply {
-            code: lines[0].0,
-            text: lines
-                .into_iter()
-                .map(|(_, text)| text)
-                .collect::<Vec<_>>()
-                .join("\n"),
-        }
+    }
+
+    /// Writes raw bytes and reads the reply; `None` if the connection broke.
+    pub async fn try_cmd_raw(&mut self, bytes: &[u8]) -> Option<Reply> {
+        self.stream.get_mut().write_all(bytes).await.ok()?;
+        self.stream.get_mut().flush().await.ok()?;
+        self.try_reply().await
+    }
+
+    /// One command line; `None` if the connection broke.
+    pub async fn try_cmd(&mut self, line: &str) -> Option<Reply> {
+        self.try_cmd_raw(format!("{line}\r\n").as_bytes()).await
     }
 
     /// Sends one command line and reads its reply.
@@ -110,8 +123,8 @@ impl Client {
     }
 
     pub async fn login_plain(&mut self, user: &str, password: &str) -> Reply {
-        let token = BASE64.encode(format!("\0{user}\0{password}"));
-        self.cmd(&format!("AUTH PLAIN {token}")).await
+        self.cmd(&format!("AUTH PLAIN {}", plain(user, password)))
+            .await
     }
 
     /// MAIL, RCPT for each recipient, DATA and the content (dot-stuffed by
@@ -147,6 +160,11 @@ impl Client {
             Ok(Ok(0)) | Ok(Err(_))
         )
     }
+}
+
+/// The AUTH PLAIN initial response for `user` and `password`.
+pub fn plain(user: &str, password: &str) -> String {
+    BASE64.encode(format!("\0{user}\0{password}"))
 }
 
 async fn tls_connect<S: Stream + 'static>(
