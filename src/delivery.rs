@@ -473,6 +473,7 @@ impl Delivery {
                         envelope.next_attempt_at = now;
                         envelope.record(now, "hold released");
                         spool.update(&envelope, State::Held, State::Deferred)?;
+                        info!(id = %envelope.id, account = %envelope.account, "message released from hold");
                         released += 1;
                     }
                 }
@@ -546,6 +547,7 @@ impl Delivery {
                         if envelope.next_attempt_at <= now {
                             envelope.record(now, "retrying");
                             spool.update(&envelope, State::Deferred, State::Active)?;
+                            info!(id = %envelope.id, account = %envelope.account, attempts = envelope.attempts, "message retrying");
                             due.push((envelope.account, envelope.id));
                         } else {
                             next = Some(next.map_or(envelope.next_attempt_at, |n| {

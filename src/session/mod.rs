@@ -642,22 +642,28 @@ mod tests {
     use crate::config::Config;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
-    fn context(toml: &str) -> Arc<SessionContext> {
+    /// The context and the spool directory it uses (removed when dropped).
+    fn context(toml: &str) -> (Arc<SessionContext>, tempfile::TempDir) {
+        let spool = tempfile::tempdir().unwrap();
         let mut config = Config::from_toml(toml).unwrap();
-        config.spool.dir = tempfile::tempdir().unwrap().keep();
+        config.spool.dir = spool.path().to_path_buf();
         config.server.hostname = "relay.test".to_string();
-        Arc::new(SessionContext {
+        let ctx = Arc::new(SessionContext {
             users: Users::new(&config).unwrap(),
             policy: Policy::new(&config),
             delivery: Delivery::start(&config, CancellationToken::new()).unwrap(),
             server: config.server,
             tls: None,
             shutdown: CancellationToken::new(),
-        })
+        });
+        (ctx, spool)
     }
 
     /// A session over an in-memory pipe; returns the client's end.
-    fn start(ctx: Arc<SessionContext>) -> (BufReader<DuplexStream>, tokio::task::JoinHandle<()>) {
+    fn start(
+        (ctx, _spool): &(Arc<SessionContext>, tempfile::TempDir),
+    ) -> (BufReader<DuplexStream>, tokio::task::JoinHandle<()>) {
+        let ctx = ctx.clone();
         let (client, server) = tokio::io::duplex(64 * 1024);
         let peer = "192.0.2.10:40000".parse().unwrap();
         let session = Session::new(ctx, server, "test".into(), peer, false);
@@ -675,7 +681,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_client_is_dropped_after_command_timeout() {
-        let (mut client, task) = start(context("[server]\ncommand_timeout = \"5m\""));
+        let ctx = context("[server]\ncommand_timeout = \"5m\"");
+        let (mut client, task) = start(&ctx);
         assert!(line(&mut client).await.starts_with("220 relay.test"));
         let started = tokio::time::Instant::now();
 
@@ -696,7 +703,7 @@ mod tests {
             "[server]\ncommand_timeout = \"5m\"\ndata_timeout = \"3m\"\ntrusted_networks = [\"192.0.2.0/24\"]\ndefault_account = \"gmail\"\n\
              [accounts.gmail]\nusername = \"me@gmail.com\"\npassword = \"x\"",
         );
-        let (mut client, task) = start(ctx);
+        let (mut client, task) = start(&ctx);
         line(&mut client).await;
         client
             .get_mut()
@@ -724,7 +731,8 @@ mod tests {
 
     #[tokio::test]
     async fn too_many_errors_close_the_session() {
-        let (mut client, task) = start(context(""));
+        let ctx = context("");
+        let (mut client, task) = start(&ctx);
         line(&mut client).await;
         client
             .get_mut()
