@@ -5,9 +5,13 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
+use mail_send::smtp::AssertReply;
 use mail_send::smtp::message::Parameters;
-use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
+use mail_send::{Credentials, SmtpClient};
+use smtp_proto::EXT_START_TLS;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::config::{AccountConfig, UpstreamTls};
 use crate::reply::Reply;
@@ -51,8 +55,12 @@ pub struct BodyFlags {
 /// One configured upstream account, ready to open connections.
 pub struct Upstream {
     name: String,
-    builder: SmtpClientBuilder<String>,
+    host: String,
+    port: u16,
     tls: UpstreamTls,
+    connector: TlsConnector,
+    helo_name: String,
+    credentials: Credentials<String>,
     sender: String,
     timeout: Duration,
 }
@@ -88,22 +96,14 @@ impl Upstream {
             .password
             .as_ref()
             .expect("config validation requires a password");
-        let builder = SmtpClientBuilder::new_with_tls_connector(
-            account.host.clone(),
-            account.port,
-            connector,
-        )
-        .implicit_tls(account.tls_mode() == UpstreamTls::Implicit)
-        .helo_host(helo_name)
-        .timeout(account.timeout)
-        .credentials(Credentials::new(
-            account.username.clone(),
-            password.expose().to_string(),
-        ));
         Ok(Upstream {
             name: name.to_string(),
-            builder,
+            host: account.host.clone(),
+            port: account.port,
             tls: account.tls_mode(),
+            connector,
+            helo_name: helo_name.to_string(),
+            credentials: Credentials::new(account.username.clone(), password.expose().to_string()),
             sender: account.sender().to_string(),
             timeout: account.timeout,
         })
@@ -115,18 +115,7 @@ impl Upstream {
 
     /// Connects, secures and signs in. The error is the attempt's outcome.
     pub async fn connect(&self) -> Result<Connection, Outcome> {
-        // mail-send's connect() bounds only some of its reads; bound it all.
-        let connected = match self.tls {
-            UpstreamTls::None => tokio::time::timeout(self.timeout, self.builder.connect_plain())
-                .await
-                .map(|result| result.map(boxed)),
-            UpstreamTls::Starttls | UpstreamTls::Implicit => {
-                tokio::time::timeout(self.timeout, self.builder.connect())
-                    .await
-                    .map(|result| result.map(boxed))
-            }
-        };
-        match connected {
+        match tokio::time::timeout(self.timeout, self.open()).await {
             Ok(Ok(client)) => Ok(Connection {
                 client,
                 messages: 0,
@@ -134,6 +123,45 @@ impl Upstream {
             Ok(Err(err)) => Err(self.classify(err)),
             Err(_) => Err(self.classify(mail_send::Error::Timeout)),
         }
+    }
+
+    /// mail-send's builder, but with TCP_NODELAY: the terminating "." of a
+    /// message is a small write of its own, and without NODELAY it waits for
+    /// a delayed ACK (~40 ms per message; measured by the load benchmark).
+    async fn open(&self) -> mail_send::Result<SmtpClient<Box<dyn Stream>>> {
+        let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        stream.set_nodelay(true)?;
+        let mut client = SmtpClient {
+            stream,
+            timeout: self.timeout,
+        };
+        let mut client = match self.tls {
+            UpstreamTls::Implicit => {
+                let mut client = client.into_tls(&self.connector, &self.host).await?;
+                client.read().await?.assert_positive_completion()?;
+                boxed(client)
+            }
+            UpstreamTls::Starttls => {
+                client.read().await?.assert_positive_completion()?;
+                if !client
+                    .ehlo(&self.helo_name)
+                    .await?
+                    .has_capability(EXT_START_TLS)
+                {
+                    return Err(mail_send::Error::MissingStartTls);
+                }
+                boxed(client.start_tls(&self.connector, &self.host).await?)
+            }
+            UpstreamTls::None => {
+                client.read().await?.assert_positive_completion()?;
+                boxed(client)
+            }
+        };
+        let capabilities = client.ehlo(&self.helo_name).await?;
+        client
+            .authenticate(&self.credentials, &capabilities)
+            .await?;
+        Ok(client)
     }
 
     /// Checks that sign-in works again, for an account on hold.

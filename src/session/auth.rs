@@ -2,21 +2,31 @@
 //! password checks against argon2 hashes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::secret::Secret;
 
-/// Argon2 needs ~19 MiB per check: bound how many run at once so a flood of
-/// AUTH attempts cannot exhaust memory.
-const CONCURRENT_CHECKS: usize = 4;
+/// Password checks run on this many dedicated threads. Argon2 needs ~19 MiB
+/// per check and glibc keeps freed memory in per-thread arenas: spread over
+/// tokio's blocking pool, every sign-in left ~19 MiB behind on another
+/// thread (measured by the load benchmark). Few threads bound both the
+/// memory and how many checks a flood of AUTH attempts can run at once.
+const CHECK_THREADS: usize = 2;
+
+/// A password to check against a PHC hash; the answer goes to `reply`.
+struct Check {
+    hash: String,
+    password: Secret,
+    reply: oneshot::Sender<bool>,
+}
 
 /// A signed-in local user.
 #[derive(Debug, Clone)]
@@ -35,7 +45,7 @@ struct LocalUser {
 /// keys are lower-case, legacy programs are not always.
 pub struct Users {
     by_name: HashMap<String, Arc<LocalUser>>,
-    checks: Semaphore,
+    checks: mpsc::Sender<Check>,
 }
 
 impl Users {
@@ -62,9 +72,11 @@ impl Users {
                 }),
             );
         }
+        // Computed now rather than on the runtime at the first unknown name.
+        dummy_hash();
         Ok(Users {
             by_name,
-            checks: Semaphore::new(CONCURRENT_CHECKS),
+            checks: start_checkers()?,
         })
     }
 
@@ -80,22 +92,45 @@ impl Users {
             Some(user) => user.password_hash.clone(),
             None => dummy_hash().to_string(),
         };
-        let _permit = self.checks.acquire().await.ok()?;
-        let matches = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash).is_ok_and(|parsed| {
-                Argon2::default()
-                    .verify_password(password.expose().as_bytes(), &parsed)
-                    .is_ok()
+        let (reply, answer) = oneshot::channel();
+        self.checks
+            .send(Check {
+                hash,
+                password,
+                reply,
             })
-        })
-        .await
-        .unwrap_or(false);
+            .ok()?;
+        let matches = answer.await.unwrap_or(false);
         let user = user.filter(|_| matches)?;
         Some(SignedIn {
             user: user.name.clone(),
             account: user.account.clone(),
         })
     }
+}
+
+/// The checker threads; they end when `Users` (the sender) is dropped.
+fn start_checkers() -> std::io::Result<mpsc::Sender<Check>> {
+    let (sender, receiver) = mpsc::channel::<Check>();
+    let receiver = Arc::new(Mutex::new(receiver));
+    for n in 0..CHECK_THREADS {
+        let receiver = receiver.clone();
+        std::thread::Builder::new()
+            .name(format!("password-check-{n}"))
+            .spawn(move || {
+                loop {
+                    let next = receiver.lock().expect("checker lock").recv();
+                    let Ok(check) = next else { return };
+                    let matches = PasswordHash::new(&check.hash).is_ok_and(|parsed| {
+                        Argon2::default()
+                            .verify_password(check.password.expose().as_bytes(), &parsed)
+                            .is_ok()
+                    });
+                    let _ = check.reply.send(matches);
+                }
+            })?;
+    }
+    Ok(sender)
 }
 
 /// An argon2 PHC string for `password`, with a random salt.

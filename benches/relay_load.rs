@@ -1,0 +1,895 @@
+//! Load benchmark: throughput through the relay against a reference measured
+//! in the same run (the same load sent straight to the fake upstream), and
+//! the relay's memory use. How to run and read it: bench/README.md.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use mail_send::smtp::AssertReply;
+use mail_send::smtp::message::Parameters;
+use mail_send::{Credentials, SmtpClient};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use fake_upstream::{FakeUpstream, FakeUpstreamOptions, Received, UpstreamTls};
+
+// The bench uses only part of the test helper.
+#[allow(dead_code)]
+#[path = "../tests/common/fake_upstream.rs"]
+mod fake_upstream;
+
+const UPSTREAM_USER: &str = "me@gmail.com";
+const UPSTREAM_PASSWORD: &str = "abcdabcdabcdabcd";
+const LOCAL_USER: &str = "invoices";
+const LOCAL_PASSWORD: &str = "old-password";
+const MAIL_FROM: &str = "billing@example.com";
+const RCPT_TO: &str = "customer@example.net";
+const HELO: &str = "bench.test";
+/// A name on the fake upstream's certificate.
+const UPSTREAM_TLS_NAME: &str = "localhost";
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+
+const STANDARD_SCENARIOS: [Scenario; 2] = [
+    Scenario {
+        messages: 2000,
+        sessions: 10,
+        size: 4 * KIB,
+    },
+    Scenario {
+        messages: 200,
+        sessions: 10,
+        size: MIB,
+    },
+];
+
+const IDLE_CONNECTIONS: usize = 1000;
+const IDLE_LIMIT_MIB: f64 = 50.0;
+const LARGE_MESSAGE: usize = 25 * MIB;
+/// The message may be held once per session, plus buffers.
+const LARGE_LIMIT_MIB: f64 = 2.0 * 25.0;
+/// Room for the idle connections plus the load sessions.
+const RELAY_MAX_CONNECTIONS: &str = "2000";
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+const LOG_FILE: &str = "relay.log";
+
+const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--skip-memory-checks]]
+Without --messages/--sessions/--size it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes).";
+
+fn main() -> ExitCode {
+    let options = match Options::parse(std::env::args().skip(1)) {
+        Ok(options) => options,
+        Err(err) => {
+            eprintln!("relay_load: {err:#}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("build the tokio runtime");
+    match runtime.block_on(run(options)) {
+        Ok(report) if report.passed => ExitCode::SUCCESS,
+        Ok(_) => {
+            eprintln!("relay_load: a memory check failed");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("relay_load failed: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: Options) -> anyhow::Result<Report> {
+    raise_fd_limit(IDLE_CONNECTIONS as u64 + 512)?;
+    let mut scenarios = Vec::new();
+    for scenario in options.scenarios {
+        scenarios.push(run_scenario(scenario).await?);
+    }
+    let mut memory_checks = Vec::new();
+    if options.memory_checks {
+        memory_checks.push(idle_connections_check().await?);
+        memory_checks.push(large_message_check().await?);
+    }
+    let report = Report {
+        cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        passed: memory_checks.iter().all(|check| check.passed),
+        scenarios,
+        memory_checks,
+    };
+    report.print();
+    let path = results_path();
+    report.write_json(&path)?;
+    println!("\nresults written to {}", path.display());
+    Ok(report)
+}
+
+struct Options {
+    scenarios: Vec<Scenario>,
+    memory_checks: bool,
+}
+
+impl Options {
+    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
+        let mut custom: Option<Scenario> = None;
+        let mut memory_checks = true;
+        while let Some(arg) = args.next() {
+            let mut value = || -> anyhow::Result<usize> {
+                let value = args
+                    .next()
+                    .with_context(|| format!("{arg} needs a value"))?;
+                value
+                    .parse()
+                    .with_context(|| format!("{arg}: not a number: {value:?}"))
+            };
+            match arg.as_str() {
+                "--messages" => custom.get_or_insert(STANDARD_SCENARIOS[0]).messages = value()?,
+                "--sessions" => custom.get_or_insert(STANDARD_SCENARIOS[0]).sessions = value()?,
+                "--size" => custom.get_or_insert(STANDARD_SCENARIOS[0]).size = value()?,
+                "--skip-memory-checks" => memory_checks = false,
+                // cargo bench passes it to every bench target.
+                "--bench" => {}
+                other => bail!("unknown argument {other:?}"),
+            }
+        }
+        let scenarios = custom.map_or_else(|| STANDARD_SCENARIOS.to_vec(), |custom| vec![custom]);
+        for scenario in &scenarios {
+            scenario.validate()?;
+        }
+        Ok(Options {
+            scenarios,
+            memory_checks,
+        })
+    }
+}
+
+/// N messages of `size` bytes over `sessions` concurrent client sessions;
+/// each session signs in once and sends its share one after another.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Scenario {
+    messages: usize,
+    sessions: usize,
+    #[serde(rename = "size_bytes")]
+    size: usize,
+}
+
+impl Scenario {
+    fn validate(&self) -> anyhow::Result<()> {
+        ensure!(self.messages > 0, "--messages must be at least 1");
+        ensure!(
+            (1..=self.messages).contains(&self.sessions),
+            "--sessions must be between 1 and the number of messages"
+        );
+        MessageTemplate::new(self.size).map(drop)
+    }
+
+    fn name(&self) -> String {
+        format!(
+            "{} x {} / {} sessions",
+            self.messages,
+            human_size(self.size),
+            self.sessions
+        )
+    }
+
+    /// Sequence numbers of the messages session `index` sends: an even split,
+    /// the remainder going to the first sessions.
+    fn share(&self, index: usize) -> Range<usize> {
+        let (base, remainder) = (self.messages / self.sessions, self.messages % self.sessions);
+        let start = index * base + index.min(remainder);
+        start..start + base + usize::from(index < remainder)
+    }
+
+    /// Generous bound on one load run, so a broken relay fails the bench
+    /// instead of hanging it.
+    fn deadline(&self) -> Duration {
+        let total_mib = (self.messages * self.size) as f64 / MIB as f64;
+        Duration::from_secs_f64(60.0 + 0.02 * self.messages as f64 + total_mib)
+    }
+}
+
+fn human_size(bytes: usize) -> String {
+    match bytes {
+        b if b >= MIB && b % MIB == 0 => format!("{} MiB", b / MIB),
+        b if b >= KIB && b % KIB == 0 => format!("{} KiB", b / KIB),
+        b => format!("{b} B"),
+    }
+}
+
+/// A message of an exact size: realistic headers, then text lines of at most
+/// 78 characters, CRLF line endings, no line starting with ".". Messages
+/// differ only in the fixed-width sequence number in Message-ID.
+struct MessageTemplate {
+    bytes: Vec<u8>,
+    sequence_at: usize,
+}
+
+const SEQUENCE_WIDTH: usize = 8;
+/// Body text; it has no "." so that no line can start with one.
+const BODY_TEXT: &str = "Dear customer, please find below the details of your invoice for the \
+    services provided last month; payment is due within thirty days of the invoice date, \
+    and our billing team answers any question on working days ";
+
+impl MessageTemplate {
+    fn new(size: usize) -> anyhow::Result<MessageTemplate> {
+        let before_sequence = format!(
+            "From: Billing <{MAIL_FROM}>\r\n\
+             To: Customer <{RCPT_TO}>\r\n\
+             Subject: Your invoice ({size} bytes)\r\n\
+             Date: Mon, 04 Mar 2024 09:30:00 +0000\r\n\
+             Message-ID: <"
+        );
+        let after_sequence = "@relay-load.example.com>\r\n\
+             MIME-Version: 1.0\r\n\
+             Content-Type: text/plain; charset=us-ascii\r\n\
+             Content-Transfer-Encoding: 7bit\r\n\
+             \r\n";
+        let header_len = before_sequence.len() + SEQUENCE_WIDTH + after_sequence.len();
+        // The body needs room for at least one (empty) line.
+        ensure!(
+            size >= header_len + 2,
+            "--size must be at least {} bytes",
+            header_len + 2
+        );
+        let mut bytes = Vec::with_capacity(size);
+        bytes.extend_from_slice(before_sequence.as_bytes());
+        bytes.resize(bytes.len() + SEQUENCE_WIDTH, b'0');
+        bytes.extend_from_slice(after_sequence.as_bytes());
+        append_body(&mut bytes, size - header_len);
+        assert_eq!(bytes.len(), size);
+        Ok(MessageTemplate {
+            bytes,
+            sequence_at: before_sequence.len(),
+        })
+    }
+
+    fn render(&self, sequence: usize) -> Vec<u8> {
+        let mut message = self.bytes.clone();
+        let digits = format!("{sequence:0SEQUENCE_WIDTH$}");
+        message[self.sequence_at..self.sequence_at + SEQUENCE_WIDTH]
+            .copy_from_slice(digits.as_bytes());
+        message
+    }
+}
+
+/// Appends exactly `len` (at least 2) bytes of CRLF-terminated text lines.
+fn append_body(bytes: &mut Vec<u8>, len: usize) {
+    let text = BODY_TEXT.as_bytes();
+    let mut offset = 0;
+    let mut remaining = len;
+    while remaining > 0 {
+        // Lines of 76 characters; the last takes up to 78, so that no single
+        // byte is left over that could not form a line.
+        let width = if remaining <= 80 { remaining - 2 } else { 76 };
+        bytes.extend((offset..offset + width).map(|i| text[i % text.len()]));
+        bytes.extend_from_slice(b"\r\n");
+        offset += width;
+        remaining -= width + 2;
+    }
+}
+
+/// Where a load goes: straight to the fake upstream (STARTTLS, as the relay
+/// itself connects to it) or to the relay (plain TCP, as a legacy program).
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    starttls: Option<TlsConnector>,
+    credentials: Credentials<String>,
+}
+
+impl Target {
+    fn upstream(upstream: &FakeUpstream) -> anyhow::Result<Target> {
+        Ok(Target {
+            addr: upstream.addr(),
+            starttls: Some(connector_trusting(upstream.ca_file())?),
+            credentials: Credentials::new(UPSTREAM_USER.into(), UPSTREAM_PASSWORD.into()),
+        })
+    }
+
+    fn relay(relay: &RelayProcess) -> Target {
+        Target {
+            addr: relay.addr,
+            starttls: None,
+            credentials: Credentials::new(LOCAL_USER.into(), LOCAL_PASSWORD.into()),
+        }
+    }
+}
+
+fn connector_trusting(ca_file: &Path) -> anyhow::Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)? {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Connects and reads the greeting. TCP_NODELAY as in real clients: without
+/// it Nagle's algorithm can hold back the final "." for a delayed ACK.
+async fn connect(addr: SocketAddr) -> anyhow::Result<SmtpClient<TcpStream>> {
+    let stream = tokio::time::timeout(COMMAND_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("connecting to {addr} timed out"))??;
+    stream.set_nodelay(true)?;
+    let mut client = SmtpClient {
+        stream,
+        timeout: COMMAND_TIMEOUT,
+    };
+    tokio::time::timeout(COMMAND_TIMEOUT, client.read())
+        .await
+        .map_err(|_| anyhow!("no greeting from {addr}"))??
+        .assert_positive_completion()?;
+    Ok(client)
+}
+
+/// A signed-in client session.
+enum Session {
+    Plain(SmtpClient<TcpStream>),
+    // Boxed: a TLS client is large next to a plain one.
+    Tls(Box<SmtpClient<TlsStream<TcpStream>>>),
+}
+
+impl Session {
+    async fn open(target: &Target) -> anyhow::Result<Session> {
+        let mut client = connect(target.addr).await?;
+        let mut session = match &target.starttls {
+            None => Session::Plain(client),
+            Some(tls) => {
+                client.ehlo(HELO).await?;
+                Session::Tls(Box::new(client.start_tls(tls, UPSTREAM_TLS_NAME).await?))
+            }
+        };
+        match &mut session {
+            Session::Plain(client) => sign_in(client, &target.credentials).await?,
+            Session::Tls(client) => sign_in(client.as_mut(), &target.credentials).await?,
+        }
+        Ok(session)
+    }
+
+    async fn send(&mut self, message: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Session::Plain(client) => transact(client, message).await,
+            Session::Tls(client) => transact(client.as_mut(), message).await,
+        }
+    }
+
+    async fn quit(self) -> anyhow::Result<()> {
+        match self {
+            Session::Plain(client) => client.quit().await?,
+            Session::Tls(client) => (*client).quit().await?,
+        }
+        Ok(())
+    }
+}
+
+async fn sign_in<T: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut SmtpClient<T>,
+    credentials: &Credentials<String>,
+) -> anyhow::Result<()> {
+    let capabilities = client.ehlo(HELO).await?;
+    client.authenticate(credentials, &capabilities).await?;
+    Ok(())
+}
+
+async fn transact<T: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut SmtpClient<T>,
+    message: &[u8],
+) -> anyhow::Result<()> {
+    client.mail_from(MAIL_FROM, &Parameters::new()).await?;
+    client.rcpt_to(RCPT_TO, &Parameters::new()).await?;
+    // data() appends CRLF "." CRLF itself; the message's own final CRLF
+    // would otherwise arrive as an extra empty line.
+    let content = message.strip_suffix(b"\r\n").unwrap_or(message);
+    client.data(content).await?;
+    Ok(())
+}
+
+/// One client's part of a load: sign in once, send, quit.
+async fn run_session(
+    target: Target,
+    template: Arc<MessageTemplate>,
+    sequences: Range<usize>,
+) -> anyhow::Result<()> {
+    let mut session = Session::open(&target).await?;
+    for sequence in sequences {
+        session.send(&template.render(sequence)).await?;
+    }
+    session.quit().await
+}
+
+/// Sends the scenario's load to `target` and returns the time from the first
+/// connect until `upstream` has received every message.
+async fn measure_load(
+    target: &Target,
+    upstream: &FakeUpstream,
+    scenario: &Scenario,
+) -> anyhow::Result<Duration> {
+    let template = Arc::new(MessageTemplate::new(scenario.size)?);
+    let start = Instant::now();
+    let mut sessions = JoinSet::new();
+    for index in 0..scenario.sessions {
+        sessions.spawn(run_session(
+            target.clone(),
+            template.clone(),
+            scenario.share(index),
+        ));
+    }
+    let clients = async {
+        while let Some(session) = sessions.join_next().await {
+            session.context("client session panicked")??;
+        }
+        anyhow::Ok(())
+    };
+    let delivered = async {
+        let received = await_delivery(upstream, scenario.messages, scenario.deadline()).await?;
+        let elapsed = start.elapsed();
+        if let Some(wrong) = received.iter().find(|m| m.data.len() != scenario.size) {
+            bail!(
+                "the upstream received a message of {} bytes; {} were sent",
+                wrong.data.len(),
+                scenario.size
+            );
+        }
+        Ok(elapsed)
+    };
+    let ((), elapsed) = tokio::try_join!(clients, delivered)?;
+    Ok(elapsed)
+}
+
+/// Waits until the upstream holds `count` messages.
+async fn await_delivery(
+    upstream: &FakeUpstream,
+    count: usize,
+    deadline: Duration,
+) -> anyhow::Result<Vec<Received>> {
+    // wait_for_messages panics on its own timeout, printing every message
+    // received; give up first, with a short error.
+    tokio::time::timeout(deadline, upstream.wait_for_messages(count, 2 * deadline))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "the upstream received {} of {count} messages within {deadline:?}",
+                upstream.received().len()
+            )
+        })
+}
+
+async fn start_upstream() -> FakeUpstream {
+    FakeUpstream::start(FakeUpstreamOptions::new(
+        UpstreamTls::StartTls,
+        UPSTREAM_USER,
+        UPSTREAM_PASSWORD,
+    ))
+    .await
+}
+
+/// `sendbridge run` (release build) as a child process in a temporary
+/// directory, configured by environment variables only, delivering to a
+/// fake upstream. Killed when dropped.
+struct RelayProcess {
+    addr: SocketAddr,
+    pid: u32,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    async fn start(upstream: &FakeUpstream) -> anyhow::Result<RelayProcess> {
+        let dir = tempfile::tempdir()?;
+        let log = std::fs::File::create(dir.path().join(LOG_FILE))?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sendbridge"))
+            .arg("run")
+            .current_dir(dir.path())
+            // Nothing inherited (SENDBRIDGE_*, SENDBRIDGE_LOG) changes the run.
+            .env_clear()
+            .envs(relay_env(upstream))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("start sendbridge")?;
+        let pid = child.id().context("sendbridge exited at once")?;
+        let addr = wait_until_listening(&mut child, &dir.path().join(LOG_FILE)).await?;
+        Ok(RelayProcess {
+            addr,
+            pid,
+            child,
+            dir,
+        })
+    }
+
+    fn memory(&self) -> anyhow::Result<Memory> {
+        Memory::of(self.pid)
+    }
+
+    /// Resets the peak (VmHWM) to the current RSS, so that a later peak
+    /// measures only what follows.
+    fn reset_peak(&self) -> anyhow::Result<()> {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5")
+            .context("reset the relay's peak RSS (/proc/PID/clear_refs)")
+    }
+
+    /// Appends the end of the relay's log to `err`, to explain it.
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        let log = std::fs::read_to_string(self.dir.path().join(LOG_FILE)).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        anyhow!("{err:#}\nrelay log (last lines):\n{tail}")
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        tokio::time::timeout(STARTUP_TIMEOUT, self.child.wait())
+            .await
+            .context("the relay did not exit after SIGKILL")??;
+        Ok(())
+    }
+}
+
+fn relay_env(upstream: &FakeUpstream) -> Vec<(&'static str, String)> {
+    vec![
+        ("SENDBRIDGE_SERVER__LISTEN", "127.0.0.1:0".into()),
+        (
+            "SENDBRIDGE_SERVER__MAX_CONNECTIONS",
+            RELAY_MAX_CONNECTIONS.into(),
+        ),
+        ("SENDBRIDGE_ACCOUNTS__GMAIL__HOST", "127.0.0.1".into()),
+        (
+            "SENDBRIDGE_ACCOUNTS__GMAIL__PORT",
+            upstream.port().to_string(),
+        ),
+        ("SENDBRIDGE_ACCOUNTS__GMAIL__USERNAME", UPSTREAM_USER.into()),
+        (
+            "SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD",
+            UPSTREAM_PASSWORD.into(),
+        ),
+        (
+            "SENDBRIDGE_ACCOUNTS__GMAIL__CA_FILE",
+            upstream.ca_file().display().to_string(),
+        ),
+        (
+            "SENDBRIDGE_USERS__INVOICES__PASSWORD",
+            LOCAL_PASSWORD.into(),
+        ),
+        ("SENDBRIDGE_USERS__INVOICES__ACCOUNT", "gmail".into()),
+    ]
+}
+
+/// Polls the relay's log for `accepting connections ... listen=ADDR`.
+async fn wait_until_listening(child: &mut Child, log: &Path) -> anyhow::Result<SocketAddr> {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log)?;
+        if let Some(addr) = text.lines().find_map(listen_address) {
+            return Ok(addr);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("sendbridge exited ({status}) before listening; log:\n{text}");
+        }
+        ensure!(
+            started.elapsed() < STARTUP_TIMEOUT,
+            "sendbridge did not listen within {STARTUP_TIMEOUT:?}; log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn listen_address(line: &str) -> Option<SocketAddr> {
+    let (_, after) = line.split_once("accepting connections")?;
+    let (_, addr) = after.split_once("listen=")?;
+    addr.split_whitespace().next()?.parse().ok()
+}
+
+/// From /proc/PID/status, in KiB.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Memory {
+    /// VmRSS: resident now.
+    rss_kib: u64,
+    /// VmHWM: the peak since start (or since `reset_peak`).
+    peak_kib: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> anyhow::Result<Memory> {
+        let path = format!("/proc/{pid}/status");
+        let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().strip_suffix(" kB"))
+                .and_then(|kib| kib.trim().parse().ok())
+                .with_context(|| format!("no {name} in {path}"))
+        };
+        Ok(Memory {
+            rss_kib: field("VmRSS:")?,
+            peak_kib: field("VmHWM:")?,
+        })
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The same load to the fake upstream directly, then through a relay, each
+/// with a fresh upstream.
+async fn run_scenario(scenario: Scenario) -> anyhow::Result<ScenarioResult> {
+    eprintln!("{}: reference run", scenario.name());
+    let upstream = start_upstream().await;
+    let reference = measure_load(&Target::upstream(&upstream)?, &upstream, &scenario)
+        .await
+        .context("reference run")?;
+    // Frees the messages it holds before the relay run.
+    drop(upstream);
+
+    eprintln!("{}: relay run", scenario.name());
+    let upstream = start_upstream().await;
+    let relay = RelayProcess::start(&upstream).await?;
+    let through_relay = measure_load(&Target::relay(&relay), &upstream, &scenario)
+        .await
+        .map_err(|err| relay.explain(err))
+        .context("relay run")?;
+    let memory = relay.memory()?;
+    relay.stop().await?;
+    Ok(ScenarioResult::new(
+        scenario,
+        reference,
+        through_relay,
+        memory,
+    ))
+}
+
+/// RSS the relay adds for idle client connections (connected, greeted,
+/// EHLO answered).
+async fn idle_connections_check() -> anyhow::Result<MemoryCheck> {
+    eprintln!("memory: {IDLE_CONNECTIONS} idle connections");
+    let upstream = start_upstream().await;
+    let relay = RelayProcess::start(&upstream).await?;
+    // One connection first, so that what the first one sets up once is not
+    // counted as a cost per connection.
+    drop(greeted(relay.addr).await?);
+    let baseline = relay.memory()?.rss_kib;
+    let mut held = Vec::with_capacity(IDLE_CONNECTIONS);
+    for _ in 0..IDLE_CONNECTIONS {
+        held.push(
+            greeted(relay.addr)
+                .await
+                .map_err(|err| relay.explain(err))?,
+        );
+    }
+    let increase = relay.memory()?.rss_kib.saturating_sub(baseline);
+    drop(held);
+    relay.stop().await?;
+    let per_connection_kib = increase as f64 / IDLE_CONNECTIONS as f64;
+    Ok(MemoryCheck::new(
+        format!("{IDLE_CONNECTIONS} idle connections"),
+        increase,
+        IDLE_LIMIT_MIB,
+        format!("{per_connection_kib:.1} KiB per connection"),
+    ))
+}
+
+async fn greeted(addr: SocketAddr) -> anyhow::Result<SmtpClient<TcpStream>> {
+    let mut client = connect(addr).await?;
+    client.ehlo(HELO).await?;
+    Ok(client)
+}
+
+/// Peak RSS the relay adds while relaying one large message.
+async fn large_message_check() -> anyhow::Result<MemoryCheck> {
+    eprintln!("memory: one {} message", human_size(LARGE_MESSAGE));
+    let upstream = start_upstream().await;
+    let relay = RelayProcess::start(&upstream).await?;
+    let deadline = Duration::from_secs(120);
+    // Sign in and relay a small message first: the argon2 password check
+    // and the first upstream connection are not the large message's cost.
+    let mut session = Session::open(&Target::relay(&relay)).await?;
+    session
+        .send(&MessageTemplate::new(4 * KIB)?.render(0))
+        .await?;
+    await_delivery(&upstream, 1, deadline).await?;
+
+    let large = MessageTemplate::new(LARGE_MESSAGE)?.render(1);
+    relay.reset_peak()?;
+    let baseline = relay.memory()?.rss_kib;
+    let relayed = async {
+        session.send(&large).await?;
+        let received = await_delivery(&upstream, 2, deadline).await?;
+        ensure!(
+            received[1].data.len() == LARGE_MESSAGE,
+            "the upstream got a truncated message"
+        );
+        anyhow::Ok(())
+    };
+    relayed.await.map_err(|err| relay.explain(err))?;
+    let increase = relay.memory()?.peak_kib.saturating_sub(baseline);
+    session.quit().await?;
+    relay.stop().await?;
+    Ok(MemoryCheck::new(
+        format!("one {} message", human_size(LARGE_MESSAGE)),
+        increase,
+        LARGE_LIMIT_MIB,
+        format!("peak {:.1} MiB over the RSS before it", mib(increase)),
+    ))
+}
+
+#[derive(Serialize)]
+struct Throughput {
+    seconds: f64,
+    messages_per_second: f64,
+}
+
+impl Throughput {
+    fn new(messages: usize, elapsed: Duration) -> Throughput {
+        Throughput {
+            seconds: elapsed.as_secs_f64(),
+            messages_per_second: messages as f64 / elapsed.as_secs_f64(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ScenarioResult {
+    name: String,
+    #[serde(flatten)]
+    scenario: Scenario,
+    reference: Throughput,
+    relay: Throughput,
+    /// Relay throughput over reference throughput.
+    ratio: f64,
+    relay_peak_rss_mib: f64,
+    relay_rss_at_end_mib: f64,
+}
+
+impl ScenarioResult {
+    fn new(
+        scenario: Scenario,
+        reference: Duration,
+        relay: Duration,
+        memory: Memory,
+    ) -> ScenarioResult {
+        let reference = Throughput::new(scenario.messages, reference);
+        let relay = Throughput::new(scenario.messages, relay);
+        ScenarioResult {
+            name: scenario.name(),
+            scenario,
+            ratio: relay.messages_per_second / reference.messages_per_second,
+            reference,
+            relay,
+            relay_peak_rss_mib: mib(memory.peak_kib),
+            relay_rss_at_end_mib: mib(memory.rss_kib),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct MemoryCheck {
+    name: String,
+    increase_mib: f64,
+    limit_mib: f64,
+    passed: bool,
+    detail: String,
+}
+
+impl MemoryCheck {
+    fn new(name: String, increase_kib: u64, limit_mib: f64, detail: String) -> MemoryCheck {
+        let increase_mib = mib(increase_kib);
+        MemoryCheck {
+            name,
+            increase_mib,
+            limit_mib,
+            passed: increase_mib < limit_mib,
+            detail,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    cpus: usize,
+    scenarios: Vec<ScenarioResult>,
+    memory_checks: Vec<MemoryCheck>,
+    passed: bool,
+}
+
+impl Report {
+    fn print(&self) {
+        println!("\nsendbridge relay load ({} CPUs)\n", self.cpus);
+        println!(
+            "{:<28} {:>12} {:>12} {:>10} {:>10} {:>12}",
+            "scenario", "ref msg/s", "relay msg/s", "relay/ref", "peak MiB", "RSS end MiB"
+        );
+        for result in &self.scenarios {
+            println!(
+                "{:<28} {:>12.1} {:>12.1} {:>10.3} {:>10.1} {:>12.1}",
+                result.name,
+                result.reference.messages_per_second,
+                result.relay.messages_per_second,
+                result.ratio,
+                result.relay_peak_rss_mib,
+                result.relay_rss_at_end_mib
+            );
+        }
+        if !self.memory_checks.is_empty() {
+            println!("\nrelay memory checks");
+        }
+        for check in &self.memory_checks {
+            println!(
+                "{:<28} +{:.1} MiB (limit {:.0} MiB), {}: {}",
+                check.name,
+                check.increase_mib,
+                check.limit_mib,
+                check.detail,
+                if check.passed { "ok" } else { "FAILED" }
+            );
+        }
+    }
+
+    fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let json = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("write {}", path.display()))
+    }
+}
+
+fn results_path() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+            PathBuf::from,
+        )
+        .join("bench-results")
+        .join("relay_load.json")
+}
+
+/// The idle-connection check holds over a thousand sockets here and in the
+/// relay, which inherits the limit.
+fn raise_fd_limit(wanted: u64) -> anyhow::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls only access the struct passed to them.
+    unsafe {
+        ensure!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0,
+            "getrlimit failed"
+        );
+        if limit.rlim_cur >= wanted {
+            return Ok(());
+        }
+        limit.rlim_cur = wanted.min(limit.rlim_max);
+        ensure!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0,
+            "setrlimit failed"
+        );
+    }
+    ensure!(
+        limit.rlim_cur >= wanted,
+        "the open-files limit is {}, the bench needs {wanted}: raise the hard limit (ulimit -Hn)",
+        limit.rlim_cur
+    );
+    Ok(())
+}
