@@ -4,21 +4,23 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
-use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::secret::Secret;
 
-/// Password checks run on this many dedicated threads. Argon2 needs ~19 MiB
-/// per check and glibc keeps freed memory in per-thread arenas: spread over
-/// tokio's blocking pool, every sign-in left ~19 MiB behind on another
-/// thread (measured by the load benchmark). Few threads bound both the
-/// memory and how many checks a flood of AUTH attempts can run at once.
+/// Password checks run on this many dedicated threads, each reusing one
+/// argon2 memory buffer (~19 MiB with default parameters). Allocating it per
+/// check made RSS grow by that much per sign-in: glibc raises its mmap
+/// threshold after the first free and then keeps such blocks in the heap
+/// (measured with the load benchmark). Two threads also bound how many
+/// checks a flood of AUTH attempts can run at once.
 const CHECK_THREADS: usize = 2;
 
 /// A password to check against a PHC hash; the answer goes to `reply`.
@@ -118,19 +120,51 @@ fn start_checkers() -> std::io::Result<mpsc::Sender<Check>> {
         std::thread::Builder::new()
             .name(format!("password-check-{n}"))
             .spawn(move || {
+                let mut memory = Vec::new();
                 loop {
                     let next = receiver.lock().expect("checker lock").recv();
                     let Ok(check) = next else { return };
-                    let matches = PasswordHash::new(&check.hash).is_ok_and(|parsed| {
-                        Argon2::default()
-                            .verify_password(check.password.expose().as_bytes(), &parsed)
-                            .is_ok()
-                    });
+                    let matches =
+                        verify(check.password.expose().as_bytes(), &check.hash, &mut memory);
                     let _ = check.reply.send(matches);
                 }
             })?;
     }
     Ok(sender)
+}
+
+/// Checks `password` against a PHC string in constant time, computing the
+/// hash in `memory` (grown to the hash's memory cost and kept for reuse).
+fn verify(password: &[u8], phc: &str, memory: &mut Vec<Block>) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(expected), Some(salt)) = (hash.hash, hash.salt) else {
+        return false;
+    };
+    let mut salt_bytes = [0u8; 64];
+    let (Ok(params), Ok(algorithm), Ok(salt)) = (
+        Params::try_from(&hash),
+        Algorithm::try_from(hash.algorithm),
+        salt.decode_b64(&mut salt_bytes),
+    ) else {
+        return false;
+    };
+    let Ok(version) = hash
+        .version
+        .map_or(Ok(Version::default()), Version::try_from)
+    else {
+        return false;
+    };
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    let mut computed = vec![0u8; expected.len()];
+    Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password, salt, &mut computed, &mut memory[..blocks])
+        .is_ok()
+        && bool::from(computed.ct_eq(expected.as_bytes()))
 }
 
 /// An argon2 PHC string for `password`, with a random salt.
@@ -221,6 +255,17 @@ mod tests {
         assert_eq!(decode_response("="), Ok(Vec::new()));
         assert_eq!(decode_response("aGk="), Ok(b"hi".to_vec()));
         assert_eq!(decode_response("not base64!"), Err(SaslError::Malformed));
+    }
+
+    #[test]
+    fn verify_reuses_memory_and_checks_in_constant_time() {
+        let hash = hash_password(&Secret::new("old-password")).unwrap();
+        let mut memory = Vec::new();
+        assert!(verify(b"old-password", &hash, &mut memory));
+        let allocated = memory.len();
+        assert!(!verify(b"old-passworD", &hash, &mut memory));
+        assert_eq!(memory.len(), allocated, "the buffer is reused");
+        assert!(!verify(b"old-password", "$argon2id$garbage", &mut memory));
     }
 
     #[tokio::test]
