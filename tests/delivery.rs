@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, Script, UpstreamTls, gmail};
 use common::process::sendbridge;
-use common::relay::{
-    LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
-};
+use common::relay::{Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for};
 use common::smtp::{Client, Reply};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -28,16 +26,6 @@ async fn upstream_with(script: Script) -> FakeUpstream {
 
 async fn relay(upstream: &FakeUpstream, extra: &str) -> Relay {
     Relay::start(config_for(upstream, UpstreamTls::StartTls, extra)).await
-}
-
-async fn signed_in(relay: &Relay) -> Client {
-    let mut client = Client::connect(relay.addr).await;
-    client.ehlo().await;
-    assert_eq!(
-        client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await.code,
-        235
-    );
-    client
 }
 
 async fn send(client: &mut Client, n: usize) -> Reply {
@@ -115,7 +103,7 @@ async fn hybrid_permanent_rejection_is_answered_and_kept_in_rejected() {
     })
     .await;
     let relay = relay(&upstream, "").await;
-    let mut client = signed_in(&relay).await;
+    let mut client = relay.signed_in_client().await;
 
     let reply = send(&mut client, 1).await;
 
@@ -140,7 +128,7 @@ async fn temporary_failure_is_accepted_and_delivered_when_the_upstream_recovers(
     })
     .await;
     let relay = relay(&upstream, "[delivery]\nretry_initial = \"1s\"").await;
-    let mut client = signed_in(&relay).await;
+    let mut client = relay.signed_in_client().await;
 
     let reply = send(&mut client, 1).await;
 
@@ -164,7 +152,7 @@ async fn dead_upstream_is_retried_until_it_comes_back() {
     let relay = relay(&first, "[delivery]\nretry_initial = \"1s\"").await;
     options.port = first.port();
     first.stop().await;
-    let mut client = signed_in(&relay).await;
+    let mut client = relay.signed_in_client().await;
 
     assert_eq!(send(&mut client, 1).await.code, 250);
     assert_eq!(count(&relay.spool, "deferred"), 1);
@@ -184,7 +172,7 @@ async fn wrong_app_password_holds_mail_and_queue_retry_sends_it_once() {
         "[delivery]\nretry_initial = \"1h\"\nscan_interval = \"200ms\"",
     )
     .await;
-    let mut client = signed_in(&relay).await;
+    let mut client = relay.signed_in_client().await;
 
     for n in 1..=3 {
         let reply = send(&mut client, n).await;
@@ -227,7 +215,7 @@ async fn hold_is_released_by_the_probe_once_sign_in_works() {
     })
     .await;
     let relay = relay(&upstream, "[delivery]\nretry_initial = \"1s\"").await;
-    let mut client = signed_in(&relay).await;
+    let mut client = relay.signed_in_client().await;
     assert_eq!(send(&mut client, 1).await.code, 250);
     assert_eq!(send(&mut client, 2).await.code, 250);
     assert_eq!(count(&relay.spool, "held"), 2);
@@ -252,7 +240,7 @@ async fn upstream_connections_are_reused() {
     );
     config.accounts.get_mut("gmail").unwrap().max_connections = 2;
     let relay = Relay::start(config).await;
-    let mut client = signed_in(&relay).await;
+    let mut client = relay.signed_in_client().await;
 
     for n in 0..20 {
         assert_eq!(send(&mut client, n).await.code, 250);
@@ -271,7 +259,7 @@ async fn upstream_connections_are_reused() {
 async fn spool_failure_is_452_and_nothing_is_acknowledged() {
     let upstream = upstream_with(Script::default()).await;
     let relay = relay(&upstream, "").await;
-    let mut client = signed_in(&relay).await;
+    let mut client = relay.signed_in_client().await;
     // The spool's data directory disappears (a broken disk or mount).
     std::fs::remove_dir_all(relay.spool.join("data")).unwrap();
 
@@ -290,7 +278,7 @@ async fn queue_cli_shows_retries_and_deletes() {
     })
     .await;
     let relay = relay(&upstream, "[delivery]\nscan_interval = \"200ms\"").await;
-    let mut client = signed_in(&relay).await;
+    let mut client = relay.signed_in_client().await;
     assert_eq!(send(&mut client, 1).await.code, 554);
     assert_eq!(send(&mut client, 2).await.code, 554);
     let list = queue(&relay.spool, &["list", "--json"]).await;

@@ -61,16 +61,6 @@ impl Setup {
     }
 }
 
-async fn signed_in_client(relay: &Relay) -> Client {
-    let mut client = Client::connect(relay.addr).await;
-    client.ehlo().await;
-    assert_eq!(
-        client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await.code,
-        235
-    );
-    client
-}
-
 /// Sends MESSAGE to one recipient and asserts the upstream accepted it.
 async fn assert_relays(client: &mut Client) {
     let reply = client
@@ -82,7 +72,7 @@ async fn assert_relays(client: &mut Client) {
 /// Signs in and relays MESSAGE to `to`; returns the reply to the data and
 /// the still-open client.
 async fn send(relay: &Relay, to: &[&str]) -> (Reply, Client) {
-    let mut client = signed_in_client(relay).await;
+    let mut client = relay.signed_in_client().await;
     let reply = client.send_mail("a@legacy.example", to, MESSAGE).await;
     (reply, client)
 }
@@ -91,7 +81,7 @@ async fn send(relay: &Relay, to: &[&str]) -> (Reply, Client) {
 async fn auth_plain_client_mail_arrives_upstream_via_starttls() {
     let setup = Setup::new().await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
-    let mut client = signed_in_client(relay).await;
+    let mut client = relay.signed_in_client().await;
 
     let reply = client
         .send_mail(
@@ -432,7 +422,7 @@ async fn oversize_message_is_refused_at_mail_and_at_data() {
     let extra = "[server]\nmax_message_size = 1000";
     let setup = Setup::configured(extra).await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
-    let mut client = signed_in_client(relay).await;
+    let mut client = relay.signed_in_client().await;
 
     // Announced size over the limit (EHLO advertised it as SIZE 1000).
     let reply = client
@@ -471,7 +461,7 @@ async fn too_many_recipients_is_452() {
     let extra = "[server]\nmax_recipients = 2";
     let setup = Setup::configured(extra).await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
-    let mut client = signed_in_client(relay).await;
+    let mut client = relay.signed_in_client().await;
 
     client.expect("MAIL FROM:<a@legacy.example>", 250).await;
     client.expect("RCPT TO:<one@example.com>", 250).await;
@@ -526,7 +516,7 @@ async fn pipelined_transaction_gets_every_reply_in_order() {
 async fn empty_message_and_leading_dot_are_handled() {
     let setup = Setup::new().await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
-    let mut client = signed_in_client(relay).await;
+    let mut client = relay.signed_in_client().await;
 
     // DATA followed at once by the terminator: an empty message.
     let reply = client
@@ -550,7 +540,7 @@ async fn empty_message_and_leading_dot_are_handled() {
 async fn dot_stuffed_lines_arrive_unchanged() {
     let setup = Setup::new().await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
-    let mut client = signed_in_client(relay).await;
+    let mut client = relay.signed_in_client().await;
     let content = "Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n";
     // On the wire every line starting with a dot gets one more.
     let stuffed = "Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\nend\r\n";
@@ -571,7 +561,7 @@ async fn dot_stuffed_lines_arrive_unchanged() {
 async fn bare_lf_dot_cannot_smuggle_a_second_message() {
     let setup = Setup::new().await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
-    let mut client = signed_in_client(relay).await;
+    let mut client = relay.signed_in_client().await;
     let smuggled = "Subject: hello\r\n\r\nhi\n.\nMAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nsend money\r\n";
 
     let reply = client

@@ -9,6 +9,7 @@ use sendbridge::server::Server;
 use tokio_util::sync::CancellationToken;
 
 use super::fake_upstream::{FakeUpstream, UpstreamTls};
+use super::smtp::Client;
 
 pub const UPSTREAM_USER: &str = "me@gmail.com";
 pub const UPSTREAM_PASSWORD: &str = "abcdabcdabcdabcd";
@@ -87,6 +88,15 @@ impl Relay {
             server: Some(tokio::spawn(server.run())),
             _dir: dir,
         }
+    }
+
+    /// A client that said EHLO and signed in as the local user.
+    pub async fn signed_in_client(&self) -> Client {
+        let mut client = Client::connect(self.addr).await;
+        client.ehlo().await;
+        let reply = client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await;
+        assert_eq!(reply.code, 235, "{reply:?}");
+        client
     }
 
     /// Stops accepting, lets sessions end, and waits for the server to return.
