@@ -286,6 +286,10 @@ impl Delivery {
     }
 
     async fn deliver(&self, account: &Account, job: Job, connection: &mut Option<Connection>) {
+        // Only a waiting passthrough client keeps the message itself; every
+        // other message was acknowledged and must stay in the spool.
+        let client_keeps_it =
+            job.verdict.is_some() && self.settings.mode == DeliveryMode::Passthrough;
         let id = job.id.clone();
         let mut envelope = match self
             .io(move |spool| spool.read_envelope(State::Active, &id))
@@ -304,8 +308,7 @@ impl Delivery {
                 .is_some_and(|at| at >= hold.since);
             if !operator_retry {
                 let outcome = Outcome::AuthFailed(hold.reply);
-                self.settle(&mut envelope, &outcome, job.verdict.is_some())
-                    .await;
+                self.settle(&mut envelope, &outcome, client_keeps_it).await;
                 notify(job.verdict, outcome);
                 return;
             }
@@ -324,8 +327,8 @@ impl Delivery {
             }
         };
         let outcome = self.attempt(account, connection, &envelope, &message).await;
-        let passthrough = job.verdict.is_some() && self.settings.mode == DeliveryMode::Passthrough;
-        self.settle(&mut envelope, &outcome, passthrough).await;
+        envelope.attempts += 1;
+        self.settle(&mut envelope, &outcome, client_keeps_it).await;
         match &outcome {
             Outcome::AuthFailed(reply) => self.start_hold(&envelope.account, account, reply),
             Outcome::Delivered(_) if account.hold().is_some() => {
@@ -381,9 +384,6 @@ impl Delivery {
         let id = envelope.id.clone();
         let account = envelope.account.clone();
         let delivered = matches!(outcome, Outcome::Delivered(_));
-        if !matches!(outcome, Outcome::AuthFailed(_)) || envelope.retry_requested_at.is_some() {
-            envelope.attempts += 1;
-        }
         envelope.retry_requested_at = None;
         if discard && !delivered {
             info!(id = %id, account = %account, outcome = %describe(outcome), "message returned to the client (passthrough)");

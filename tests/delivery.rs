@@ -307,3 +307,43 @@ async fn queue_cli_shows_retries_and_deletes() {
     let received = upstream.wait_for_messages(1, WAIT).await;
     assert_eq!(subjects(&received), ["Subject: invoice 1"]);
 }
+
+/// Messages already queued when a hold starts must wait in held/ like the
+/// rest, not vanish: their clients were told 250.
+#[tokio::test]
+async fn messages_queued_when_a_hold_starts_are_all_held() {
+    let upstream = upstream_with(Script::default()).await;
+    upstream.set_password("the-new-app-password");
+    let mut config = config_for(
+        &upstream,
+        UpstreamTls::StartTls,
+        "[delivery]\nretry_initial = \"1h\"",
+    );
+    // One worker: the first message's refused sign-in starts the hold while
+    // the others wait in its queue.
+    config.accounts.get_mut("gmail").unwrap().max_connections = 1;
+    let relay = Relay::start(config).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(relay.signed_in_client().await);
+    }
+
+    // All at once, each from its own session.
+    let sends: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut client)| tokio::spawn(async move { send(&mut client, n).await }))
+        .collect();
+    let mut replies = Vec::new();
+    for sent in sends {
+        replies.push(sent.await.unwrap());
+    }
+
+    assert!(replies.iter().all(|reply| reply.code == 250), "{replies:?}");
+    assert_eq!(
+        count(&relay.spool, "held"),
+        8,
+        "every acknowledged message is kept"
+    );
+    assert_eq!(upstream.auth_attempts(), 1);
+}
