@@ -173,8 +173,16 @@ impl Delivery {
         let Some(account) = self.accounts.get(&envelope.account).cloned() else {
             return Reply::new(451, [4, 3, 5], "No such upstream account configured");
         };
-        let held = account.hold().is_some();
-        let state = if held { State::Held } else { State::Active };
+        let hold = account.hold();
+        if let (Some(hold), DeliveryMode::Passthrough) = (&hold, self.settings.mode) {
+            // The client keeps the message; no need to store it first.
+            return client_reply(&envelope.account, &Outcome::AuthFailed(hold.reply.clone()));
+        }
+        let state = if hold.is_some() {
+            State::Held
+        } else {
+            State::Active
+        };
         let now = self.clock.now();
         envelope.received_at = now;
         envelope.record(
@@ -215,20 +223,8 @@ impl Delivery {
         let id = envelope.id;
         info!(id = %id, account = %envelope.account, state = %state, recipients = envelope.recipients.len(), size = envelope.size, "message spooled");
         let queued = Reply::new(250, [2, 0, 0], format!("OK queued as {id}"));
-        if held {
-            return match self.settings.mode {
-                DeliveryMode::Passthrough => {
-                    self.discard(State::Held, &id).await;
-                    client_reply(
-                        &envelope.account,
-                        &Outcome::AuthFailed(account.hold().map_or_else(
-                            || Reply::new(535, [5, 7, 8], "sign-in refused"),
-                            |hold| hold.reply,
-                        )),
-                    )
-                }
-                _ => queued,
-            };
+        if hold.is_some() {
+            return queued;
         }
         let wait = self.settings.mode != DeliveryMode::Queue;
         let (verdict, outcome) = if wait {

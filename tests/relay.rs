@@ -358,6 +358,21 @@ async fn passthrough_app_password_required_is_temporary_with_a_hint() {
         "{reply:?}"
     );
     assert!(!reply.text.contains(UPSTREAM_PASSWORD));
+
+    // The account is now on hold: the next message gets the same answer at
+    // once, without another sign-in, and nothing stays in the spool.
+    let sign_ins = setup.upstream.auth_attempts();
+    let (again, _client) = send(relay, &["b@example.com"]).await;
+    assert_eq!(again.code, 454, "{again:?}");
+    assert_eq!(setup.upstream.auth_attempts(), sign_ins);
+    let spooled = ["active", "deferred", "held", "rejected"]
+        .iter()
+        .flat_map(|state| std::fs::read_dir(relay.spool.join(state)).unwrap())
+        .count();
+    assert_eq!(
+        spooled, 0,
+        "the client keeps its messages in passthrough mode"
+    );
 }
 
 #[tokio::test]
