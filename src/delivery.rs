@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, DeliveryConfig, DeliveryMode};
 use crate::reply::Reply;
 use crate::spool::{Envelope, Spool, State};
-use crate::upstream::{Connection, Outcome, Upstream, hint};
+use crate::upstream::{Connection, Outcome, Upstream, hint, sign_in_hint};
 
 /// Unix milliseconds that follow tokio's clock, so retry schedules can be
 /// tested with a paused clock. Anchored to the wall clock at start.
@@ -441,9 +441,7 @@ impl Delivery {
         });
         drop(hold);
         if new {
-            let hint = hint(name, reply).unwrap_or_else(|| {
-                format!("check accounts.{name}.username and accounts.{name}.password")
-            });
+            let hint = sign_in_hint(name, reply);
             error!(
                 account = %name,
                 upstream_reply = %reply,
@@ -635,9 +633,7 @@ fn client_reply(account: &str, outcome: &Outcome) -> Reply {
     match outcome {
         Outcome::Delivered(reply) | Outcome::Rejected(reply) => reply.clone(),
         Outcome::AuthFailed(reply) => {
-            let hint = hint(account, reply).unwrap_or_else(|| {
-                format!("check accounts.{account}.username and accounts.{account}.password")
-            });
+            let hint = sign_in_hint(account, reply);
             Reply::new(
                 454,
                 [4, 7, 0],

@@ -317,6 +317,14 @@ pub fn hint(account: &str, reply: &Reply) -> Option<String> {
     Some(hint)
 }
 
+/// What to do about a refused sign-in: the provider-specific hint, or where
+/// the credentials are configured.
+pub fn sign_in_hint(account: &str, reply: &Reply) -> String {
+    hint(account, reply).unwrap_or_else(|| {
+        format!("check accounts.{account}.username and accounts.{account}.password")
+    })
+}
+
 /// The content as mail-send's `data()` needs it. It appends CRLF "." CRLF
 /// itself, so the CRLF ending the content goes (or the message would gain an
 /// empty line); and it stuffs dots only after a line break, so a dot that
