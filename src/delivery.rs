@@ -42,10 +42,11 @@ impl Clock {
     }
 }
 
-/// A message for a worker. `message` is the bytes when the session still
+/// A message for a worker, moved to `active/` by whoever queued it, with the
+/// envelope as just written. `message` is the bytes when the session still
 /// holds them (saves reading them back); `verdict` is the waiting session.
 struct Job {
-    id: String,
+    envelope: Envelope,
     message: Option<Arc<Vec<u8>>>,
     verdict: Option<oneshot::Sender<Outcome>>,
 }
@@ -220,7 +221,8 @@ impl Delivery {
             }
             Err(_) => return Reply::new(451, [4, 3, 0], "Internal error, try again later"),
         };
-        let id = envelope.id;
+        let id = envelope.id.clone();
+        let account_name = envelope.account.clone();
         info!(id = %id, account = %envelope.account, state = %state, recipients = envelope.recipients.len(), size = envelope.size, "message spooled");
         let queued = Reply::new(250, [2, 0, 0], format!("OK queued as {id}"));
         if hold.is_some() {
@@ -234,7 +236,7 @@ impl Delivery {
             (None, None)
         };
         let job = Job {
-            id: id.clone(),
+            envelope,
             message: wait.then_some(message),
             verdict,
         };
@@ -254,7 +256,7 @@ impl Delivery {
             }
             DeliveryMode::Passthrough => match outcome.await {
                 Ok(Outcome::Delivered(_)) => queued,
-                Ok(other) => client_reply(&envelope.account, &other),
+                Ok(other) => client_reply(&account_name, &other),
                 Err(_) => Reply::new(451, [4, 3, 0], "Delivery interrupted, try again later"),
             },
             DeliveryMode::Queue => queued,
@@ -286,18 +288,7 @@ impl Delivery {
         // other message was acknowledged and must stay in the spool.
         let client_keeps_it =
             job.verdict.is_some() && self.settings.mode == DeliveryMode::Passthrough;
-        let id = job.id.clone();
-        let mut envelope = match self
-            .io(move |spool| spool.read_envelope(State::Active, &id))
-            .await
-        {
-            Ok(envelope) => envelope,
-            Err(err) => {
-                // Deleted by an operator meanwhile, or unreadable.
-                warn!(id = %job.id, error = %err, "queued message vanished before delivery");
-                return;
-            }
-        };
+        let mut envelope = job.envelope;
         if let Some(hold) = account.hold() {
             let operator_retry = envelope
                 .retry_requested_at
@@ -316,7 +307,8 @@ impl Delivery {
                 match self.io(move |spool| spool.read_message(&id)).await {
                     Ok(message) => Arc::new(message),
                     Err(err) => {
-                        error!(id = %envelope.id, error = %err, "cannot read a queued message");
+                        // Deleted by an operator meanwhile, or unreadable.
+                        warn!(id = %envelope.id, error = %err, "queued message vanished before delivery");
                         return;
                     }
                 }
@@ -533,16 +525,20 @@ impl Delivery {
     async fn scheduler(self: Arc<Self>) {
         loop {
             let now = self.clock.now();
+            let configured: Vec<String> = self.accounts.keys().cloned().collect();
             let scanned = self
                 .io(move |spool| {
                     let mut due = Vec::new();
                     let mut next: Option<u64> = None;
                     for mut envelope in spool.list(State::Deferred)? {
-                        if envelope.next_attempt_at <= now {
+                        if !configured.contains(&envelope.account) {
+                            // Stays deferred until the account is configured again.
+                            warn!(id = %envelope.id, account = %envelope.account, "queued message for an account that is no longer configured");
+                        } else if envelope.next_attempt_at <= now {
                             envelope.record(now, "retrying");
                             spool.update(&envelope, State::Deferred, State::Active)?;
                             info!(id = %envelope.id, account = %envelope.account, attempts = envelope.attempts, "message retrying");
-                            due.push((envelope.account, envelope.id));
+                            due.push(envelope);
                         } else {
                             next = Some(next.map_or(envelope.next_attempt_at, |n| {
                                 n.min(envelope.next_attempt_at)
@@ -555,19 +551,13 @@ impl Delivery {
             let mut wait = self.settings.scan_interval;
             match scanned {
                 Ok((due, next)) => {
-                    for (account, id) in due {
-                        match self.accounts.get(&account) {
-                            Some(account) => {
-                                let _ = account.jobs.send(Job {
-                                    id,
-                                    message: None,
-                                    verdict: None,
-                                });
-                            }
-                            None => {
-                                warn!(id = %id, account = %account, "queued message for an account that is no longer configured")
-                            }
-                        }
+                    for envelope in due {
+                        let account = &self.accounts[&envelope.account];
+                        let _ = account.jobs.send(Job {
+                            envelope,
+                            message: None,
+                            verdict: None,
+                        });
                     }
                     if let Some(next) = next {
                         wait = wait.min(Duration::from_millis(next.saturating_sub(now)));

@@ -72,3 +72,38 @@ async fn temporary_failures_back_off_exponentially_then_expire() {
         rejected[0].last_reply
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn mail_for_an_account_no_longer_configured_stays_deferred() {
+    sendbridge::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    // Queued by an earlier configuration that had an account "old".
+    let spool = sendbridge::spool::Spool::open(dir.path()).unwrap();
+    let mut envelope = Envelope {
+        account: "old".into(),
+        recipients: vec!["customer@example.com".into()],
+        ..Envelope::default()
+    };
+    spool
+        .accept(
+            &mut envelope,
+            b"Subject: s\r\n\r\nbody\r\n",
+            State::Deferred,
+        )
+        .unwrap();
+    let mut config = Config::from_toml(
+        "[accounts.gmail]\nusername = \"me@gmail.com\"\npassword = \"abcdabcdabcdabcd\"",
+    )
+    .unwrap();
+    config.spool.dir = dir.path().to_path_buf();
+
+    let delivery = Delivery::start(&config, CancellationToken::new()).unwrap();
+    // Several scheduler passes.
+    tokio::time::sleep(config.delivery.scan_interval * 3).await;
+
+    // Not stranded in active/, where nothing would ever pick it up.
+    assert_eq!(
+        delivery.spool().find(&envelope.id).unwrap(),
+        Some(State::Deferred)
+    );
+}
