@@ -32,14 +32,6 @@ impl Reply {
         }
     }
 
-    pub fn is_positive(&self) -> bool {
-        (200..300).contains(&self.code)
-    }
-
-    pub fn is_permanent(&self) -> bool {
-        self.code >= 500
-    }
-
     /// The first line only: what a log line or another reply quotes.
     pub fn first_line(&self) -> &str {
         self.text.lines().next().unwrap_or_default()

@@ -264,7 +264,7 @@ impl Spool {
             .find(|state| self.envelope_path(*state, id).exists()))
     }
 
-    /// Bytes of message content on disk, for metrics and `queue list`.
+    /// Where a message's bytes are stored.
     pub fn data_path(&self, id: &str) -> PathBuf {
         self.root.join("data").join(format!("{id}.eml"))
     }

@@ -33,18 +33,6 @@ pub enum Outcome {
     },
 }
 
-impl Outcome {
-    /// The upstream reply code for logs; 0 when there was no reply.
-    pub fn code(&self) -> u16 {
-        match self {
-            Outcome::Delivered(reply) | Outcome::Rejected(reply) | Outcome::AuthFailed(reply) => {
-                reply.code
-            }
-            Outcome::Deferred { reply, .. } => reply.as_ref().map_or(0, |reply| reply.code),
-        }
-    }
-}
-
 /// What the client declared in MAIL FROM that the upstream must hear too.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BodyFlags {
@@ -77,11 +65,6 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Messages sent over this connection so far.
-    pub fn messages(&self) -> usize {
-        self.messages
-    }
-
     /// Says goodbye; the connection is gone either way.
     pub async fn quit(mut self) {
         let _ = self.client.cmd(b"QUIT\r\n").await;

@@ -82,10 +82,6 @@ impl Users {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
-    }
-
     /// Checks a user name and password. Unknown names cost the same as wrong
     /// passwords, so timing does not reveal which names exist.
     pub async fn verify(&self, username: &str, password: Secret) -> Option<SignedIn> {

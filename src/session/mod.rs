@@ -25,9 +25,13 @@ use crate::config::ServerConfig;
 use crate::delivery::Delivery;
 use crate::policy::Policy;
 use crate::reply::Reply;
+use crate::secret::Secret;
 use crate::spool::Envelope;
 use crate::upstream::BodyFlags;
 use auth::SaslError;
+
+/// A user name and password from a SASL exchange.
+type Credentials = (String, Secret);
 use data::DataEnd;
 
 /// Read buffer per connection: small, so idle connections stay cheap.
@@ -401,7 +405,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn sasl_plain(
         &mut self,
         initial: String,
-    ) -> Result<Result<(String, crate::secret::Secret), SaslError>, Stop> {
+    ) -> Result<Result<Credentials, SaslError>, Stop> {
         let response = if initial.is_empty() {
             self.reply(Reply::bare(334, ""));
             self.read_auth_line().await?
@@ -414,7 +418,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn sasl_login(
         &mut self,
         initial: String,
-    ) -> Result<Result<(String, crate::secret::Secret), SaslError>, Stop> {
+    ) -> Result<Result<Credentials, SaslError>, Stop> {
         let username = if initial.is_empty() {
             self.reply(Reply::bare(334, auth::LOGIN_USERNAME_CHALLENGE));
             self.read_auth_line().await?
@@ -429,7 +433,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let password = self.read_auth_line().await?;
         Ok(auth::decode_response(&password)
             .and_then(auth::parse_login_field)
-            .map(|password| (username, crate::secret::Secret::new(password))))
+            .map(|password| (username, Secret::new(password))))
     }
 
     /// One line of a SASL exchange. It holds a secret: never log it.
