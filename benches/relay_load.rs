@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,17 +18,19 @@ use rustls::pki_types::pem::PemObject;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use fake_upstream::{FakeUpstream, FakeUpstreamOptions, Received, UpstreamTls};
 
-// The bench uses only part of the test helper.
+// The bench uses only part of the test helpers.
 #[allow(dead_code)]
 #[path = "../tests/common/fake_upstream.rs"]
 mod fake_upstream;
+#[allow(dead_code)]
+#[path = "../tests/common/process.rs"]
+mod process;
 
 const UPSTREAM_USER: &str = "me@gmail.com";
 const UPSTREAM_PASSWORD: &str = "abcdabcdabcdabcd";
@@ -64,9 +66,7 @@ const LARGE_LIMIT_MIB: f64 = 2.0 * 25.0;
 /// Room for the idle connections plus the load sessions.
 const RELAY_MAX_CONNECTIONS: &str = "2000";
 
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
-const LOG_FILE: &str = "relay.log";
 
 const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--skip-memory-checks]]
 Without --messages/--sessions/--size it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes).";
@@ -487,68 +487,52 @@ async fn start_upstream() -> FakeUpstream {
 /// fake upstream. Killed when dropped.
 struct RelayProcess {
     addr: SocketAddr,
-    pid: u32,
-    child: Child,
-    dir: tempfile::TempDir,
+    process: process::RelayProcess,
+    _dir: tempfile::TempDir,
 }
 
 impl RelayProcess {
     async fn start(upstream: &FakeUpstream) -> anyhow::Result<RelayProcess> {
         let dir = tempfile::tempdir()?;
-        let log = std::fs::File::create(dir.path().join(LOG_FILE))?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sendbridge"))
-            .arg("run")
-            .current_dir(dir.path())
-            // Nothing inherited (SENDBRIDGE_*, SENDBRIDGE_LOG) changes the run.
-            .env_clear()
-            .envs(relay_env(upstream))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("start sendbridge")?;
-        let pid = child.id().context("sendbridge exited at once")?;
-        let addr = wait_until_listening(&mut child, &dir.path().join(LOG_FILE)).await?;
+        let env = relay_env(upstream);
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .map(|(key, value)| (*key, value.as_str()))
+            .collect();
+        let process = process::RelayProcess::start(dir.path(), &env).await;
         Ok(RelayProcess {
-            addr,
-            pid,
-            child,
-            dir,
+            addr: process.addr,
+            process,
+            _dir: dir,
         })
     }
 
     fn memory(&self) -> anyhow::Result<Memory> {
-        Memory::of(self.pid)
+        Memory::of(self.process.pid())
     }
 
     /// Resets the peak (VmHWM) to the current RSS, so that a later peak
     /// measures only what follows.
     fn reset_peak(&self) -> anyhow::Result<()> {
-        std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5")
+        std::fs::write(format!("/proc/{}/clear_refs", self.process.pid()), "5")
             .context("reset the relay's peak RSS (/proc/PID/clear_refs)")
     }
 
     /// Appends the end of the relay's log to `err`, to explain it.
     fn explain(&self, err: anyhow::Error) -> anyhow::Error {
-        let log = std::fs::read_to_string(self.dir.path().join(LOG_FILE)).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        let log = self.process.log();
+        let tail = log[log.len().saturating_sub(20)..].join("\n");
         anyhow!("{err:#}\nrelay log (last lines):\n{tail}")
     }
 
-    async fn stop(mut self) -> anyhow::Result<()> {
-        self.child.start_kill()?;
-        tokio::time::timeout(STARTUP_TIMEOUT, self.child.wait())
-            .await
-            .context("the relay did not exit after SIGKILL")??;
+    async fn stop(self) -> anyhow::Result<()> {
+        self.process.kill().await;
         Ok(())
     }
 }
 
 fn relay_env(upstream: &FakeUpstream) -> Vec<(&'static str, String)> {
     vec![
-        ("SENDBRIDGE_SERVER__LISTEN", "127.0.0.1:0".into()),
         (
             "SENDBRIDGE_SERVER__MAX_CONNECTIONS",
             RELAY_MAX_CONNECTIONS.into(),
@@ -573,31 +557,6 @@ fn relay_env(upstream: &FakeUpstream) -> Vec<(&'static str, String)> {
         ),
         ("SENDBRIDGE_USERS__INVOICES__ACCOUNT", "gmail".into()),
     ]
-}
-
-/// Polls the relay's log for `accepting connections ... listen=ADDR`.
-async fn wait_until_listening(child: &mut Child, log: &Path) -> anyhow::Result<SocketAddr> {
-    let started = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log)?;
-        if let Some(addr) = text.lines().find_map(listen_address) {
-            return Ok(addr);
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("sendbridge exited ({status}) before listening; log:\n{text}");
-        }
-        ensure!(
-            started.elapsed() < STARTUP_TIMEOUT,
-            "sendbridge did not listen within {STARTUP_TIMEOUT:?}; log:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn listen_address(line: &str) -> Option<SocketAddr> {
-    let (_, after) = line.split_once("accepting connections")?;
-    let (_, addr) = after.split_once("listen=")?;
-    addr.split_whitespace().next()?.parse().ok()
 }
 
 /// From /proc/PID/status, in KiB.

@@ -122,6 +122,11 @@ impl RelayProcess {
         self.finish_log().await
     }
 
+    /// The relay's process id, e.g. to read its memory use from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// Everything logged so far.
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
