@@ -12,7 +12,7 @@ use common::relay::{
     LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
     config_with_account,
 };
-use common::smtp::{Client, Reply};
+use common::smtp::{Client, Reply, plain};
 
 const PASSTHROUGH: &str = "[delivery]\nmode = \"passthrough\"";
 const WAIT: Duration = Duration::from_secs(10);
@@ -110,16 +110,14 @@ async fn auth_login_with_and_without_initial_response() {
     let user = BASE64.encode(LOCAL_USER);
     let password = BASE64.encode(LOCAL_PASSWORD);
 
-    let mut client = Client::connect(relay.addr).await;
-    client.ehlo().await;
+    let mut client = relay.greeted_client().await;
     let challenge = client.expect("AUTH LOGIN", 334).await;
     assert_eq!(challenge.text, "VXNlcm5hbWU6");
     client.expect(&user, 334).await;
     client.expect(&password, 235).await;
     assert_relays(&mut client).await;
 
-    let mut client = Client::connect(relay.addr).await;
-    client.ehlo().await;
+    let mut client = relay.greeted_client().await;
     client.expect(&format!("AUTH LOGIN {user}"), 334).await;
     client.expect(&password, 235).await;
     assert_relays(&mut client).await;
@@ -131,20 +129,14 @@ async fn auth_login_with_and_without_initial_response() {
 async fn auth_plain_without_initial_response_and_cancel() {
     let setup = Setup::new().await;
     let relay = &setup.relay;
-    let mut client = Client::connect(relay.addr).await;
-    client.ehlo().await;
+    let mut client = relay.greeted_client().await;
 
     client.expect("AUTH PLAIN", 334).await;
     let cancelled = client.expect("*", 501).await;
     assert!(cancelled.text.starts_with("5.0.0"), "{cancelled:?}");
 
     client.expect("AUTH PLAIN", 334).await;
-    client
-        .expect(
-            &BASE64.encode(format!("\0{LOCAL_USER}\0{LOCAL_PASSWORD}")),
-            235,
-        )
-        .await;
+    client.expect(&plain(LOCAL_USER, LOCAL_PASSWORD), 235).await;
     client.expect("AUTH PLAIN", 503).await;
 }
 
@@ -170,8 +162,7 @@ async fn helo_only_client_from_trusted_network_sends_without_auth() {
 async fn untrusted_client_without_auth_is_refused() {
     let setup = Setup::new().await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
-    let mut client = Client::connect(relay.addr).await;
-    client.ehlo().await;
+    let mut client = relay.greeted_client().await;
 
     let reply = client.expect("MAIL FROM:<spammer@example.com>", 530).await;
 
@@ -184,8 +175,7 @@ async fn untrusted_client_without_auth_is_refused() {
 async fn wrong_local_password_is_a_local_535() {
     let setup = Setup::new().await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
-    let mut client = Client::connect(relay.addr).await;
-    client.ehlo().await;
+    let mut client = relay.greeted_client().await;
 
     let reply = client.login_plain(LOCAL_USER, "not-the-password").await;
     assert_eq!(
@@ -225,8 +215,7 @@ async fn client_starttls_then_auth_and_send() {
 async fn plaintext_pipelined_after_starttls_is_discarded() {
     let setup = Setup::new().await;
     let relay = &setup.relay;
-    let mut client = Client::connect(relay.addr).await;
-    client.ehlo().await;
+    let mut client = relay.greeted_client().await;
 
     // An attacker on the path appends a command to STARTTLS (CVE-2011-0411).
     client.write(b"STARTTLS\r\nNOOP injected\r\n").await;
@@ -500,7 +489,7 @@ async fn pipelined_transaction_gets_every_reply_in_order() {
     let setup = Setup::new().await;
     let (upstream, relay) = (&setup.upstream, &setup.relay);
     let mut client = Client::connect(relay.addr).await;
-    let token = BASE64.encode(format!("\0{LOCAL_USER}\0{LOCAL_PASSWORD}"));
+    let token = plain(LOCAL_USER, LOCAL_PASSWORD);
 
     client
         .write(
@@ -639,8 +628,7 @@ async fn connections_over_the_limit_get_421() {
 #[tokio::test]
 async fn shutdown_answers_421_to_idle_sessions() {
     let setup = Setup::new().await;
-    let mut client = Client::connect(setup.relay.addr).await;
-    client.ehlo().await;
+    let mut client = setup.relay.greeted_client().await;
 
     setup.relay.stop().await;
 

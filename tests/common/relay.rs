@@ -90,10 +90,16 @@ impl Relay {
         }
     }
 
-    /// A client that said EHLO and signed in as the local user.
-    pub async fn signed_in_client(&self) -> Client {
+    /// A connected client that said EHLO.
+    pub async fn greeted_client(&self) -> Client {
         let mut client = Client::connect(self.addr).await;
         client.ehlo().await;
+        client
+    }
+
+    /// A client that said EHLO and signed in as the local user.
+    pub async fn signed_in_client(&self) -> Client {
+        let mut client = self.greeted_client().await;
         let reply = client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await;
         assert_eq!(reply.code, 235, "{reply:?}");
         client
