@@ -220,6 +220,43 @@ pub struct AccountConfig {
     pub timeout: Duration,
     /// Concurrent deliveries (and upstream connections) for this account.
     pub max_connections: usize,
+    /// What happens to a From address the provider would not let us send as.
+    pub from_policy: FromPolicy,
+    /// Verified "send mail as" addresses: exact addresses or `@domain`.
+    /// The sender and username are always allowed.
+    pub allowed_from: Vec<String>,
+    /// Header fields removed before sending (Bcc always is).
+    pub remove_headers: Vec<String>,
+    /// Lines over 998 octets in the body: wrapped, or the message refused.
+    pub long_lines: LongLines,
+    /// The provider's limit of recipients per message (Gmail: 100); larger
+    /// messages are sent as several transactions.
+    pub max_recipients_per_message: usize,
+    /// Messages per rolling 24 hours; over it, mail waits in the queue.
+    pub daily_message_limit: Option<u32>,
+    /// Recipients per rolling 24 hours; over it, mail waits in the queue.
+    pub daily_recipient_limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FromPolicy {
+    /// Send the From header as the program wrote it.
+    #[default]
+    Keep,
+    /// Replace a From address not in `allowed_from` by the account's sender,
+    /// keeping the display name; the original goes into Reply-To.
+    Rewrite,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LongLines {
+    /// Break long lines as Postfix does (CRLF and a space).
+    #[default]
+    Wrap,
+    /// Refuse the message with 550 5.6.0.
+    Reject,
 }
 
 impl Default for AccountConfig {
@@ -235,6 +272,13 @@ impl Default for AccountConfig {
             sender: None,
             timeout: Duration::from_secs(60),
             max_connections: 4,
+            from_policy: FromPolicy::Keep,
+            allowed_from: Vec::new(),
+            remove_headers: Vec::new(),
+            long_lines: LongLines::Wrap,
+            max_recipients_per_message: 100,
+            daily_message_limit: None,
+            daily_recipient_limit: None,
         }
     }
 }
@@ -260,12 +304,29 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which sessions keep their SMTP dialogue under `<spool>/transcripts/`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transcripts {
+    Off,
+    /// Sessions that ended in a rejection, local or upstream.
+    #[default]
+    Rejected,
+    All,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// env-filter syntax; `SENDBRIDGE_LOG` overrides it.
     pub level: String,
     pub format: LogFormat,
+    pub transcripts: Transcripts,
+    /// Transcripts older than this are deleted.
+    #[serde(deserialize_with = "duration")]
+    pub transcript_max_age: Duration,
+    /// The oldest transcripts are deleted beyond this total size.
+    pub transcript_max_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -273,6 +334,9 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".to_string(),
             format: LogFormat::Text,
+            transcripts: Transcripts::Rejected,
+            transcript_max_age: Duration::from_secs(7 * 24 * 3600),
+            transcript_max_bytes: 50 * 1024 * 1024,
         }
     }
 }
@@ -380,6 +444,27 @@ impl AccountConfig {
             return Err(ConfigError::new(
                 key("max_connections"),
                 "must be at least 1",
+            ));
+        }
+        if self.max_recipients_per_message == 0 {
+            return Err(ConfigError::new(
+                key("max_recipients_per_message"),
+                "must be at least 1",
+            ));
+        }
+        if let Some(entry) = self.allowed_from.iter().find(|entry| !entry.contains('@')) {
+            return Err(ConfigError::new(
+                key("allowed_from"),
+                format!("\"{entry}\" is neither an address nor @domain"),
+            ));
+        }
+        let is_field_name = |name: &String| {
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+        };
+        if let Some(name) = self.remove_headers.iter().find(|name| !is_field_name(name)) {
+            return Err(ConfigError::new(
+                key("remove_headers"),
+                format!("\"{name}\" is not a header field name"),
             ));
         }
         if self.username.trim().is_empty() {
