@@ -186,6 +186,8 @@ pub fn queue_retry(spool: &Spool, target: RetryTarget) -> anyhow::Result<usize> 
         let mut envelope = spool.read_envelope(state, &id)?;
         envelope.next_attempt_at = now;
         envelope.retry_requested_at = Some(now);
+        // Refused recipients get another chance; delivered ones never do.
+        envelope.refused.clear();
         envelope.record(now, format!("retry requested (was {state})"));
         match spool.update(&envelope, state, State::Deferred) {
             Ok(()) => retried += 1,

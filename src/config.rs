@@ -434,6 +434,16 @@ impl Config {
 impl AccountConfig {
     fn validate(&mut self, name: &str) -> Result<(), ConfigError> {
         let key = |field: &str| format!("accounts.{name}.{field}");
+        // The name also names files in the spool.
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::new(
+                format!("accounts.{name}"),
+                "account names may use letters, digits, - and _ only",
+            ));
+        }
         if self.host.trim().is_empty() {
             return Err(ConfigError::new(key("host"), "must not be empty"));
         }

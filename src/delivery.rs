@@ -17,9 +17,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, DeliveryConfig, DeliveryMode};
+use crate::provider_replies::diagnose;
 use crate::reply::Reply;
-use crate::spool::{Envelope, Spool, State};
-use crate::upstream::{Connection, Outcome, Upstream, hint, sign_in_hint};
+use crate::send_window::SendWindow;
+use crate::spool::{Envelope, RefusedRecipient, Spool, State};
+use crate::upstream::{BodyFlags, Connection, Outcome, Sent, Upstream, sign_in_hint};
 
 /// Unix milliseconds that follow tokio's clock, so retry schedules can be
 /// tested with a paused clock. Anchored to the wall clock at start.
@@ -60,6 +62,9 @@ struct Hold {
 
 struct Account {
     upstream: Upstream,
+    /// The provider's limit of recipients per transaction.
+    recipients_per_message: usize,
+    window: Mutex<SendWindow>,
     jobs: mpsc::UnboundedSender<Job>,
     queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
     hold: Mutex<Option<Hold>>,
@@ -101,12 +106,21 @@ impl Delivery {
                 "spool recovered after an unclean stop: unacknowledged leftovers removed, interrupted deliveries requeued"
             );
         }
+        let clock = Clock::new();
         let mut accounts = HashMap::new();
         for (name, account) in &config.accounts {
             let (jobs, queue) = mpsc::unbounded_channel();
             let upstream = Upstream::new(name, account, &config.server.hostname)?;
+            let window = SendWindow::load(
+                spool.limits_path(name),
+                account.daily_message_limit,
+                account.daily_recipient_limit,
+                clock.now(),
+            );
             let account = Account {
                 upstream,
+                recipients_per_message: account.max_recipients_per_message,
+                window: Mutex::new(window),
                 jobs,
                 queue: tokio::sync::Mutex::new(queue),
                 hold: Mutex::new(None),
@@ -117,7 +131,7 @@ impl Delivery {
         let delivery = Arc::new(Delivery {
             spool: Arc::new(spool),
             settings: config.delivery.clone(),
-            clock: Clock::new(),
+            clock,
             accounts,
             wake_scheduler: Notify::new(),
             shutdown,
@@ -294,9 +308,9 @@ impl Delivery {
                 .retry_requested_at
                 .is_some_and(|at| at >= hold.since);
             if !operator_retry {
-                let outcome = Outcome::AuthFailed(hold.reply);
-                self.settle(&mut envelope, &outcome, client_keeps_it).await;
-                notify(job.verdict, outcome);
+                let verdict = Verdict::Done(Outcome::AuthFailed(hold.reply.clone()));
+                self.settle(&mut envelope, &verdict, client_keeps_it).await;
+                notify(job.verdict, Outcome::AuthFailed(hold.reply));
                 return;
             }
         }
@@ -314,9 +328,17 @@ impl Delivery {
                 }
             }
         };
-        let outcome = self.attempt(account, connection, &envelope, &message).await;
-        envelope.attempts += 1;
-        self.settle(&mut envelope, &outcome, client_keeps_it).await;
+        let verdict = self
+            .attempt(account, connection, &mut envelope, &message)
+            .await;
+        if !matches!(verdict, Verdict::Postponed { .. }) {
+            envelope.attempts += 1;
+        }
+        self.settle(&mut envelope, &verdict, client_keeps_it).await;
+        let outcome = match verdict {
+            Verdict::Done(outcome) => outcome,
+            Verdict::Postponed { reply, .. } => Outcome::OverLimit(reply),
+        };
         match &outcome {
             Outcome::AuthFailed(reply) => self.start_hold(&envelope.account, account, reply),
             Outcome::Delivered(_) if account.hold().is_some() => {
@@ -332,64 +354,190 @@ impl Delivery {
         notify(job.verdict, outcome);
     }
 
-    /// One delivery attempt over a reused or new connection. A reused
-    /// connection the server closed meanwhile is replaced once.
+    /// Sends the message to its pending recipients in parts of at most the
+    /// provider's per-message limit, within the account's sending window.
+    /// Each recipient's result is recorded in the envelope as it comes, so a
+    /// later attempt never sends to anyone twice.
     async fn attempt(
         &self,
         account: &Account,
         connection: &mut Option<Connection>,
-        envelope: &Envelope,
+        envelope: &mut Envelope,
         message: &[u8],
-    ) -> Outcome {
+    ) -> Verdict {
+        let pending = envelope.pending();
+        let mut last_delivered = None;
+        let mut problem = None;
+        let mut parts = pending.chunks(account.recipients_per_message);
+        for part in parts.by_ref() {
+            let admitted = account
+                .window
+                .lock()
+                .expect("window lock")
+                .admit(self.clock.now(), part.len() as u32);
+            let send = match admitted {
+                Ok(send) => send,
+                Err(until) => {
+                    let reply =
+                        Reply::new(451, [4, 7, 0], "over the account's daily sending limit");
+                    return Verdict::Postponed { until, reply };
+                }
+            };
+            let sent = self
+                .send_part(account, connection, part, envelope.flags, message)
+                .await;
+            for (address, outcome) in &sent.refused {
+                record_recipient(envelope, address, outcome, &mut problem);
+            }
+            let Some(outcome) = sent.outcome else {
+                account.window.lock().expect("window lock").cancel(send);
+                continue;
+            };
+            for address in part {
+                if !sent.refused.iter().any(|(refused, _)| refused == address) {
+                    record_recipient(envelope, address, &outcome, &mut problem);
+                }
+            }
+            let mut window = account.window.lock().expect("window lock");
+            if let Outcome::Delivered(reply) = outcome {
+                window.confirm(send);
+                last_delivered = Some(reply);
+            } else {
+                window.cancel(send);
+                // The verdict was on the message or the connection: the
+                // remaining parts would fare the same.
+                if let Outcome::Rejected(reply) = &outcome {
+                    for address in parts.flatten() {
+                        record_recipient(
+                            envelope,
+                            address,
+                            &Outcome::Rejected(reply.clone()),
+                            &mut problem,
+                        );
+                    }
+                }
+                break;
+            }
+        }
+        if let Some(Outcome::OverLimit(reply)) = problem {
+            let until = account
+                .window
+                .lock()
+                .expect("window lock")
+                .pause(self.clock.now());
+            return Verdict::Postponed { until, reply };
+        }
+        let unfinished = !envelope.pending().is_empty();
+        match (problem, last_delivered) {
+            (Some(problem), _) if unfinished => Verdict::Done(problem),
+            // Delivered, to everyone or to all but refused recipients.
+            (_, Some(reply)) => Verdict::Done(Outcome::Delivered(reply)),
+            // Every recipient refused.
+            (Some(problem), None) => Verdict::Done(problem),
+            (None, None) => Verdict::Done(Outcome::Delivered(Reply::new(
+                250,
+                [2, 0, 0],
+                "already delivered to every recipient",
+            ))),
+        }
+    }
+
+    /// One upstream transaction over a reused or new connection. A reused
+    /// connection the server closed meanwhile is replaced once.
+    async fn send_part(
+        &self,
+        account: &Account,
+        connection: &mut Option<Connection>,
+        recipients: &[String],
+        flags: BodyFlags,
+        message: &[u8],
+    ) -> Sent {
         for _ in 0..2 {
             let reused = connection.is_some();
             let mut current = match connection.take() {
                 Some(current) => current,
                 None => match account.upstream.connect().await {
                     Ok(current) => current,
-                    Err(outcome) => return outcome,
+                    Err(outcome) => {
+                        return Sent {
+                            refused: Vec::new(),
+                            outcome: Some(outcome),
+                        };
+                    }
                 },
             };
-            let outcome = account
+            let sent = account
                 .upstream
-                .send(&mut current, &envelope.recipients, envelope.flags, message)
+                .send(&mut current, recipients, flags, message)
                 .await;
-            match &outcome {
-                Outcome::Deferred { reply: None, .. } if reused => continue,
+            match &sent.outcome {
+                Some(Outcome::Deferred { reply: None, .. }) if reused => continue,
                 // The connection is still in step after a verdict on the message.
-                Outcome::Delivered(_) | Outcome::Rejected(_) => *connection = Some(current),
+                None
+                | Some(Outcome::Delivered(_) | Outcome::Rejected(_) | Outcome::OverLimit(_)) => {
+                    *connection = Some(current)
+                }
                 _ => {}
             }
-            return outcome;
+            return sent;
         }
         unreachable!("the second attempt uses a new connection and returns")
     }
 
-    /// Records an attempt's outcome in the spool. With `discard`, the client
+    /// Records an attempt's verdict in the spool. With `discard`, the client
     /// still holds the message (passthrough) and a failure deletes our copy.
-    async fn settle(&self, envelope: &mut Envelope, outcome: &Outcome, discard: bool) {
+    async fn settle(&self, envelope: &mut Envelope, verdict: &Verdict, discard: bool) {
         let now = self.clock.now();
         let id = envelope.id.clone();
         let account = envelope.account.clone();
-        let delivered = matches!(outcome, Outcome::Delivered(_));
         envelope.retry_requested_at = None;
+        let outcome = match verdict {
+            Verdict::Done(outcome) => outcome,
+            Verdict::Postponed { until, reply } => {
+                if discard {
+                    info!(id = %id, account = %account, reason = "daily_limit", "message returned to the client (passthrough): over the daily sending limit");
+                    self.discard(State::Active, &id).await;
+                    return;
+                }
+                envelope.next_attempt_at = *until;
+                envelope.last_reply = Some(reply.to_string());
+                let wait_s = until.saturating_sub(now) / 1000;
+                let hint = diagnose(&account, reply).hint.unwrap_or_else(|| {
+                    format!("the limit is accounts.{account}.daily_message_limit / daily_recipient_limit")
+                });
+                warn!(id = %id, account = %account, reason = "daily_limit", upstream_reply = %reply, resume_in_s = wait_s, hint = %hint, "message waits for the daily sending limit's window");
+                envelope.record(
+                    now,
+                    format!("deferred: daily sending limit; resumes in {wait_s}s"),
+                );
+                self.store(envelope, State::Deferred).await;
+                return;
+            }
+        };
+        let delivered = matches!(outcome, Outcome::Delivered(_));
         if discard && !delivered {
             info!(id = %id, account = %account, outcome = %describe(outcome), "message returned to the client (passthrough)");
             self.discard(State::Active, &id).await;
             return;
         }
         let to = match outcome {
-            Outcome::Delivered(reply) => {
-                info!(id = %id, account = %account, attempts = envelope.attempts, upstream_reply = %reply, "message delivered");
+            Outcome::Delivered(reply) if envelope.refused.is_empty() => {
+                info!(id = %id, account = %account, attempts = envelope.attempts, recipients = envelope.delivered.len(), upstream_reply = %reply, "message delivered");
                 if let Err(err) = self.io(move |spool| spool.remove(State::Active, &id)).await {
                     error!(id = %envelope.id, error = %err, "delivered, but cannot remove it from the spool: it may be sent again");
                 }
                 return;
             }
-            Outcome::Rejected(reply) => {
-                let hint = hint(&account, reply).unwrap_or_default();
-                warn!(id = %id, account = %account, reason = "upstream_rejected", upstream_reply = %reply, hint = %hint, "message rejected by the upstream; kept in rejected/ (queue retry replays it)");
-                envelope.last_reply = Some(reply.to_string());
+            Outcome::Delivered(_) | Outcome::Rejected(_) => {
+                let first = envelope.refused[0].reply.clone();
+                let diagnosis = diagnose(&account, &first);
+                let refused: Vec<&str> = envelope
+                    .refused
+                    .iter()
+                    .map(|refused| refused.address.as_str())
+                    .collect();
+                warn!(id = %id, account = %account, reason = diagnosis.reason, delivered = envelope.delivered.len(), refused = ?refused, upstream_reply = %first, hint = diagnosis.hint.as_deref().unwrap_or(""), "upstream refused the message or some recipients; kept in rejected/ (`queue retry` sends to the refused recipients again)");
+                envelope.last_reply = Some(first.to_string());
                 State::Rejected
             }
             Outcome::AuthFailed(reply) => {
@@ -397,6 +545,7 @@ impl Delivery {
                 envelope.last_reply = Some(reply.to_string());
                 State::Held
             }
+            Outcome::OverLimit(_) => unreachable!("over-limit outcomes are postponed"),
             Outcome::Deferred { reason, .. } => {
                 envelope.last_reply = Some(reason.clone());
                 let age = Duration::from_millis(now.saturating_sub(envelope.received_at));
@@ -412,6 +561,11 @@ impl Delivery {
             }
         };
         envelope.record(now, format!("{to}: {}", describe(outcome)));
+        self.store(envelope, to).await;
+    }
+
+    /// Moves an envelope out of `active/` with its new contents.
+    async fn store(&self, envelope: &Envelope, to: State) {
         let updated = envelope.clone();
         if let Err(err) = self
             .io(move |spool| spool.update(&updated, State::Active, to))
@@ -592,6 +746,45 @@ impl Delivery {
     }
 }
 
+/// How delivering a message ended this time, over all its parts.
+enum Verdict {
+    Done(Outcome),
+    /// Over a sending limit: the rest waits until `until`. Not an attempt,
+    /// and never a reason to give the message up.
+    Postponed {
+        until: u64,
+        reply: Reply,
+    },
+}
+
+/// Notes one recipient's result in the envelope, and keeps in `problem`
+/// the most pressing reason the message is not done.
+fn record_recipient(
+    envelope: &mut Envelope,
+    address: &str,
+    outcome: &Outcome,
+    problem: &mut Option<Outcome>,
+) {
+    match outcome {
+        Outcome::Delivered(_) => envelope.delivered.push(address.to_string()),
+        Outcome::Rejected(reply) => envelope.refused.push(RefusedRecipient {
+            address: address.to_string(),
+            reply: reply.clone(),
+        }),
+        _ => {}
+    }
+    let urgency = |outcome: &Outcome| match outcome {
+        Outcome::Delivered(_) => 0,
+        Outcome::Rejected(_) => 1,
+        Outcome::Deferred { .. } => 2,
+        Outcome::OverLimit(_) => 3,
+        Outcome::AuthFailed(_) => 4,
+    };
+    if urgency(outcome) > problem.as_ref().map_or(0, urgency) {
+        *problem = Some(outcome.clone());
+    }
+}
+
 fn notify(verdict: Option<oneshot::Sender<Outcome>>, outcome: Outcome) {
     if let Some(verdict) = verdict {
         let _ = verdict.send(outcome);
@@ -612,6 +805,7 @@ fn describe(outcome: &Outcome) -> String {
         Outcome::Delivered(reply) => format!("delivered: {reply}"),
         Outcome::Rejected(reply) => format!("rejected: {reply}"),
         Outcome::AuthFailed(reply) => format!("sign-in refused: {reply}"),
+        Outcome::OverLimit(reply) => format!("over the sending limit: {reply}"),
         Outcome::Deferred { reason, .. } => format!("deferred: {reason}"),
     }
 }
@@ -630,6 +824,13 @@ fn client_reply(account: &str, outcome: &Outcome) -> Reply {
                 format!("Upstream account {account} refused the sign-in ({reply}); {hint}"),
             )
         }
+        Outcome::OverLimit(reply) => Reply::new(
+            451,
+            [4, 7, 0],
+            format!(
+                "Upstream account {account} is over its daily sending limit ({reply}); try again later"
+            ),
+        ),
         // 421 would tell the client that *we* are closing the connection.
         Outcome::Deferred {
             reply: Some(reply), ..

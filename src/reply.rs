@@ -5,7 +5,7 @@ use std::fmt;
 
 use smtp_proto::Response;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reply {
     pub code: u16,
     /// Enhanced status code (RFC 3463); `None` for greetings, EHLO and 334.

@@ -3,6 +3,8 @@
 //! ```text
 //! spool/data/<id>.eml                      message bytes; written once, never moved
 //! spool/{incoming,active,deferred,held,rejected}/<id>.json   the envelope
+//! spool/limits/<account>.log               recent sends, for daily limits
+//! spool/transcripts/<session>.log          SMTP dialogues kept for operators
 //! ```
 //! A message's state is the directory holding its envelope, so every state
 //! change is one atomic rename. Acceptance writes and fsyncs the bytes and
@@ -19,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::reply::Reply;
 use crate::upstream::BodyFlags;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -85,9 +88,36 @@ pub struct Envelope {
     pub retry_requested_at: Option<u64>,
     #[serde(default)]
     pub history: Vec<Event>,
+    /// Recipients the upstream accepted in earlier attempts or parts; never
+    /// sent to again.
+    #[serde(default)]
+    pub delivered: Vec<String>,
+    /// Recipients the upstream refused for good, with its reply.
+    #[serde(default)]
+    pub refused: Vec<RefusedRecipient>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedRecipient {
+    pub address: String,
+    pub reply: Reply,
 }
 
 impl Envelope {
+    /// Recipients still to be delivered to.
+    pub fn pending(&self) -> Vec<String> {
+        let settled: std::collections::HashSet<&String> = self
+            .delivered
+            .iter()
+            .chain(self.refused.iter().map(|refused| &refused.address))
+            .collect();
+        self.recipients
+            .iter()
+            .filter(|address| !settled.contains(address))
+            .cloned()
+            .collect()
+    }
+
     pub fn record(&mut self, at: u64, what: impl Into<String>) {
         self.history.push(Event {
             at,
@@ -113,7 +143,7 @@ impl Spool {
     /// Opens (creating when needed) a spool and checks it is writable.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Spool> {
         let spool = Spool { root: root.into() };
-        for dir in ["data", "incoming"]
+        for dir in ["data", "incoming", "limits", "transcripts"]
             .into_iter()
             .chain(State::ALL.iter().map(|state| state.dir_name()))
         {
@@ -124,6 +154,16 @@ impl Spool {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The log of an account's recent sends, for its daily limits.
+    pub fn limits_path(&self, account: &str) -> PathBuf {
+        self.root.join("limits").join(format!("{account}.log"))
+    }
+
+    /// Where session transcripts are kept.
+    pub fn transcripts_dir(&self) -> PathBuf {
+        self.root.join("transcripts")
     }
 
     /// Stores a new message durably in `state` and assigns its id. Returns

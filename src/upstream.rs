@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{AccountConfig, UpstreamTls};
+use crate::provider_replies::{Class, diagnose};
 use crate::reply::Reply;
 
 /// How one attempt to hand a message to the upstream ended (DESIGN.md,
@@ -26,6 +27,9 @@ pub enum Outcome {
     Rejected(Reply),
     /// The upstream refused our sign-in: the account's secret needs fixing.
     AuthFailed(Reply),
+    /// The provider's sending limit (Gmail 550 5.4.5): wait for its window;
+    /// never a bounce.
+    OverLimit(Reply),
     /// Worth retrying: a 4xx reply, or no reply at all (`reason` says why).
     Deferred {
         reply: Option<Reply>,
@@ -38,6 +42,16 @@ pub enum Outcome {
 pub struct BodyFlags {
     pub eight_bit: bool,
     pub smtputf8: bool,
+}
+
+/// What one upstream transaction did.
+#[derive(Debug)]
+pub struct Sent {
+    /// Recipients refused at RCPT, each with its own outcome.
+    pub refused: Vec<(String, Outcome)>,
+    /// The verdict for the other recipients: the DATA reply, or what ended
+    /// the transaction. `None` when every recipient was refused.
+    pub outcome: Option<Outcome>,
 }
 
 /// One configured upstream account, ready to open connections.
@@ -153,41 +167,66 @@ impl Upstream {
         Ok(())
     }
 
-    /// Sends one message over `connection`. `message` is the content as
-    /// received, ending in CRLF.
+    /// Sends one message over `connection` to `recipients` (at most the
+    /// provider's per-message limit). `message` is the content as spooled,
+    /// ending in CRLF.
     pub async fn send(
         &self,
         connection: &mut Connection,
         recipients: &[String],
         flags: BodyFlags,
         message: &[u8],
-    ) -> Outcome {
-        let client = &mut connection.client;
-        let result = async {
-            if connection.messages > 0 {
-                client.rset().await?;
-            }
-            let mut params = Parameters::new();
-            let size = message.len().to_string();
-            params.add(("SIZE", size.as_str()));
-            if flags.eight_bit {
-                params.add(("BODY", "8BITMIME"));
-            }
-            if flags.smtputf8 {
-                params.add("SMTPUTF8");
-            }
-            client.mail_from(&self.sender, &params).await?;
-            for recipient in recipients {
-                client.rcpt_to(recipient, &Parameters::new()).await?;
-            }
-            client.data(wire_content(message)).await
-        }
-        .await;
+    ) -> Sent {
+        let mut refused = Vec::new();
+        let result = self
+            .transaction(connection, recipients, flags, message, &mut refused)
+            .await;
         connection.messages += 1;
-        match result {
-            Ok(reply) => Outcome::Delivered(reply.into()),
-            Err(err) => self.classify(err),
+        let outcome = match result {
+            Ok(Some(reply)) => Some(Outcome::Delivered(reply.into())),
+            Ok(None) => None,
+            Err(err) => Some(self.classify(err)),
+        };
+        Sent { refused, outcome }
+    }
+
+    /// MAIL, one RCPT per recipient (refusals collected in `refused`), and
+    /// DATA when anyone was accepted: `Ok(None)` when no one was.
+    async fn transaction(
+        &self,
+        connection: &mut Connection,
+        recipients: &[String],
+        flags: BodyFlags,
+        message: &[u8],
+        refused: &mut Vec<(String, Outcome)>,
+    ) -> mail_send::Result<Option<smtp_proto::Response<String>>> {
+        let client = &mut connection.client;
+        if connection.messages > 0 {
+            client.rset().await?;
         }
+        let mut params = Parameters::new();
+        let size = message.len().to_string();
+        params.add(("SIZE", size.as_str()));
+        if flags.eight_bit {
+            params.add(("BODY", "8BITMIME"));
+        }
+        if flags.smtputf8 {
+            params.add("SMTPUTF8");
+        }
+        client.mail_from(&self.sender, &params).await?;
+        for recipient in recipients {
+            match client.rcpt_to(recipient, &Parameters::new()).await {
+                Ok(()) => {}
+                Err(mail_send::Error::UnexpectedReply(reply)) => {
+                    refused.push((recipient.clone(), classify_reply(reply.into())));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        if refused.len() == recipients.len() {
+            return Ok(None);
+        }
+        client.data(wire_content(message)).await.map(Some)
     }
 
     fn classify(&self, err: mail_send::Error) -> Outcome {
@@ -197,7 +236,12 @@ impl Upstream {
             reason,
         };
         match err {
-            Error::AuthenticationFailed(reply) => Outcome::AuthFailed(reply.into()),
+            // Any permanent refusal of AUTH is a sign-in problem; a temporary
+            // one (Gmail's 454 "too many login attempts") is retried.
+            Error::AuthenticationFailed(reply) => match classify_reply(reply.into()) {
+                Outcome::Rejected(reply) => Outcome::AuthFailed(reply),
+                other => other,
+            },
             Error::UnexpectedReply(reply) => classify_reply(reply.into()),
             Error::Timeout => deferred(format!("timed out after {}s", self.timeout.as_secs())),
             Error::Io(err) => deferred(self.describe_io(&err)),
@@ -245,65 +289,27 @@ fn boxed<T: Stream + 'static>(client: SmtpClient<T>) -> SmtpClient<Box<dyn Strea
     }
 }
 
-/// Sorts a reply by the classes in DESIGN.md.
+/// Sorts a reply by the classes in DESIGN.md, known provider replies first.
 pub fn classify_reply(reply: Reply) -> Outcome {
-    match reply.code {
-        200..=299 => Outcome::Delivered(reply),
-        500..=599 if is_auth_failure(&reply) => Outcome::AuthFailed(reply),
-        500..=599 => Outcome::Rejected(reply),
-        _ => Outcome::Deferred {
+    if (200..300).contains(&reply.code) {
+        return Outcome::Delivered(reply);
+    }
+    // The class does not depend on the account; only the hint does.
+    match diagnose("", &reply).class {
+        Class::AuthFailed => Outcome::AuthFailed(reply),
+        Class::Rejected => Outcome::Rejected(reply),
+        Class::OverLimit => Outcome::OverLimit(reply),
+        Class::Deferred => Outcome::Deferred {
             reason: reply.to_string(),
             reply: Some(reply),
         },
     }
 }
 
-fn is_auth_failure(reply: &Reply) -> bool {
-    match reply.status {
-        // Microsoft 365: basic auth disabled, or not supported for submission.
-        Some([5, 7, 139]) | Some([5, 7, 30]) => true,
-        Some([5, 7, _]) => matches!(reply.code, 530 | 534 | 535),
-        _ => matches!(reply.code, 534 | 535),
-    }
-}
-
-/// What an operator should do about a provider's reply, naming the config
-/// key. `None` when the reply speaks for itself.
-pub fn hint(account: &str, reply: &Reply) -> Option<String> {
-    let text = reply.text.as_str();
-    let hint = match (reply.code, reply.status) {
-        (534, Some([5, 7, 9])) => format!(
-            "Google requires an app password for this account: create one under Google Account → Security → App passwords (2-step verification must be on) and set accounts.{account}.password"
-        ),
-        (535, Some([5, 7, 8])) => format!(
-            "the provider rejected accounts.{account}.username or accounts.{account}.password; for Gmail use a 16-character app password, not the account password"
-        ),
-        (534, Some([5, 7, 14])) => format!(
-            "Google wants an interactive sign-in first: sign in to the account in a browser, then use an app password in accounts.{account}.password"
-        ),
-        (535, Some([5, 7, 139]))
-            if text.contains("basic authentication is disabled")
-                || text.contains("SmtpClientAuthentication") =>
-        {
-            format!(
-                "Microsoft 365 has SMTP basic authentication switched off for this mailbox or tenant: enable SMTP AUTH for the mailbox, or use OAuth 2.0 for accounts.{account}"
-            )
-        }
-        (535, Some([5, 7, 139])) => format!(
-            "Microsoft 365 rejected the credentials: check accounts.{account}.username and accounts.{account}.password"
-        ),
-        (530, Some([5, 7, 0])) => format!(
-            "the provider requires sign-in or STARTTLS first: check accounts.{account}.tls and the credentials"
-        ),
-        _ => return None,
-    };
-    Some(hint)
-}
-
 /// What to do about a refused sign-in: the provider-specific hint, or where
 /// the credentials are configured.
 pub fn sign_in_hint(account: &str, reply: &Reply) -> String {
-    hint(account, reply).unwrap_or_else(|| {
+    diagnose(account, reply).hint.unwrap_or_else(|| {
         format!("check accounts.{account}.username and accounts.{account}.password")
     })
 }
@@ -339,6 +345,7 @@ mod tests {
         assert!(matches!(outcome(550, [5, 7, 30]), Outcome::AuthFailed(_)));
         assert!(matches!(outcome(550, [5, 7, 1]), Outcome::Rejected(_)));
         assert!(matches!(outcome(550, [5, 1, 1]), Outcome::Rejected(_)));
+        assert!(matches!(outcome(550, [5, 4, 5]), Outcome::OverLimit(_)));
         assert!(matches!(
             outcome(421, [4, 7, 0]),
             Outcome::Deferred { reply: Some(_), .. }
@@ -347,11 +354,10 @@ mod tests {
 
     #[test]
     fn app_password_hint_names_the_key() {
-        let hint = hint(
+        let hint = sign_in_hint(
             "gmail",
             &Reply::new(534, [5, 7, 9], "Application-specific password required."),
-        )
-        .unwrap();
+        );
         assert!(hint.contains("app password") && hint.contains("accounts.gmail.password"));
     }
 

@@ -313,7 +313,7 @@ async fn upstream_rejecting_a_recipient_passes_its_reply_through() {
 #[tokio::test]
 async fn upstream_rejecting_the_message_passes_its_reply_through() {
     let setup = Setup::scripted(Script {
-        data: Some(gmail::DAILY_LIMIT.to_string()),
+        data: Some(gmail::UNAUTHENTICATED_SENDER.to_string()),
         ..Script::default()
     })
     .await;
@@ -322,9 +322,7 @@ async fn upstream_rejecting_the_message_passes_its_reply_through() {
 
     assert_eq!(reply.code, 550);
     assert!(
-        reply
-            .text
-            .starts_with("5.4.5 Daily user sending limit exceeded"),
+        reply.text.starts_with("5.7.26 This mail has been blocked"),
         "{reply:?}"
     );
 }

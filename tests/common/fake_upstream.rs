@@ -35,6 +35,7 @@ pub mod gmail {
     pub const TRY_AGAIN_LATER: &str =
         "421 4.7.0 Try again later, closing connection. a1b2c3d4e5f6 - gsmtp";
     pub const RECIPIENT_UNKNOWN: &str = "550-5.1.1 The email account that you tried to reach does not exist. Please try\r\n550-5.1.1 double-checking the recipient's email address for typos or\r\n550-5.1.1 unnecessary spaces. For more information, go to\r\n550 5.1.1  https://support.google.com/mail/?p=NoSuchUser a1b2c3d4e5f6 - gsmtp";
+    pub const UNAUTHENTICATED_SENDER: &str = "550-5.7.26 This mail has been blocked because the sender is unauthenticated.\r\n550-5.7.26 Gmail requires all senders to authenticate with either SPF or DKIM.\r\n550-5.7.26\r\n550-5.7.26  Authentication results:\r\n550-5.7.26  DKIM = did not pass\r\n550-5.7.26  SPF [legacy.example] with ip: [192.0.2.1] = did not pass\r\n550 5.7.26  https://support.google.com/mail/answer/81126#authentication a1b2c3d4e5f6 - gsmtp";
     pub const OK_QUEUED: &str = "250 2.0.0 OK  1700000000 a1b2c3d4e5f6 - gsmtp";
 }
 
