@@ -36,6 +36,7 @@ pub mod gmail {
         "421 4.7.0 Try again later, closing connection. a1b2c3d4e5f6 - gsmtp";
     pub const RECIPIENT_UNKNOWN: &str = "550-5.1.1 The email account that you tried to reach does not exist. Please try\r\n550-5.1.1 double-checking the recipient's email address for typos or\r\n550-5.1.1 unnecessary spaces. For more information, go to\r\n550 5.1.1  https://support.google.com/mail/?p=NoSuchUser a1b2c3d4e5f6 - gsmtp";
     pub const UNAUTHENTICATED_SENDER: &str = "550-5.7.26 This mail has been blocked because the sender is unauthenticated.\r\n550-5.7.26 Gmail requires all senders to authenticate with either SPF or DKIM.\r\n550-5.7.26\r\n550-5.7.26  Authentication results:\r\n550-5.7.26  DKIM = did not pass\r\n550-5.7.26  SPF [legacy.example] with ip: [192.0.2.1] = did not pass\r\n550 5.7.26  https://support.google.com/mail/answer/81126#authentication a1b2c3d4e5f6 - gsmtp";
+    pub const TOO_MANY_RECIPIENTS: &str = "452 4.5.3 Your message has too many recipients. For more information regarding Google's sending limits, go to https://support.google.com/mail/?p=TooManyRecipientsError a1b2c3d4e5f6 - gsmtp";
     pub const OK_QUEUED: &str = "250 2.0.0 OK  1700000000 a1b2c3d4e5f6 - gsmtp";
 }
 
@@ -75,8 +76,13 @@ pub struct Script {
     /// correct password; the client counts as authenticated iff it is a 2xx.
     pub auth: Option<String>,
     pub mail: Option<String>,
-    /// Applies to every RCPT.
+    /// Applies to every RCPT not named in `rcpt_for`.
     pub rcpt: Option<String>,
+    /// Replies to RCPT for particular addresses.
+    pub rcpt_for: Vec<(String, String)>,
+    /// Like Gmail, refuse RCPTs beyond this many per transaction with
+    /// `gmail::TOO_MANY_RECIPIENTS`.
+    pub max_recipients: Option<usize>,
     /// Reply after the end of the message (not the 354).
     pub data: Option<String>,
 }
@@ -519,7 +525,17 @@ impl Session {
                     MAIL_FIRST.into()
                 }
                 Ok(Request::Rcpt { to }) => {
-                    let reply = self.script().rcpt.unwrap_or_else(|| RCPT_OK.into());
+                    let script = self.script();
+                    let accepted = self.envelope.as_ref().map_or(0, |e| e.rcpt_to.len());
+                    let named = script
+                        .rcpt_for
+                        .iter()
+                        .find(|(address, _)| *address == to.address);
+                    let reply = match (named, script.max_recipients) {
+                        (_, Some(max)) if accepted >= max => gmail::TOO_MANY_RECIPIENTS.into(),
+                        (Some((_, reply)), _) => reply.clone(),
+                        (None, _) => script.rcpt.unwrap_or_else(|| RCPT_OK.into()),
+                    };
                     if is_positive(&reply) {
                         if let Some(envelope) = &mut self.envelope {
                             envelope.rcpt_to.push(to.address);
