@@ -4,11 +4,15 @@ use std::io::Read;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
+use rustls::ProtocolVersion;
 
-use crate::config::Config;
+use crate::config::{AccountConfig, Config};
+use crate::provider_replies::diagnose;
+use crate::reply::Reply;
 use crate::secret::Secret;
 use crate::session::hash_password;
 use crate::spool::{Spool, State, unix_millis};
+use crate::upstream::{Outcome, Upstream, sign_in_hint};
 
 /// `sendbridge hash-password`: reads a password from stdin (one line, the
 /// newline is not part of it) and prints its argon2 hash for `password_hash`.
@@ -29,9 +33,197 @@ pub fn hash_password_from_stdin() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sendbridge check`: validates the configuration and summarises it
-/// without printing any secret.
-pub fn check(config: &Config) {
+/// `sendbridge check [ACCOUNT]`: summarises the configuration, then signs
+/// in to every upstream account (or only `only`) at once and prints a table.
+/// An error when any sign-in fails. Prints no secret.
+pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
+    let accounts = accounts_to_check(config, only)?;
+    let upstreams = accounts
+        .iter()
+        .map(|(name, account)| Upstream::new(name, account, &config.server.hostname))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    summarise(config);
+    if upstreams.is_empty() {
+        println!("\nno upstream account to sign in to");
+        return Ok(());
+    }
+    let attempts: Vec<_> = upstreams
+        .into_iter()
+        .map(|upstream| tokio::spawn(sign_in(upstream)))
+        .collect();
+    let mut rows = Vec::new();
+    for ((name, account), attempt) in accounts.into_iter().zip(attempts) {
+        rows.push(CheckRow::new(name, account, attempt.await?));
+    }
+    print!("\n{}", check_table(&rows));
+    let failed = rows.iter().filter(|row| row.auth != "ok").count();
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} account(s) could not sign in",
+        rows.len()
+    );
+    Ok(())
+}
+
+/// Every account, or just the one named; an unknown name lists the known ones.
+fn accounts_to_check<'a>(
+    config: &'a Config,
+    only: Option<&str>,
+) -> anyhow::Result<Vec<(&'a String, &'a AccountConfig)>> {
+    let chosen: Vec<_> = config
+        .accounts
+        .iter()
+        .filter(|(name, _)| only.is_none_or(|only| only == name.as_str()))
+        .collect();
+    match only {
+        Some(only) if chosen.is_empty() => {
+            let known = config.accounts.keys().cloned().collect::<Vec<_>>();
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            anyhow::bail!("no account named {only:?} (configured: {known})")
+        }
+        _ => Ok(chosen),
+    }
+}
+
+/// Connects, secures, signs in and says goodbye: what `run` does before
+/// its first message. The TLS version negotiated on success.
+async fn sign_in(upstream: Upstream) -> Result<Option<ProtocolVersion>, Outcome> {
+    let connection = upstream.connect().await?;
+    let version = connection.tls_version();
+    connection.quit().await;
+    Ok(version)
+}
+
+/// One account's line in the `check` table.
+struct CheckRow {
+    account: String,
+    server: String,
+    tls: String,
+    auth: &'static str,
+    /// The reply or the reason.
+    detail: String,
+    /// What to fix, printed beneath the row.
+    hint: Option<String>,
+}
+
+impl CheckRow {
+    fn new(
+        name: &str,
+        account: &AccountConfig,
+        result: Result<Option<ProtocolVersion>, Outcome>,
+    ) -> Self {
+        let (tls, auth, detail, hint) = match result {
+            Ok(version) => (
+                tls_name(version),
+                "ok",
+                format!("signed in as {}", account.username),
+                None,
+            ),
+            Err(outcome) => {
+                let (auth, detail, hint) = failure(name, outcome);
+                ("-".to_string(), auth, detail, hint)
+            }
+        };
+        CheckRow {
+            account: name.to_string(),
+            server: format!("{}:{}", account.host, account.port),
+            tls,
+            auth,
+            detail,
+            hint,
+        }
+    }
+
+    /// The columns of the table, in order.
+    fn cells(&self) -> [&str; 5] {
+        [
+            &self.account,
+            &self.server,
+            &self.tls,
+            self.auth,
+            &self.detail,
+        ]
+    }
+}
+
+/// The AUTH column, the reply or reason, and the hint for a failed sign-in.
+fn failure(account: &str, outcome: Outcome) -> (&'static str, String, Option<String>) {
+    match outcome {
+        Outcome::AuthFailed(reply) => (
+            "refused",
+            one_line(&reply),
+            Some(sign_in_hint(account, &reply)),
+        ),
+        // No SMTP reply to show: connecting, TLS or a timeout failed; the
+        // reason says which.
+        Outcome::Deferred {
+            reply: None,
+            reason,
+        } => ("failed", reason, None),
+        Outcome::Deferred {
+            reply: Some(reply), ..
+        }
+        | Outcome::Rejected(reply)
+        | Outcome::OverLimit(reply)
+        | Outcome::Delivered(reply) => {
+            let hint = diagnose(account, &reply).hint;
+            ("error", one_line(&reply), hint)
+        }
+    }
+}
+
+/// The whole reply on one line: providers put the useful link on the last.
+fn one_line(reply: &Reply) -> String {
+    let text = reply.text.lines().map(str::trim).collect::<Vec<_>>();
+    let whole = Reply {
+        text: text.join(" "),
+        ..reply.clone()
+    };
+    whole.to_string()
+}
+
+/// "TLSv1.3" as operators write it (rustls spells it `TLSv1_3`).
+fn tls_name(version: Option<ProtocolVersion>) -> String {
+    match version {
+        None => "none".to_string(),
+        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(other) => format!("{other:?}"),
+    }
+}
+
+/// Aligned columns, a header, and each hint on an indented line of its own.
+fn check_table(rows: &[CheckRow]) -> String {
+    const HEADER: [&str; 5] = ["ACCOUNT", "SERVER", "TLS", "AUTH", "REPLY / REASON"];
+    let mut widths = HEADER.map(|title| title.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row.cells()) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let padded: Vec<_> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut table = line(HEADER);
+    for row in rows {
+        table += &line(row.cells());
+        if let Some(hint) = &row.hint {
+            table += &format!("    hint: {hint}\n");
+        }
+    }
+    table
+}
+
+fn summarise(config: &Config) {
     println!("configuration is valid");
     println!("listen: {}", config.server.listen);
     if let Some(tls) = config.server.listen_tls {

@@ -23,8 +23,11 @@ struct Cli {
 enum Command {
     /// Start the relay
     Run,
-    /// Validate the configuration and print a summary (no secrets)
-    Check,
+    /// Validate the configuration, then sign in to each upstream account and print a table (no secrets)
+    Check {
+        /// Check only this account
+        account: Option<String>,
+    },
     /// Print an argon2 hash of a password read from stdin, for users.<name>.password_hash
     HashPassword,
     /// Inspect and manage the queue (works while the relay runs)
@@ -76,9 +79,10 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Check => {
-            sendbridge::cli::check(&config);
-            ExitCode::SUCCESS
+        Command::Check { account } => {
+            sendbridge::tls::install_crypto_provider();
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            report(runtime.block_on(sendbridge::cli::check(&config, account.as_deref())))
         }
         Command::Run => {
             sendbridge::tls::install_crypto_provider();

@@ -8,10 +8,12 @@ use std::time::Duration;
 use mail_send::smtp::AssertReply;
 use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient};
+use rustls::ProtocolVersion;
 use smtp_proto::EXT_START_TLS;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use crate::config::{AccountConfig, UpstreamTls};
 use crate::provider_replies::{Class, diagnose};
@@ -75,10 +77,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// handshake plus AUTH per message is the main cost of a relay.
 pub struct Connection {
     client: SmtpClient<Box<dyn Stream>>,
+    tls_version: Option<ProtocolVersion>,
     messages: usize,
 }
 
 impl Connection {
+    /// The TLS protocol version negotiated; `None` for an account with
+    /// `tls = "none"`.
+    pub fn tls_version(&self) -> Option<ProtocolVersion> {
+        self.tls_version
+    }
+
     /// Says goodbye; the connection is gone either way.
     pub async fn quit(mut self) {
         let _ = self.client.cmd(b"QUIT\r\n").await;
@@ -113,10 +122,7 @@ impl Upstream {
     /// Connects, secures and signs in. The error is the attempt's outcome.
     pub async fn connect(&self) -> Result<Connection, Outcome> {
         match tokio::time::timeout(self.timeout, self.open()).await {
-            Ok(Ok(client)) => Ok(Connection {
-                client,
-                messages: 0,
-            }),
+            Ok(Ok(connection)) => Ok(connection),
             Ok(Err(err)) => Err(self.classify(err)),
             Err(_) => Err(self.classify(mail_send::Error::Timeout)),
         }
@@ -125,18 +131,18 @@ impl Upstream {
     /// mail-send's builder, but with TCP_NODELAY: the terminating "." of a
     /// message is a small write of its own, and without NODELAY it waits for
     /// a delayed ACK (~40 ms per message; measured by the load benchmark).
-    async fn open(&self) -> mail_send::Result<SmtpClient<Box<dyn Stream>>> {
+    async fn open(&self) -> mail_send::Result<Connection> {
         let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
         stream.set_nodelay(true)?;
         let mut client = SmtpClient {
             stream,
             timeout: self.timeout,
         };
-        let mut client = match self.tls {
+        let (mut client, tls_version) = match self.tls {
             UpstreamTls::Implicit => {
                 let mut client = client.into_tls(&self.connector, &self.host).await?;
                 client.read().await?.assert_positive_completion()?;
-                boxed(client)
+                boxed_tls(client)
             }
             UpstreamTls::Starttls => {
                 client.read().await?.assert_positive_completion()?;
@@ -147,18 +153,22 @@ impl Upstream {
                 {
                     return Err(mail_send::Error::MissingStartTls);
                 }
-                boxed(client.start_tls(&self.connector, &self.host).await?)
+                boxed_tls(client.start_tls(&self.connector, &self.host).await?)
             }
             UpstreamTls::None => {
                 client.read().await?.assert_positive_completion()?;
-                boxed(client)
+                (boxed(client), None)
             }
         };
         let capabilities = client.ehlo(&self.helo_name).await?;
         client
             .authenticate(&self.credentials, &capabilities)
             .await?;
-        Ok(client)
+        Ok(Connection {
+            client,
+            tls_version,
+            messages: 0,
+        })
     }
 
     /// Checks that sign-in works again, for an account on hold.
@@ -287,6 +297,14 @@ fn boxed<T: Stream + 'static>(client: SmtpClient<T>) -> SmtpClient<Box<dyn Strea
         stream: Box::new(client.stream),
         timeout: client.timeout,
     }
+}
+
+/// Like [`boxed`], but first notes the TLS version, which boxing hides.
+fn boxed_tls(
+    client: SmtpClient<TlsStream<TcpStream>>,
+) -> (SmtpClient<Box<dyn Stream>>, Option<ProtocolVersion>) {
+    let version = client.stream.get_ref().1.protocol_version();
+    (boxed(client), version)
 }
 
 /// Sorts a reply by the classes in DESIGN.md, known provider replies first.

@@ -3,13 +3,16 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
-use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls};
+use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls, gmail};
 use common::process::{RelayProcess, sendbridge};
 use common::smtp::Client;
 
 const WAIT: Duration = Duration::from_secs(30);
+const UPSTREAM_USER: &str = "me@gmail.com";
+const APP_PASSWORD: &str = "abcdabcdabcdabcd";
 
 async fn output(
     dir: &std::path::Path,
@@ -52,21 +55,64 @@ async fn explicit_config_file_must_exist() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml does not exist"));
 }
 
+/// Writes `config/sendbridge.toml` in `dir` from TOML tables.
+fn write_config(dir: &Path, tables: &[String]) {
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    std::fs::write(dir.join("config/sendbridge.toml"), tables.concat()).unwrap();
+}
+
+/// An `[accounts.NAME]` table signing in to `upstream` as UPSTREAM_USER,
+/// with `keys` (TOML lines) added.
+fn account(name: &str, upstream: &FakeUpstream, keys: &str) -> String {
+    format!(
+        "[accounts.{name}]\nhost = \"localhost\"\nport = {}\nusername = \"{UPSTREAM_USER}\"\n{keys}",
+        upstream.port()
+    )
+}
+
+/// The `ca_file` line that makes an account trust `upstream`'s test CA.
+fn trusting(upstream: &FakeUpstream) -> String {
+    format!("ca_file = '{}'\n", upstream.ca_file().display())
+}
+
+async fn start_upstream(tls: UpstreamTls) -> FakeUpstream {
+    FakeUpstream::start(FakeUpstreamOptions::new(tls, UPSTREAM_USER, APP_PASSWORD)).await
+}
+
+/// `sendbridge check` in `dir`: exit code, stdout and stderr.
+async fn check(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = output(dir, &[&["check"], args].concat(), &[]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stdout, stderr)
+}
+
+/// The words of the table row for `account`.
+fn row<'a>(stdout: &'a str, account: &str) -> Vec<&'a str> {
+    let line = stdout
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(account))
+        .unwrap_or_else(|| panic!("no row for {account}:\n{stdout}"));
+    line.split_whitespace().collect()
+}
+
 #[tokio::test]
 async fn config_file_and_env_combine() {
+    let upstream = start_upstream(UpstreamTls::StartTls).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("config")).unwrap();
-    std::fs::write(
-        dir.path().join("config/sendbridge.toml"),
-        "[accounts.gmail]\nusername = \"me@gmail.com\"\n[users.invoices]\npassword = \"x\"\n",
-    )
-    .unwrap();
+    write_config(
+        dir.path(),
+        &[
+            account("gmail", &upstream, &trusting(&upstream)),
+            "[users.invoices]\npassword = \"x\"\n".to_string(),
+        ],
+    );
     // The file lacks the app password: env supplies it.
     let out = output(dir.path(), &["check"], &[]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("accounts.gmail.password: missing"));
 
-    let env = [("SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD", "abcdabcdabcdabcd")];
+    let env = [("SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD", APP_PASSWORD)];
     let out = output(dir.path(), &["check"], &env).await;
     assert!(
         out.status.success(),
@@ -74,15 +120,136 @@ async fn config_file_and_env_combine() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let server = format!("localhost:{}", upstream.port());
     assert!(
-        stdout.contains("account gmail: me@gmail.com@smtp.gmail.com:587"),
+        stdout.contains(&format!("account gmail: {UPSTREAM_USER}@{server}")),
         "{stdout}"
     );
     assert!(
         stdout.contains("user invoices: sends through gmail"),
         "{stdout}"
     );
-    assert!(!stdout.contains("abcdabcdabcdabcd"));
+    assert!(!stdout.contains(APP_PASSWORD));
+}
+
+#[tokio::test]
+async fn check_signs_in_to_every_account_and_shows_the_tls_version() {
+    let starttls = start_upstream(UpstreamTls::StartTls).await;
+    let implicit = start_upstream(UpstreamTls::Implicit).await;
+    let dir = tempfile::tempdir().unwrap();
+    let password = format!("password = \"{APP_PASSWORD}\"\n");
+    write_config(
+        dir.path(),
+        &[
+            account(
+                "work",
+                &starttls,
+                &(password.clone() + &trusting(&starttls)),
+            ),
+            account(
+                "backup",
+                &implicit,
+                &(password + &trusting(&implicit) + "tls = \"implicit\"\n"),
+            ),
+        ],
+    );
+
+    let (code, stdout, stderr) = check(dir.path(), &[]).await;
+
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("configuration is valid\n"), "{stdout}");
+    for (name, upstream) in [("work", &starttls), ("backup", &implicit)] {
+        let server = format!("localhost:{}", upstream.port());
+        assert_eq!(row(&stdout, name)[..4], [name, &server, "TLSv1.3", "ok"]);
+        assert_eq!(upstream.auth_attempts(), 1);
+    }
+    // Aligned: each row's AUTH column starts where its header does.
+    let header = stdout.lines().find(|l| l.starts_with("ACCOUNT")).unwrap();
+    let column = header.find("AUTH").unwrap();
+    for name in ["work", "backup"] {
+        let line = stdout.lines().find(|l| l.starts_with(name)).unwrap();
+        assert_eq!(&line[column..column + 3], "ok ", "{stdout}");
+    }
+    assert!(!stdout.contains(APP_PASSWORD) && !stderr.contains(APP_PASSWORD));
+}
+
+#[tokio::test]
+async fn check_with_a_wrong_password_shows_the_reply_and_the_key_to_fix() {
+    const WRONG: &str = "wrongwrongwrong1";
+    let upstream = start_upstream(UpstreamTls::StartTls).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = format!("password = \"{WRONG}\"\n{}", trusting(&upstream));
+    write_config(dir.path(), &[account("work", &upstream, &keys)]);
+
+    let (code, stdout, stderr) = check(dir.path(), &[]).await;
+
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert_eq!(row(&stdout, "work")[2..4], ["-", "refused"], "{stdout}");
+    // Gmail's whole reply, its lines ("535-5.7.8 ...") joined.
+    let text: Vec<_> = gmail::BAD_CREDENTIALS
+        .lines()
+        .map(|line| line["535-5.7.8 ".len()..].trim())
+        .collect();
+    let reply = format!("535 5.7.8 {}", text.join(" "));
+    assert!(stdout.contains(&reply), "{stdout}");
+    // The hint has the line beneath the row.
+    let mut lines = stdout.lines().skip_while(|l| !l.starts_with("work "));
+    let hint = lines.nth(1).unwrap_or_default();
+    assert!(
+        hint.starts_with("    hint: ") && hint.contains("accounts.work.password"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("1 of 1 account(s) could not sign in"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains(WRONG) && !stderr.contains(WRONG));
+}
+
+#[tokio::test]
+async fn check_names_ca_file_for_an_untrusted_certificate() {
+    let mut options = FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, APP_PASSWORD);
+    options.trusted_cert = false;
+    let upstream = FakeUpstream::start(options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = format!("password = \"{APP_PASSWORD}\"\n");
+    write_config(dir.path(), &[account("work", &upstream, &keys)]);
+
+    let (code, stdout, stderr) = check(dir.path(), &[]).await;
+
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    let row = row(&stdout, "work").join(" ");
+    assert!(row.contains("certificate is not trusted"), "{stdout}");
+    assert!(row.contains("accounts.work.ca_file"), "{stdout}");
+    assert_eq!(
+        upstream.auth_attempts(),
+        0,
+        "no password for an unverified server"
+    );
+}
+
+#[tokio::test]
+async fn check_of_an_unknown_account_names_the_configured_ones() {
+    let upstream = start_upstream(UpstreamTls::StartTls).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = format!("password = \"{APP_PASSWORD}\"\n");
+    write_config(
+        dir.path(),
+        &[
+            account("work", &upstream, &keys),
+            account("backup", &upstream, &keys),
+        ],
+    );
+
+    let (code, stdout, stderr) = check(dir.path(), &["gmail"]).await;
+
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "sendbridge: no account named \"gmail\" (configured: backup, work)"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(upstream.connections(), 0);
 }
 
 #[tokio::test]
