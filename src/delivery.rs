@@ -714,7 +714,9 @@ impl Delivery {
                         });
                     }
                     if let Some(next) = next {
-                        wait = wait.min(Duration::from_millis(next.saturating_sub(now)));
+                        // From the time the scan ended, which may be later.
+                        let until_next = next.saturating_sub(self.clock.now());
+                        wait = wait.min(Duration::from_millis(until_next));
                     }
                 }
                 Err(err) => error!(error = %err, "cannot read the queue"),

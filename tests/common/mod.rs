@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_upstream;
+pub mod frozen_clock;
 pub mod process;
 pub mod relay;
 pub mod smtp;
