@@ -8,6 +8,7 @@ pub mod delivery;
 pub mod observe;
 pub mod policy;
 pub mod reply;
+pub mod rewrite;
 pub mod secret;
 pub mod server;
 pub mod session;
