@@ -9,6 +9,7 @@ pub mod observe;
 pub mod policy;
 pub mod provider_replies;
 pub mod reply;
+pub mod rewrite;
 pub mod secret;
 pub mod send_window;
 pub mod server;
