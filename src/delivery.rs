@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, DeliveryConfig, DeliveryMode};
 use crate::provider_replies::diagnose;
-use crate::reply::Reply;
+use crate::reply::{Refusal, Reply};
 use crate::send_window::SendWindow;
 use crate::spool::{Envelope, RefusedRecipient, Spool, State};
 use crate::upstream::{BodyFlags, Connection, Outcome, Sent, Upstream, sign_in_hint};
@@ -184,14 +184,18 @@ impl Delivery {
     }
 
     /// Stores a message and answers the client per the delivery mode.
-    pub async fn submit(&self, mut envelope: Envelope, message: Vec<u8>) -> Reply {
-        let Some(account) = self.accounts.get(&envelope.account).cloned() else {
-            return Reply::new(451, [4, 3, 5], "No such upstream account configured");
+    pub async fn submit(&self, mut envelope: Envelope, message: Vec<u8>) -> Submitted {
+        let account_name = envelope.account.clone();
+        let Some(account) = self.accounts.get(&account_name).cloned() else {
+            let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
+            let hint = format!("add [accounts.{account_name}] to the configuration");
+            return Submitted::refused(reply, None, Refusal::new("no_account", hint));
         };
         let hold = account.hold();
         if let (Some(hold), DeliveryMode::Passthrough) = (&hold, self.settings.mode) {
             // The client keeps the message; no need to store it first.
-            return client_reply(&envelope.account, &Outcome::AuthFailed(hold.reply.clone()));
+            let outcome = Outcome::AuthFailed(hold.reply.clone());
+            return Submitted::from_outcome(&account_name, None, &outcome);
         }
         let state = if hold.is_some() {
             State::Held
@@ -221,24 +225,34 @@ impl Delivery {
         let envelope = match stored {
             Ok(Ok(envelope)) => envelope,
             Ok(Err(err)) => {
-                error!(
-                    error = %err,
-                    spool = %self.spool.root().display(),
-                    reason = "spool_failed",
-                    "cannot store a message: nothing was acknowledged; check free space and permissions of spool.dir"
+                let hint = format!(
+                    "check free space and permissions of spool.dir ({})",
+                    self.spool.root().display()
                 );
-                return Reply::new(
+                error!(error = %err, reason = "spool_failed", hint = %hint, "cannot store a message: nothing was acknowledged");
+                let reply = Reply::new(
                     452,
                     [4, 3, 1],
                     "Insufficient system storage, try again later",
                 );
+                return Submitted::refused(reply, None, Refusal::new("spool_failed", hint));
             }
-            Err(_) => return Reply::new(451, [4, 3, 0], "Internal error, try again later"),
+            Err(_) => {
+                let reply = Reply::new(451, [4, 3, 0], "Internal error, try again later");
+                return Submitted::refused(
+                    reply,
+                    None,
+                    Refusal::new("internal", "see the error above"),
+                );
+            }
         };
         let id = envelope.id.clone();
-        let account_name = envelope.account.clone();
         info!(id = %id, account = %envelope.account, state = %state, recipients = envelope.recipients.len(), size = envelope.size, "message spooled");
-        let queued = Reply::new(250, [2, 0, 0], format!("OK queued as {id}"));
+        let queued = Submitted {
+            reply: Reply::new(250, [2, 0, 0], format!("OK queued as {id}")),
+            id: Some(id.clone()),
+            refusal: None,
+        };
         if hold.is_some() {
             return queued;
         }
@@ -261,17 +275,23 @@ impl Delivery {
         let Some(outcome) = outcome else {
             return queued;
         };
+        let id = Some(id);
         match self.settings.mode {
             DeliveryMode::Hybrid => {
                 match tokio::time::timeout(self.settings.sync_timeout, outcome).await {
-                    Ok(Ok(Outcome::Rejected(reply))) => reply,
+                    Ok(Ok(rejected @ Outcome::Rejected(_))) => {
+                        Submitted::from_outcome(&account_name, id, &rejected)
+                    }
                     _ => queued,
                 }
             }
             DeliveryMode::Passthrough => match outcome.await {
                 Ok(Outcome::Delivered(_)) => queued,
-                Ok(other) => client_reply(&account_name, &other),
-                Err(_) => Reply::new(451, [4, 3, 0], "Delivery interrupted, try again later"),
+                Ok(other) => Submitted::from_outcome(&account_name, id, &other),
+                Err(_) => {
+                    let reply = Reply::new(451, [4, 3, 0], "Delivery interrupted, try again later");
+                    Submitted::refused(reply, id, Refusal::new("internal", "the relay is stopping"))
+                }
             },
             DeliveryMode::Queue => queued,
         }
@@ -546,16 +566,19 @@ impl Delivery {
                 State::Held
             }
             Outcome::OverLimit(_) => unreachable!("over-limit outcomes are postponed"),
-            Outcome::Deferred { reason, .. } => {
+            Outcome::Deferred { reason, reply } => {
                 envelope.last_reply = Some(reason.clone());
+                let diagnosis = reply.as_ref().map(|reply| diagnose(&account, reply));
+                let code = diagnosis.as_ref().map_or("upstream_unavailable", |d| d.reason);
+                let hint = diagnosis.and_then(|d| d.hint).unwrap_or_default();
                 let age = Duration::from_millis(now.saturating_sub(envelope.received_at));
                 if age >= self.settings.max_age {
-                    warn!(id = %id, account = %account, attempts = envelope.attempts, last_reply = %reason, reason = "expired", "message given up after delivery.max_age; kept in rejected/");
+                    warn!(id = %id, account = %account, attempts = envelope.attempts, last_reply = %reason, reason = "expired", hint = %hint, "message given up after delivery.max_age; kept in rejected/");
                     State::Rejected
                 } else {
                     let delay = retry_delay(&self.settings, envelope.attempts);
                     envelope.next_attempt_at = now + delay.as_millis() as u64;
-                    info!(id = %id, account = %account, attempts = envelope.attempts, retry_in_s = delay.as_secs(), last_reply = %reason, "message deferred");
+                    info!(id = %id, account = %account, attempts = envelope.attempts, retry_in_s = delay.as_secs(), reason = code, last_reply = %reason, hint = %hint, "message deferred");
                     State::Deferred
                 }
             }
@@ -590,6 +613,7 @@ impl Delivery {
             let hint = sign_in_hint(name, reply);
             error!(
                 account = %name,
+                reason = "upstream_auth",
                 upstream_reply = %reply,
                 hint = %hint,
                 "account on hold: the upstream refused sign-in; its mail waits in held/ and goes out by itself once sign-in works (probe, restart, or `sendbridge queue retry --account {name}`)"
@@ -812,41 +836,79 @@ fn describe(outcome: &Outcome) -> String {
     }
 }
 
-/// What a client hears when it must retry itself (passthrough mode).
-/// Upstream verdicts on the message pass through; an upstream sign-in
-/// failure never looks like the client's own login failing.
-fn client_reply(account: &str, outcome: &Outcome) -> Reply {
-    match outcome {
-        Outcome::Delivered(reply) | Outcome::Rejected(reply) => reply.clone(),
-        Outcome::AuthFailed(reply) => {
-            let hint = sign_in_hint(account, reply);
-            Reply::new(
-                454,
-                [4, 7, 0],
-                format!("Upstream account {account} refused the sign-in ({reply}); {hint}"),
-            )
+/// What the client hears about a message it handed over.
+#[derive(Debug)]
+pub struct Submitted {
+    pub reply: Reply,
+    /// The spool id, when the message was stored.
+    pub id: Option<String>,
+    /// Why the message was refused, when it was.
+    pub refusal: Option<Refusal>,
+}
+
+impl Submitted {
+    fn refused(reply: Reply, id: Option<String>, refusal: Refusal) -> Self {
+        Submitted {
+            reply,
+            id,
+            refusal: Some(refusal),
         }
-        Outcome::OverLimit(reply) => Reply::new(
-            451,
-            [4, 7, 0],
-            format!(
-                "Upstream account {account} is over its daily sending limit ({reply}); try again later"
-            ),
-        ),
-        // 421 would tell the client that *we* are closing the connection.
-        Outcome::Deferred {
-            reply: Some(reply), ..
-        } if reply.code == 421 => Reply {
-            code: 451,
-            ..reply.clone()
-        },
-        Outcome::Deferred {
-            reply: Some(reply), ..
-        } => reply.clone(),
-        Outcome::Deferred {
-            reply: None,
-            reason,
-        } => Reply::new(451, [4, 4, 1], format!("Upstream unavailable: {reason}")),
+    }
+
+    /// What a client hears when the upstream's verdict is its answer:
+    /// verdicts on the message pass through; an upstream sign-in failure
+    /// never looks like the client's own login failing.
+    fn from_outcome(account: &str, id: Option<String>, outcome: &Outcome) -> Self {
+        let diagnosed = |reply: &Reply| {
+            let diagnosis = diagnose(account, reply);
+            Refusal {
+                reason: diagnosis.reason,
+                hint: diagnosis.hint,
+            }
+        };
+        let (reply, refusal) = match outcome {
+            Outcome::Delivered(reply) => (reply.clone(), None),
+            Outcome::Rejected(reply) => (reply.clone(), Some(diagnosed(reply))),
+            Outcome::AuthFailed(reply) => {
+                let hint = sign_in_hint(account, reply);
+                let text =
+                    format!("Upstream account {account} refused the sign-in ({reply}); {hint}");
+                let refusal = Refusal::new("upstream_auth", hint);
+                (Reply::new(454, [4, 7, 0], text), Some(refusal))
+            }
+            Outcome::OverLimit(reply) => {
+                let text = format!(
+                    "Upstream account {account} is over its daily sending limit ({reply}); try again later"
+                );
+                (Reply::new(451, [4, 7, 0], text), Some(diagnosed(reply)))
+            }
+            // 421 would tell the client that *we* are closing the connection.
+            Outcome::Deferred {
+                reply: Some(reply), ..
+            } => {
+                let code = if reply.code == 421 { 451 } else { reply.code };
+                let refusal = diagnosed(reply);
+                (
+                    Reply {
+                        code,
+                        ..reply.clone()
+                    },
+                    Some(refusal),
+                )
+            }
+            Outcome::Deferred {
+                reply: None,
+                reason,
+            } => {
+                let text = format!("Upstream unavailable: {reason}");
+                let refusal = Refusal {
+                    reason: "upstream_unavailable",
+                    hint: None,
+                };
+                (Reply::new(451, [4, 4, 1], text), Some(refusal))
+            }
+        };
+        Submitted { reply, id, refusal }
     }
 }
 

@@ -73,6 +73,23 @@ impl fmt::Display for Reply {
     }
 }
 
+/// Why a client was refused: a stable reason code for logs and what the
+/// operator can change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub hint: Option<String>,
+}
+
+impl Refusal {
+    pub fn new(reason: &'static str, hint: impl Into<String>) -> Self {
+        Refusal {
+            reason,
+            hint: Some(hint.into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,17 +15,18 @@ use tracing::{Instrument, info, warn};
 
 use crate::config::Config;
 use crate::delivery::Delivery;
-use crate::policy::Policy;
-use crate::session::{Session, SessionContext, SessionEnd, Users};
+use crate::session::{Session, SessionContext, SessionEnd, SessionRecord, clean_transcripts};
 
 /// How long open sessions may take to finish after shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const TRANSCRIPT_CLEANING_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub struct Server {
     plain: TcpListener,
     implicit_tls: Option<TcpListener>,
     ctx: Arc<SessionContext>,
     connections: Arc<Semaphore>,
+    transcript_limits: (Duration, u64),
 }
 
 impl Server {
@@ -48,18 +49,16 @@ impl Server {
                     .with_context(|| format!("server.listen_tls: cannot listen on {addr}"))?,
             ),
         };
-        let ctx = SessionContext {
-            server: config.server.clone(),
-            users: Users::new(config)?,
-            policy: Policy::new(config),
-            delivery: Delivery::start(config, shutdown.clone())?,
-            tls,
-            shutdown,
-        };
+        let delivery = Delivery::start(config, shutdown.clone())?;
+        let ctx = SessionContext::new(config, delivery, tls, shutdown)?;
         Ok(Server {
             plain,
             implicit_tls,
             connections: Arc::new(Semaphore::new(config.server.max_connections)),
+            transcript_limits: (
+                config.log.transcript_max_age,
+                config.log.transcript_max_bytes,
+            ),
             ctx: Arc::new(ctx),
         })
     }
@@ -95,7 +94,7 @@ impl Server {
                 self.accept_loop(listener, true, &sessions).await;
             }
         };
-        tokio::join!(plain, implicit_tls);
+        tokio::join!(plain, implicit_tls, self.clean_transcripts());
         sessions.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
             .await
@@ -107,6 +106,26 @@ impl Server {
             );
         }
         info!("sendbridge stopped");
+    }
+
+    /// Keeps the transcripts directory within its age and size bounds.
+    async fn clean_transcripts(&self) {
+        let (max_age, max_bytes) = self.transcript_limits;
+        loop {
+            let dir = self.ctx.transcripts_dir.clone();
+            let cleaned =
+                tokio::task::spawn_blocking(move || clean_transcripts(&dir, max_age, max_bytes))
+                    .await;
+            match cleaned {
+                Ok(Ok(0)) | Err(_) => {}
+                Ok(Ok(deleted)) => info!(deleted, "old session transcripts deleted"),
+                Ok(Err(err)) => warn!(error = %err, "cannot clean the transcripts directory"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TRANSCRIPT_CLEANING_INTERVAL) => {}
+                _ = self.ctx.shutdown.cancelled() => return,
+            }
+        }
     }
 
     async fn accept_loop(
@@ -161,20 +180,40 @@ async fn serve(
     implicit_tls: bool,
 ) {
     tracing::debug!("connected");
-    if implicit_tls {
-        if let Some(tls) = handshake(&ctx, stream).await {
-            Session::new(ctx, tls, id, peer, true).run(true).await;
+    let record = SessionRecord::new(&ctx, &id, peer);
+    let record = if implicit_tls {
+        match handshake(&ctx, stream).await {
+            Some(tls) => closed(
+                Session::new(ctx.clone(), tls, id, peer, true, record)
+                    .run(true)
+                    .await,
+            ),
+            None => record,
         }
-    } else if let SessionEnd::StartTls(stream) =
-        Session::new(ctx.clone(), stream, id.clone(), peer, false)
+    } else {
+        match Session::new(ctx.clone(), stream, id.clone(), peer, false, record)
             .run(true)
             .await
-    {
-        if let Some(tls) = handshake(&ctx, stream).await {
-            Session::new(ctx, tls, id, peer, true).run(false).await;
+        {
+            SessionEnd::Closed(record) => record,
+            SessionEnd::StartTls(stream, record) => match handshake(&ctx, stream).await {
+                Some(tls) => closed(
+                    Session::new(ctx.clone(), tls, id, peer, true, record)
+                        .run(false)
+                        .await,
+                ),
+                None => record,
+            },
         }
+    };
+    record.finish(&ctx).await;
+}
+
+/// The record of a session over TLS, which cannot start TLS again.
+fn closed<S>(end: SessionEnd<S>) -> SessionRecord {
+    match end {
+        SessionEnd::Closed(record) | SessionEnd::StartTls(_, record) => record,
     }
-    tracing::debug!("disconnected");
 }
 
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(

@@ -28,6 +28,8 @@ const RECIPIENTS: [&str; 2] = ["customer@example.com", "cc@example.com"];
 /// and the relay unstuff.
 const MESSAGE: &str = "From: Invoices <billing@legacy.example>\r\n\
     To: customer@example.com\r\n\
+    Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n\
+    Message-ID: <42@legacy.example>\r\n\
     Subject: =?UTF-8?B?UmVjaG51bmcgZsO8ciBNw6Ryeg==?=\r\n\
     \r\n\
     Total due: 42 EUR\r\n\
@@ -39,6 +41,8 @@ const MESSAGE: &str = "From: Invoices <billing@legacy.example>\r\n\
 /// The file curl uploads, as a legacy program writes it: LF line endings.
 const MESSAGE_FILE: &str = "From: billing@legacy.example\n\
     To: customer@example.com\n\
+    Date: Mon, 23 Nov 2026 10:00:00 +0000\n\
+    Message-ID: <43@legacy.example>\n\
     Subject: curl test\n\
     \n\
     Invoice attached.\n\
@@ -253,7 +257,7 @@ async fn relay_one_message(
     assert_eq!(message.rcpt_to, RECIPIENTS);
     Some(Relayed {
         stdout: text(&output.stdout),
-        content: text(&message.data),
+        content: message.without_trace(),
     })
 }
 

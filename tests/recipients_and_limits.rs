@@ -173,7 +173,7 @@ async fn mail_over_the_daily_cap_waits_and_goes_out_when_the_window_frees() {
             ..Envelope::default()
         };
         let submitted = delivery.submit(envelope, CONTENT.as_bytes().to_vec());
-        let reply = clock.within(WAIT, submitted).await;
+        let reply = clock.within(WAIT, submitted).await.reply;
         assert_eq!(reply.code, 250, "accepted even over the cap");
     }
 

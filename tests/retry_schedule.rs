@@ -47,7 +47,7 @@ async fn temporary_failures_back_off_exponentially_then_expire() {
     let reply = delivery
         .submit(envelope, b"Subject: s\r\n\r\nbody\r\n".to_vec())
         .await;
-    assert_eq!(reply.code, 250);
+    assert_eq!(reply.reply.code, 250);
     // Virtual time: the relay's timers fire in order as the clock advances.
     tokio::time::sleep(Duration::from_secs(20 * 60)).await;
 

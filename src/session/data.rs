@@ -10,9 +10,8 @@ use super::{Session, Stop};
 pub(super) enum DataEnd {
     /// The content, ending in the CRLF before the terminating dot.
     Complete(Vec<u8>),
-    /// Over the limit; the rest was read and dropped. Carries the bytes seen
-    /// before dropping began.
-    TooLarge(usize),
+    /// Over the limit; the rest was read and dropped.
+    TooLarge,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -40,7 +39,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.read_more(timeout, false).await?;
         }
         // Drain the rest so the connection stays usable, without keeping it.
-        let seen = message.len();
         drop(message);
         let mut drain = DummyDataReceiver::new_data(&receiver);
         loop {
@@ -48,7 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let complete = drain.ingest(&mut bytes);
             self.start = self.end - bytes.len();
             if complete {
-                return Ok(DataEnd::TooLarge(seen));
+                return Ok(DataEnd::TooLarge);
             }
             self.read_more(timeout, false).await?;
         }

@@ -3,8 +3,12 @@
 
 mod auth;
 mod data;
+mod record;
+mod transcript;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,14 +21,17 @@ use smtp_proto::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info};
 
 pub use auth::{SignedIn, Users, hash_password};
+pub use record::SessionRecord;
+pub use transcript::clean as clean_transcripts;
 
-use crate::config::ServerConfig;
+use crate::config::{Config, ServerConfig, Transcripts};
 use crate::delivery::Delivery;
 use crate::policy::Policy;
-use crate::reply::Reply;
+use crate::reply::{Refusal, Reply};
+use crate::rewrite::{RewriteError, RewritePolicy, Trace, rewrite};
 use crate::secret::Secret;
 use crate::spool::Envelope;
 use crate::upstream::BodyFlags;
@@ -48,14 +55,48 @@ pub struct SessionContext {
     pub delivery: Arc<Delivery>,
     pub tls: Option<TlsAcceptor>,
     pub shutdown: CancellationToken,
+    /// Per upstream account.
+    pub rewrites: HashMap<String, RewritePolicy>,
+    pub transcripts: Transcripts,
+    pub transcripts_dir: PathBuf,
 }
 
-/// How a session ended.
+impl SessionContext {
+    pub fn new(
+        config: &Config,
+        delivery: Arc<Delivery>,
+        tls: Option<TlsAcceptor>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let rewrites = config
+            .accounts
+            .iter()
+            .map(|(name, account)| {
+                let policy = RewritePolicy::new(account, &config.server.hostname);
+                (name.clone(), policy)
+            })
+            .collect();
+        Ok(SessionContext {
+            server: config.server.clone(),
+            users: Users::new(config)?,
+            policy: Policy::new(config),
+            transcripts_dir: delivery.spool().transcripts_dir(),
+            delivery,
+            tls,
+            shutdown,
+            rewrites,
+            transcripts: config.log.transcripts,
+        })
+    }
+}
+
+/// How a session ended. The record goes on to the next session over TLS,
+/// or to [`SessionRecord::finish`].
 pub enum SessionEnd<S> {
-    Closed,
+    Closed(SessionRecord),
     /// The client asked for STARTTLS: the caller wraps the stream in TLS and
     /// starts a fresh session over it (RFC 3207 forgets all prior state).
-    StartTls(S),
+    StartTls(S, SessionRecord),
 }
 
 /// Why the session stopped reading.
@@ -86,10 +127,13 @@ pub struct Session<S> {
     output: Vec<u8>,
     requests: RequestReceiver,
     helo: Option<String>,
+    /// EHLO rather than HELO, for the Received field.
+    extended: bool,
     signed_in: Option<SignedIn>,
     transaction: Option<Transaction>,
     errors: u32,
     auth_failures: u32,
+    record: SessionRecord,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -99,6 +143,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         id: String,
         peer: SocketAddr,
         tls: bool,
+        record: SessionRecord,
     ) -> Self {
         Session {
             ctx,
@@ -112,10 +157,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             output: Vec::new(),
             requests: RequestReceiver::default(),
             helo: None,
+            extended: false,
             signed_in: None,
             transaction: None,
             errors: 0,
             auth_failures: 0,
+            record,
         }
     }
 
@@ -136,9 +183,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Ok(Flow::Quit) => break None,
                     Ok(Flow::StartTls) => {
                         if self.flush().await.is_err() {
-                            return SessionEnd::Closed;
+                            return SessionEnd::Closed(self.record);
                         }
-                        return SessionEnd::StartTls(self.stream);
+                        self.record.note("TLS started");
+                        return SessionEnd::StartTls(self.stream, self.record);
                     }
                     Err(stop) => break Some(stop),
                 },
@@ -146,11 +194,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Err(stop) => break Some(stop),
             }
             if self.errors >= MAX_ERRORS {
-                self.reply(Reply::new(
-                    421,
-                    [4, 7, 0],
-                    "Too many errors, closing connection",
-                ));
+                let reply = Reply::new(421, [4, 7, 0], "Too many errors, closing connection");
+                let hint = "the client does not speak SMTP as expected; see its transcript (log.transcripts)";
+                self.rejected(&reply, Refusal::new("protocol_errors", hint), None);
+                self.reply(reply);
                 break None;
             }
         };
@@ -177,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
-        SessionEnd::Closed
+        SessionEnd::Closed(self.record)
     }
 
     /// Parses the next command; `Ok(None)` when a syntax error was answered.
@@ -186,6 +233,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let mut bytes = self.input[self.start..self.end].iter();
             let parsed = self.requests.ingest(&mut bytes).map(Request::into_owned);
             let consumed = self.end - bytes.len() - self.start;
+            self.record
+                .client(&self.input[self.start..self.start + consumed]);
             self.start += consumed;
             let error = match parsed {
                 // smtp-proto bounds lines it had to buffer across reads; a
@@ -272,6 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn ehlo(&mut self, host: String, extended: bool) {
         self.transaction = None;
         self.helo = Some(host);
+        self.extended = extended;
         let hostname = &self.ctx.server.hostname;
         if !extended {
             self.reply(Reply::bare(250, hostname.clone()));
@@ -337,11 +387,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(Flow::Continue);
         }
         if !self.auth_allowed() {
-            self.error(Reply::new(
-                538,
-                [5, 7, 11],
-                "Encryption required: use STARTTLS first",
-            ));
+            let reply = Reply::new(538, [5, 7, 11], "Encryption required: use STARTTLS first");
+            let hint = "the client signs in without TLS: enable STARTTLS/SSL in the sending program, or set server.require_tls_for_auth = false";
+            self.rejected(&reply, Refusal::new("tls_required", hint), None);
+            self.error(reply);
             return Ok(Flow::Continue);
         }
         let credentials = match mechanism {
@@ -374,21 +423,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match self.ctx.users.verify(&username, password).await {
             Some(signed_in) => {
                 info!(user = %signed_in.user, account = %signed_in.account, "client signed in");
+                self.record.signed_in(&signed_in.user);
                 self.signed_in = Some(signed_in);
                 self.reply(Reply::new(235, [2, 7, 0], "Authentication successful"));
             }
             None => {
                 self.auth_failures += 1;
-                warn!(
-                    user = ?username,
-                    reason = "auth_failed",
-                    "local sign-in failed: wrong user name or password; check the SMTP user and password set in the sending program against [users] in the sendbridge config"
+                debug!(user = ?username, "local sign-in failed");
+                let reply = Reply::new(535, [5, 7, 8], "Authentication credentials invalid");
+                let hint = format!(
+                    "wrong user name or password for user {username:?}: compare the SMTP user and password set in the sending program with [users] in the sendbridge config"
                 );
-                self.error(Reply::new(
-                    535,
-                    [5, 7, 8],
-                    "Authentication credentials invalid",
-                ));
+                self.rejected(&reply, Refusal::new("auth_failed", hint), None);
+                self.error(reply);
                 if self.auth_failures >= MAX_AUTH_FAILURES {
                     self.reply(Reply::new(
                         421,
@@ -444,6 +491,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let complete = line.ingest(&mut bytes);
             self.start = self.end - bytes.len();
             if complete {
+                self.record.client_secret();
                 return Ok(String::from_utf8_lossy(&line.buf).into_owned());
             }
             self.read_more(self.ctx.server.command_timeout, false)
@@ -462,12 +510,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let account = match self.ctx.policy.account_for(user_account, self.peer.ip()) {
             Ok(account) => account,
             Err(reply) => {
-                warn!(
-                    from = ?from.address,
-                    reason = "relay_denied",
-                    reply = %reply,
-                    "refused MAIL from a client that did not sign in and is not in server.trusted_networks"
-                );
+                let hint = "the client neither signed in nor is in server.trusted_networks: set the SMTP user and password from [users] in the sending program, or add its network to server.trusted_networks";
+                self.rejected(&reply, Refusal::new("relay_denied", hint), None);
                 return self.error(reply);
             }
         };
@@ -479,14 +523,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ));
         }
         if from.size > self.ctx.server.max_message_size {
-            return self.error(Reply::new(
-                552,
-                [5, 3, 4],
-                format!(
-                    "Message size exceeds fixed maximum message size ({} bytes)",
-                    self.ctx.server.max_message_size
-                ),
-            ));
+            let (reply, refusal) = self.too_large();
+            self.rejected(&reply, refusal, None);
+            return self.error(reply);
         }
         self.transaction = Some(Transaction {
             account,
@@ -506,11 +545,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(Reply::new(503, [5, 5, 1], "Send MAIL first"));
         };
         if transaction.recipients.len() >= max {
-            return self.reply(Reply::new(
+            let reply = Reply::new(
                 452,
                 [4, 5, 3],
                 format!("Too many recipients (at most {max})"),
-            ));
+            );
+            let hint = format!(
+                "the client sent more than server.max_recipients ({max}) recipients; raise it (messages over the provider's limit are sent in parts)"
+            );
+            self.rejected(&reply, Refusal::new("too_many_recipients", hint), None);
+            return self.reply(reply);
         }
         transaction.recipients.push(address);
         self.reply(Reply::new(250, [2, 1, 5], "Recipient OK"));
@@ -533,22 +577,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let transaction = self.transaction.take().expect("checked above");
         let message = match received {
             DataEnd::Complete(message) => message,
-            DataEnd::TooLarge(size) => {
-                let max = self.ctx.server.max_message_size;
-                warn!(
-                    from = ?transaction.mail_from,
-                    size,
-                    reason = "too_large",
-                    "refused a message over server.max_message_size ({max} bytes)"
-                );
-                self.reply(Reply::new(
-                    552,
-                    [5, 3, 4],
-                    format!("Message size exceeds fixed maximum message size ({max} bytes)"),
-                ));
+            DataEnd::TooLarge => {
+                self.record
+                    .note("message over server.max_message_size, not kept");
+                let (reply, refusal) = self.too_large();
+                self.rejected(&reply, refusal, None);
+                self.reply(reply);
                 return Ok(Flow::Continue);
             }
         };
+        self.record.message(&message);
+        let account = transaction.account.clone();
+        let rewritten = match rewrite(&message, &self.ctx.rewrites[&account], &self.trace()) {
+            Ok(rewritten) => rewritten,
+            Err(RewriteError::LineTooLong { line, length }) => {
+                let reply = Reply::new(
+                    550,
+                    [5, 6, 0],
+                    format!(
+                        "Line {line} is {length} octets long; at most 998 are allowed (RFC 5322)"
+                    ),
+                );
+                let hint = format!(
+                    "the program sends lines over 998 octets; set accounts.{account}.long_lines = \"wrap\" to wrap them instead"
+                );
+                self.rejected(&reply, Refusal::new("long_lines", hint), None);
+                self.reply(reply);
+                return Ok(Flow::Continue);
+            }
+        };
+        drop(message);
         let envelope = Envelope {
             session_id: self.id.clone(),
             client: self.peer.to_string(),
@@ -559,30 +617,72 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             flags: transaction.flags,
             ..Envelope::default()
         };
-        let (user, account, from, recipients, size) = (
+        let (user, from, recipients, size) = (
             envelope.user.clone(),
-            envelope.account.clone(),
             envelope.mail_from.clone(),
             envelope.recipients.len(),
-            message.len(),
+            rewritten.message.len(),
         );
         // The client hears nothing until the message is stored (and, per the
         // delivery mode, attempted): flush what we owe it now.
         self.flush().await.map_err(Stop::Io)?;
         let started = Instant::now();
-        let reply = self.ctx.delivery.submit(envelope, message).await;
+        let submitted = self.ctx.delivery.submit(envelope, rewritten.message).await;
         info!(
+            id = submitted.id.as_deref().unwrap_or("-"),
             user = user.as_deref().unwrap_or("-"),
             account = %account,
             from = ?from,
             recipients,
             size,
-            reply = %reply,
+            rewrites = ?rewritten.changes,
+            reply = %submitted.reply,
             duration_ms = started.elapsed().as_millis() as u64,
             "message received"
         );
-        self.reply(reply);
+        match submitted.refusal {
+            Some(refusal) => self.rejected(&submitted.reply, refusal, submitted.id),
+            None => self.record.accepted(),
+        }
+        self.reply(submitted.reply);
         Ok(Flow::Continue)
+    }
+
+    fn too_large(&self) -> (Reply, Refusal) {
+        let max = self.ctx.server.max_message_size;
+        let reply = Reply::new(
+            552,
+            [5, 3, 4],
+            format!("Message size exceeds fixed maximum message size ({max} bytes)"),
+        );
+        let hint = format!(
+            "the message is larger than server.max_message_size ({max} bytes); the provider's own limit (Gmail: 25 MB) applies too"
+        );
+        (reply, Refusal::new("too_large", hint))
+    }
+
+    /// Where the message came from, for the Received field.
+    fn trace(&self) -> Trace {
+        let protocol = match (self.extended, self.tls, self.signed_in.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, false, true) => "ESMTPA",
+            (true, true, false) => "ESMTPS",
+            (true, true, true) => "ESMTPSA",
+        };
+        Trace {
+            helo: self.helo.clone().unwrap_or_default(),
+            client_ip: self.peer.ip(),
+            protocol,
+            session_id: self.id.clone(),
+            now_unix: crate::spool::unix_millis() as i64 / 1000,
+        }
+    }
+
+    /// Notes a refusal for the session's closing log line and transcript.
+    fn rejected(&mut self, reply: &Reply, refusal: Refusal, message_id: Option<String>) {
+        debug!(reason = refusal.reason, reply = %reply, "refused");
+        self.record.rejected(reply, refusal, message_id);
     }
 
     /// Reads more bytes into the empty input buffer. `interruptible` lets a
@@ -621,6 +721,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.output.is_empty() {
             return Ok(());
         }
+        self.record.server(&self.output);
         let write = async {
             self.stream.write_all(&self.output).await?;
             self.stream.flush().await
@@ -643,7 +744,6 @@ enum Flow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
     /// The context and the spool directory it uses (removed when dropped).
@@ -652,14 +752,9 @@ mod tests {
         let mut config = Config::from_toml(toml).unwrap();
         config.spool.dir = spool.path().to_path_buf();
         config.server.hostname = "relay.test".to_string();
-        let ctx = Arc::new(SessionContext {
-            users: Users::new(&config).unwrap(),
-            policy: Policy::new(&config),
-            delivery: Delivery::start(&config, CancellationToken::new()).unwrap(),
-            server: config.server,
-            tls: None,
-            shutdown: CancellationToken::new(),
-        });
+        let delivery = Delivery::start(&config, CancellationToken::new()).unwrap();
+        let ctx = SessionContext::new(&config, delivery, None, CancellationToken::new());
+        let ctx = Arc::new(ctx.unwrap());
         (ctx, spool)
     }
 
@@ -670,7 +765,8 @@ mod tests {
         let ctx = ctx.clone();
         let (client, server) = tokio::io::duplex(64 * 1024);
         let peer = "192.0.2.10:40000".parse().unwrap();
-        let session = Session::new(ctx, server, "test".into(), peer, false);
+        let record = SessionRecord::new(&ctx, "test", peer);
+        let session = Session::new(ctx, server, "test".into(), peer, false, record);
         let task = tokio::spawn(async move {
             session.run(true).await;
         });

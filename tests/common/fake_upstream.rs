@@ -64,6 +64,37 @@ pub struct Received {
     pub connection: usize,
 }
 
+impl Received {
+    /// The message as the legacy program wrote it: without the Received
+    /// field sendbridge puts first (checked to be there, and ours).
+    pub fn without_trace(&self) -> String {
+        let text = String::from_utf8_lossy(&self.data);
+        assert!(text.starts_with("Received: from "), "{text}");
+        let mut lines = text.split_inclusive("\r\n");
+        let first = lines.next().unwrap_or_default();
+        let continued: Vec<&str> = lines
+            .clone()
+            .take_while(|line| line.starts_with([' ', '\t']))
+            .collect();
+        let trace = [first]
+            .into_iter()
+            .chain(continued.iter().copied())
+            .collect::<String>();
+        assert!(trace.contains("(sendbridge)"), "{trace}");
+        text[trace.len()..].to_string()
+    }
+
+    /// Everything after the empty line that ends the header section.
+    pub fn body(&self) -> &[u8] {
+        let end = self
+            .data
+            .windows(4)
+            .position(|window| window == b"\r\n\r\n")
+            .expect("a header section");
+        &self.data[end + 4..]
+    }
+}
+
 /// Replies to script. Each is a full raw reply, possibly multi-line, lines
 /// separated by "\r\n", without the final CRLF. `None` means the default
 /// success reply. A reply starting with "421" closes the connection after it

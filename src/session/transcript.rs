@@ -1,0 +1,244 @@
+//! The SMTP dialogue of a session, kept for the operator when it ended in a
+//! rejection (or always, per `[log] transcripts`), so they can see exactly
+//! what an old program sent. AUTH payloads are replaced by `***`, and of a
+//! message only the header section is kept.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// A transcript stops growing here; a marker says so.
+const MAX_BYTES: usize = 64 * 1024;
+/// Of a message, at most this much of the header section is kept.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// A client line longer than this is cut (the session refuses it anyway).
+const MAX_LINE: usize = 1024;
+
+pub struct Transcript {
+    text: Vec<u8>,
+    /// Client bytes not yet ended by a line feed.
+    partial: Vec<u8>,
+    full: bool,
+}
+
+impl Transcript {
+    pub fn new(session_id: &str, peer: std::net::SocketAddr) -> Self {
+        let started = humantime::format_rfc3339_seconds(SystemTime::now());
+        let mut transcript = Transcript {
+            text: Vec::new(),
+            partial: Vec::new(),
+            full: false,
+        };
+        transcript.note(&format!("session {session_id} from {peer} at {started}"));
+        transcript
+    }
+
+    /// Bytes of SMTP commands as read; complete lines are recorded, with
+    /// the credentials of an AUTH command hidden.
+    pub fn client(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            if byte == b'\n' {
+                let line = std::mem::take(&mut self.partial);
+                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                self.push("C: ", &redact_auth(line));
+            } else if self.partial.len() < MAX_LINE {
+                self.partial.push(byte);
+            }
+        }
+    }
+
+    /// A line of a SASL exchange: never recorded.
+    pub fn client_secret(&mut self) {
+        self.push("C: ", b"***");
+    }
+
+    /// Our replies, as written to the client.
+    pub fn server(&mut self, output: &[u8]) {
+        for line in output
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+        {
+            self.push("S: ", line.strip_suffix(b"\r").unwrap_or(line));
+        }
+    }
+
+    /// A message's content: its header section, then only the body's size.
+    pub fn message(&mut self, message: &[u8]) {
+        let header_end = find(message, b"\r\n\r\n").map_or(message.len(), |at| at + 2);
+        let kept = header_end.min(MAX_HEADER_BYTES);
+        for line in message[..kept].split(|&b| b == b'\n') {
+            if !line.is_empty() {
+                self.push("C: ", line.strip_suffix(b"\r").unwrap_or(line));
+            }
+        }
+        self.note(&format!(
+            "{} more bytes of the message not kept",
+            message.len() - kept
+        ));
+    }
+
+    /// A line of our own, e.g. where TLS starts.
+    pub fn note(&mut self, text: &str) {
+        self.push("# ", text.as_bytes());
+    }
+
+    fn push(&mut self, prefix: &str, line: &[u8]) {
+        if self.full {
+            return;
+        }
+        if self.text.len() + prefix.len() + line.len() + 1 > MAX_BYTES {
+            self.text.extend_from_slice(b"# transcript cut off here\n");
+            self.full = true;
+            return;
+        }
+        self.text.extend_from_slice(prefix.as_bytes());
+        self.text
+            .extend_from_slice(&String::from_utf8_lossy(line).into_owned().into_bytes());
+        self.text.push(b'\n');
+    }
+
+    /// Writes the transcript as `<dir>/<session id>.log`.
+    pub fn save(&self, dir: &Path, session_id: &str) -> io::Result<PathBuf> {
+        let path = dir.join(format!("{session_id}.log"));
+        fs::write(&path, &self.text)?;
+        Ok(path)
+    }
+}
+
+/// `AUTH PLAIN <payload>` becomes `AUTH PLAIN ***`.
+fn redact_auth(line: &[u8]) -> Vec<u8> {
+    let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
+    if !is_auth {
+        return line.to_vec();
+    }
+    let mut words = line.split(|&b| b == b' ').filter(|word| !word.is_empty());
+    let (Some(command), Some(mechanism)) = (words.next(), words.next()) else {
+        return line.to_vec();
+    };
+    let mut redacted = [command, b" ", mechanism].concat();
+    if words.next().is_some() {
+        redacted.extend_from_slice(b" ***");
+    }
+    redacted
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// Deletes transcripts older than `max_age`, then the oldest until the rest
+/// fit in `max_bytes`. Returns how many were deleted.
+pub fn clean(dir: &Path, max_age: Duration, max_bytes: u64) -> io::Result<usize> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let metadata = entry.metadata()?;
+        if metadata.is_file() {
+            files.push((metadata.modified()?, metadata.len(), entry.path()));
+        }
+    }
+    // Newest first: what is kept is a prefix.
+    files.sort_by_key(|file| std::cmp::Reverse(file.0));
+    let now = SystemTime::now();
+    let mut total = 0;
+    let mut deleted = 0;
+    for (modified, size, path) in files {
+        let age = now.duration_since(modified).unwrap_or_default();
+        total += size;
+        if age > max_age || total > max_bytes {
+            fs::remove_file(path)?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(transcript: &Transcript) -> String {
+        String::from_utf8(transcript.text.clone()).unwrap()
+    }
+
+    fn transcript() -> Transcript {
+        Transcript::new("s1", "192.0.2.1:4000".parse().unwrap())
+    }
+
+    #[test]
+    fn auth_payloads_are_hidden() {
+        let mut transcript = transcript();
+        transcript.client(b"EHLO printer\r\nAUTH PLAIN AGludm9pY2VzAG9sZC1wYXNzd29yZA==\r\n");
+        transcript.client(b"AUTH LOGIN\r\n");
+        transcript.client_secret();
+
+        let text = text(&transcript);
+        assert!(text.contains("C: EHLO printer\nC: AUTH PLAIN ***\nC: AUTH LOGIN\nC: ***\n"));
+        assert!(!text.contains("AGludm9p"));
+    }
+
+    #[test]
+    fn commands_split_across_reads_are_one_line() {
+        let mut transcript = transcript();
+        transcript.client(b"MAIL FROM:<a@");
+        transcript.client(b"b.example>\r\n");
+        assert!(text(&transcript).ends_with("C: MAIL FROM:<a@b.example>\n"));
+    }
+
+    #[test]
+    fn only_the_header_section_of_a_message_is_kept() {
+        let mut transcript = transcript();
+        transcript.message(b"Subject: invoice\r\nTo: a@b.example\r\n\r\nsecret body\r\n");
+        let text = text(&transcript);
+        assert!(text.contains("C: Subject: invoice\nC: To: a@b.example\n# 15 more bytes"));
+        assert!(!text.contains("secret body"));
+    }
+
+    #[test]
+    fn a_transcript_is_bounded() {
+        let mut transcript = transcript();
+        for _ in 0..10_000 {
+            transcript.client(b"NOOP\r\n");
+            transcript.server(b"250 2.0.0 OK\r\n");
+        }
+        assert!(transcript.text.len() <= MAX_BYTES + 64);
+        assert!(text(&transcript).ends_with("# transcript cut off here\n"));
+    }
+
+    #[test]
+    fn cleaning_removes_old_transcripts_then_the_oldest_beyond_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, age_s: u64| {
+            let path = dir.path().join(name);
+            fs::write(&path, [0u8; 100]).unwrap();
+            let file = fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(SystemTime::now() - Duration::from_secs(age_s))
+                .unwrap();
+        };
+        let names = || {
+            let mut names: Vec<String> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        for (name, age_s) in [("old", 300), ("middle", 200), ("new", 100)] {
+            write(name, age_s);
+        }
+
+        assert_eq!(
+            clean(dir.path(), Duration::from_secs(250), 1000).unwrap(),
+            1
+        );
+        assert_eq!(names(), ["middle", "new"]);
+        assert_eq!(
+            clean(dir.path(), Duration::from_secs(1000), 150).unwrap(),
+            1
+        );
+        assert_eq!(names(), ["new"]);
+    }
+}
