@@ -569,7 +569,9 @@ impl Delivery {
             Outcome::Deferred { reason, reply } => {
                 envelope.last_reply = Some(reason.clone());
                 let diagnosis = reply.as_ref().map(|reply| diagnose(&account, reply));
-                let code = diagnosis.as_ref().map_or("upstream_unavailable", |d| d.reason);
+                let code = diagnosis
+                    .as_ref()
+                    .map_or("upstream_unavailable", |d| d.reason);
                 let hint = diagnosis.and_then(|d| d.hint).unwrap_or_default();
                 let age = Duration::from_millis(now.saturating_sub(envelope.received_at));
                 if age >= self.settings.max_age {

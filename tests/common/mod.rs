@@ -3,6 +3,7 @@
 
 pub mod fake_upstream;
 pub mod frozen_clock;
+pub mod log_capture;
 pub mod process;
 pub mod relay;
 pub mod smtp;
