@@ -24,7 +24,7 @@ pub struct Relay {
     pub spool: PathBuf,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 /// A configuration with account `gmail` pointing at `upstream` and local
@@ -86,7 +86,7 @@ impl Relay {
             spool: config.spool.dir.clone(),
             shutdown,
             server: Some(tokio::spawn(server.run())),
-            _dir: dir,
+            dir: Some(dir),
         }
     }
 
@@ -105,12 +105,14 @@ impl Relay {
         client
     }
 
-    /// Stops accepting, lets sessions end, and waits for the server to return.
-    pub async fn stop(mut self) {
+    /// Stops accepting, lets sessions end, and waits for the server to
+    /// return. The directory with the spool lives as long as the result.
+    pub async fn stop(mut self) -> tempfile::TempDir {
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
             server.await.expect("relay task ends cleanly");
         }
+        self.dir.take().expect("stopped once")
     }
 }
 
