@@ -376,8 +376,9 @@ impl Delivery {
 
     /// Sends the message to its pending recipients in parts of at most the
     /// provider's per-message limit, within the account's sending window.
-    /// Each recipient's result is recorded in the envelope as it comes, so a
-    /// later attempt never sends to anyone twice.
+    /// Each recipient's result is recorded in the envelope, which is stored
+    /// when the attempt settles, so a retry never sends to anyone twice (a
+    /// crash before that may: delivery is at-least-once).
     async fn attempt(
         &self,
         account: &Account,
