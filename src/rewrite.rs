@@ -140,30 +140,40 @@ pub enum RewriteError {
 /// line is inserted before it. The result ends in CRLF; an empty message
 /// becomes our header fields alone.
 pub fn rewrite(
-    message: &[u8],
+    message: Vec<u8>,
     policy: &RewritePolicy,
     trace: &Trace,
 ) -> Result<Rewritten, RewriteError> {
-    let mut lines = InputLines::new(message);
+    let mut lines = InputLines::new(&message);
     let section = read_header_section(&mut lines);
     let (header, mut changes) = edit_header_section(&section.bytes, policy, trace);
 
-    let mut out = Vec::with_capacity(header.len() + message.len() + 64);
-    let folded = write_header_section(&header, &mut out);
+    let mut new_header = Vec::with_capacity(header.len() + CRLF.len());
+    let folded = write_header_section(&header, &mut new_header);
     // The empty line before a body stays, and is inserted where the header
     // section ended at a line that is not a header field: without it, that
     // line would join our fields.
     if section.closed_by_empty_line || !lines.rest.is_empty() {
-        out.extend_from_slice(CRLF);
+        new_header.extend_from_slice(CRLF);
     }
-    let wrapped = write_body(&mut lines, policy.long_lines, &mut out)?;
-
     if folded > 0 {
         changes.push(format!(
             "folded {} over {MAX_LINE} octets",
             plural(folded, "header line")
         ));
     }
+    if lines.fixes.is_none() && is_clean_body(lines.rest) {
+        // The usual case: only the header changes. Splicing it in place
+        // keeps a 25 MiB message from existing twice in memory.
+        let body_start = message.len() - lines.rest.len();
+        let mut message = message;
+        message.splice(..body_start, new_header);
+        return Ok(Rewritten { message, changes });
+    }
+
+    let mut out = new_header;
+    out.reserve(lines.rest.len() + 64);
+    let wrapped = write_body(&mut lines, policy.long_lines, &mut out)?;
     if wrapped > 0 {
         changes.push(format!(
             "wrapped {} over {MAX_LINE} octets",
@@ -175,6 +185,29 @@ pub fn rewrite(
         message: out,
         changes,
     })
+}
+
+/// A body that goes out as it is: CRLF line ends only, lines within the
+/// limit, ending in CRLF (or empty).
+fn is_clean_body(body: &[u8]) -> bool {
+    if !(body.is_empty() || body.ends_with(CRLF)) {
+        return false;
+    }
+    let mut line_start = 0;
+    for (at, &byte) in body.iter().enumerate() {
+        match byte {
+            b'\r' if body.get(at + 1) != Some(&b'\n') => return false,
+            b'\n' => {
+                let ends_crlf = at > 0 && body[at - 1] == b'\r';
+                if !ends_crlf || at - 1 - line_start > MAX_LINE {
+                    return false;
+                }
+                line_start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 /// One line of the input, without its line end.
@@ -268,6 +301,10 @@ impl<'a> Iterator for InputLines<'a> {
 }
 
 impl LineEndFixes {
+    fn is_none(&self) -> bool {
+        self.bare_lf == 0 && self.bare_cr == 0 && self.unstuffed == 0 && !self.unterminated
+    }
+
     fn notes(&self) -> impl Iterator<Item = String> {
         [
             (self.bare_lf > 0).then(|| {
@@ -718,7 +755,7 @@ mod tests {
     }
 
     fn run(message: &[u8]) -> Rewritten {
-        rewrite(message, &policy(), &trace()).unwrap()
+        rewrite(message.to_vec(), &policy(), &trace()).unwrap()
     }
 
     /// Asserts the output is our Received field and then `expected`;
@@ -928,7 +965,7 @@ mod tests {
         policy.remove_headers.push("reply-to".to_string());
         let input =
             format!("From: billing@old.example\r\nReply-To: desk@old.example\r\n{DATED}\r\n");
-        let output = rewrite(input.as_bytes(), &policy, &trace())
+        let output = rewrite(input.as_bytes().to_vec(), &policy, &trace())
             .unwrap()
             .message;
         assert_eq!(
@@ -976,7 +1013,7 @@ mod tests {
                 ..policy()
             };
             let input = format!("Subject: hi\r\n{DATED}\r\nbody\r\n");
-            let rewritten = rewrite(input.as_bytes(), &policy, &trace()).unwrap();
+            let rewritten = rewrite(input.as_bytes().to_vec(), &policy, &trace()).unwrap();
             assert_eq!(
                 String::from_utf8(rewritten.message).unwrap(),
                 format!("{RECEIVED}Subject: hi\r\n{DATED}From: me@gmail.com\r\n\r\nbody\r\n")
@@ -992,7 +1029,7 @@ mod tests {
             ..policy()
         };
         let input = format!("From: Billing <billing@old.example>\r\n{DATED}\r\nbody\r\n");
-        let rewritten = rewrite(input.as_bytes(), &policy, &trace()).unwrap();
+        let rewritten = rewrite(input.as_bytes().to_vec(), &policy, &trace()).unwrap();
         assert_eq!(
             String::from_utf8(rewritten.message).unwrap(),
             format!("{RECEIVED}{input}")
@@ -1176,7 +1213,7 @@ mod tests {
             "Subject: hi\nFrom: me@gmail.com\r\n{DATED}\r\nok\r{}\r\n",
             "x".repeat(1200)
         );
-        let err = rewrite(input.as_bytes(), &policy, &trace()).unwrap_err();
+        let err = rewrite(input.as_bytes().to_vec(), &policy, &trace()).unwrap_err();
         assert!(matches!(
             err,
             RewriteError::LineTooLong {
@@ -1200,7 +1237,7 @@ mod tests {
             "Subject:{}\r\nFrom: me@gmail.com\r\n{DATED}\r\nbody\r\n",
             " word".repeat(400)
         );
-        let rewritten = rewrite(input.as_bytes(), &policy, &trace()).unwrap();
+        let rewritten = rewrite(input.as_bytes().to_vec(), &policy, &trace()).unwrap();
         assert!(longest_line(&rewritten.message) <= MAX_LINE);
         assert_eq!(rewritten.changes, ["folded 1 header line over 998 octets"]);
     }
@@ -1349,5 +1386,19 @@ mod tests {
             rewritten.changes,
             [format!("converted {count} bare line feeds to CRLF")]
         );
+    }
+
+    #[test]
+    fn a_clean_body_stays_in_the_buffer_it_came_in() {
+        let body = "line\r\n".repeat(100_000);
+        let mut input = Vec::with_capacity(body.len() + 4096);
+        input.extend_from_slice(b"Subject: big\r\n\r\n");
+        input.extend_from_slice(body.as_bytes());
+        let buffer = input.as_ptr();
+
+        let output = rewrite(input, &policy(), &trace()).unwrap().message;
+
+        assert_eq!(output.as_ptr(), buffer, "no second copy of the message");
+        assert!(output.ends_with(body.as_bytes()));
     }
 }

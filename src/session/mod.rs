@@ -588,7 +588,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         self.record.message(&message);
         let account = transaction.account.clone();
-        let rewritten = match rewrite(&message, &self.ctx.rewrites[&account], &self.trace()) {
+        let rewritten = match rewrite(message, &self.ctx.rewrites[&account], &self.trace()) {
             Ok(rewritten) => rewritten,
             Err(RewriteError::LineTooLong { line, length }) => {
                 let reply = Reply::new(
@@ -606,7 +606,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Flow::Continue);
             }
         };
-        drop(message);
         let envelope = Envelope {
             session_id: self.id.clone(),
             client: self.peer.to_string(),
