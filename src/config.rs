@@ -136,6 +136,10 @@ pub struct ServerConfig {
     /// How long we wait for each piece of a message during DATA.
     #[serde(deserialize_with = "duration")]
     pub data_timeout: Duration,
+    /// On SIGTERM, how long open sessions may go on before `421 4.3.0`
+    /// (and how long in-flight deliveries may take to finish).
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -152,6 +156,7 @@ impl Default for ServerConfig {
             require_tls_for_auth: false,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }

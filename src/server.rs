@@ -17,8 +17,8 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::session::{Session, SessionContext, SessionEnd, SessionRecord, clean_transcripts};
 
-/// How long open sessions may take to finish after shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// After the grace period, how long sessions get to say 421 and close.
+const SESSION_CLOSE_BOUND: Duration = Duration::from_secs(5);
 const TRANSCRIPT_CLEANING_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub struct Server {
@@ -27,12 +27,17 @@ pub struct Server {
     ctx: Arc<SessionContext>,
     connections: Arc<Semaphore>,
     transcript_limits: (Duration, u64),
+    shutdown_grace: Duration,
+    /// Cancelled from outside: stop accepting and begin shutting down.
+    stop: CancellationToken,
+    /// Cancelled by `run` once the sessions are done.
+    stop_delivery: CancellationToken,
 }
 
 impl Server {
     /// Builds everything the relay needs and binds its listeners. Errors
-    /// name what to fix.
-    pub async fn bind(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Server> {
+    /// name what to fix. Cancelling `stop` begins a graceful shutdown.
+    pub async fn bind(config: &Config, stop: CancellationToken) -> anyhow::Result<Server> {
         let tls = crate::tls::inbound_acceptor(&config.tls, &config.server.hostname)?;
         let listen = config.server.listen;
         let plain = TcpListener::bind(listen)
@@ -49,8 +54,11 @@ impl Server {
                     .with_context(|| format!("server.listen_tls: cannot listen on {addr}"))?,
             ),
         };
-        let delivery = Delivery::start(config, shutdown.clone())?;
-        let ctx = SessionContext::new(config, delivery, tls, shutdown)?;
+        let stop_delivery = CancellationToken::new();
+        let delivery = Delivery::start(config, stop_delivery.clone())?;
+        // Cancelled when the grace period for open sessions is over.
+        let close_sessions = CancellationToken::new();
+        let ctx = SessionContext::new(config, delivery, tls, close_sessions)?;
         Ok(Server {
             plain,
             implicit_tls,
@@ -60,6 +68,9 @@ impl Server {
                 config.log.transcript_max_bytes,
             ),
             ctx: Arc::new(ctx),
+            shutdown_grace: config.server.shutdown_grace,
+            stop,
+            stop_delivery,
         })
     }
 
@@ -77,8 +88,10 @@ impl Server {
         })
     }
 
-    /// Serves until the shutdown token is cancelled, then waits (bounded) for
-    /// open sessions to end.
+    /// Serves until `stop` is cancelled. Then: no new connections; open
+    /// sessions may finish for `server.shutdown_grace`, after which they are
+    /// told `421 4.3.0` and closed; in-flight deliveries finish or return to
+    /// the queue.
     pub async fn run(self) {
         let sessions = TaskTracker::new();
         let ctx = &self.ctx;
@@ -95,16 +108,37 @@ impl Server {
             }
         };
         tokio::join!(plain, implicit_tls, self.clean_transcripts());
+        // New connections are refused from here on.
+        drop((self.plain, self.implicit_tls));
         sessions.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
+        if !sessions.is_empty() {
+            info!(
+                open = sessions.len(),
+                grace_s = self.shutdown_grace.as_secs(),
+                "shutting down: open sessions may finish"
+            );
+        }
+        if tokio::time::timeout(self.shutdown_grace, sessions.wait())
             .await
             .is_err()
         {
-            warn!(
+            info!(
                 open = sessions.len(),
-                "sessions still open after the shutdown grace period"
+                "shutdown grace period over: closing open sessions with 421"
             );
+            ctx.shutdown.cancel();
+            if tokio::time::timeout(SESSION_CLOSE_BOUND, sessions.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    open = sessions.len(),
+                    "sessions still open after being told to close"
+                );
+            }
         }
+        self.stop_delivery.cancel();
+        ctx.delivery.stopped(self.shutdown_grace).await;
         info!("sendbridge stopped");
     }
 
@@ -123,7 +157,7 @@ impl Server {
             }
             tokio::select! {
                 _ = tokio::time::sleep(TRANSCRIPT_CLEANING_INTERVAL) => {}
-                _ = self.ctx.shutdown.cancelled() => return,
+                _ = self.stop.cancelled() => return,
             }
         }
     }
@@ -137,7 +171,7 @@ impl Server {
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
-                _ = self.ctx.shutdown.cancelled() => return,
+                _ = self.stop.cancelled() => return,
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,

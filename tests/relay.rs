@@ -630,13 +630,51 @@ async fn connections_over_the_limit_get_421() {
 }
 
 #[tokio::test]
-async fn shutdown_answers_421_to_idle_sessions() {
-    let setup = Setup::new().await;
-    let mut client = setup.relay.greeted_client().await;
+async fn open_sessions_finish_during_the_shutdown_grace_then_get_421() {
+    let setup = Setup::configured("[server]\nshutdown_grace = \"2s\"").await;
+    let relay = setup.relay;
+    let addr = relay.addr;
+    let mut finishing = relay.signed_in_client().await;
+    let mut lingering = relay.greeted_client().await;
+    let started = tokio::time::Instant::now();
+    let stopping = tokio::spawn(relay.stop());
 
-    setup.relay.stop().await;
+    // New connections are refused at once.
+    let refused = async {
+        loop {
+            match tokio::net::TcpStream::connect(addr).await {
+                Err(_) => break,
+                Ok(_) => tokio::task::yield_now().await,
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, refused)
+        .await
+        .expect("listener closed");
+    // An open session may still send.
+    let reply = finishing
+        .send_mail("a@legacy.example", &["b@example.com"], MESSAGE)
+        .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    finishing.expect("QUIT", 221).await;
+    // One that stays idle is closed when the grace period is over.
+    let reply = lingering.read_reply().await;
 
-    let reply = client.read_reply().await;
     assert_eq!(reply.code, 421);
     assert!(reply.text.starts_with("4.3.0"), "{reply:?}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+    assert_eq!(setup.upstream.received().len(), 1);
+}
+
+#[tokio::test]
+async fn shutdown_ends_at_once_when_no_session_is_open() {
+    let setup = Setup::configured("[server]\nshutdown_grace = \"1h\"").await;
+    let mut client = setup.relay.greeted_client().await;
+    client.expect("QUIT", 221).await;
+
+    tokio::time::timeout(WAIT, setup.relay.stop())
+        .await
+        .expect("no waiting for the grace period");
 }

@@ -36,7 +36,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if message.len() > max {
                 break;
             }
-            self.read_more(timeout, false).await?;
+            self.read_more(timeout).await?;
         }
         // Drain the rest so the connection stays usable, without keeping it.
         drop(message);
@@ -48,7 +48,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if complete {
                 return Ok(DataEnd::TooLarge);
             }
-            self.read_more(timeout, false).await?;
+            self.read_more(timeout).await?;
         }
     }
 }

@@ -243,7 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(request) => return Ok(Some(request)),
                 Err(smtp_proto::Error::NeedsMoreData { .. }) => {
                     let timeout = self.ctx.server.command_timeout;
-                    self.read_more(timeout, true).await?;
+                    self.read_more(timeout).await?;
                     continue;
                 }
                 Err(error) => error,
@@ -494,8 +494,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.record.client_secret();
                 return Ok(String::from_utf8_lossy(&line.buf).into_owned());
             }
-            self.read_more(self.ctx.server.command_timeout, false)
-                .await?;
+            self.read_more(self.ctx.server.command_timeout).await?;
         }
     }
 
@@ -684,16 +683,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.record.rejected(reply, refusal, message_id);
     }
 
-    /// Reads more bytes into the empty input buffer. `interruptible` lets a
-    /// shutdown end the wait; a message in progress is never cut off by it.
-    async fn read_more(&mut self, timeout: Duration, interruptible: bool) -> Result<(), Stop> {
+    /// Reads more bytes into the empty input buffer. Once shutdown's grace
+    /// period is over, the wait ends even inside a message: nothing is lost,
+    /// since only a stored message is ever acknowledged.
+    async fn read_more(&mut self, timeout: Duration) -> Result<(), Stop> {
         self.flush().await.map_err(Stop::Io)?;
         debug_assert_eq!(self.start, self.end, "all buffered input is consumed first");
         let shutdown = self.ctx.shutdown.clone();
         let read = tokio::time::timeout(timeout, self.stream.read(&mut self.input));
         let result = tokio::select! {
             result = read => result,
-            _ = shutdown.cancelled(), if interruptible => return Err(Stop::Shutdown),
+            _ = shutdown.cancelled() => return Err(Stop::Shutdown),
         };
         match result {
             Err(_) => Err(Stop::Timeout),
