@@ -75,7 +75,7 @@ pub enum DeliveryMode {
     Passthrough,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
     pub mode: DeliveryMode,

@@ -8,7 +8,8 @@
 //! one probe login at a time checks whether it works again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, DeliveryConfig, DeliveryMode};
+use crate::config::{AccountConfig, Config, DeliveryConfig, DeliveryMode};
 use crate::provider_replies::diagnose;
 use crate::reply::{Refusal, Reply};
 use crate::send_window::SendWindow;
@@ -61,20 +62,76 @@ struct Hold {
 }
 
 struct Account {
-    upstream: Upstream,
+    /// Replaced by a reload; in-flight deliveries finish with the old one.
+    upstream: RwLock<Arc<Upstream>>,
+    /// Counts replacements, so workers drop connections opened before one.
+    generation: AtomicU64,
     /// The provider's limit of recipients per transaction.
-    recipients_per_message: usize,
+    recipients_per_message: AtomicUsize,
     window: Mutex<SendWindow>,
     jobs: mpsc::UnboundedSender<Job>,
     queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
     hold: Mutex<Option<Hold>>,
     /// Wakes the prober when a hold starts.
     hold_started: Notify,
+    /// Cancelled when a reload removes the account: its tasks end.
+    retired: CancellationToken,
 }
 
 impl Account {
+    fn new(
+        name: &str,
+        config: &AccountConfig,
+        upstream: Upstream,
+        spool: &Spool,
+        now: u64,
+    ) -> Self {
+        let (jobs, queue) = mpsc::unbounded_channel();
+        let window = SendWindow::load(
+            spool.limits_path(name),
+            config.daily_message_limit,
+            config.daily_recipient_limit,
+            now,
+        );
+        Account {
+            upstream: RwLock::new(Arc::new(upstream)),
+            generation: AtomicU64::new(0),
+            recipients_per_message: AtomicUsize::new(config.max_recipients_per_message),
+            window: Mutex::new(window),
+            jobs,
+            queue: tokio::sync::Mutex::new(queue),
+            hold: Mutex::new(None),
+            hold_started: Notify::new(),
+            retired: CancellationToken::new(),
+        }
+    }
+
     fn hold(&self) -> Option<Hold> {
         self.hold.lock().expect("hold lock").clone()
+    }
+
+    fn upstream(&self) -> Arc<Upstream> {
+        self.upstream.read().expect("upstream lock").clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Takes a reloaded account's settings; returns whether its sign-in
+    /// credentials changed.
+    fn reconfigure(&self, config: &AccountConfig, upstream: Upstream) -> bool {
+        let mut current = self.upstream.write().expect("upstream lock");
+        let credentials_changed = !current.same_sign_in(&upstream);
+        *current = Arc::new(upstream);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.recipients_per_message
+            .store(config.max_recipients_per_message, Ordering::Release);
+        self.window
+            .lock()
+            .expect("window lock")
+            .set_limits(config.daily_message_limit, config.daily_recipient_limit);
+        credentials_changed
     }
 }
 
@@ -82,7 +139,7 @@ pub struct Delivery {
     spool: Arc<Spool>,
     settings: DeliveryConfig,
     clock: Clock,
-    accounts: HashMap<String, Arc<Account>>,
+    accounts: RwLock<HashMap<String, Arc<Account>>>,
     wake_scheduler: Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -107,63 +164,105 @@ impl Delivery {
             );
         }
         let clock = Clock::new();
-        let mut accounts = HashMap::new();
-        for (name, account) in &config.accounts {
-            let (jobs, queue) = mpsc::unbounded_channel();
-            let upstream = Upstream::new(name, account, &config.server.hostname)?;
-            let window = SendWindow::load(
-                spool.limits_path(name),
-                account.daily_message_limit,
-                account.daily_recipient_limit,
-                clock.now(),
-            );
-            let account = Account {
-                upstream,
-                recipients_per_message: account.max_recipients_per_message,
-                window: Mutex::new(window),
-                jobs,
-                queue: tokio::sync::Mutex::new(queue),
-                hold: Mutex::new(None),
-                hold_started: Notify::new(),
-            };
-            accounts.insert(name.clone(), Arc::new(account));
-        }
         let delivery = Arc::new(Delivery {
             spool: Arc::new(spool),
             settings: config.delivery.clone(),
             clock,
-            accounts,
+            accounts: RwLock::new(HashMap::new()),
             wake_scheduler: Notify::new(),
             shutdown,
             tasks: TaskTracker::new(),
         });
-        // Held mail from the last run: the password may have been fixed while
-        // the relay was stopped, so probe at once.
-        for envelope in delivery.spool.list(State::Held)? {
-            if let Some(account) = delivery.accounts.get(&envelope.account) {
+        let held = delivery.spool.list(State::Held)?;
+        for (name, account_config) in &config.accounts {
+            let upstream = Upstream::new(name, account_config, &config.server.hostname)?;
+            let account =
+                Account::new(name, account_config, upstream, &delivery.spool, clock.now());
+            // Held mail from the last run: the password may have been fixed
+            // while the relay was stopped, so probe at once.
+            if held.iter().any(|envelope| &envelope.account == name) {
                 let reply =
                     Reply::new(535, [5, 7, 8], "held at the previous run; checking sign-in");
-                account
-                    .hold
-                    .lock()
-                    .expect("hold lock")
-                    .get_or_insert(Hold { since: 0, reply });
+                *account.hold.lock().expect("hold lock") = Some(Hold { since: 0, reply });
             }
-        }
-        for (name, account) in &delivery.accounts {
-            let workers = config.accounts[name].max_connections;
-            for _ in 0..workers {
-                delivery
-                    .tasks
-                    .spawn(delivery.clone().worker(account.clone()));
-            }
-            delivery
-                .tasks
-                .spawn(delivery.clone().prober(name.clone(), account.clone()));
+            delivery.add_account(name, account, account_config.max_connections);
         }
         delivery.tasks.spawn(delivery.clone().scheduler());
         delivery.tasks.close();
         Ok(delivery)
+    }
+
+    /// Registers an account and starts its workers and its hold prober.
+    fn add_account(self: &Arc<Self>, name: &str, account: Account, workers: usize) {
+        let account = Arc::new(account);
+        for _ in 0..workers {
+            self.tasks.spawn(self.clone().worker(account.clone()));
+        }
+        self.tasks
+            .spawn(self.clone().prober(name.to_string(), account.clone()));
+        self.accounts
+            .write()
+            .expect("accounts lock")
+            .insert(name.to_string(), account);
+    }
+
+    fn account(&self, name: &str) -> Option<Arc<Account>> {
+        self.accounts
+            .read()
+            .expect("accounts lock")
+            .get(name)
+            .cloned()
+    }
+
+    /// Applies a reloaded configuration's accounts. Changed ones take their
+    /// new settings (idle connections opened with the old ones are closed),
+    /// new ones start, removed ones stop (their queued mail waits until they
+    /// are configured again), and a hold is released when the account's
+    /// credentials changed. Nothing changes when an account is invalid.
+    /// `max_connections` of an existing account applies after a restart.
+    pub async fn reload(self: &Arc<Self>, config: &Config) -> anyhow::Result<()> {
+        let mut upstreams = Vec::new();
+        for (name, account) in &config.accounts {
+            upstreams.push((name, Upstream::new(name, account, &config.server.hostname)?));
+        }
+        let removed: Vec<(String, Arc<Account>)> = {
+            let mut accounts = self.accounts.write().expect("accounts lock");
+            let names: Vec<String> = accounts
+                .keys()
+                .filter(|name| !config.accounts.contains_key(*name))
+                .cloned()
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|name| accounts.remove(&name).map(|account| (name, account)))
+                .collect()
+        };
+        for (name, account) in removed {
+            account.retired.cancel();
+            warn!(account = %name, "account removed by a reload: its queued mail waits until it is configured again");
+        }
+        for (name, upstream) in upstreams {
+            let account_config = &config.accounts[name];
+            let Some(account) = self.account(name) else {
+                let account = Account::new(
+                    name,
+                    account_config,
+                    upstream,
+                    &self.spool,
+                    self.clock.now(),
+                );
+                self.add_account(name, account, account_config.max_connections);
+                info!(account = %name, "account added by a reload");
+                continue;
+            };
+            let credentials_changed = account.reconfigure(account_config, upstream);
+            if credentials_changed && account.hold().is_some() {
+                self.release_hold(name, &account, "its credentials changed")
+                    .await;
+            }
+        }
+        self.wake_scheduler.notify_one();
+        Ok(())
     }
 
     /// Waits (bounded) for workers to finish in-flight deliveries after
@@ -186,7 +285,7 @@ impl Delivery {
     /// Stores a message and answers the client per the delivery mode.
     pub async fn submit(&self, mut envelope: Envelope, message: Vec<u8>) -> Submitted {
         let account_name = envelope.account.clone();
-        let Some(account) = self.accounts.get(&account_name).cloned() else {
+        let Some(account) = self.account(&account_name) else {
             let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
             let hint = format!("add [accounts.{account_name}] to the configuration");
             return Submitted::refused(reply, None, Refusal::new("no_account", hint));
@@ -299,6 +398,7 @@ impl Delivery {
 
     async fn worker(self: Arc<Self>, account: Arc<Account>) {
         let mut connection: Option<Connection> = None;
+        let mut generation = account.generation();
         loop {
             let next_job = async { account.queue.lock().await.recv().await };
             let job = tokio::select! {
@@ -308,8 +408,16 @@ impl Delivery {
                     continue;
                 }
                 _ = self.shutdown.cancelled() => None,
+                _ = account.retired.cancelled() => None,
             };
             let Some(job) = job else { break };
+            if account.generation() != generation {
+                // Opened with settings a reload replaced.
+                if let Some(old) = connection.take() {
+                    old.quit().await;
+                }
+                generation = account.generation();
+            }
             self.deliver(&account, job, &mut connection).await;
         }
         if let Some(connection) = connection {
@@ -389,7 +497,7 @@ impl Delivery {
         let pending = envelope.pending();
         let mut last_delivered = None;
         let mut problem = None;
-        let mut parts = pending.chunks(account.recipients_per_message);
+        let mut parts = pending.chunks(account.recipients_per_message.load(Ordering::Acquire));
         for part in parts.by_ref() {
             let admitted = account
                 .window
@@ -473,11 +581,12 @@ impl Delivery {
         flags: BodyFlags,
         message: &[u8],
     ) -> Sent {
+        let upstream = account.upstream();
         for _ in 0..2 {
             let reused = connection.is_some();
             let mut current = match connection.take() {
                 Some(current) => current,
-                None => match account.upstream.connect().await {
+                None => match upstream.connect().await {
                     Ok(current) => current,
                     Err(outcome) => {
                         return Sent {
@@ -487,8 +596,7 @@ impl Delivery {
                     }
                 },
             };
-            let sent = account
-                .upstream
+            let sent = upstream
                 .send(&mut current, recipients, flags, message)
                 .await;
             match &sent.outcome {
@@ -665,6 +773,7 @@ impl Delivery {
                 tokio::select! {
                     _ = account.hold_started.notified() => continue,
                     _ = self.shutdown.cancelled() => return,
+                    _ = account.retired.cancelled() => return,
                 }
             };
             // A hold carried over from the last run is probed at once.
@@ -681,7 +790,7 @@ impl Delivery {
                 if account.hold().is_none() {
                     break;
                 }
-                match account.upstream.probe().await {
+                match account.upstream().probe().await {
                     Ok(()) => {
                         self.release_hold(&name, &account, "sign-in works again")
                             .await;
@@ -706,7 +815,13 @@ impl Delivery {
     async fn scheduler(self: Arc<Self>) {
         loop {
             let now = self.clock.now();
-            let configured: Vec<String> = self.accounts.keys().cloned().collect();
+            let configured: Vec<String> = self
+                .accounts
+                .read()
+                .expect("accounts lock")
+                .keys()
+                .cloned()
+                .collect();
             let scanned = self
                 .io(move |spool| {
                     let mut due = Vec::new();
@@ -733,7 +848,18 @@ impl Delivery {
             match scanned {
                 Ok((due, next)) => {
                     for envelope in due {
-                        let account = &self.accounts[&envelope.account];
+                        let Some(account) = self.account(&envelope.account) else {
+                            // Removed by a reload since the scan.
+                            let moved = self
+                                .io(move |spool| {
+                                    spool.update(&envelope, State::Active, State::Deferred)
+                                })
+                                .await;
+                            if let Err(err) = moved {
+                                error!(error = %err, "cannot return a message to deferred/");
+                            }
+                            continue;
+                        };
                         let _ = account.jobs.send(Job {
                             envelope,
                             message: None,

@@ -30,6 +30,8 @@ enum Command {
     },
     /// Print an argon2 hash of a password read from stdin, for users.<name>.password_hash
     HashPassword,
+    /// Make the running relay re-read its configuration and secret files (SIGHUP)
+    Reload,
     /// Inspect and manage the queue (works while the relay runs)
     Queue {
         #[command(subcommand)]
@@ -88,8 +90,9 @@ fn main() -> ExitCode {
             sendbridge::tls::install_crypto_provider();
             sendbridge::observe::init_tracing(&config.log);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            report(runtime.block_on(run(config)))
+            report(runtime.block_on(run(config, cli.config)))
         }
+        Command::Reload => report(sendbridge::lifecycle::signal_reload(&config)),
         Command::Queue { action } => report(queue(&config, action)),
         Command::HashPassword => unreachable!("handled above"),
     }
@@ -121,35 +124,20 @@ fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let server = sendbridge::server::Server::bind(&config, shutdown.clone()).await?;
+async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let server = sendbridge::server::Server::bind(&config, stop.clone()).await?;
     if config.accounts.is_empty() {
         tracing::warn!(
             "no upstream account configured: set [accounts.<name>] username and password in config/sendbridge.toml, or e.g. SENDBRIDGE_ACCOUNTS__GMAIL__USERNAME and SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD (a Gmail app password), plus a local login SENDBRIDGE_USERS__<NAME>__PASSWORD"
         );
     }
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: no new connections, open sessions get a grace period");
-        shutdown.cancel();
-    });
+    let pid_file = sendbridge::lifecycle::PidFile::create(&config.spool.dir)?;
+    let reloader = server.reloader(config);
+    tokio::spawn(sendbridge::lifecycle::handle_signals(stop, reloader, path));
     server.run().await;
+    drop(pid_file);
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

@@ -64,6 +64,12 @@ impl SendWindow {
         window
     }
 
+    /// New caps from a reload; the sends counted so far still count.
+    pub fn set_limits(&mut self, message_limit: Option<u32>, recipient_limit: Option<u32>) {
+        self.message_limit = message_limit;
+        self.recipient_limit = recipient_limit;
+    }
+
     /// Reserves a transaction for `recipients` now, or says when the window
     /// will have room. A transaction larger than a whole day's cap goes out
     /// alone, when the window is empty.

@@ -15,7 +15,9 @@ use tracing::{Instrument, info, warn};
 
 use crate::config::Config;
 use crate::delivery::Delivery;
-use crate::session::{Session, SessionContext, SessionEnd, SessionRecord, clean_transcripts};
+use crate::session::{
+    Session, SessionContext, SessionEnd, SessionRecord, Settings, clean_transcripts,
+};
 
 /// After the grace period, how long sessions get to say 421 and close.
 const SESSION_CLOSE_BOUND: Duration = Duration::from_secs(5);
@@ -58,7 +60,8 @@ impl Server {
         let delivery = Delivery::start(config, stop_delivery.clone())?;
         // Cancelled when the grace period for open sessions is over.
         let close_sessions = CancellationToken::new();
-        let ctx = SessionContext::new(config, delivery, tls, close_sessions)?;
+        let settings = Settings::new(config)?;
+        let ctx = SessionContext::new(settings, delivery, tls, close_sessions);
         Ok(Server {
             plain,
             implicit_tls,
@@ -72,6 +75,14 @@ impl Server {
             stop,
             stop_delivery,
         })
+    }
+
+    /// Applies reloaded configurations to this server while it runs.
+    pub fn reloader(&self, running: Config) -> Reloader {
+        Reloader {
+            ctx: self.ctx.clone(),
+            running: tokio::sync::Mutex::new(running),
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -186,7 +197,10 @@ impl Server {
             let span = tracing::info_span!("session", id = %id, client = %peer);
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 warn!(parent: &span, limit = self.connections.available_permits(), "refused a connection over server.max_connections");
-                sessions.spawn(refuse_busy(stream, self.ctx.server.command_timeout));
+                sessions.spawn(refuse_busy(
+                    stream,
+                    self.ctx.settings().server.command_timeout,
+                ));
                 continue;
             };
             let ctx = self.ctx.clone();
@@ -255,7 +269,8 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
 ) -> Option<tokio_rustls::server::TlsStream<S>> {
     let acceptor = ctx.tls.as_ref()?;
-    match tokio::time::timeout(ctx.server.command_timeout, acceptor.accept(stream)).await {
+    let timeout = ctx.settings().server.command_timeout;
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(err)) => {
             warn!(error = %err, "TLS handshake with the client failed");
@@ -271,4 +286,74 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 /// Short, unique enough to grep a day of logs for one session.
 fn new_session_id() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// Replaces users, accounts and session settings without dropping
+/// connections (SIGHUP, `sendbridge reload`).
+pub struct Reloader {
+    ctx: Arc<SessionContext>,
+    running: tokio::sync::Mutex<Config>,
+}
+
+impl Reloader {
+    /// Applies `config`, or nothing when any of it cannot be applied.
+    pub async fn reload(&self, config: Config) -> anyhow::Result<()> {
+        let mut running = self.running.lock().await;
+        let config = Arc::new(config);
+        let settings = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || Settings::new(&config)).await??
+        };
+        self.ctx.delivery.reload(&config).await?;
+        self.ctx.replace_settings(settings);
+        let needs_restart = needs_restart(&running, &config);
+        if !needs_restart.is_empty() {
+            warn!(keys = ?needs_restart, "these changes take effect at the next restart");
+        }
+        *running = Arc::unwrap_or_clone(config);
+        Ok(())
+    }
+}
+
+/// Keys a running relay cannot change: listeners, certificates, the spool,
+/// the delivery engine and logging are set up once.
+fn needs_restart(running: &Config, new: &Config) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut check = |key: &str, changed: bool| {
+        if changed {
+            keys.push(key.to_string());
+        }
+    };
+    check("server.listen", running.server.listen != new.server.listen);
+    check(
+        "server.listen_tls",
+        running.server.listen_tls != new.server.listen_tls,
+    );
+    check(
+        "server.max_connections",
+        running.server.max_connections != new.server.max_connections,
+    );
+    check(
+        "server.shutdown_grace",
+        running.server.shutdown_grace != new.server.shutdown_grace,
+    );
+    check(
+        "tls",
+        running.tls.cert != new.tls.cert || running.tls.key != new.tls.key,
+    );
+    check("spool.dir", running.spool.dir != new.spool.dir);
+    check("delivery", running.delivery != new.delivery);
+    check(
+        "log",
+        running.log.level != new.log.level || running.log.format != new.log.format,
+    );
+    for (name, account) in &new.accounts {
+        if let Some(old) = running.accounts.get(name) {
+            check(
+                &format!("accounts.{name}.max_connections"),
+                old.max_connections != account.max_connections,
+            );
+        }
+    }
+    keys
 }

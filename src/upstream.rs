@@ -119,6 +119,11 @@ impl Upstream {
         &self.name
     }
 
+    /// Whether both sign in with the same user name and secret.
+    pub fn same_sign_in(&self, other: &Upstream) -> bool {
+        self.credentials == other.credentials
+    }
+
     /// Connects, secures and signs in. The error is the attempt's outcome.
     pub async fn connect(&self) -> Result<Connection, Outcome> {
         match tokio::time::timeout(self.timeout, self.open()).await {

@@ -16,8 +16,8 @@ pub(super) enum DataEnd {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn receive_message(&mut self) -> Result<DataEnd, Stop> {
-        let max = self.ctx.server.max_message_size;
-        let timeout = self.ctx.server.data_timeout;
+        let max = self.settings.server.max_message_size;
+        let timeout = self.settings.server.data_timeout;
         let mut receiver = DataReceiver::new();
         let mut message = Vec::new();
         // The CRLF that ended the DATA command starts the first line: without

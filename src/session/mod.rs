@@ -9,7 +9,7 @@ mod transcript;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use smtp_proto::request::receiver::{LineReceiver, MAX_LINE_LENGTH, RequestReceiver};
@@ -49,25 +49,27 @@ const MAX_AUTH_FAILURES: u32 = 3;
 
 /// What every session shares.
 pub struct SessionContext {
-    pub server: ServerConfig,
-    pub users: Users,
-    pub policy: Policy,
+    settings: RwLock<Arc<Settings>>,
     pub delivery: Arc<Delivery>,
     pub tls: Option<TlsAcceptor>,
     pub shutdown: CancellationToken,
-    /// Per upstream account.
-    pub rewrites: HashMap<String, RewritePolicy>,
-    pub transcripts: Transcripts,
     pub transcripts_dir: PathBuf,
 }
 
-impl SessionContext {
-    pub fn new(
-        config: &Config,
-        delivery: Arc<Delivery>,
-        tls: Option<TlsAcceptor>,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<Self> {
+/// The part of the configuration a reload replaces; a session picks up the
+/// current one before each command.
+pub struct Settings {
+    pub server: ServerConfig,
+    pub users: Users,
+    pub policy: Policy,
+    /// Per upstream account.
+    pub rewrites: HashMap<String, RewritePolicy>,
+    pub transcripts: Transcripts,
+}
+
+impl Settings {
+    /// Hashes plain-text passwords: slow on purpose, so not on the runtime.
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
         let rewrites = config
             .accounts
             .iter()
@@ -76,17 +78,39 @@ impl SessionContext {
                 (name.clone(), policy)
             })
             .collect();
-        Ok(SessionContext {
+        Ok(Settings {
             server: config.server.clone(),
             users: Users::new(config)?,
             policy: Policy::new(config),
+            rewrites,
+            transcripts: config.log.transcripts,
+        })
+    }
+}
+
+impl SessionContext {
+    pub fn new(
+        settings: Settings,
+        delivery: Arc<Delivery>,
+        tls: Option<TlsAcceptor>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        SessionContext {
+            settings: RwLock::new(Arc::new(settings)),
             transcripts_dir: delivery.spool().transcripts_dir(),
             delivery,
             tls,
             shutdown,
-            rewrites,
-            transcripts: config.log.transcripts,
-        })
+        }
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// New sessions and the next command of open ones use `settings`.
+    pub fn replace_settings(&self, settings: Settings) {
+        *self.settings.write().expect("settings lock") = Arc::new(settings);
     }
 }
 
@@ -116,6 +140,7 @@ struct Transaction {
 
 pub struct Session<S> {
     ctx: Arc<SessionContext>,
+    settings: Arc<Settings>,
     stream: S,
     id: String,
     peer: SocketAddr,
@@ -146,6 +171,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         record: SessionRecord,
     ) -> Self {
         Session {
+            settings: ctx.settings(),
             ctx,
             stream,
             id,
@@ -172,11 +198,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if greet {
             let greeting = Reply::bare(
                 220,
-                format!("{} ESMTP sendbridge", self.ctx.server.hostname),
+                format!("{} ESMTP sendbridge", self.settings.server.hostname),
             );
             self.reply(greeting);
         }
         let stop = loop {
+            self.settings = self.ctx.settings();
             match self.next_request().await {
                 Ok(Some(request)) => match self.handle(request).await {
                     Ok(Flow::Continue) => {}
@@ -201,7 +228,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 break None;
             }
         };
-        let hostname = &self.ctx.server.hostname;
+        let hostname = &self.settings.server.hostname;
         match stop {
             Some(Stop::Timeout) => {
                 let reply = Reply::new(
@@ -242,7 +269,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(_) if consumed > MAX_LINE_LENGTH => smtp_proto::Error::ResponseTooLong,
                 Ok(request) => return Ok(Some(request)),
                 Err(smtp_proto::Error::NeedsMoreData { .. }) => {
-                    let timeout = self.ctx.server.command_timeout;
+                    let timeout = self.settings.server.command_timeout;
                     self.read_more(timeout).await?;
                     continue;
                 }
@@ -322,7 +349,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.transaction = None;
         self.helo = Some(host);
         self.extended = extended;
-        let hostname = &self.ctx.server.hostname;
+        let hostname = &self.settings.server.hostname;
         if !extended {
             self.reply(Reply::bare(250, hostname.clone()));
             return;
@@ -330,7 +357,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut ehlo = EhloResponse::new(hostname.as_str());
         ehlo.capabilities =
             EXT_PIPELINING | EXT_SIZE | EXT_8BIT_MIME | EXT_ENHANCED_STATUS_CODES | EXT_SMTP_UTF8;
-        ehlo.size = self.ctx.server.max_message_size;
+        ehlo.size = self.settings.server.max_message_size;
         if self.auth_allowed() && self.signed_in.is_none() {
             ehlo.capabilities |= EXT_AUTH;
             ehlo.auth_mechanisms = AUTH_PLAIN | AUTH_LOGIN;
@@ -366,7 +393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// AUTH on unencrypted connections is allowed unless configured
     /// otherwise; loopback clients never cross a network.
     fn auth_allowed(&self) -> bool {
-        self.tls || !self.ctx.server.require_tls_for_auth || self.peer.ip().is_loopback()
+        self.tls || !self.settings.server.require_tls_for_auth || self.peer.ip().is_loopback()
     }
 
     async fn auth(&mut self, mechanism: u64, initial_response: String) -> Result<Flow, Stop> {
@@ -420,7 +447,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Flow::Continue);
             }
         };
-        match self.ctx.users.verify(&username, password).await {
+        match self.settings.users.verify(&username, password).await {
             Some(signed_in) => {
                 info!(user = %signed_in.user, account = %signed_in.account, "client signed in");
                 self.record.signed_in(&signed_in.user);
@@ -494,7 +521,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.record.client_secret();
                 return Ok(String::from_utf8_lossy(&line.buf).into_owned());
             }
-            self.read_more(self.ctx.server.command_timeout).await?;
+            self.read_more(self.settings.server.command_timeout).await?;
         }
     }
 
@@ -506,7 +533,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(Reply::new(503, [5, 5, 1], "Nested MAIL command"));
         }
         let user_account = self.signed_in.as_ref().map(|s| s.account.as_str());
-        let account = match self.ctx.policy.account_for(user_account, self.peer.ip()) {
+        let account = match self
+            .settings
+            .policy
+            .account_for(user_account, self.peer.ip())
+        {
             Ok(account) => account,
             Err(reply) => {
                 let hint = "the client neither signed in nor is in server.trusted_networks: set the SMTP user and password from [users] in the sending program, or add its network to server.trusted_networks";
@@ -521,7 +552,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "BODY=BINARYMIME is not supported",
             ));
         }
-        if from.size > self.ctx.server.max_message_size {
+        if from.size > self.settings.server.max_message_size {
             let (reply, refusal) = self.too_large();
             self.rejected(&reply, refusal, None);
             return self.error(reply);
@@ -539,7 +570,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn rcpt(&mut self, address: String) {
-        let max = self.ctx.server.max_recipients;
+        let max = self.settings.server.max_recipients;
         let Some(transaction) = self.transaction.as_mut() else {
             return self.error(Reply::new(503, [5, 5, 1], "Send MAIL first"));
         };
@@ -587,7 +618,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         self.record.message(&message);
         let account = transaction.account.clone();
-        let rewritten = match rewrite(message, &self.ctx.rewrites[&account], &self.trace()) {
+        let Some(policy) = self.settings.rewrites.get(&account) else {
+            // The account was removed by a reload during the transaction.
+            let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
+            let hint = format!("add [accounts.{account}] to the configuration");
+            self.rejected(&reply, Refusal::new("no_account", hint), None);
+            self.reply(reply);
+            return Ok(Flow::Continue);
+        };
+        let rewritten = match rewrite(message, policy, &self.trace()) {
             Ok(rewritten) => rewritten,
             Err(RewriteError::LineTooLong { line, length }) => {
                 let reply = Reply::new(
@@ -647,7 +686,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn too_large(&self) -> (Reply, Refusal) {
-        let max = self.ctx.server.max_message_size;
+        let max = self.settings.server.max_message_size;
         let reply = Reply::new(
             552,
             [5, 3, 4],
@@ -725,7 +764,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.stream.write_all(&self.output).await?;
             self.stream.flush().await
         };
-        match tokio::time::timeout(self.ctx.server.command_timeout, write).await {
+        match tokio::time::timeout(self.settings.server.command_timeout, write).await {
             Ok(result) => result?,
             Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
         }
@@ -752,8 +791,9 @@ mod tests {
         config.spool.dir = spool.path().to_path_buf();
         config.server.hostname = "relay.test".to_string();
         let delivery = Delivery::start(&config, CancellationToken::new()).unwrap();
-        let ctx = SessionContext::new(&config, delivery, None, CancellationToken::new());
-        let ctx = Arc::new(ctx.unwrap());
+        let settings = Settings::new(&config).unwrap();
+        let ctx = SessionContext::new(settings, delivery, None, CancellationToken::new());
+        let ctx = Arc::new(ctx);
         (ctx, spool)
     }
 

@@ -31,7 +31,8 @@ pub struct SessionRecord {
 
 impl SessionRecord {
     pub fn new(ctx: &SessionContext, id: &str, peer: SocketAddr) -> Self {
-        let transcript = (ctx.transcripts != Transcripts::Off).then(|| Transcript::new(id, peer));
+        let transcript =
+            (ctx.settings().transcripts != Transcripts::Off).then(|| Transcript::new(id, peer));
         SessionRecord {
             id: id.to_string(),
             peer,
@@ -92,7 +93,7 @@ impl SessionRecord {
 
     /// Saves the transcript if wanted and writes the session's closing line.
     pub async fn finish(mut self, ctx: &SessionContext) {
-        let keep = match ctx.transcripts {
+        let keep = match ctx.settings().transcripts {
             Transcripts::Off => false,
             Transcripts::Rejected => self.rejection.is_some(),
             Transcripts::All => true,

@@ -17,6 +17,8 @@ pub struct RelayProcess {
     pub addr: SocketAddr,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Counts log lines, to wait for one.
+    logged: tokio::sync::watch::Receiver<usize>,
     log_done: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -69,6 +71,12 @@ impl RelayProcess {
     }
 
     async fn spawn(mut command: Command) -> RelayProcess {
+        // Tests that stop the relay with a client still connected need not
+        // wait the default 10 s grace; a test may set its own.
+        let grace = "SENDBRIDGE_SERVER__SHUTDOWN_GRACE";
+        if !command.as_std().get_envs().any(|(key, _)| key == grace) {
+            command.env(grace, "1s");
+        }
         command
             .env("SENDBRIDGE_SERVER__LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
@@ -79,12 +87,15 @@ impl RelayProcess {
         let (listening_tx, mut listening_rx) = mpsc::channel(1);
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let sink = log.clone();
+        let (count, logged) = tokio::sync::watch::channel(0);
         let log_done = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(addr) = listen_address(&line) {
                     let _ = listening_tx.try_send(addr);
                 }
-                sink.lock().unwrap().push(line);
+                let mut log = sink.lock().unwrap();
+                log.push(line);
+                count.send_replace(log.len());
             }
         });
         let addr = tokio::time::timeout(STARTUP, listening_rx.recv())
@@ -96,6 +107,7 @@ impl RelayProcess {
             addr,
             child,
             log,
+            logged,
             log_done: Some(log_done),
         }
     }
@@ -125,6 +137,23 @@ impl RelayProcess {
     /// The relay's process id, e.g. to read its memory use from /proc.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// Waits until a log line contains `needle`, and returns it.
+    pub async fn wait_for_line(&self, needle: &str) -> String {
+        let mut logged = self.logged.clone();
+        let found = tokio::time::timeout(STARTUP, async {
+            loop {
+                if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                    return line;
+                }
+                if logged.changed().await.is_err() {
+                    panic!("the relay exited before logging {needle:?}");
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no log line with {needle:?}: {:#?}", self.log()))
     }
 
     /// Everything logged so far.
