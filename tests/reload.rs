@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls};
 use common::process::{RelayProcess, sendbridge};
 use common::relay::{LOCAL_PASSWORD, LOCAL_USER, UPSTREAM_PASSWORD, UPSTREAM_USER};
-use common::smtp::Client;
+use common::smtp::{Client, plain};
 
 const WAIT: Duration = Duration::from_secs(20);
 const CONTENT: &str = "Subject: invoice\r\n\r\nInvoice.\r\n";
@@ -77,13 +77,14 @@ async fn a_fixed_app_password_releases_held_mail_on_reload() {
         &password_file,
         &user(LOCAL_USER, LOCAL_PASSWORD),
     );
-    let relay = RelayProcess::start(dir.path(), &[]).await;
+    // Every level, so the secret check below covers debug and trace lines.
+    let relay = RelayProcess::start(dir.path(), &[("SENDBRIDGE_LOG", "trace")]).await;
     let mut client = Client::connect(relay.addr).await;
     client.ehlo().await;
-    assert_eq!(
-        client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await.code,
-        235
-    );
+    let wrong = client.login_plain(LOCAL_USER, "wrong-local-password").await;
+    assert_eq!(wrong.code, 535);
+    let right = client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await;
+    assert_eq!(right.code, 235);
     assert_eq!(send(&mut client).await, 250, "accepted and held");
     relay.wait_for_line("account on hold").await;
 
@@ -99,11 +100,22 @@ async fn a_fixed_app_password_releases_held_mail_on_reload() {
     drop(client);
     let (code, log) = relay.terminate().await;
     assert_eq!(code, Some(0));
+    let secrets = [
+        UPSTREAM_PASSWORD.to_string(),
+        LOCAL_PASSWORD.to_string(),
+        "wrong-local-password".to_string(),
+        "the-old-account-password".to_string(),
+        plain(LOCAL_USER, LOCAL_PASSWORD),
+        plain(UPSTREAM_USER, UPSTREAM_PASSWORD),
+    ];
+    assert!(log.len() > 20, "trace level logs plenty: {log:#?}");
     for line in &log {
-        assert!(
-            !line.contains(UPSTREAM_PASSWORD) && !line.contains(LOCAL_PASSWORD),
-            "{line}"
-        );
+        for secret in &secrets {
+            assert!(
+                !line.contains(secret.as_str()),
+                "a secret in the log: {line}"
+            );
+        }
     }
 }
 
