@@ -30,6 +30,14 @@ enum Command {
     },
     /// Print an argon2 hash of a password read from stdin, for users.<name>.password_hash
     HashPassword,
+    /// Ask the running relay whether it is alive (exit 0) or not (exit 1, with the reason); for health checks
+    Health {
+        /// Whether it is ready: listeners up, spool writable, no account on hold
+        #[arg(long)]
+        ready: bool,
+    },
+    /// Show the running relay's accounts, queue and last rejections
+    Status,
     /// Inspect and manage the queue (works while the relay runs)
     Queue {
         #[command(subcommand)]
@@ -87,9 +95,12 @@ fn main() -> ExitCode {
         Command::Run => {
             sendbridge::tls::install_crypto_provider();
             sendbridge::observe::init_tracing(&config.log);
+            sendbridge::admin::metrics::install(&config.admin);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             report(runtime.block_on(run(config)))
         }
+        Command::Health { ready } => report(sendbridge::cli::health(&config, ready)),
+        Command::Status => report(sendbridge::cli::status(&config)),
         Command::Queue { action } => report(queue(&config, action)),
         Command::HashPassword => unreachable!("handled above"),
     }

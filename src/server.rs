@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::session::{Session, SessionContext, SessionEnd, SessionRecord, clean_transcripts};
@@ -27,6 +28,7 @@ pub struct Server {
     ctx: Arc<SessionContext>,
     connections: Arc<Semaphore>,
     transcript_limits: (Duration, u64),
+    admin: Option<Admin>,
 }
 
 impl Server {
@@ -49,7 +51,11 @@ impl Server {
                     .with_context(|| format!("server.listen_tls: cannot listen on {addr}"))?,
             ),
         };
+        let admin_listener = crate::admin::bind(&config.admin).await?;
         let delivery = Delivery::start(config, shutdown.clone())?;
+        let admin = admin_listener.map(|listener| {
+            Admin::new(listener, &config.admin, delivery.clone(), shutdown.clone())
+        });
         let ctx = SessionContext::new(config, delivery, tls, shutdown)?;
         Ok(Server {
             plain,
@@ -60,6 +66,7 @@ impl Server {
                 config.log.transcript_max_bytes,
             ),
             ctx: Arc::new(ctx),
+            admin,
         })
     }
 
@@ -67,6 +74,11 @@ impl Server {
         self.plain
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The admin interface's address, unless it is off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(Admin::local_addr)
     }
 
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
@@ -86,6 +98,7 @@ impl Server {
             listen = %self.local_addr(),
             listen_tls = ?self.tls_local_addr(),
             starttls = ctx.tls.is_some(),
+            admin = %self.admin_addr().map_or("off".to_string(), |addr| addr.to_string()),
             "sendbridge is accepting connections"
         );
         let plain = self.accept_loop(&self.plain, false, &sessions);
@@ -94,7 +107,12 @@ impl Server {
                 self.accept_loop(listener, true, &sessions).await;
             }
         };
-        tokio::join!(plain, implicit_tls, self.clean_transcripts());
+        let admin = async {
+            if let Some(admin) = &self.admin {
+                admin.serve().await;
+            }
+        };
+        tokio::join!(plain, implicit_tls, admin, self.clean_transcripts());
         sessions.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
             .await

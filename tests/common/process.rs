@@ -15,6 +15,8 @@ const STARTUP: Duration = Duration::from_secs(30);
 
 pub struct RelayProcess {
     pub addr: SocketAddr,
+    /// The admin interface, unless the environment turned it off.
+    pub admin: Option<SocketAddr>,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
     log_done: Option<tokio::task::JoinHandle<()>>,
@@ -69,6 +71,15 @@ impl RelayProcess {
     }
 
     async fn spawn(mut command: Command) -> RelayProcess {
+        // A free port unless the test chose one (or "" for off).
+        const ADMIN_LISTEN: &str = "SENDBRIDGE_ADMIN__LISTEN";
+        if !command
+            .as_std()
+            .get_envs()
+            .any(|(key, _)| key == ADMIN_LISTEN)
+        {
+            command.env(ADMIN_LISTEN, "127.0.0.1:0");
+        }
         command
             .env("SENDBRIDGE_SERVER__LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
@@ -81,19 +92,20 @@ impl RelayProcess {
         let sink = log.clone();
         let log_done = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addr) = listen_address(&line) {
-                    let _ = listening_tx.try_send(addr);
+                if let Some(addresses) = listen_addresses(&line) {
+                    let _ = listening_tx.try_send(addresses);
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = tokio::time::timeout(STARTUP, listening_rx.recv())
+        let (addr, admin) = tokio::time::timeout(STARTUP, listening_rx.recv())
             .await
             .ok()
             .flatten()
             .unwrap_or_else(|| panic!("relay did not start; log: {:#?}", log.lock().unwrap()));
         RelayProcess {
             addr,
+            admin,
             child,
             log,
             log_done: Some(log_done),
@@ -140,11 +152,16 @@ impl RelayProcess {
     }
 }
 
-/// `... sendbridge is accepting connections listen=127.0.0.1:PORT ...`
-fn listen_address(line: &str) -> Option<SocketAddr> {
+/// The SMTP and admin addresses from `... sendbridge is accepting
+/// connections listen=127.0.0.1:PORT ... admin=127.0.0.1:PORT` (or
+/// `admin=off`).
+fn listen_addresses(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     if !line.contains("accepting connections") {
         return None;
     }
-    let rest = &line[line.find("listen=")? + "listen=".len()..];
-    rest.split_whitespace().next()?.parse().ok()
+    let field = |name: &str| {
+        let start = line.find(&format!(" {name}="))? + name.len() + 2;
+        line[start..].split_whitespace().next()
+    };
+    Some((field("listen")?.parse().ok()?, field("admin")?.parse().ok()))
 }
