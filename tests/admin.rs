@@ -181,6 +181,10 @@ async fn a_token_admits_any_client_that_has_it() {
     ];
     let forged = http::post_form(admin, &format!("/retry?token={TOKEN}"), &fields).await;
     assert_eq!(forged.status, 403, "{forged:?}");
+    let huge = "x".repeat(10_000);
+    let oversized = [("account", huge.as_str())];
+    let refused = http::post_form(admin, &format!("/retry?token={TOKEN}"), &oversized).await;
+    assert_eq!(refused.status, 413, "request bodies are bounded");
 }
 
 /// The value of one series (`name{labels}`) in Prometheus text.

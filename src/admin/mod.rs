@@ -28,11 +28,11 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cli::{RetryTarget, queue_retry};
 use crate::config::AdminConfig;
@@ -135,16 +135,18 @@ impl Admin {
     async fn accept_loop(&self, connections: &TaskTracker) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let accepted = tokio::select! {
+            // A free slot first: over the limit, clients wait in the backlog.
+            let next = async {
+                let permit = limit.clone().acquire_owned().await.expect("never closed");
+                (permit, self.listener.accept().await)
+            };
+            let (permit, accepted) = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                accepted = async {
-                    let permit = limit.clone().acquire_owned().await.expect("never closed");
-                    (permit, self.listener.accept().await)
-                } => accepted,
+                next = next => next,
             };
             let (stream, client) = match accepted {
-                (permit, Ok((stream, client))) => ((stream, permit), client),
-                (_, Err(err)) => {
+                Ok(accepted) => accepted,
+                Err(err) => {
                     warn!(error = %err, "admin interface: accept failed");
                     // Typically EMFILE: give connections time to close.
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -152,7 +154,10 @@ impl Admin {
                 }
             };
             let service = self.router.clone().layer(Extension(ConnectInfo(client)));
-            connections.spawn(serve_connection(stream, service));
+            connections.spawn(async move {
+                serve_connection(stream, service).await;
+                drop(permit);
+            });
         }
     }
 
@@ -168,10 +173,7 @@ impl Admin {
 }
 
 /// One request over one connection, within the deadlines.
-async fn serve_connection(
-    (stream, _permit): (tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit),
-    service: Router,
-) {
+async fn serve_connection(stream: TcpStream, service: Router) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -184,7 +186,7 @@ async fn serve_connection(
         .await
         .is_err()
     {
-        tracing::debug!("admin interface: connection timed out");
+        debug!("admin interface: connection timed out");
     }
 }
 
