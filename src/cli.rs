@@ -6,13 +6,18 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::Context;
 use rustls::ProtocolVersion;
 
+use crate::admin::client::AdminClient;
+use crate::admin::status::{Readiness, Status, format_time};
 use crate::config::{AccountConfig, Config};
 use crate::provider_replies::diagnose;
-use crate::reply::Reply;
 use crate::secret::Secret;
 use crate::session::hash_password;
-use crate::spool::{Spool, State, unix_millis};
+use crate::spool::{Envelope, Spool, State, unix_millis};
 use crate::upstream::{Outcome, Upstream, sign_in_hint};
+
+/// `health` runs as a container health check: it must answer quickly.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `sendbridge hash-password`: reads a password from stdin (one line, the
 /// newline is not part of it) and prints its argon2 hash for `password_hash`.
@@ -155,7 +160,7 @@ fn failure(account: &str, outcome: Outcome) -> (&'static str, String, Option<Str
     match outcome {
         Outcome::AuthFailed(reply) => (
             "refused",
-            one_line(&reply),
+            reply.one_line(),
             Some(sign_in_hint(account, &reply)),
         ),
         // No SMTP reply to show: connecting, TLS or a timeout failed; the
@@ -171,19 +176,9 @@ fn failure(account: &str, outcome: Outcome) -> (&'static str, String, Option<Str
         | Outcome::OverLimit(reply)
         | Outcome::Delivered(reply) => {
             let hint = diagnose(account, &reply).hint;
-            ("error", one_line(&reply), hint)
+            ("error", reply.one_line(), hint)
         }
     }
-}
-
-/// The whole reply on one line: providers put the useful link on the last.
-fn one_line(reply: &Reply) -> String {
-    let text = reply.text.lines().map(str::trim).collect::<Vec<_>>();
-    let whole = Reply {
-        text: text.join(" "),
-        ..reply.clone()
-    };
-    whole.to_string()
 }
 
 /// "TLSv1.3" as operators write it (rustls spells it `TLSv1_3`).
@@ -196,16 +191,34 @@ fn tls_name(version: Option<ProtocolVersion>) -> String {
     }
 }
 
-/// Aligned columns, a header, and each hint on an indented line of its own.
+/// The `check` table: each hint on an indented line of its own.
 fn check_table(rows: &[CheckRow]) -> String {
     const HEADER: [&str; 5] = ["ACCOUNT", "SERVER", "TLS", "AUTH", "REPLY / REASON"];
-    let mut widths = HEADER.map(|title| title.chars().count());
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row.cells()) {
-            *width = (*width).max(cell.chars().count());
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|row| {
+            (
+                row.cells(),
+                row.hint.as_ref().map(|hint| format!("hint: {hint}")),
+            )
+        })
+        .collect();
+    table(HEADER, &rows)
+}
+
+/// Aligned columns under a header; a row's note goes on an indented line
+/// beneath it.
+fn table<S: AsRef<str>, const N: usize>(
+    header: [&str; N],
+    rows: &[([S; N], Option<String>)],
+) -> String {
+    let mut widths = header.map(|title| title.chars().count());
+    for (cells, _) in rows {
+        for (width, cell) in widths.iter_mut().zip(cells) {
+            *width = (*width).max(cell.as_ref().chars().count());
         }
     }
-    let line = |cells: [&str; 5]| {
+    let line = |cells: [&str; N]| {
         let padded: Vec<_> = cells
             .iter()
             .zip(widths)
@@ -213,11 +226,11 @@ fn check_table(rows: &[CheckRow]) -> String {
             .collect();
         format!("{}\n", padded.join("  ").trim_end())
     };
-    let mut table = line(HEADER);
-    for row in rows {
-        table += &line(row.cells());
-        if let Some(hint) = &row.hint {
-            table += &format!("    hint: {hint}\n");
+    let mut table = line(header);
+    for (cells, note) in rows {
+        table += &line(cells.each_ref().map(AsRef::as_ref));
+        if let Some(note) = note {
+            table += &format!("    {note}\n");
         }
     }
     table
@@ -254,11 +267,113 @@ fn summarise(config: &Config) {
     }
 }
 
+/// `sendbridge health [--ready]`: asks the running relay's admin interface
+/// whether it is alive (or ready); an error with the reason unless it
+/// answers 200.
+pub fn health(config: &Config, ready: bool) -> anyhow::Result<()> {
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let answer = AdminClient::new(&config.admin, HEALTH_TIMEOUT)?.get(path)?;
+    if answer.status == 200 {
+        println!("{}", if ready { "ready" } else { "ok" });
+        return Ok(());
+    }
+    let reason = match serde_json::from_str::<Readiness>(&answer.body) {
+        Ok(readiness) => readiness.checks.problems().join("; "),
+        Err(_) => answer.body.lines().next().unwrap_or_default().to_string(),
+    };
+    anyhow::bail!("{path} answered {}: {reason}", answer.status)
+}
+
+/// `sendbridge status`: what the status page shows, as tables.
+pub fn status(config: &Config) -> anyhow::Result<()> {
+    let answer = AdminClient::new(&config.admin, STATUS_TIMEOUT)?.get("/status.json")?;
+    anyhow::ensure!(
+        answer.status == 200,
+        "/status.json answered {}: {}",
+        answer.status,
+        answer.body.lines().next().unwrap_or_default()
+    );
+    let status: Status =
+        serde_json::from_str(&answer.body).context("/status.json answered something else")?;
+    print!("{}", status_tables(&status));
+    Ok(())
+}
+
+fn status_tables(status: &Status) -> String {
+    let accounts: Vec<_> = status
+        .accounts
+        .iter()
+        .map(|account| {
+            let reply = account
+                .hold
+                .as_ref()
+                .map_or("-", |hold| hold.reply.as_str());
+            let cells = [
+                account.name.clone(),
+                account.state().to_string(),
+                account.held.to_string(),
+                account.rejected.to_string(),
+                reply.to_string(),
+            ];
+            let hint = account
+                .hold
+                .as_ref()
+                .map(|hold| format!("hint: {}", hold.hint));
+            (cells, hint)
+        })
+        .collect();
+    let header = ["ACCOUNT", "STATE", "HELD", "REJECTED", "PROVIDER REPLY"];
+    let mut text = table(header, &accounts);
+    let counts: Vec<_> = status
+        .queue
+        .iter()
+        .map(|(state, count)| format!("{state} {count}"))
+        .collect();
+    text += &format!("\nQUEUE  {}\n", counts.join("  "));
+    if status.rejections.is_empty() {
+        text += "\nLAST REJECTIONS  none\n";
+        return text;
+    }
+    let rejections: Vec<_> = status
+        .rejections
+        .iter()
+        .map(|rejection| {
+            let cells = [
+                format_time(rejection.at),
+                rejection.id.clone(),
+                rejection.account.clone(),
+                rejection.recipients.join(", "),
+                rejection
+                    .last_reply
+                    .clone()
+                    .unwrap_or_else(|| "-".to_string()),
+            ];
+            (cells, None)
+        })
+        .collect();
+    let header = ["REJECTED AT", "ID", "ACCOUNT", "RECIPIENTS", "LAST REPLY"];
+    text += &format!("\nLAST REJECTIONS\n{}", table(header, &rejections));
+    text
+}
+
 /// Which queued messages `queue retry` makes due now.
 pub enum RetryTarget {
     One(String),
     All,
     Account(String),
+    /// One account's messages in one state: the status page's buttons.
+    AccountIn(String, State),
+}
+
+impl RetryTarget {
+    fn covers(&self, state: State, envelope: &Envelope) -> bool {
+        match self {
+            RetryTarget::One(id) => *id == envelope.id,
+            RetryTarget::All => true,
+            RetryTarget::Account(name) => *name == envelope.account,
+            RetryTarget::AccountIn(name, wanted) => *name == envelope.account && *wanted == state,
+        }
+    }
 }
 
 /// `sendbridge queue list`: every queued message, oldest first.
@@ -354,15 +469,11 @@ pub fn queue_retry(spool: &Spool, target: RetryTarget) -> anyhow::Result<usize> 
     let mut retried = 0;
     let chosen: Vec<(State, String)> = match &target {
         RetryTarget::One(id) => vec![(find(spool, id)?, id.clone())],
-        RetryTarget::All | RetryTarget::Account(_) => {
+        _ => {
             let mut chosen = Vec::new();
             for state in [State::Deferred, State::Held, State::Rejected] {
                 for envelope in spool.list(state)? {
-                    let wanted = match &target {
-                        RetryTarget::Account(name) => &envelope.account == name,
-                        _ => true,
-                    };
-                    if wanted {
+                    if target.covers(state, &envelope) {
                         chosen.push((state, envelope.id));
                     }
                 }

@@ -45,6 +45,7 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub delivery: DeliveryConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -346,6 +347,47 @@ impl Default for LogConfig {
     }
 }
 
+/// The operator's HTTP interface: health, readiness, metrics, status page.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `None` (an empty string in the file) turns the interface off.
+    #[serde(deserialize_with = "optional_address")]
+    pub listen: Option<SocketAddr>,
+    /// Required of every request when set; only then are clients other than
+    /// loopback served.
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9025))),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        self.token = resolve_secret("admin.token", self.token.take(), &self.token_file)?;
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        // It travels in URLs (the status page's links) and headers as is.
+        let url_safe = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+        if token.expose().len() < 16 || !token.expose().bytes().all(url_safe) {
+            return Err(ConfigError::new(
+                "admin.token",
+                "use at least 16 letters, digits or -._~ (e.g. the output of `openssl rand -hex 32`)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Loads and validates the configuration. `path` is the `--config`
     /// argument: when given it must exist; the default path is optional so
@@ -422,7 +464,7 @@ impl Config {
         for (name, user) in &mut self.users {
             user.validate(name, fallback_account.as_deref(), &self.accounts)?;
         }
-        Ok(())
+        self.admin.validate()
     }
 
     /// The account for logins that name none: `server.default_account`, or
@@ -597,7 +639,7 @@ fn resolve_secret(
 
 fn is_secret_key(key: &str) -> bool {
     let last = key.rsplit('.').next().unwrap_or(key);
-    last == "password" || last.ends_with("secret")
+    last == "password" || last == "token" || last.ends_with("secret")
 }
 
 /// Turns figment's error into `key: problem` without the provider noise.
@@ -651,6 +693,22 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
             )
         }),
     }
+}
+
+/// An address, or an empty string for none.
+fn optional_address<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.trim().parse().map(Some).map_err(|_| {
+        serde::de::Error::invalid_value(
+            serde::de::Unexpected::Str(&text),
+            &"an address such as 127.0.0.1:9025, or \"\" for off",
+        )
+    })
 }
 
 /// CIDRs; a bare address means that one host.
@@ -743,6 +801,29 @@ mod tests {
             config.accounts["gmail"].password.as_ref().unwrap().expose(),
             "abcdabcdabcdabcd"
         );
+    }
+
+    #[test]
+    fn admin_listen_defaults_to_loopback_and_empty_turns_it_off() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.admin.listen, Some("127.0.0.1:9025".parse().unwrap()));
+        let config = Config::from_toml("[admin]\nlisten = \"\"").unwrap();
+        assert_eq!(config.admin.listen, None);
+        let err = Config::from_toml("[admin]\nlisten = \"nowhere\"").unwrap_err();
+        assert_eq!(err.key, "admin.listen");
+    }
+
+    #[test]
+    fn admin_token_must_be_long_and_url_safe() {
+        let config = Config::from_toml("[admin]\ntoken = \"0123456789abcdef0123\"").unwrap();
+        assert_eq!(
+            config.admin.token.as_ref().map(Secret::expose),
+            Some("0123456789abcdef0123")
+        );
+        for bad in ["short", "0123456789abcdef 0123", "0123456789abcdef&x=1"] {
+            let err = Config::from_toml(&format!("[admin]\ntoken = {bad:?}")).unwrap_err();
+            assert_eq!(err.key, "admin.token", "{bad}");
+        }
     }
 
     #[test]

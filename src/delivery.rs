@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::admin::metrics::{self, Event};
 use crate::config::{AccountConfig, Config, DeliveryConfig, DeliveryMode};
 use crate::provider_replies::diagnose;
 use crate::reply::{Refusal, Reply};
@@ -282,6 +283,26 @@ impl Delivery {
         &self.spool
     }
 
+    /// Each account's name and, while it is on hold, the reply that put it
+    /// there; sorted by name. For the admin interface.
+    pub fn account_holds(&self) -> Vec<(String, Option<Reply>)> {
+        let mut holds: Vec<_> = self
+            .accounts
+            .read()
+            .expect("accounts lock")
+            .iter()
+            .map(|(name, account)| (name.clone(), account.hold().map(|hold| hold.reply)))
+            .collect();
+        holds.sort_by(|a, b| a.0.cmp(&b.0));
+        holds
+    }
+
+    /// Re-reads the queue now instead of at the next `scan_interval`, e.g.
+    /// after a retry requested on the status page.
+    pub fn scan_now(&self) {
+        self.wake_scheduler.notify_one();
+    }
+
     /// Stores a message and answers the client per the delivery mode.
     pub async fn submit(&self, mut envelope: Envelope, message: Vec<u8>) -> Submitted {
         let account_name = envelope.account.clone();
@@ -347,6 +368,10 @@ impl Delivery {
         };
         let id = envelope.id.clone();
         info!(id = %id, account = %envelope.account, state = %state, recipients = envelope.recipients.len(), size = envelope.size, "message spooled");
+        metrics::message(&envelope.account, Event::Accepted);
+        if state == State::Held {
+            metrics::message(&envelope.account, Event::Held);
+        }
         let queued = Submitted {
             reply: Reply::new(250, [2, 0, 0], format!("OK queued as {id}")),
             id: Some(id.clone()),
@@ -625,6 +650,7 @@ impl Delivery {
             Verdict::Postponed { until, reply } => {
                 if discard {
                     info!(id = %id, account = %account, reason = "daily_limit", "message returned to the client (passthrough): over the daily sending limit");
+                    metrics::message(&account, Event::Returned);
                     self.discard(State::Active, &id).await;
                     return;
                 }
@@ -635,6 +661,7 @@ impl Delivery {
                     format!("the limit is accounts.{account}.daily_message_limit / daily_recipient_limit")
                 });
                 warn!(id = %id, account = %account, reason = "daily_limit", upstream_reply = %reply, resume_in_s = wait_s, hint = %hint, "message waits for the daily sending limit's window");
+                metrics::message(&account, Event::Deferred);
                 envelope.record(
                     now,
                     format!("deferred: daily sending limit; resumes in {wait_s}s"),
@@ -646,12 +673,17 @@ impl Delivery {
         let delivered = matches!(outcome, Outcome::Delivered(_));
         if discard && !delivered {
             info!(id = %id, account = %account, outcome = %describe(outcome), "message returned to the client (passthrough)");
+            metrics::message(&account, Event::Returned);
             self.discard(State::Active, &id).await;
             return;
         }
         let to = match outcome {
             Outcome::Delivered(reply) if envelope.refused.is_empty() => {
                 info!(id = %id, account = %account, attempts = envelope.attempts, recipients = envelope.delivered.len(), upstream_reply = %reply, "message delivered");
+                metrics::delivered(
+                    &account,
+                    Duration::from_millis(now.saturating_sub(envelope.received_at)),
+                );
                 if let Err(err) = self.io(move |spool| spool.remove(State::Active, &id)).await {
                     error!(id = %envelope.id, error = %err, "delivered, but cannot remove it from the spool: it may be sent again");
                 }
@@ -666,11 +698,13 @@ impl Delivery {
                     .map(|refused| refused.address.as_str())
                     .collect();
                 warn!(id = %id, account = %account, reason = diagnosis.reason, delivered = envelope.delivered.len(), refused = ?refused, upstream_reply = %first, hint = diagnosis.hint.as_deref().unwrap_or(""), "upstream refused the message or some recipients; kept in rejected/ (`queue retry` sends to the refused recipients again)");
+                metrics::message(&account, Event::Rejected);
                 envelope.last_reply = Some(first.to_string());
                 State::Rejected
             }
             Outcome::AuthFailed(reply) => {
                 info!(id = %id, account = %account, "message held until the account's sign-in works");
+                metrics::message(&account, Event::Held);
                 envelope.last_reply = Some(reply.to_string());
                 State::Held
             }
@@ -685,11 +719,13 @@ impl Delivery {
                 let age = Duration::from_millis(now.saturating_sub(envelope.received_at));
                 if age >= self.settings.max_age {
                     warn!(id = %id, account = %account, attempts = envelope.attempts, last_reply = %reason, reason = "expired", hint = %hint, "message given up after delivery.max_age; kept in rejected/");
+                    metrics::message(&account, Event::Rejected);
                     State::Rejected
                 } else {
                     let delay = retry_delay(&self.settings, envelope.attempts);
                     envelope.next_attempt_at = now + delay.as_millis() as u64;
                     info!(id = %id, account = %account, attempts = envelope.attempts, retry_in_s = delay.as_secs(), reason = code, last_reply = %reason, hint = %hint, "message deferred");
+                    metrics::message(&account, Event::Deferred);
                     State::Deferred
                 }
             }

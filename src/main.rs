@@ -32,6 +32,14 @@ enum Command {
     HashPassword,
     /// Make the running relay re-read its configuration and secret files (SIGHUP)
     Reload,
+    /// Ask the running relay whether it is alive (exit 0) or not (exit 1, with the reason); for health checks
+    Health {
+        /// Whether it is ready: listeners up, spool writable, no account on hold
+        #[arg(long)]
+        ready: bool,
+    },
+    /// Show the running relay's accounts, queue and last rejections
+    Status,
     /// Inspect and manage the queue (works while the relay runs)
     Queue {
         #[command(subcommand)]
@@ -89,10 +97,13 @@ fn main() -> ExitCode {
         Command::Run => {
             sendbridge::tls::install_crypto_provider();
             sendbridge::observe::init_tracing(&config.log);
+            sendbridge::admin::metrics::install(&config.admin);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             report(runtime.block_on(run(config, cli.config)))
         }
         Command::Reload => report(sendbridge::lifecycle::signal_reload(&config)),
+        Command::Health { ready } => report(sendbridge::cli::health(&config, ready)),
+        Command::Status => report(sendbridge::cli::status(&config)),
         Command::Queue { action } => report(queue(&config, action)),
         Command::HashPassword => unreachable!("handled above"),
     }

@@ -37,6 +37,17 @@ impl Reply {
         self.text.lines().next().unwrap_or_default()
     }
 
+    /// The whole reply on one line: providers put the useful link on the
+    /// last line.
+    pub fn one_line(&self) -> String {
+        let text = self.text.lines().map(str::trim).collect::<Vec<_>>();
+        let whole = Reply {
+            text: text.join(" "),
+            ..self.clone()
+        };
+        whole.to_string()
+    }
+
     /// Appends the wire form: `250-...` continuation lines, `250 ...` last.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let mut lines = self.text.split('\n').peekable();

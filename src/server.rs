@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::session::{
@@ -34,6 +35,7 @@ pub struct Server {
     stop: CancellationToken,
     /// Cancelled by `run` once the sessions are done.
     stop_delivery: CancellationToken,
+    admin: Option<Admin>,
 }
 
 impl Server {
@@ -56,8 +58,12 @@ impl Server {
                     .with_context(|| format!("server.listen_tls: cannot listen on {addr}"))?,
             ),
         };
+        let admin_listener = crate::admin::bind(&config.admin).await?;
         let stop_delivery = CancellationToken::new();
         let delivery = Delivery::start(config, stop_delivery.clone())?;
+        // The admin interface stops when shutdown begins.
+        let admin = admin_listener
+            .map(|listener| Admin::new(listener, &config.admin, delivery.clone(), stop.clone()));
         // Cancelled when the grace period for open sessions is over.
         let close_sessions = CancellationToken::new();
         let settings = Settings::new(config)?;
@@ -74,6 +80,7 @@ impl Server {
             shutdown_grace: config.server.shutdown_grace,
             stop,
             stop_delivery,
+            admin,
         })
     }
 
@@ -89,6 +96,11 @@ impl Server {
         self.plain
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The admin interface's address, unless it is off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(Admin::local_addr)
     }
 
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
@@ -110,6 +122,7 @@ impl Server {
             listen = %self.local_addr(),
             listen_tls = ?self.tls_local_addr(),
             starttls = ctx.tls.is_some(),
+            admin = %self.admin_addr().map_or("off".to_string(), |addr| addr.to_string()),
             "sendbridge is accepting connections"
         );
         let plain = self.accept_loop(&self.plain, false, &sessions);
@@ -118,7 +131,12 @@ impl Server {
                 self.accept_loop(listener, true, &sessions).await;
             }
         };
-        tokio::join!(plain, implicit_tls, self.clean_transcripts());
+        let admin = async {
+            if let Some(admin) = &self.admin {
+                admin.serve().await;
+            }
+        };
+        tokio::join!(plain, implicit_tls, admin, self.clean_transcripts());
         // New connections are refused from here on.
         drop((self.plain, self.implicit_tls));
         sessions.close();

@@ -304,6 +304,33 @@ impl Spool {
             .find(|state| self.envelope_path(*state, id).exists()))
     }
 
+    /// Checks that a message could be stored now: writes, syncs and removes
+    /// a small file in `incoming/` (which recovery empties, should the relay
+    /// stop in between).
+    pub fn check_writable(&self) -> io::Result<()> {
+        let probe = self
+            .root
+            .join("incoming")
+            .join(format!(".probe-{}", new_id()));
+        let written = write_synced(&probe, b"sendbridge readiness probe\n");
+        let removed = fs::remove_file(&probe);
+        written.and(removed)
+    }
+
+    /// The size of all stored messages (`data/`).
+    pub fn data_bytes(&self) -> io::Result<u64> {
+        let mut total = 0;
+        for entry in fs::read_dir(self.root.join("data"))? {
+            match entry?.metadata() {
+                Ok(metadata) => total += metadata.len(),
+                // Delivered and removed meanwhile.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(total)
+    }
+
     /// Where a message's bytes are stored.
     pub fn data_path(&self, id: &str) -> PathBuf {
         self.root.join("data").join(format!("{id}.eml"))
@@ -483,6 +510,25 @@ mod tests {
         assert_eq!(spool.find(&acknowledged.id).unwrap(), Some(State::Deferred));
         assert_eq!(spool.read_message(&acknowledged.id).unwrap(), b"kept\r\n");
         assert_eq!(spool.find(&deferred.id).unwrap(), Some(State::Deferred));
+    }
+
+    #[test]
+    fn writability_check_leaves_nothing_behind_and_data_bytes_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        spool
+            .accept(&mut envelope(), b"12345\r\n", State::Active)
+            .unwrap();
+
+        spool.check_writable().unwrap();
+
+        assert!(
+            fs::read_dir(dir.path().join("incoming"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+        assert_eq!(spool.data_bytes().unwrap(), 7);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::admin::metrics;
 use crate::config::{AccountConfig, UpstreamTls};
 use crate::provider_replies::{Class, diagnose};
 use crate::reply::Reply;
@@ -126,11 +127,13 @@ impl Upstream {
 
     /// Connects, secures and signs in. The error is the attempt's outcome.
     pub async fn connect(&self) -> Result<Connection, Outcome> {
-        match tokio::time::timeout(self.timeout, self.open()).await {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(err)) => Err(self.classify(err)),
-            Err(_) => Err(self.classify(mail_send::Error::Timeout)),
-        }
+        let outcome = match tokio::time::timeout(self.timeout, self.open()).await {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(err)) => self.classify(err),
+            Err(_) => self.classify(mail_send::Error::Timeout),
+        };
+        metrics::upstream_reply(&self.name, &outcome);
+        Err(outcome)
     }
 
     /// mail-send's builder, but with TCP_NODELAY: the terminating "." of a
@@ -202,6 +205,9 @@ impl Upstream {
             Ok(None) => None,
             Err(err) => Some(self.classify(err)),
         };
+        for counted in refused.iter().map(|(_, refusal)| refusal).chain(&outcome) {
+            metrics::upstream_reply(&self.name, counted);
+        }
         Sent { refused, outcome }
     }
 

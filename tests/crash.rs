@@ -12,6 +12,7 @@ use common::fake_upstream::{
     FakeUpstream, FakeUpstreamOptions, Received, Script, UpstreamTls, gmail,
 };
 use common::process::RelayProcess;
+use common::relay::{as_refs, env_for};
 use common::smtp::{Client, plain};
 use std::net::SocketAddr;
 use tokio::sync::Notify;
@@ -22,38 +23,11 @@ const PER_CLIENT: usize = 40;
 /// The relay is killed once this many messages were acknowledged.
 const KILL_AFTER: usize = 50;
 
+/// Retries after a second, so requeued messages go out within the test.
 fn relay_env(upstream: &FakeUpstream) -> Vec<(String, String)> {
-    [
-        ("SENDBRIDGE_ACCOUNTS__GMAIL__HOST", "localhost".to_string()),
-        (
-            "SENDBRIDGE_ACCOUNTS__GMAIL__PORT",
-            upstream.port().to_string(),
-        ),
-        (
-            "SENDBRIDGE_ACCOUNTS__GMAIL__CA_FILE",
-            upstream.ca_file().display().to_string(),
-        ),
-        (
-            "SENDBRIDGE_ACCOUNTS__GMAIL__USERNAME",
-            "me@gmail.com".to_string(),
-        ),
-        (
-            "SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD",
-            "abcdabcdabcdabcd".to_string(),
-        ),
-        (
-            "SENDBRIDGE_USERS__INVOICES__PASSWORD",
-            "old-password".to_string(),
-        ),
-        ("SENDBRIDGE_DELIVERY__RETRY_INITIAL", "1s".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
-}
-
-fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    let mut env = env_for(upstream);
+    env.push(("SENDBRIDGE_DELIVERY__RETRY_INITIAL".into(), "1s".into()));
+    env
 }
 
 fn tag(message: &Received) -> String {

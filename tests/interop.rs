@@ -14,6 +14,7 @@ use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls};
 use common::relay::{
     LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
 };
+use common::tools::tool_available;
 use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -80,21 +81,6 @@ async fn start() -> (FakeUpstream, Relay) {
     let extra = "[server]\nlisten_tls = \"127.0.0.1:0\"";
     let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
     (upstream, relay)
-}
-
-/// Whether `tool` is on PATH. A missing tool skips the test (false) on a
-/// developer machine, but fails it under CI, which must install it.
-fn tool_available(tool: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()) {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{tool} not installed: .ci/run must apt-get install {tool}"
-    );
-    eprintln!("skipped: {tool} is not installed");
-    false
 }
 
 /// Runs a client to completion with no input; a client still running after

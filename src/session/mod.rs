@@ -457,6 +457,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None => {
                 self.auth_failures += 1;
                 debug!(user = ?username, "local sign-in failed");
+                crate::admin::metrics::local_auth_failure();
                 let reply = Reply::new(535, [5, 7, 8], "Authentication credentials invalid");
                 let hint = format!(
                     "wrong user name or password for user {username:?}: compare the SMTP user and password set in the sending program with [users] in the sendbridge config"

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::SessionContext;
 use super::transcript::Transcript;
+use crate::admin::metrics;
 use crate::config::Transcripts;
 use crate::reply::{Refusal, Reply};
 
@@ -33,6 +34,7 @@ impl SessionRecord {
     pub fn new(ctx: &SessionContext, id: &str, peer: SocketAddr) -> Self {
         let transcript =
             (ctx.settings().transcripts != Transcripts::Off).then(|| Transcript::new(id, peer));
+        metrics::session_opened();
         SessionRecord {
             id: id.to_string(),
             peer,
@@ -93,6 +95,7 @@ impl SessionRecord {
 
     /// Saves the transcript if wanted and writes the session's closing line.
     pub async fn finish(mut self, ctx: &SessionContext) {
+        metrics::session_closed();
         let keep = match ctx.settings().transcripts {
             Transcripts::Off => false,
             Transcripts::Rejected => self.rejection.is_some(),

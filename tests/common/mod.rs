@@ -3,7 +3,9 @@
 
 pub mod fake_upstream;
 pub mod frozen_clock;
+pub mod http;
 pub mod log_capture;
 pub mod process;
 pub mod relay;
 pub mod smtp;
+pub mod tools;

@@ -15,6 +15,8 @@ const STARTUP: Duration = Duration::from_secs(30);
 
 pub struct RelayProcess {
     pub addr: SocketAddr,
+    /// The admin interface, unless the environment turned it off.
+    pub admin: Option<SocketAddr>,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
     /// Counts log lines, to wait for one.
@@ -72,11 +74,10 @@ impl RelayProcess {
 
     async fn spawn(mut command: Command) -> RelayProcess {
         // Tests that stop the relay with a client still connected need not
-        // wait the default 10 s grace; a test may set its own.
-        let grace = "SENDBRIDGE_SERVER__SHUTDOWN_GRACE";
-        if !command.as_std().get_envs().any(|(key, _)| key == grace) {
-            command.env(grace, "1s");
-        }
+        // wait the default 10 s grace; the admin interface on a free port
+        // ("" turns it off). A test may set its own.
+        default_env(&mut command, "SENDBRIDGE_SERVER__SHUTDOWN_GRACE", "1s");
+        default_env(&mut command, "SENDBRIDGE_ADMIN__LISTEN", "127.0.0.1:0");
         command
             .env("SENDBRIDGE_SERVER__LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
@@ -90,21 +91,22 @@ impl RelayProcess {
         let (count, logged) = tokio::sync::watch::channel(0);
         let log_done = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addr) = listen_address(&line) {
-                    let _ = listening_tx.try_send(addr);
+                if let Some(addresses) = listen_addresses(&line) {
+                    let _ = listening_tx.try_send(addresses);
                 }
                 let mut log = sink.lock().unwrap();
                 log.push(line);
                 count.send_replace(log.len());
             }
         });
-        let addr = tokio::time::timeout(STARTUP, listening_rx.recv())
+        let (addr, admin) = tokio::time::timeout(STARTUP, listening_rx.recv())
             .await
             .ok()
             .flatten()
             .unwrap_or_else(|| panic!("relay did not start; log: {:#?}", log.lock().unwrap()));
         RelayProcess {
             addr,
+            admin,
             child,
             log,
             logged,
@@ -169,11 +171,23 @@ impl RelayProcess {
     }
 }
 
-/// `... sendbridge is accepting connections listen=127.0.0.1:PORT ...`
-fn listen_address(line: &str) -> Option<SocketAddr> {
+/// Sets `key` unless the command already has it.
+fn default_env(command: &mut Command, key: &str, value: &str) {
+    if !command.as_std().get_envs().any(|(set, _)| set == key) {
+        command.env(key, value);
+    }
+}
+
+/// The SMTP and admin addresses from `... sendbridge is accepting
+/// connections listen=127.0.0.1:PORT ... admin=127.0.0.1:PORT` (or
+/// `admin=off`).
+fn listen_addresses(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     if !line.contains("accepting connections") {
         return None;
     }
-    let rest = &line[line.find("listen=")? + "listen=".len()..];
-    rest.split_whitespace().next()?.parse().ok()
+    let field = |name: &str| {
+        let start = line.find(&format!(" {name}="))? + name.len() + 2;
+        line[start..].split_whitespace().next()
+    };
+    Some((field("listen")?.parse().ok()?, field("admin")?.parse().ok()))
 }

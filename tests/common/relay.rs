@@ -19,6 +19,8 @@ pub const LOCAL_PASSWORD: &str = "old-password";
 pub struct Relay {
     pub addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
+    /// The admin interface, unless the configuration turned it off.
+    pub admin_addr: Option<SocketAddr>,
     /// The relay's own (generated) certificate, for clients using STARTTLS.
     pub cert: PathBuf,
     pub spool: PathBuf,
@@ -63,6 +65,39 @@ pub fn config_with_account(port: u16, tls: &str, ca_file: &str, extra: &str) -> 
     Config::from_toml(&toml).expect("test configuration is valid")
 }
 
+/// The same account and user as environment variables, for a relay
+/// process (`RelayProcess`), the way a container is configured.
+pub fn env_for(upstream: &FakeUpstream) -> Vec<(String, String)> {
+    [
+        ("SENDBRIDGE_ACCOUNTS__GMAIL__HOST", "localhost".to_string()),
+        (
+            "SENDBRIDGE_ACCOUNTS__GMAIL__PORT",
+            upstream.port().to_string(),
+        ),
+        (
+            "SENDBRIDGE_ACCOUNTS__GMAIL__CA_FILE",
+            upstream.ca_file().display().to_string(),
+        ),
+        ("SENDBRIDGE_ACCOUNTS__GMAIL__USERNAME", UPSTREAM_USER.into()),
+        (
+            "SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD",
+            UPSTREAM_PASSWORD.into(),
+        ),
+        (
+            "SENDBRIDGE_USERS__INVOICES__PASSWORD",
+            LOCAL_PASSWORD.into(),
+        ),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), value))
+    .collect()
+}
+
+/// `env_for`'s pairs as `RelayProcess::start` takes them.
+pub fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 impl Relay {
     pub async fn start(mut config: Config) -> Relay {
         sendbridge::tls::install_crypto_provider();
@@ -71,6 +106,11 @@ impl Relay {
         if config.server.listen_tls.is_some() {
             config.server.listen_tls = Some("127.0.0.1:0".parse().unwrap());
         }
+        if config.admin.listen.is_some() {
+            config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+        }
+        // Shared by every relay of this test process; installed once.
+        sendbridge::admin::metrics::install(&config.admin);
         config.server.hostname = "relay.test".to_string();
         config.tls.cert = dir.path().join("relay.crt");
         config.tls.key = dir.path().join("relay.key");
@@ -82,6 +122,7 @@ impl Relay {
         Relay {
             addr: server.local_addr(),
             tls_addr: server.tls_local_addr(),
+            admin_addr: server.admin_addr(),
             cert: config.tls.cert.clone(),
             spool: config.spool.dir.clone(),
             shutdown,

@@ -1,0 +1,200 @@
+//! Prometheus metrics: their names, the one-line calls the relay makes where
+//! it logs an event, and the scrape. README ("Metrics") lists them.
+//!
+//! Events go to the global `metrics` recorder, which the binary installs
+//! once ([`install`]); without it the calls cost next to nothing.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use ::metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::AdminConfig;
+use crate::spool::{Spool, State};
+use crate::upstream::Outcome;
+
+const SESSIONS_OPEN: &str = "sendbridge_sessions_open";
+const SESSIONS: &str = "sendbridge_sessions_total";
+const LOCAL_AUTH_FAILURES: &str = "sendbridge_local_auth_failures_total";
+const MESSAGES: &str = "sendbridge_messages_total";
+const UPSTREAM_REPLIES: &str = "sendbridge_upstream_replies_total";
+const DELIVERY_SECONDS: &str = "sendbridge_delivery_seconds";
+const QUEUE: &str = "sendbridge_queue_messages";
+const SPOOL_BYTES: &str = "sendbridge_spool_bytes";
+
+/// From a second to a day: hybrid deliveries take seconds, held mail days.
+const DELIVERY_BUCKETS: [f64; 12] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
+
+/// What happened to a message: the `outcome` label of
+/// `sendbridge_messages_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum Event {
+    /// Stored in the spool: the client heard (or will hear) 250.
+    Accepted,
+    Delivered,
+    /// Waits for a retry or the daily sending window.
+    Deferred,
+    /// Moved to `rejected/` (refused upstream, or given up after max_age).
+    Rejected,
+    /// Moved to `held/` because the account cannot sign in.
+    Held,
+    /// Passthrough: the client got the refusal and keeps the message.
+    Returned,
+}
+
+impl Event {
+    fn label(self) -> &'static str {
+        match self {
+            Event::Accepted => "accepted",
+            Event::Delivered => "delivered",
+            Event::Deferred => "deferred",
+            Event::Rejected => "rejected",
+            Event::Held => "held",
+            Event::Returned => "returned",
+        }
+    }
+}
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder for this process, once; later calls
+/// (several relays in one test process) keep the first. Nothing happens
+/// when the admin interface is off: nobody could read the metrics, and
+/// histogram samples are only drained by reading them.
+pub fn install(config: &AdminConfig) {
+    if config.listen.is_none() {
+        return;
+    }
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(DELIVERY_SECONDS.into()), &DELIVERY_BUCKETS)
+            .expect("buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Fails only when another recorder was installed first.
+        ::metrics::set_global_recorder(recorder).ok()?;
+        describe();
+        Some(handle)
+    });
+}
+
+fn describe() {
+    describe_gauge!(SESSIONS_OPEN, "SMTP client connections open now");
+    describe_counter!(SESSIONS, "SMTP client connections accepted");
+    describe_counter!(
+        LOCAL_AUTH_FAILURES,
+        "Failed sign-ins of legacy programs (wrong local user name or password)"
+    );
+    describe_counter!(
+        MESSAGES,
+        "Messages by account and outcome: accepted, delivered, deferred, rejected, held, returned"
+    );
+    describe_counter!(
+        UPSTREAM_REPLIES,
+        "Replies of upstream servers that decided a sign-in, recipient or message, by account and code"
+    );
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        Unit::Seconds,
+        "Time from spooling to delivery, by account"
+    );
+    describe_gauge!(QUEUE, "Messages in the queue by state, at scrape time");
+    describe_gauge!(
+        SPOOL_BYTES,
+        Unit::Bytes,
+        "Size of the stored messages (spool data/), at scrape time"
+    );
+}
+
+pub fn session_opened() {
+    counter!(SESSIONS).increment(1);
+    gauge!(SESSIONS_OPEN).increment(1);
+}
+
+pub fn session_closed() {
+    gauge!(SESSIONS_OPEN).decrement(1);
+}
+
+pub fn local_auth_failure() {
+    counter!(LOCAL_AUTH_FAILURES).increment(1);
+}
+
+pub fn message(account: &str, event: Event) {
+    counter!(MESSAGES, "account" => account.to_string(), "outcome" => event.label()).increment(1);
+}
+
+/// A delivered message and how long it waited since it was spooled.
+pub fn delivered(account: &str, waited: Duration) {
+    message(account, Event::Delivered);
+    histogram!(DELIVERY_SECONDS, "account" => account.to_string()).record(waited.as_secs_f64());
+}
+
+/// Counts the upstream's reply code, when the outcome came with a reply
+/// (not for unreachable servers, TLS failures or timeouts).
+pub fn upstream_reply(account: &str, outcome: &Outcome) {
+    let reply = match outcome {
+        Outcome::Delivered(reply)
+        | Outcome::Rejected(reply)
+        | Outcome::AuthFailed(reply)
+        | Outcome::OverLimit(reply) => reply,
+        Outcome::Deferred {
+            reply: Some(reply), ..
+        } => reply,
+        Outcome::Deferred { reply: None, .. } => return,
+    };
+    counter!(UPSTREAM_REPLIES, "account" => account.to_string(), "code" => reply.code.to_string())
+        .increment(1);
+}
+
+/// The Prometheus text, with the queue gauges read from `spool` now.
+/// `None` when no recorder of ours is installed. Blocking: reads the spool.
+pub fn render(spool: &Spool) -> std::io::Result<Option<String>> {
+    let Some(handle) = HANDLE.get().and_then(Option::as_ref) else {
+        return Ok(None);
+    };
+    for state in State::ALL {
+        gauge!(QUEUE, "state" => state.dir_name()).set(spool.ids(state)?.len() as f64);
+    }
+    gauge!(SPOOL_BYTES).set(spool.data_bytes()? as f64);
+    handle.run_upkeep();
+    Ok(Some(handle.render()))
+}
+
+/// Drains histogram samples into their buckets, which otherwise keep every
+/// sample until the next scrape; the admin server calls it periodically.
+pub fn upkeep() {
+    if let Some(handle) = HANDLE.get().and_then(Option::as_ref) {
+        handle.run_upkeep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installing_twice_keeps_the_first_recorder() {
+        let config = AdminConfig::default();
+        install(&config);
+        install(&config);
+        local_auth_failure();
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+
+        let text = render(&spool).unwrap().expect("our recorder");
+
+        assert!(
+            text.contains("sendbridge_local_auth_failures_total"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sendbridge_queue_messages{state=\"held\"} 0"),
+            "{text}"
+        );
+    }
+}
