@@ -16,6 +16,9 @@ use serde::{Deserialize, Deserializer};
 use crate::secret::Secret;
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/sendbridge.toml";
+/// Names another default path, still optional: the container image points
+/// it at a file that may or may not be mounted.
+pub const CONFIG_PATH_ENV: &str = "SENDBRIDGE_CONFIG";
 const ENV_PREFIX: &str = "SENDBRIDGE_";
 
 /// An invalid configuration: one message naming the key and the problem.
@@ -390,8 +393,9 @@ impl AdminConfig {
 
 impl Config {
     /// Loads and validates the configuration. `path` is the `--config`
-    /// argument: when given it must exist; the default path is optional so
-    /// that environment variables alone can configure the relay.
+    /// argument: when given it must exist; the default path (or
+    /// `$SENDBRIDGE_CONFIG`) is optional so that environment variables alone
+    /// can configure the relay.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let file = match path {
             Some(path) if !path.is_file() => {
@@ -400,8 +404,9 @@ impl Config {
                     format!("{} does not exist or is not a file", path.display()),
                 ));
             }
-            Some(path) => path,
-            None => Path::new(DEFAULT_CONFIG_PATH),
+            Some(path) => path.to_path_buf(),
+            None => std::env::var_os(CONFIG_PATH_ENV)
+                .map_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH), PathBuf::from),
         };
         Self::from_figment(Figment::from(Toml::file(file)))
     }

@@ -12,7 +12,7 @@ use sendbridge::config::Config;
     about = "SMTP relay for legacy programs: local password in, app password or OAuth 2.0 out"
 )]
 struct Cli {
-    /// Configuration file [default: config/sendbridge.toml, optional]
+    /// Configuration file [default: $SENDBRIDGE_CONFIG or config/sendbridge.toml, optional]
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]

@@ -42,7 +42,8 @@ impl Server {
     /// Builds everything the relay needs and binds its listeners. Errors
     /// name what to fix. Cancelling `stop` begins a graceful shutdown.
     pub async fn bind(config: &Config, stop: CancellationToken) -> anyhow::Result<Server> {
-        let tls = crate::tls::inbound_acceptor(&config.tls, &config.server.hostname)?;
+        let tls =
+            crate::tls::inbound_acceptor(&config.tls, &config.server.hostname, &config.spool.dir)?;
         let listen = config.server.listen;
         let plain = TcpListener::bind(listen)
             .await

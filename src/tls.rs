@@ -19,32 +19,51 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// The acceptor for STARTTLS and the implicit-TLS listener. Generates a
-/// self-signed certificate when neither file exists; `None` when that is
-/// impossible (e.g. a read-only directory): the relay then runs without TLS.
-pub fn inbound_acceptor(config: &TlsConfig, hostname: &str) -> anyhow::Result<Option<TlsAcceptor>> {
-    match (config.cert.exists(), config.key.exists()) {
-        (true, true) => {}
-        (false, false) => {
-            if let Err(err) = generate_self_signed(&config.cert, &config.key, hostname) {
-                tracing::warn!(
+/// The acceptor for STARTTLS and the implicit-TLS listener. When neither
+/// configured file exists, a self-signed certificate is generated there or,
+/// when that location cannot be written (a read-only mount in a container),
+/// under `<spool>/certs/`, where later starts find it again. `None` when
+/// neither works: the relay then runs without TLS.
+pub fn inbound_acceptor(
+    config: &TlsConfig,
+    hostname: &str,
+    spool_dir: &Path,
+) -> anyhow::Result<Option<TlsAcceptor>> {
+    let in_spool = TlsConfig {
+        cert: spool_dir.join("certs/sendbridge.crt"),
+        key: spool_dir.join("certs/sendbridge.key"),
+    };
+    let pair = if pair_exists(config)? {
+        config
+    } else if pair_exists(&in_spool)? {
+        tracing::info!(
+            cert = %in_spool.cert.display(),
+            "using the self-signed certificate generated under the spool (tls.cert does not exist)"
+        );
+        &in_spool
+    } else {
+        match generate_self_signed(config, hostname) {
+            Ok(()) => config,
+            Err(err) => {
+                tracing::info!(
                     cert = %config.cert.display(),
                     error = %format!("{err:#}"),
-                    "cannot create a self-signed certificate; STARTTLS is not offered (set tls.cert and tls.key)"
+                    "cannot write the self-signed certificate at tls.cert; generating it under the spool"
                 );
-                return Ok(None);
+                if let Err(err) = generate_self_signed(&in_spool, hostname) {
+                    tracing::warn!(
+                        cert = %in_spool.cert.display(),
+                        error = %format!("{err:#}"),
+                        "cannot create a self-signed certificate; STARTTLS is not offered (set tls.cert and tls.key)"
+                    );
+                    return Ok(None);
+                }
+                &in_spool
             }
-            tracing::info!(
-                cert = %config.cert.display(),
-                key = %config.key.display(),
-                "generated a self-signed certificate for STARTTLS"
-            );
         }
-        (true, false) => bail!("tls.key: {} does not exist", config.key.display()),
-        (false, true) => bail!("tls.cert: {} does not exist", config.cert.display()),
-    }
-    let certs = read_certs(&config.cert).context("tls.cert")?;
-    let key = read_key(&config.key).context("tls.key")?;
+    };
+    let certs = read_certs(&pair.cert).context("tls.cert")?;
+    let key = read_key(&pair.key).context("tls.key")?;
     let server = ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
@@ -52,18 +71,33 @@ pub fn inbound_acceptor(config: &TlsConfig, hostname: &str) -> anyhow::Result<Op
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }
 
-fn generate_self_signed(cert_path: &Path, key_path: &Path, hostname: &str) -> anyhow::Result<()> {
+/// Whether both files exist; one without the other is an error.
+fn pair_exists(pair: &TlsConfig) -> anyhow::Result<bool> {
+    match (pair.cert.exists(), pair.key.exists()) {
+        (true, true) => Ok(true),
+        (false, false) => Ok(false),
+        (true, false) => bail!("tls.key: {} does not exist", pair.key.display()),
+        (false, true) => bail!("tls.cert: {} does not exist", pair.cert.display()),
+    }
+}
+
+fn generate_self_signed(pair: &TlsConfig, hostname: &str) -> anyhow::Result<()> {
     let names = vec![hostname.to_string(), "localhost".to_string()];
     let certified = rcgen::generate_simple_self_signed(names)?;
-    for path in [cert_path, key_path] {
+    for path in [&pair.cert, &pair.key] {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
-    std::fs::write(cert_path, certified.cert.pem())
-        .with_context(|| format!("writing {}", cert_path.display()))?;
-    write_private(key_path, certified.signing_key.serialize_pem().as_bytes())
-        .with_context(|| format!("writing {}", key_path.display()))?;
+    std::fs::write(&pair.cert, certified.cert.pem())
+        .with_context(|| format!("writing {}", pair.cert.display()))?;
+    write_private(&pair.key, certified.signing_key.serialize_pem().as_bytes())
+        .with_context(|| format!("writing {}", pair.key.display()))?;
+    tracing::info!(
+        cert = %pair.cert.display(),
+        key = %pair.key.display(),
+        "generated a self-signed certificate for STARTTLS"
+    );
     Ok(())
 }
 

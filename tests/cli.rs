@@ -55,6 +55,28 @@ async fn explicit_config_file_must_exist() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml does not exist"));
 }
 
+/// `SENDBRIDGE_CONFIG` moves the default path (the container image uses it):
+/// the file is read when present and, unlike `--config`, may be absent.
+#[tokio::test]
+async fn config_path_from_env_is_read_when_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sendbridge.toml");
+    std::fs::write(&file, "[server]\nlisten_port = 25\n").unwrap();
+    let env = [("SENDBRIDGE_CONFIG", file.to_str().unwrap())];
+    let out = output(dir.path(), &["queue", "list"], &env).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen_port: unknown key"));
+
+    let missing = dir.path().join("missing.toml");
+    let env = [("SENDBRIDGE_CONFIG", missing.to_str().unwrap())];
+    let out = output(dir.path(), &["queue", "list"], &env).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Writes `config/sendbridge.toml` in `dir` from TOML tables.
 fn write_config(dir: &Path, tables: &[String]) {
     std::fs::create_dir_all(dir.join("config")).unwrap();
@@ -273,6 +295,49 @@ async fn starts_without_accounts_and_says_what_to_set() {
         dir.path().join("certs/sendbridge.crt").is_file(),
         "certificate generated"
     );
+}
+
+/// In the container image tls.cert points into a read-only directory: the
+/// generated certificate goes under the spool, and later starts reuse it.
+#[tokio::test]
+async fn unwritable_cert_location_falls_back_to_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    // A path below a regular file cannot be created, even by root (whom a
+    // read-only mode would not stop).
+    let read_only = dir.path().join("read-only");
+    std::fs::write(&read_only, "").unwrap();
+    let cert = read_only.join("sendbridge.crt");
+    let key = read_only.join("sendbridge.key");
+    let env = [
+        ("SENDBRIDGE_TLS__CERT", cert.to_str().unwrap()),
+        ("SENDBRIDGE_TLS__KEY", key.to_str().unwrap()),
+    ];
+    let generated = dir.path().join("spool/certs/sendbridge.crt");
+
+    let mut first_cert = None;
+    for expected_log in [
+        "generated a self-signed certificate",
+        "using the self-signed certificate generated under the spool",
+    ] {
+        let relay = RelayProcess::start(dir.path(), &env).await;
+        let mut client = Client::connect(relay.addr).await;
+        assert!(client.ehlo().await.text.contains("STARTTLS"));
+        let mut client = client.starttls(&generated).await;
+        client.ehlo().await;
+
+        let (code, log) = relay.terminate().await;
+        assert_eq!(code, Some(0));
+        let logged = log
+            .iter()
+            .any(|line| line.contains(expected_log) && line.contains("spool/certs/sendbridge.crt"));
+        assert!(logged, "{log:#?}");
+        let pem = std::fs::read(&generated).unwrap();
+        assert_eq!(
+            first_cert.get_or_insert_with(|| pem.clone()),
+            &pem,
+            "reused"
+        );
+    }
 }
 
 /// The README's scenario: configured by environment variables only, with
