@@ -200,3 +200,44 @@ async fn full_disk_answers_452_and_keeps_what_it_acknowledged() {
         "{log:#?}"
     );
 }
+
+/// SIGTERM while a delivery hangs: the relay still exits 0 after the grace
+/// period, and the message, back in the queue, goes out after a restart.
+#[tokio::test]
+async fn sigterm_during_a_hanging_delivery_loses_nothing() {
+    let mut options =
+        FakeUpstreamOptions::new(UpstreamTls::StartTls, "me@gmail.com", "abcdabcdabcdabcd");
+    options.script.stall_after_data = true;
+    let upstream = FakeUpstream::start(options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = relay_env(&upstream);
+    env.push(("SENDBRIDGE_DELIVERY__MODE".into(), "queue".into()));
+    let relay = RelayProcess::start(dir.path(), &as_refs(&env)).await;
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+    assert_eq!(
+        client.login_plain("invoices", "old-password").await.code,
+        235
+    );
+    let reply = client
+        .send_mail(
+            "a@legacy.example",
+            &["b@example.com"],
+            "Subject: hanging\r\n\r\nx\r\n",
+        )
+        .await;
+    assert_eq!(reply.code, 250);
+    client.expect("QUIT", 221).await;
+    // The relay has sent the message and waits for the upstream's verdict.
+    upstream.wait_for_stall(WAIT).await;
+
+    let (code, log) = relay.terminate().await;
+
+    assert_eq!(code, Some(0), "{log:#?}");
+    assert!(upstream.received().is_empty());
+    upstream.set_script(Script::default());
+    let restarted = RelayProcess::start(dir.path(), &as_refs(&env)).await;
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(tag(&received[0]), "hanging");
+    restarted.terminate().await;
+}

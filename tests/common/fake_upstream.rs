@@ -116,6 +116,9 @@ pub struct Script {
     pub max_recipients: Option<usize>,
     /// Reply after the end of the message (not the 354).
     pub data: Option<String>,
+    /// Never answer the end of a message (nor record it): a provider that
+    /// hangs mid-delivery.
+    pub stall_after_data: bool,
 }
 
 #[derive(Clone)]
@@ -164,6 +167,8 @@ struct Shared {
     script: Mutex<Script>,
     // A watch channel so `wait_for_messages` can be woken on every new message.
     received: watch::Sender<Vec<Received>>,
+    /// Messages left unanswered by `stall_after_data`.
+    stalled: watch::Sender<usize>,
     connections: AtomicUsize,
     auth_attempts: AtomicUsize,
 }
@@ -237,6 +242,7 @@ impl FakeUpstream {
             password: Mutex::new(opts.password),
             script: Mutex::new(opts.script),
             received: watch::Sender::new(Vec::new()),
+            stalled: watch::Sender::new(0),
             connections: AtomicUsize::new(0),
             auth_attempts: AtomicUsize::new(0),
         });
@@ -313,6 +319,16 @@ impl FakeUpstream {
                 self.received()
             ),
         }
+    }
+
+    /// Waits until a message has been received and left unanswered
+    /// (`Script::stall_after_data`).
+    pub async fn wait_for_stall(&self, timeout: Duration) {
+        let mut stalled = self.shared.stalled.subscribe();
+        tokio::time::timeout(timeout, stalled.wait_for(|&n| n > 0))
+            .await
+            .expect("a message stalls")
+            .expect("the sender lives as long as FakeUpstream");
     }
 
     /// Closes the listener and all connections, and waits until every task
@@ -689,6 +705,10 @@ impl Session {
         let mut data = Vec::new();
         conn.receive(|bytes| receiver.ingest(bytes, &mut data).then_some(()))
             .await?;
+        if self.script().stall_after_data {
+            self.shared.stalled.send_modify(|stalled| *stalled += 1);
+            std::future::pending::<()>().await;
+        }
 
         let reply = self
             .script()
