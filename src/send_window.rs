@@ -4,7 +4,7 @@
 //! way. Sends are logged to a small file so a restart keeps counting.
 
 use std::collections::VecDeque;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -25,9 +25,13 @@ pub struct SendWindow {
     /// Transactions of the last 24 hours, oldest first (with reservations
     /// for those in flight).
     sends: VecDeque<Send>,
+    /// The recipients of `sends`, kept rather than summed per message.
+    recipients: u64,
     /// Set when the provider said its own limit is reached.
     paused_until: Option<u64>,
     log: PathBuf,
+    /// The log, open for appending once a send was written to it.
+    log_file: Option<File>,
     /// Lines in the log file, to know when compacting it pays off.
     logged_lines: usize,
 }
@@ -51,13 +55,15 @@ impl SendWindow {
                 })
             })
             .filter(|send| send.at + WINDOW_MS > now)
-            .collect();
+            .collect::<VecDeque<Send>>();
         let mut window = SendWindow {
             message_limit,
             recipient_limit,
+            recipients: sends.iter().map(|send| send.recipients as u64).sum(),
             sends,
             paused_until: None,
             log,
+            log_file: None,
             logged_lines: text.lines().count(),
         };
         window.compact();
@@ -79,8 +85,7 @@ impl SendWindow {
             return Err(until);
         }
         let mut messages = self.sends.len() as u64 + 1;
-        let mut total: u64 =
-            self.sends.iter().map(|s| s.recipients as u64).sum::<u64>() + recipients as u64;
+        let mut total = self.recipients + recipients as u64;
         let fits = |messages: u64, total: u64| {
             self.message_limit
                 .is_none_or(|limit| messages <= limit as u64)
@@ -103,20 +108,32 @@ impl SendWindow {
             recipients,
         };
         self.sends.push_back(send);
+        self.recipients += recipients as u64;
         Ok(send)
     }
 
-    /// The reserved transaction went out: it counts from now on, also after
-    /// a restart.
+    /// The reserved transaction went out: it counts from now on, and with a
+    /// cap configured also after a restart (without one, the sends only
+    /// estimate when a provider's own limit frees up, and are not worth a
+    /// write per message).
     pub fn confirm(&mut self, send: Send) {
+        if self.message_limit.is_none() && self.recipient_limit.is_none() {
+            return;
+        }
         let line = format!("{} {}\n", send.at, send.recipients);
-        let written = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .and_then(|mut file| file.write_all(line.as_bytes()));
-        if let Err(err) = written {
-            warn!(file = %self.log.display(), error = %err, "cannot record a send for the daily limits; a restart may under-count");
+        let file = match self.log_file.take() {
+            Some(file) => Ok(file),
+            None => OpenOptions::new().create(true).append(true).open(&self.log),
+        };
+        let written = file.and_then(|mut file| {
+            file.write_all(line.as_bytes())?;
+            Ok(file)
+        });
+        match written {
+            Ok(file) => self.log_file = Some(file),
+            Err(err) => {
+                warn!(file = %self.log.display(), error = %err, "cannot record a send for the daily limits; a restart may under-count");
+            }
         }
         self.logged_lines += 1;
         if self.logged_lines > 2 * self.sends.len() + 1000 {
@@ -128,6 +145,7 @@ impl SendWindow {
     pub fn cancel(&mut self, send: Send) {
         if let Some(index) = self.sends.iter().rposition(|s| *s == send) {
             self.sends.remove(index);
+            self.recipients -= send.recipients as u64;
         }
     }
 
@@ -145,11 +163,8 @@ impl SendWindow {
     }
 
     fn expire(&mut self, now: u64) {
-        while self
-            .sends
-            .front()
-            .is_some_and(|send| send.at + WINDOW_MS <= now)
-        {
+        while let Some(send) = self.sends.front().filter(|send| send.at + WINDOW_MS <= now) {
+            self.recipients -= send.recipients as u64;
             self.sends.pop_front();
         }
     }
@@ -163,6 +178,8 @@ impl SendWindow {
             .collect();
         let temporary = self.log.with_extension("tmp");
         let written = fs::write(&temporary, text).and_then(|()| fs::rename(&temporary, &self.log));
+        // The next append opens the new file.
+        self.log_file = None;
         match written {
             Ok(()) => self.logged_lines = self.sends.len(),
             Err(err) => {
