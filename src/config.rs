@@ -15,6 +15,8 @@ use serde::{Deserialize, Deserializer};
 
 use crate::secret::Secret;
 
+const GMAIL_HOST: &str = "smtp.gmail.com";
+const MICROSOFT_HOST: &str = "smtp.office365.com";
 pub const DEFAULT_CONFIG_PATH: &str = "config/sendbridge.toml";
 /// Names another default path, still optional: the container image points
 /// it at a file that may or may not be mounted.
@@ -245,6 +247,71 @@ pub struct AccountConfig {
     pub daily_message_limit: Option<u32>,
     /// Recipients per rolling 24 hours; over it, mail waits in the queue.
     pub daily_recipient_limit: Option<u32>,
+    /// How sendbridge signs in upstream.
+    pub auth: AuthMethod,
+    /// Required with `auth = "oauth2"`.
+    pub oauth2: Option<OAuth2Config>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    /// AUTH PLAIN/LOGIN with `password` (an app password).
+    #[default]
+    Password,
+    /// AUTH XOAUTH2 with an OAuth 2.0 access token.
+    Oauth2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OAuthProvider {
+    Google,
+    Microsoft,
+    /// Endpoints and scopes from `token_url`, `auth_url`, `device_url`, `scopes`.
+    Custom,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OAuthFlow {
+    /// A person signs in once (`sendbridge oauth login`); a refresh token
+    /// is kept.
+    #[default]
+    AuthorizationCode,
+    /// Like `authorization_code`, but the sign-in happens with a code typed
+    /// on any device (Microsoft).
+    DeviceCode,
+    /// App-only, no person involved (Microsoft `SMTP.SendAsApp`).
+    ClientCredentials,
+}
+
+/// `[accounts.<name>.oauth2]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    pub provider: OAuthProvider,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Microsoft tenant id or domain; default `common` (`organizations` for
+    /// device codes), required for client credentials.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub flow: OAuthFlow,
+    /// Overrides of the provider's endpoints and scopes (required for
+    /// `custom`; also used by tests).
+    #[serde(default)]
+    pub token_url: Option<String>,
+    #[serde(default)]
+    pub auth_url: Option<String>,
+    #[serde(default)]
+    pub device_url: Option<String>,
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -271,7 +338,7 @@ pub enum LongLines {
 impl Default for AccountConfig {
     fn default() -> Self {
         AccountConfig {
-            host: "smtp.gmail.com".to_string(),
+            host: GMAIL_HOST.to_string(),
             port: 587,
             tls: None,
             username: String::new(),
@@ -288,6 +355,8 @@ impl Default for AccountConfig {
             max_recipients_per_message: 100,
             daily_message_limit: None,
             daily_recipient_limit: None,
+            auth: AuthMethod::Password,
+            oauth2: None,
         }
     }
 }
@@ -536,13 +605,26 @@ impl AccountConfig {
             ));
         }
         let password = resolve_secret(&key("password"), self.password.take(), &self.password_file)?;
-        match password {
-            Some(password) => self.password = Some(password),
-            None => {
+        match (self.auth, password, &mut self.oauth2) {
+            (AuthMethod::Password, Some(password), _) => self.password = Some(password),
+            (AuthMethod::Password, None, _) => {
                 return Err(ConfigError::new(
                     key("password"),
                     "missing: set password or password_file (for Gmail a 16-character app password)",
                 ));
+            }
+            (AuthMethod::Oauth2, _, None) => {
+                return Err(ConfigError::new(
+                    key("oauth2"),
+                    "missing: auth = \"oauth2\" needs [accounts.<name>.oauth2] with provider and client_id",
+                ));
+            }
+            (AuthMethod::Oauth2, _, Some(oauth2)) => {
+                oauth2.validate(&key("oauth2"))?;
+                // The default host is Gmail's; Microsoft accounts mean Microsoft's.
+                if oauth2.provider == OAuthProvider::Microsoft && self.host == GMAIL_HOST {
+                    self.host = MICROSOFT_HOST.to_string();
+                }
             }
         }
         if let Some(ca_file) = &self.ca_file {
@@ -550,6 +632,41 @@ impl AccountConfig {
                 return Err(ConfigError::new(
                     key("ca_file"),
                     format!("{} does not exist", ca_file.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl OAuth2Config {
+    fn validate(&mut self, prefix: &str) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("{prefix}.{field}");
+        if self.client_id.trim().is_empty() {
+            return Err(ConfigError::new(key("client_id"), "must not be empty"));
+        }
+        self.client_secret = resolve_secret(
+            &key("client_secret"),
+            self.client_secret.take(),
+            &self.client_secret_file,
+        )?;
+        if self.provider == OAuthProvider::Custom && self.token_url.is_none() {
+            return Err(ConfigError::new(
+                key("token_url"),
+                "missing: provider = \"custom\" needs token_url (and auth_url or device_url for sign-in)",
+            ));
+        }
+        if self.flow == OAuthFlow::ClientCredentials {
+            if self.client_secret.is_none() {
+                return Err(ConfigError::new(
+                    key("client_secret"),
+                    "missing: flow = \"client_credentials\" needs client_secret or client_secret_file",
+                ));
+            }
+            if self.provider == OAuthProvider::Microsoft && self.tenant.is_none() {
+                return Err(ConfigError::new(
+                    key("tenant"),
+                    "missing: app-only sign-in needs the tenant id or domain",
                 ));
             }
         }

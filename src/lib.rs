@@ -2,6 +2,7 @@
 //! after providers switched off plain-password sign-in. See DESIGN.md for
 //! the module map.
 
+pub mod access_tokens;
 pub mod admin;
 pub mod cli;
 pub mod config;
