@@ -208,7 +208,7 @@ fn check_table(rows: &[CheckRow]) -> String {
 
 /// Aligned columns under a header; a row's note goes on an indented line
 /// beneath it.
-fn table<S: AsRef<str>, const N: usize>(
+pub(crate) fn table<S: AsRef<str>, const N: usize>(
     header: [&str; N],
     rows: &[([S; N], Option<String>)],
 ) -> String {

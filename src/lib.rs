@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod lifecycle;
+pub mod oauth;
 pub mod observe;
 pub mod policy;
 pub mod provider_replies;

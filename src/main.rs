@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,31 @@ enum Command {
     Queue {
         #[command(subcommand)]
         action: QueueAction,
+    },
+    /// Sign in OAuth 2.0 accounts (Gmail, Microsoft 365) and show their tokens' state
+    Oauth {
+        #[command(subcommand)]
+        action: OauthAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum OauthAction {
+    /// Sign in once and store the refresh token; works headless (open the printed address on any machine)
+    Login {
+        account: String,
+        /// Device-code flow: a code typed at the provider's page on any device (Microsoft)
+        #[arg(long)]
+        device: bool,
+        /// No loopback listener for the browser's redirect: paste the address the browser ends on
+        #[arg(long)]
+        no_browser_listener: bool,
+    },
+    /// Each OAuth 2.0 account: flow, token store, refresh token present, last expiry (never a token)
+    Status {
+        /// Also get an access token now to see that it works
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -105,6 +131,11 @@ fn main() -> ExitCode {
         Command::Health { ready } => report(sendbridge::cli::health(&config, ready)),
         Command::Status => report(sendbridge::cli::status(&config)),
         Command::Queue { action } => report(queue(&config, action)),
+        Command::Oauth { action } => {
+            sendbridge::tls::install_crypto_provider();
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            report(runtime.block_on(oauth(&config, action)))
+        }
         Command::HashPassword => unreachable!("handled above"),
     }
 }
@@ -132,6 +163,27 @@ fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
             println!("deleted {id}");
             Ok(())
         }
+    }
+}
+
+/// Bounds `oauth login` from printing the address to getting the code.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+async fn oauth(config: &Config, action: OauthAction) -> anyhow::Result<()> {
+    match action {
+        OauthAction::Login {
+            account,
+            device,
+            no_browser_listener,
+        } => {
+            let options = sendbridge::oauth::LoginOptions {
+                device,
+                no_listener: no_browser_listener,
+                timeout: LOGIN_TIMEOUT,
+            };
+            sendbridge::oauth::login(config, &account, &options).await
+        }
+        OauthAction::Status { check } => sendbridge::oauth::status(config, check).await,
     }
 }
 

@@ -1,0 +1,128 @@
+//! Where each provider's OAuth 2.0 endpoints are and which scopes mail
+//! sending needs. The `*_url` and `scopes` overrides always win.
+
+use crate::config::{OAuth2Config, OAuthFlow, OAuthProvider};
+
+const GOOGLE_AUTH: &str = "https://accounts.google.com/o/oauth2/v2/auth";
+const GOOGLE_TOKEN: &str = "https://oauth2.googleapis.com/token";
+const GOOGLE_DEVICE: &str = "https://oauth2.googleapis.com/device/code";
+const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
+const MICROSOFT_BASE: &str = "https://login.microsoftonline.com";
+const MICROSOFT_DELEGATED_SCOPES: [&str; 2] =
+    ["https://outlook.office.com/SMTP.Send", "offline_access"];
+const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+
+/// An account's resolved endpoints and scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub provider: OAuthProvider,
+    pub token_url: String,
+    /// Where a person signs in (authorization code flow).
+    pub auth_url: Option<String>,
+    /// Where device codes are issued.
+    pub device_url: Option<String>,
+    pub scopes: Vec<String>,
+}
+
+impl Endpoints {
+    pub fn resolve(config: &OAuth2Config) -> Endpoints {
+        let (token, auth, device, scopes) = match config.provider {
+            OAuthProvider::Google => (
+                Some(GOOGLE_TOKEN.to_string()),
+                Some(GOOGLE_AUTH.to_string()),
+                Some(GOOGLE_DEVICE.to_string()),
+                vec![GOOGLE_MAIL_SCOPE.to_string()],
+            ),
+            OAuthProvider::Microsoft => {
+                let tenant = config.tenant.as_deref().unwrap_or(match config.flow {
+                    // Device codes for work accounts need an organisational authority.
+                    OAuthFlow::DeviceCode => "organizations",
+                    _ => "common",
+                });
+                let url =
+                    |endpoint: &str| format!("{MICROSOFT_BASE}/{tenant}/oauth2/v2.0/{endpoint}");
+                let scopes = match config.flow {
+                    OAuthFlow::ClientCredentials => vec![MICROSOFT_APP_SCOPE.to_string()],
+                    _ => MICROSOFT_DELEGATED_SCOPES.map(String::from).to_vec(),
+                };
+                (
+                    Some(url("token")),
+                    Some(url("authorize")),
+                    Some(url("devicecode")),
+                    scopes,
+                )
+            }
+            OAuthProvider::Custom => (None, None, None, Vec::new()),
+        };
+        Endpoints {
+            provider: config.provider,
+            // Validation makes custom accounts name a token_url.
+            token_url: config.token_url.clone().or(token).unwrap_or_default(),
+            auth_url: config.auth_url.clone().or(auth),
+            device_url: config.device_url.clone().or(device),
+            scopes: config.scopes.clone().unwrap_or(scopes),
+        }
+    }
+
+    /// The scopes as a request parameter.
+    pub fn scope(&self) -> String {
+        self.scopes.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oauth2(toml: &str) -> OAuth2Config {
+        let config = crate::config::Config::from_toml(&format!(
+            "[accounts.a]\nusername = \"me@example.com\"\nauth = \"oauth2\"\n[accounts.a.oauth2]\nclient_id = \"id\"\n{toml}"
+        ))
+        .unwrap();
+        config.accounts["a"].oauth2.clone().unwrap()
+    }
+
+    #[test]
+    fn google_needs_the_full_mail_scope() {
+        let endpoints = Endpoints::resolve(&oauth2("provider = \"google\""));
+        assert_eq!(endpoints.token_url, GOOGLE_TOKEN);
+        assert_eq!(endpoints.auth_url.as_deref(), Some(GOOGLE_AUTH));
+        assert_eq!(endpoints.scope(), "https://mail.google.com/");
+    }
+
+    #[test]
+    fn microsoft_tenant_and_scopes_follow_the_flow() {
+        let delegated = Endpoints::resolve(&oauth2("provider = \"microsoft\""));
+        assert_eq!(
+            delegated.token_url,
+            "https://login.microsoftonline.com/common/oauth2/v2.0/token"
+        );
+        assert_eq!(
+            delegated.scope(),
+            "https://outlook.office.com/SMTP.Send offline_access"
+        );
+        let device =
+            Endpoints::resolve(&oauth2("provider = \"microsoft\"\nflow = \"device_code\""));
+        assert_eq!(
+            device.device_url.as_deref(),
+            Some("https://login.microsoftonline.com/organizations/oauth2/v2.0/devicecode")
+        );
+        let app = Endpoints::resolve(&oauth2(
+            "provider = \"microsoft\"\nflow = \"client_credentials\"\ntenant = \"contoso.com\"\nclient_secret = \"s\"",
+        ));
+        assert_eq!(
+            app.token_url,
+            "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token"
+        );
+        assert_eq!(app.scope(), "https://outlook.office365.com/.default");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let endpoints = Endpoints::resolve(&oauth2(
+            "provider = \"google\"\ntoken_url = \"http://127.0.0.1:9/token\"\nscopes = [\"a\", \"b\"]",
+        ));
+        assert_eq!(endpoints.token_url, "http://127.0.0.1:9/token");
+        assert_eq!(endpoints.scope(), "a b");
+    }
+}

@@ -1,0 +1,42 @@
+//! What to do when the token endpoint refuses: the hint that goes with
+//! `TokenFailure::SignInNeeded`, worded for the provider and the flow.
+
+use crate::config::{OAuthFlow, OAuthProvider};
+
+/// The hint for an OAuth `error` code (`None`: no sign-in stored yet).
+pub fn sign_in_hint(
+    account: &str,
+    provider: OAuthProvider,
+    flow: OAuthFlow,
+    error: Option<&str>,
+) -> String {
+    let key = format!("accounts.{account}.oauth2");
+    if flow == OAuthFlow::ClientCredentials {
+        return match provider {
+            OAuthProvider::Microsoft => format!(
+                "app-only sign-in was refused: check {key}.client_id, client_secret (Entra client secrets expire) and tenant; the app needs the Office 365 Exchange Online permission SMTP.SendAsApp with admin consent, and an Exchange service principal with access to the mailbox (New-ServicePrincipal, Add-MailboxPermission)"
+            ),
+            _ => {
+                format!("client credentials were refused: check {key}.client_id and client_secret")
+            }
+        };
+    }
+    let login = format!("run `sendbridge oauth login {account}`");
+    match error {
+        None => format!("nobody has signed in for this account yet: {login}"),
+        Some("invalid_client" | "unauthorized_client") => format!(
+            "the provider does not accept this OAuth client: check {key}.client_id and client_secret (a client secret may have expired), then {login}"
+        ),
+        Some(_) => match provider {
+            OAuthProvider::Google => format!(
+                "the refresh token was revoked or has expired: {login}. If this happens about 7 days after every sign-in, the app's OAuth consent screen in the Google Cloud console is in \"Testing\", where refresh tokens expire after 7 days: publish the app (status \"In production\")"
+            ),
+            OAuthProvider::Microsoft => format!(
+                "the refresh token was revoked or has expired (a password change, 90 days unused, or a policy): {login}. If sign-in keeps failing, an administrator may have to grant admin consent for SMTP.Send (Entra admin center, App registrations, API permissions) or let the app through conditional access; the AADSTS code in the reason names the cause"
+            ),
+            OAuthProvider::Custom => {
+                format!("the refresh token was revoked or has expired: {login}")
+            }
+        },
+    }
+}

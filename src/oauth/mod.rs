@@ -1,0 +1,23 @@
+//! OAuth 2.0 for XOAUTH2 accounts: the token side. `Tokens` hands out access
+//! tokens (the `AccessTokens` trait the upstream sign-in uses); `login` and
+//! `status` are the `sendbridge oauth` commands that obtain and show the
+//! stored refresh tokens.
+//!
+//! ```ignore
+//! let tokens: Arc<dyn AccessTokens> = oauth::Tokens::new("gmail", &account, &config.spool.dir)?;
+//! let token = tokens.current().await?;
+//! ```
+
+mod client;
+mod endpoints;
+mod hints;
+mod login;
+mod status;
+mod store;
+mod tokens;
+
+pub use endpoints::Endpoints;
+pub use login::{LoginOptions, login};
+pub use status::status;
+pub use store::{Store, Stored};
+pub use tokens::Tokens;

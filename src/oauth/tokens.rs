@@ -1,0 +1,192 @@
+//! `Tokens`: an account's access tokens for XOAUTH2, cached in memory and
+//! refreshed ahead of expiry; the upstream side reaches it through the
+//! `AccessTokens` trait.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::time::Instant;
+
+use super::client::{EndpointError, Issued, TokenClient};
+use super::hints::sign_in_hint;
+use super::store::{Store, Stored};
+use crate::access_tokens::{AccessTokens, TokenFailure, TokenFuture};
+use crate::config::{AccountConfig, OAuth2Config, OAuthFlow};
+use crate::secret::Secret;
+use crate::spool::unix_millis;
+
+/// Refresh when less than this is left (or a tenth of the token's lifetime,
+/// for short-lived tokens).
+const REFRESH_AHEAD: Duration = Duration::from_secs(300);
+
+pub struct Tokens {
+    account: String,
+    config: OAuth2Config,
+    client: TokenClient,
+    store: Store,
+    cached: Mutex<Option<Cached>>,
+    /// Held during a refresh, so concurrent callers wait for it instead of
+    /// starting their own.
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+struct Cached {
+    token: Secret,
+    obtained: Instant,
+    expires: Instant,
+}
+
+impl Cached {
+    fn is_fresh(&self, now: Instant) -> bool {
+        let ahead = REFRESH_AHEAD.min((self.expires - self.obtained) / 10);
+        now + ahead < self.expires
+    }
+}
+
+impl Tokens {
+    /// The tokens of `account` (an `auth = "oauth2"` account), its refresh
+    /// token kept under `spool_dir`. Nothing is fetched yet.
+    pub fn new(
+        account: &str,
+        config: &AccountConfig,
+        spool_dir: &Path,
+    ) -> anyhow::Result<Arc<Tokens>> {
+        let oauth2 = config
+            .oauth2
+            .clone()
+            .with_context(|| format!("account {account} has no [accounts.{account}.oauth2]"))?;
+        Ok(Arc::new(Tokens {
+            account: account.to_string(),
+            client: TokenClient::new(&oauth2),
+            config: oauth2,
+            store: Store::new(spool_dir, account)?,
+            cached: Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    fn fresh(&self) -> Option<Secret> {
+        let cached = self.cached.lock().unwrap();
+        let cached = cached.as_ref()?;
+        cached
+            .is_fresh(Instant::now())
+            .then(|| cached.token.clone())
+    }
+
+    /// A cached token that has not expired yet, refreshed ahead or not.
+    fn unexpired(&self) -> Option<Secret> {
+        let cached = self.cached.lock().unwrap();
+        let cached = cached.as_ref()?;
+        (Instant::now() < cached.expires).then(|| cached.token.clone())
+    }
+
+    async fn obtain(&self) -> Result<Secret, TokenFailure> {
+        if let Some(token) = self.fresh() {
+            return Ok(token);
+        }
+        let _refreshing = self.refreshing.lock().await;
+        // Whoever held the lock before us may have refreshed already.
+        if let Some(token) = self.fresh() {
+            return Ok(token);
+        }
+        let obtained = Instant::now();
+        match self.fetch().await {
+            Ok(issued) => {
+                tracing::info!(
+                    account = %self.account,
+                    expires_in = issued.expires_in.as_secs(),
+                    "oauth: new access token"
+                );
+                let token = issued.access_token.clone();
+                *self.cached.lock().unwrap() = Some(Cached {
+                    token: issued.access_token,
+                    obtained,
+                    expires: obtained + issued.expires_in,
+                });
+                Ok(token)
+            }
+            Err(TokenFailure::Unavailable { reason }) if self.unexpired().is_some() => {
+                tracing::warn!(account = %self.account, %reason, "oauth: refresh failed; the current access token is still valid");
+                Ok(self.unexpired().expect("checked"))
+            }
+            Err(failure) => Err(failure),
+        }
+    }
+
+    /// A new access token from the endpoint; a rotated refresh token is
+    /// stored before it is used.
+    async fn fetch(&self) -> Result<Issued, TokenFailure> {
+        if self.config.flow == OAuthFlow::ClientCredentials {
+            return self
+                .client
+                .client_credentials()
+                .await
+                .map_err(|err| self.failure(err));
+        }
+        let stored = self
+            .store
+            .load()
+            .map_err(|err| TokenFailure::Unavailable {
+                reason: format!("reading the token store: {err}"),
+            })?
+            .unwrap_or_default();
+        let Some(refresh_token) = stored.refresh_token.clone() else {
+            return Err(TokenFailure::SignInNeeded {
+                reason: format!("no refresh token in {}", self.store.path().display()),
+                hint: self.hint(None),
+            });
+        };
+        let issued = self
+            .client
+            .refresh(&refresh_token)
+            .await
+            .map_err(|err| self.failure(err))?;
+        let updated = Stored {
+            refresh_token: issued.refresh_token.clone().or(Some(refresh_token)),
+            access_expires_at: Some(unix_millis() + issued.expires_in.as_millis() as u64),
+            ..stored
+        };
+        let store = self.store.clone();
+        let saved = tokio::task::spawn_blocking(move || store.save(&updated)).await;
+        if let Err(err) = saved.map_err(std::io::Error::other).and_then(|saved| saved) {
+            tracing::error!(account = %self.account, path = %self.store.path().display(), error = %err, "oauth: could not update the token store");
+        }
+        Ok(issued)
+    }
+
+    fn failure(&self, err: EndpointError) -> TokenFailure {
+        match err {
+            EndpointError::Unreachable(reason) => TokenFailure::Unavailable { reason },
+            EndpointError::Refused { ref error, .. } => TokenFailure::SignInNeeded {
+                hint: self.hint(Some(error)),
+                reason: err.reason(),
+            },
+        }
+    }
+
+    fn hint(&self, error: Option<&str>) -> String {
+        sign_in_hint(&self.account, self.config.provider, self.config.flow, error)
+    }
+
+    /// Where the refresh token is kept.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl AccessTokens for Tokens {
+    fn current(&self) -> TokenFuture<'_> {
+        Box::pin(self.obtain())
+    }
+
+    fn refused(&self, token: &Secret) {
+        let mut cached = self.cached.lock().unwrap();
+        // Only the token refused: an older one reported late must not throw
+        // away a new token (and cause refresh after refresh).
+        if cached.as_ref().is_some_and(|cached| &cached.token == token) {
+            *cached = None;
+        }
+    }
+}
