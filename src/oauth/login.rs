@@ -207,42 +207,57 @@ fn callback(query: &str, state: &str) -> Callback {
     }
 }
 
-/// Waits for the browser's redirect on the loopback listener and answers
-/// it with a short page. Never returns without a listener.
+/// Waits for the browser's redirect on the loopback listener. Never
+/// returns without a listener. Each connection is served on its own task,
+/// so an idle one (browsers pre-connect) holds nothing up.
 async fn redirected(listener: Option<TcpListener>, state: &str) -> anyhow::Result<Secret> {
     let Some(listener) = listener else {
         return std::future::pending().await;
     };
+    let (found, mut outcomes) = mpsc::channel(1);
     loop {
-        let (mut stream, _) = listener.accept().await?;
-        let query =
-            match tokio::time::timeout(CALLBACK_READ_TIMEOUT, request_query(&mut stream)).await {
-                Ok(Ok(query)) => query,
-                _ => continue,
-            };
-        let (status, page, outcome) = match callback(&query, state) {
-            Callback::Code(code) => (
-                "200 OK",
-                "Signed in. sendbridge has the code; you can close this tab.",
-                Some(Ok(code)),
-            ),
-            Callback::Refused(error) => (
-                "200 OK",
-                "Sign-in refused; see the terminal.",
-                Some(Err(anyhow::anyhow!("sign-in refused: {error}"))),
-            ),
-            Callback::WrongState => (
-                "400 Bad Request",
-                "This answer belongs to another sign-in; start again from the address in the terminal.",
-                None,
-            ),
-            Callback::Nothing => ("404 Not Found", "Not found.", None),
-        };
-        let _ = answer(&mut stream, status, page).await;
-        if let Some(outcome) = outcome {
-            return outcome;
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = accepted?;
+                let (found, state) = (found.clone(), state.to_string());
+                tokio::spawn(async move {
+                    if let Some(outcome) = serve_redirect(stream, &state).await {
+                        let _ = found.send(outcome).await;
+                    }
+                });
+            }
+            Some(outcome) = outcomes.recv() => return outcome,
         }
     }
+}
+
+/// Answers one request with a short page; the code or the refusal it
+/// carried, if any.
+async fn serve_redirect(mut stream: TcpStream, state: &str) -> Option<anyhow::Result<Secret>> {
+    let query = tokio::time::timeout(CALLBACK_READ_TIMEOUT, request_query(&mut stream))
+        .await
+        .ok()?
+        .ok()?;
+    let (status, page, outcome) = match callback(&query, state) {
+        Callback::Code(code) => (
+            "200 OK",
+            "Signed in. sendbridge has the code; you can close this tab.",
+            Some(Ok(code)),
+        ),
+        Callback::Refused(error) => (
+            "200 OK",
+            "Sign-in refused; see the terminal.",
+            Some(Err(anyhow::anyhow!("sign-in refused: {error}"))),
+        ),
+        Callback::WrongState => (
+            "400 Bad Request",
+            "This answer belongs to another sign-in; start again from the address in the terminal.",
+            None,
+        ),
+        Callback::Nothing => ("404 Not Found", "Not found.", None),
+    };
+    let _ = answer(&mut stream, status, page).await;
+    outcome
 }
 
 /// The query string of an HTTP request's target.

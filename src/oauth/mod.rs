@@ -16,7 +16,6 @@ mod status;
 mod store;
 mod tokens;
 
-pub use endpoints::Endpoints;
 pub use login::{LoginOptions, login};
 pub use status::status;
 pub use store::{Store, Stored};

@@ -107,10 +107,13 @@ impl Tokens {
                 });
                 Ok(token)
             }
-            Err(TokenFailure::Unavailable { reason }) if self.unexpired().is_some() => {
-                tracing::warn!(account = %self.account, %reason, "oauth: refresh failed; the current access token is still valid");
-                Ok(self.unexpired().expect("checked"))
-            }
+            Err(TokenFailure::Unavailable { reason }) => match self.unexpired() {
+                Some(token) => {
+                    tracing::warn!(account = %self.account, %reason, "oauth: refresh failed; the current access token is still valid");
+                    Ok(token)
+                }
+                None => Err(TokenFailure::Unavailable { reason }),
+            },
             Err(failure) => Err(failure),
         }
     }
@@ -125,13 +128,21 @@ impl Tokens {
                 .await
                 .map_err(|err| self.failure(err));
         }
-        let stored = self
-            .store
-            .load()
-            .map_err(|err| TokenFailure::Unavailable {
-                reason: format!("reading the token store: {err}"),
-            })?
-            .unwrap_or_default();
+        let stored = match self.store.load() {
+            Ok(stored) => stored.unwrap_or_default(),
+            // A damaged file takes a new sign-in, which rewrites it.
+            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(TokenFailure::SignInNeeded {
+                    reason: err.to_string(),
+                    hint: self.hint(None),
+                });
+            }
+            Err(err) => {
+                return Err(TokenFailure::Unavailable {
+                    reason: format!("reading {}: {err}", self.store.path().display()),
+                });
+            }
+        };
         let Some(refresh_token) = stored.refresh_token.clone() else {
             return Err(TokenFailure::SignInNeeded {
                 reason: format!("no refresh token in {}", self.store.path().display()),

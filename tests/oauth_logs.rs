@@ -1,0 +1,66 @@
+//! What `oauth::Tokens` logs, and that no token or secret is in it. A test
+//! binary of its own: tracing caches per call site whether anyone listens,
+//! and a sibling test on a thread without a subscriber could make this
+//! test's thread-local capture miss events.
+
+mod common;
+
+use std::time::Duration;
+
+use sendbridge::access_tokens::{AccessTokens, TokenFailure};
+use sendbridge::config::Config;
+use sendbridge::oauth::{Store, Stored, Tokens};
+use sendbridge::secret::Secret;
+
+use common::frozen_clock::FrozenClock;
+use common::log_capture::LogCapture;
+use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_and_refusals_log_no_secret() {
+    let log = LogCapture::start();
+    let clock = FrozenClock::new();
+    let spool = tempfile::tempdir().unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    {
+        let mut script = endpoint.script();
+        script.refresh_token = Some("refresh-SECRET-0".into());
+        script.rotate = true;
+    }
+    Store::new(spool.path(), "gmail")
+        .unwrap()
+        .save(&Stored {
+            refresh_token: Some(Secret::new("refresh-SECRET-0")),
+            ..Stored::default()
+        })
+        .unwrap();
+    let config = Config::from_toml(&format!(
+        r#"
+        [accounts.gmail]
+        username = "me@example.com"
+        auth = "oauth2"
+        [accounts.gmail.oauth2]
+        provider = "google"
+        client_id = "client-id"
+        client_secret = "{CLIENT_SECRET}"
+        token_url = "{}"
+        "#,
+        endpoint.url("/token")
+    ))
+    .unwrap();
+    let tokens = Tokens::new("gmail", &config.accounts["gmail"], spool.path()).unwrap();
+
+    let first = clock.within(LIMIT, tokens.current()).await.unwrap();
+    tokens.refused(&first);
+    clock.within(LIMIT, tokens.current()).await.unwrap();
+    endpoint.script().refuse_refresh = Some("invalid_grant");
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let failure = clock.within(LIMIT, tokens.current()).await.unwrap_err();
+    assert!(matches!(failure, TokenFailure::SignInNeeded { .. }));
+
+    let text = log.text();
+    assert_eq!(log.lines_with("new access token").len(), 2, "{text}");
+    assert!(!text.contains("SECRET"), "{text}");
+}
