@@ -27,7 +27,7 @@ pub fn sign_in_hint(
         Some("invalid_client" | "unauthorized_client") => format!(
             "the provider does not accept this OAuth client: check {key}.client_id and client_secret (a client secret may have expired), then {login}"
         ),
-        Some(_) => match provider {
+        Some("invalid_grant") => match provider {
             OAuthProvider::Google => format!(
                 "the refresh token was revoked or has expired: {login}. If this happens about 7 days after every sign-in, the app's OAuth consent screen in the Google Cloud console is in \"Testing\", where refresh tokens expire after 7 days: publish the app (status \"In production\")"
             ),
@@ -38,5 +38,44 @@ pub fn sign_in_hint(
                 format!("the refresh token was revoked or has expired: {login}")
             }
         },
+        Some(error) => format!(
+            "the token endpoint refused the request ({error}): check {key} (client_id, tenant, scopes), then {login}"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_gets_its_own_advice() {
+        let google = |error| {
+            sign_in_hint(
+                "gmail",
+                OAuthProvider::Google,
+                OAuthFlow::AuthorizationCode,
+                error,
+            )
+        };
+        assert!(google(None).contains("nobody has signed in"));
+        assert!(google(Some("invalid_grant")).contains("In production"));
+        assert!(google(Some("invalid_client")).contains("accounts.gmail.oauth2.client_id"));
+        assert!(google(Some("invalid_scope")).contains("(invalid_scope)"));
+        let microsoft = sign_in_hint(
+            "m365",
+            OAuthProvider::Microsoft,
+            OAuthFlow::DeviceCode,
+            Some("invalid_grant"),
+        );
+        assert!(microsoft.contains("admin consent") && microsoft.contains("conditional access"));
+        assert!(microsoft.contains("sendbridge oauth login m365"));
+        let app_only = sign_in_hint(
+            "m365",
+            OAuthProvider::Microsoft,
+            OAuthFlow::ClientCredentials,
+            Some("invalid_client"),
+        );
+        assert!(app_only.contains("SMTP.SendAsApp"));
     }
 }

@@ -86,6 +86,11 @@ pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> an
         "signed in: the refresh token for account {account} is in {}\nmail held for this account goes out by itself: the running relay's hold probe signs in with it (`sendbridge reload` releases it at once)",
         store.path().display()
     );
+    if oauth2.provider == OAuthProvider::Google {
+        println!(
+            "note: while the app's OAuth consent screen is in \"Testing\", Google ends this sign-in after 7 days; publish the app (\"In production\") to keep it"
+        );
+    }
     Ok(())
 }
 
