@@ -308,3 +308,23 @@ async fn status_shows_each_account_without_its_tokens() {
     );
     assert!(output.contains("sendbridge oauth login custom"), "{output}");
 }
+
+#[tokio::test]
+async fn a_declined_sign_in_ends_the_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    write_config(dir.path(), &endpoint);
+    let mut cli = Cli::start(dir.path(), &["oauth", "login", "gmail"]);
+    let params = query(&cli.line_starting(&endpoint.url("/auth?")).await);
+    let declined = format!("error=access_denied&state={}", params["state"]);
+    let (status, _) = redirect(&params["redirect_uri"], &declined).await;
+    assert_eq!(status, 200);
+    let (status, output) = cli.finish().await;
+    assert!(!status.success());
+    assert!(
+        output.contains("sign-in refused: access_denied"),
+        "{output}"
+    );
+    assert_eq!(endpoint.requests("authorization_code"), 0);
+    assert!(!dir.path().join("spool/oauth/gmail.json").exists());
+}

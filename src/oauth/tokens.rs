@@ -21,6 +21,10 @@ use crate::spool::unix_millis;
 /// for short-lived tokens).
 const REFRESH_AHEAD: Duration = Duration::from_secs(300);
 
+/// Plug into the upstream side as `Arc<dyn AccessTokens>`. The store is
+/// read at each refresh, so an `oauth login` while the relay runs takes
+/// effect at the next `current` without a restart. `SignInNeeded` means
+/// hold the account; `Unavailable` means retry later.
 pub struct Tokens {
     account: String,
     config: OAuth2Config,
