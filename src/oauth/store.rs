@@ -69,11 +69,16 @@ impl Store {
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(err),
         };
-        // serde_json's errors quote no input, so the token cannot leak through them.
+        // Only the position: serde_json's messages can quote a value.
         let file: OnDisk = serde_json::from_slice(&bytes).map_err(|err| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{} is damaged ({err})", self.path.display()),
+                format!(
+                    "{} is damaged (line {}, column {})",
+                    self.path.display(),
+                    err.line(),
+                    err.column()
+                ),
             )
         })?;
         Ok(Some(Stored {
@@ -143,6 +148,17 @@ mod tests {
             .map(|entry| entry.unwrap().file_name())
             .collect();
         assert_eq!(names, ["gmail.json"], "no temp file left behind");
+    }
+
+    #[test]
+    fn a_damaged_file_is_reported_without_its_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), "gmail").unwrap();
+        fs::create_dir(dir.path().join("oauth")).unwrap();
+        fs::write(store.path(), r#"{"access_expires_at": "token-SECRET"}"#).unwrap();
+        let err = store.load().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(!err.to_string().contains("SECRET"), "{err}");
     }
 
     #[test]
