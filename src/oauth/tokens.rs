@@ -184,11 +184,6 @@ impl Tokens {
     fn hint(&self, error: Option<&str>) -> String {
         sign_in_hint(&self.account, self.config.provider, self.config.flow, error)
     }
-
-    /// Where the refresh token is kept.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
 }
 
 impl AccessTokens for Tokens {
