@@ -13,7 +13,7 @@ use crate::provider_replies::diagnose;
 use crate::secret::Secret;
 use crate::session::hash_password;
 use crate::spool::{Envelope, Spool, State, unix_millis};
-use crate::upstream::{Outcome, Upstream, sign_in_hint};
+use crate::upstream::{Outcome, Upstream, sign_in_hint, token_service};
 
 /// `health` runs as a container health check: it must answer quickly.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -43,9 +43,10 @@ pub fn hash_password_from_stdin() -> anyhow::Result<()> {
 /// An error when any sign-in fails. Prints no secret.
 pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
     let accounts = accounts_to_check(config, only)?;
+    let tokens = token_service(&config.spool.dir);
     let upstreams = accounts
         .iter()
-        .map(|(name, account)| Upstream::new(name, account, &config.server.hostname))
+        .map(|(name, account)| Upstream::new(name, account, &config.server.hostname, &tokens))
         .collect::<anyhow::Result<Vec<_>>>()?;
     summarise(config);
     if upstreams.is_empty() {

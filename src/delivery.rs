@@ -23,7 +23,7 @@ use crate::provider_replies::diagnose;
 use crate::reply::{Refusal, Reply};
 use crate::send_window::SendWindow;
 use crate::spool::{Envelope, RefusedRecipient, Spool, State};
-use crate::upstream::{BodyFlags, Connection, Outcome, Sent, Upstream, sign_in_hint};
+use crate::upstream::{BodyFlags, Connection, Outcome, Sent, TokenSource, Upstream, sign_in_hint};
 
 /// Unix milliseconds that follow tokio's clock, so retry schedules can be
 /// tested with a paused clock. Anchored to the wall clock at start.
@@ -141,6 +141,8 @@ pub struct Delivery {
     settings: DeliveryConfig,
     clock: Clock,
     accounts: RwLock<HashMap<String, Arc<Account>>>,
+    /// For the `auth = "oauth2"` accounts of this and reloaded configurations.
+    tokens: TokenSource,
     wake_scheduler: Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -148,8 +150,13 @@ pub struct Delivery {
 
 impl Delivery {
     /// Opens and recovers the spool and starts workers, the retry scheduler
-    /// and hold probers. They stop when `shutdown` is cancelled.
-    pub fn start(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Arc<Delivery>> {
+    /// and hold probers. They stop when `shutdown` is cancelled. `tokens`
+    /// gives `auth = "oauth2"` accounts their access tokens.
+    pub fn start(
+        config: &Config,
+        shutdown: CancellationToken,
+        tokens: TokenSource,
+    ) -> anyhow::Result<Arc<Delivery>> {
         let spool = Spool::open(&config.spool.dir).map_err(|err| {
             anyhow::anyhow!(
                 "spool.dir: cannot use {}: {err}",
@@ -170,13 +177,19 @@ impl Delivery {
             settings: config.delivery.clone(),
             clock,
             accounts: RwLock::new(HashMap::new()),
+            tokens,
             wake_scheduler: Notify::new(),
             shutdown,
             tasks: TaskTracker::new(),
         });
         let held = delivery.spool.list(State::Held)?;
         for (name, account_config) in &config.accounts {
-            let upstream = Upstream::new(name, account_config, &config.server.hostname)?;
+            let upstream = Upstream::new(
+                name,
+                account_config,
+                &config.server.hostname,
+                &delivery.tokens,
+            )?;
             let account =
                 Account::new(name, account_config, upstream, &delivery.spool, clock.now());
             // Held mail from the last run: the password may have been fixed
@@ -224,7 +237,8 @@ impl Delivery {
     pub async fn reload(self: &Arc<Self>, config: &Config) -> anyhow::Result<()> {
         let mut upstreams = Vec::new();
         for (name, account) in &config.accounts {
-            upstreams.push((name, Upstream::new(name, account, &config.server.hostname)?));
+            let upstream = Upstream::new(name, account, &config.server.hostname, &self.tokens)?;
+            upstreams.push((name, upstream));
         }
         let removed: Vec<(String, Arc<Account>)> = {
             let mut accounts = self.accounts.write().expect("accounts lock");

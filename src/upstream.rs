@@ -1,24 +1,31 @@
 //! Delivery to an upstream submission server (Gmail, Microsoft 365, …) with
-//! mail-send: TLS always verified, AUTH with the account's app password, and
-//! every result turned into an [`Outcome`].
+//! mail-send: TLS always verified, AUTH with the account's app password or an
+//! OAuth 2.0 access token (XOAUTH2), and every result turned into an
+//! [`Outcome`].
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use mail_send::smtp::AssertReply;
 use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient};
 use rustls::ProtocolVersion;
-use smtp_proto::EXT_START_TLS;
+use smtp_proto::{AUTH_XOAUTH2, EXT_START_TLS, EhloResponse};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tracing::warn;
 
+use crate::access_tokens::{AccessTokens, TokenFailure};
 use crate::admin::metrics;
-use crate::config::{AccountConfig, UpstreamTls};
+use crate::config::{AccountConfig, AuthMethod, OAuth2Config, UpstreamTls};
 use crate::provider_replies::{Class, diagnose};
 use crate::reply::Reply;
+use crate::secret::Secret;
 
 /// How one attempt to hand a message to the upstream ended (DESIGN.md,
 /// "Outcome classes").
@@ -57,6 +64,46 @@ pub struct Sent {
     pub outcome: Option<Outcome>,
 }
 
+/// Makes the access-token source of an `auth = "oauth2"` account from its
+/// name and settings. The relay uses [`token_service`]; tests pass a
+/// stand-in for the token service.
+pub type TokenSource =
+    Arc<dyn Fn(&str, &AccountConfig) -> anyhow::Result<Arc<dyn AccessTokens>> + Send + Sync>;
+
+/// The relay's token source, keeping its tokens under the spool directory.
+/// Until the OAuth 2.0 token service is merged, an `auth = "oauth2"`
+/// account stops the relay (and `check`) with this error.
+pub fn token_service(_spool_dir: &std::path::Path) -> TokenSource {
+    Arc::new(|name, _| {
+        anyhow::bail!(
+            "accounts.{name}.auth = \"oauth2\": the OAuth 2.0 token service is not built yet"
+        )
+    })
+}
+
+/// How an account signs in upstream.
+enum SignIn {
+    /// AUTH PLAIN or LOGIN with the app password.
+    Password(Credentials<String>),
+    /// AUTH XOAUTH2 with an access token from `tokens`; `settings` tell
+    /// whether a reload changed the sign-in.
+    OAuth2 {
+        username: String,
+        settings: OAuth2Config,
+        tokens: Arc<dyn AccessTokens>,
+    },
+}
+
+/// What one sign-in attempt offers.
+#[derive(Clone, Copy)]
+enum Auth<'a> {
+    Password(&'a Credentials<String>),
+    XOAuth2 {
+        username: &'a str,
+        token: &'a Secret,
+    },
+}
+
 /// One configured upstream account, ready to open connections.
 pub struct Upstream {
     name: String,
@@ -65,7 +112,7 @@ pub struct Upstream {
     tls: UpstreamTls,
     connector: TlsConnector,
     helo_name: String,
-    credentials: Credentials<String>,
+    sign_in: SignIn,
     sender: String,
     timeout: Duration,
 }
@@ -96,13 +143,36 @@ impl Connection {
 }
 
 impl Upstream {
-    pub fn new(name: &str, account: &AccountConfig, helo_name: &str) -> anyhow::Result<Self> {
+    /// `tokens` is asked for the token source of an `auth = "oauth2"`
+    /// account only.
+    pub fn new(
+        name: &str,
+        account: &AccountConfig,
+        helo_name: &str,
+        tokens: &TokenSource,
+    ) -> anyhow::Result<Self> {
         let connector = crate::tls::upstream_connector(account.ca_file.as_deref())
             .map_err(|err| anyhow::anyhow!("accounts.{name}.ca_file: {err:#}"))?;
-        let password = account
-            .password
-            .as_ref()
-            .expect("config validation requires a password");
+        let sign_in = match account.auth {
+            AuthMethod::Password => {
+                let password = account
+                    .password
+                    .as_ref()
+                    .expect("config validation requires a password");
+                SignIn::Password(Credentials::new(
+                    account.username.clone(),
+                    password.expose().to_string(),
+                ))
+            }
+            AuthMethod::Oauth2 => SignIn::OAuth2 {
+                username: account.username.clone(),
+                settings: account
+                    .oauth2
+                    .clone()
+                    .expect("config validation requires [oauth2]"),
+                tokens: tokens(name, account)?,
+            },
+        };
         Ok(Upstream {
             name: name.to_string(),
             host: account.host.clone(),
@@ -110,7 +180,7 @@ impl Upstream {
             tls: account.tls_mode(),
             connector,
             helo_name: helo_name.to_string(),
-            credentials: Credentials::new(account.username.clone(), password.expose().to_string()),
+            sign_in,
             sender: account.sender().to_string(),
             timeout: account.timeout,
         })
@@ -120,14 +190,67 @@ impl Upstream {
         &self.name
     }
 
-    /// Whether both sign in with the same user name and secret.
+    /// Whether both sign in the same way: the same user name and password,
+    /// or the same user name and OAuth 2.0 settings.
     pub fn same_sign_in(&self, other: &Upstream) -> bool {
-        self.credentials == other.credentials
+        match (&self.sign_in, &other.sign_in) {
+            (SignIn::Password(a), SignIn::Password(b)) => a == b,
+            (
+                SignIn::OAuth2 {
+                    username: a,
+                    settings: a_settings,
+                    ..
+                },
+                SignIn::OAuth2 {
+                    username: b,
+                    settings: b_settings,
+                    ..
+                },
+            ) => a == b && a_settings == b_settings,
+            _ => false,
+        }
     }
 
     /// Connects, secures and signs in. The error is the attempt's outcome.
     pub async fn connect(&self) -> Result<Connection, Outcome> {
-        let outcome = match tokio::time::timeout(self.timeout, self.open()).await {
+        match &self.sign_in {
+            SignIn::Password(credentials) => self.connect_with(Auth::Password(credentials)).await,
+            SignIn::OAuth2 {
+                username, tokens, ..
+            } => self.connect_with_token(username, tokens.as_ref()).await,
+        }
+    }
+
+    /// Signs in with the current access token and, when the provider refuses
+    /// it (revoked or expired early), once more with a fresh one, over a new
+    /// connection: some servers hang up after a refused AUTH.
+    async fn connect_with_token(
+        &self,
+        username: &str,
+        tokens: &dyn AccessTokens,
+    ) -> Result<Connection, Outcome> {
+        let mut refusal = None;
+        for _ in 0..2 {
+            let token = tokens.current().await.map_err(token_failure)?;
+            match self
+                .connect_with(Auth::XOAuth2 {
+                    username,
+                    token: &token,
+                })
+                .await
+            {
+                Err(refused @ Outcome::AuthFailed(_)) => {
+                    tokens.refused(&token);
+                    refusal = Some(refused);
+                }
+                connected => return connected,
+            }
+        }
+        Err(refusal.expect("two refusals"))
+    }
+
+    async fn connect_with(&self, auth: Auth<'_>) -> Result<Connection, Outcome> {
+        let outcome = match tokio::time::timeout(self.timeout, self.open(auth)).await {
             Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(err)) => self.classify(err),
             Err(_) => self.classify(mail_send::Error::Timeout),
@@ -139,7 +262,7 @@ impl Upstream {
     /// mail-send's builder, but with TCP_NODELAY: the terminating "." of a
     /// message is a small write of its own, and without NODELAY it waits for
     /// a delayed ACK (~40 ms per message; measured by the load benchmark).
-    async fn open(&self) -> mail_send::Result<Connection> {
+    async fn open(&self, auth: Auth<'_>) -> mail_send::Result<Connection> {
         let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
         stream.set_nodelay(true)?;
         let mut client = SmtpClient {
@@ -169,14 +292,67 @@ impl Upstream {
             }
         };
         let capabilities = client.ehlo(&self.helo_name).await?;
-        client
-            .authenticate(&self.credentials, &capabilities)
-            .await?;
+        match auth {
+            Auth::Password(credentials) => {
+                client.authenticate(credentials, &capabilities).await?;
+            }
+            Auth::XOAuth2 { username, token } => {
+                self.xoauth2(&mut client, &capabilities, username, token)
+                    .await?
+            }
+        }
         Ok(Connection {
             client,
             tls_version,
             messages: 0,
         })
+    }
+
+    /// AUTH XOAUTH2 (Google's and Microsoft's SASL profile). A refusal comes
+    /// either at once (Microsoft: `535 5.7.3`) or, as with Gmail, as a `334`
+    /// challenge holding a base64 JSON error that the client must answer
+    /// with an empty line before the final `535`. mail-send answers that
+    /// challenge by sending the token again, so the exchange is done here.
+    async fn xoauth2(
+        &self,
+        client: &mut SmtpClient<Box<dyn Stream>>,
+        capabilities: &EhloResponse<String>,
+        username: &str,
+        token: &Secret,
+    ) -> mail_send::Result<()> {
+        if capabilities.auth_mechanisms & AUTH_XOAUTH2 == 0 {
+            return Err(mail_send::Error::UnsupportedAuthMechanism);
+        }
+        let initial = BASE64.encode(format!(
+            "user={username}\x01auth=Bearer {}\x01\x01",
+            token.expose()
+        ));
+        let mut reply = client.cmd(format!("AUTH XOAUTH2 {initial}\r\n")).await?;
+        if reply.code() == 334 {
+            self.log_token_refusal(reply.message());
+            reply = client.cmd(b"\r\n").await?;
+        }
+        match reply.code() {
+            235 => Ok(()),
+            _ => Err(mail_send::Error::AuthenticationFailed(reply)),
+        }
+    }
+
+    /// Logs what the provider's XOAUTH2 error challenge says (its `status`
+    /// and `scope`; it never holds the token).
+    fn log_token_refusal(&self, challenge: &str) {
+        let error: serde_json::Value = BASE64
+            .decode(challenge.trim())
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .unwrap_or_default();
+        let field = |name: &str| error[name].as_str().unwrap_or_default().to_string();
+        warn!(
+            account = %self.name,
+            oauth_status = %field("status"),
+            oauth_scope = %field("scope"),
+            "the upstream refused the OAuth 2.0 access token"
+        );
     }
 
     /// Checks that sign-in works again, for an account on hold.
@@ -271,10 +447,16 @@ impl Upstream {
                 "the server does not offer STARTTLS; if it expects TLS from the start, set accounts.{}.tls = \"implicit\"",
                 self.name
             )),
-            Error::UnsupportedAuthMechanism => deferred(
-                "the server offers no sign-in method sendbridge supports (PLAIN, LOGIN)"
-                    .to_string(),
-            ),
+            Error::UnsupportedAuthMechanism => deferred(match self.sign_in {
+                SignIn::Password(_) => {
+                    "the server offers no sign-in method sendbridge supports (PLAIN, LOGIN)"
+                        .to_string()
+                }
+                SignIn::OAuth2 { .. } => format!(
+                    "the server does not offer AUTH XOAUTH2; check accounts.{}.host, or sign in with an app password (auth = \"password\")",
+                    self.name
+                ),
+            }),
             Error::UnparseableReply => {
                 deferred("the connection closed or the server's reply was not SMTP".to_string())
             }
@@ -335,9 +517,36 @@ pub fn classify_reply(reply: Reply) -> Outcome {
     }
 }
 
-/// What to do about a refused sign-in: the provider-specific hint, or where
-/// the credentials are configured.
+/// Begins the reply that stands for [`TokenFailure::SignInNeeded`].
+const SIGN_IN_NEEDED: &str = "OAuth 2.0 sign-in needed: ";
+
+/// No access token: a person must sign in again (the account goes on hold,
+/// with the token service's hint), or the token service is unreachable for
+/// now (retried).
+fn token_failure(failure: TokenFailure) -> Outcome {
+    match failure {
+        // The hint travels as the reply's second line; see `sign_in_hint`.
+        TokenFailure::SignInNeeded { reason, hint } => Outcome::AuthFailed(Reply::new(
+            535,
+            [5, 7, 8],
+            format!("{SIGN_IN_NEEDED}{reason}\n{hint}"),
+        )),
+        TokenFailure::Unavailable { reason } => Outcome::Deferred {
+            reply: None,
+            reason: format!("no OAuth 2.0 access token: {reason}"),
+        },
+    }
+}
+
+/// What to do about a refused sign-in: the token service's hint when an
+/// OAuth 2.0 sign-in is needed, the provider-specific hint, or where the
+/// credentials are configured.
 pub fn sign_in_hint(account: &str, reply: &Reply) -> String {
+    if reply.first_line().starts_with(SIGN_IN_NEEDED) {
+        if let Some((_, hint)) = reply.text.split_once('\n') {
+            return hint.to_string();
+        }
+    }
     diagnose(account, reply).hint.unwrap_or_else(|| {
         format!("check accounts.{account}.username and accounts.{account}.password")
     })

@@ -8,4 +8,5 @@ pub mod log_capture;
 pub mod process;
 pub mod relay;
 pub mod smtp;
+pub mod tokens;
 pub mod tools;
