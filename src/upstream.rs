@@ -600,6 +600,39 @@ mod tests {
     }
 
     #[test]
+    fn a_needed_oauth_sign_in_holds_with_the_token_services_hint() {
+        let failure = TokenFailure::SignInNeeded {
+            reason: "invalid_grant".into(),
+            hint: "run `sendbridge oauth login gmail`".into(),
+        };
+        let Outcome::AuthFailed(reply) = token_failure(failure) else {
+            panic!("a needed sign-in is a refused sign-in");
+        };
+        assert_eq!(
+            reply.to_string(),
+            "535 5.7.8 OAuth 2.0 sign-in needed: invalid_grant"
+        );
+        assert_eq!(
+            sign_in_hint("gmail", &reply),
+            "run `sendbridge oauth login gmail`"
+        );
+    }
+
+    #[test]
+    fn an_unavailable_token_service_defers() {
+        let failure = TokenFailure::Unavailable {
+            reason: "timeout".into(),
+        };
+        assert_eq!(
+            token_failure(failure),
+            Outcome::Deferred {
+                reply: None,
+                reason: "no OAuth 2.0 access token: timeout".into()
+            }
+        );
+    }
+
+    #[test]
     fn wire_content_drops_one_final_crlf_and_stuffs_a_leading_dot() {
         assert_eq!(&*wire_content(b"a\r\n\r\n"), b"a\r\n");
         assert_eq!(&*wire_content(b""), b"");
