@@ -191,6 +191,30 @@ async fn a_needed_sign_in_holds_mail_until_a_new_login_then_it_goes_out() {
 }
 
 #[tokio::test]
+async fn a_reload_releases_the_hold_only_when_the_oauth_settings_changed() {
+    let upstream = upstream_accepting(FRESH_TOKEN, Script::default()).await;
+    let tokens = TestTokens::new(TOKEN);
+    tokens.set(Err(TokenFailure::SignInNeeded {
+        reason: "invalid_grant".into(),
+        hint: "sign in again".into(),
+    }));
+    let relay = relay(&upstream, &tokens).await;
+    assert_eq!(send_one(&relay).await.code, 250);
+    assert_eq!(count(&relay.spool, State::Held), 1);
+    tokens.set(Ok(FRESH_TOKEN.to_string()));
+
+    let unchanged = oauth_config_for(&upstream, "");
+    relay.reload(unchanged).await.unwrap();
+    assert_eq!(count(&relay.spool, State::Held), 1, "still on hold");
+
+    let mut changed = oauth_config_for(&upstream, "");
+    let account = changed.accounts.get_mut("gmail").unwrap();
+    account.oauth2.as_mut().unwrap().client_id = "another-client".into();
+    relay.reload(changed).await.unwrap();
+    upstream.wait_for_messages(1, WAIT).await;
+}
+
+#[tokio::test]
 async fn an_unreachable_token_service_defers_the_message() {
     let log = LogCapture::start();
     let upstream = upstream_accepting(TOKEN, Script::default()).await;

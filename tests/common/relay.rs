@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use sendbridge::config::Config;
-use sendbridge::server::Server;
+use sendbridge::server::{Reloader, Server};
 use sendbridge::upstream::{TokenSource, token_service};
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +25,7 @@ pub struct Relay {
     /// The relay's own (generated) certificate, for clients using STARTTLS.
     pub cert: PathBuf,
     pub spool: PathBuf,
+    reloader: Reloader,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<()>>,
     dir: Option<tempfile::TempDir>,
@@ -145,16 +146,24 @@ impl Relay {
         let server = Server::bind(&config, shutdown.clone(), tokens)
             .await
             .expect("relay starts");
+        let reloader = server.reloader(config.clone());
         Relay {
             addr: server.local_addr(),
             tls_addr: server.tls_local_addr(),
             admin_addr: server.admin_addr(),
             cert: config.tls.cert.clone(),
             spool: config.spool.dir.clone(),
+            reloader,
             shutdown,
             server: Some(tokio::spawn(server.run())),
             dir: Some(dir),
         }
+    }
+
+    /// Applies a changed configuration as SIGHUP does (listeners, spool and
+    /// certificates stay as they are).
+    pub async fn reload(&self, config: Config) -> anyhow::Result<()> {
+        self.reloader.reload(config).await
     }
 
     /// A connected client that said EHLO.
