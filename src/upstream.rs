@@ -211,6 +211,20 @@ impl Upstream {
         }
     }
 
+    /// What to do about this account's refused sign-in. An OAuth 2.0
+    /// account whose token the provider refused (535/534) was refused a
+    /// freshly refreshed one too: the password hints do not apply.
+    pub fn sign_in_hint(&self, reply: &Reply) -> String {
+        let token_refused = matches!(reply.code, 534 | 535) && !is_sign_in_needed(reply);
+        match self.sign_in {
+            SignIn::OAuth2 { .. } if token_refused => format!(
+                "the provider refused a freshly refreshed OAuth 2.0 access token: accounts.{name}.username must be the mailbox that signed in (`sendbridge oauth login {name}`), the app needs the mail scope (Gmail https://mail.google.com/, Microsoft SMTP.Send), and Microsoft 365 needs Authenticated SMTP enabled for the mailbox",
+                name = self.name
+            ),
+            _ => sign_in_hint(&self.name, reply),
+        }
+    }
+
     /// Connects, secures and signs in. The error is the attempt's outcome.
     pub async fn connect(&self) -> Result<Connection, Outcome> {
         match &self.sign_in {
@@ -538,11 +552,15 @@ fn token_failure(failure: TokenFailure) -> Outcome {
     }
 }
 
+fn is_sign_in_needed(reply: &Reply) -> bool {
+    reply.first_line().starts_with(SIGN_IN_NEEDED)
+}
+
 /// What to do about a refused sign-in: the token service's hint when an
 /// OAuth 2.0 sign-in is needed, the provider-specific hint, or where the
 /// credentials are configured.
-pub fn sign_in_hint(account: &str, reply: &Reply) -> String {
-    if reply.first_line().starts_with(SIGN_IN_NEEDED) {
+fn sign_in_hint(account: &str, reply: &Reply) -> String {
+    if is_sign_in_needed(reply) {
         if let Some((_, hint)) = reply.text.split_once('\n') {
             return hint.to_string();
         }

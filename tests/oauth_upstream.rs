@@ -133,6 +133,11 @@ async fn gmails_error_challenge_is_answered_with_an_empty_line_and_its_status_lo
             .starts_with("535 5.7.8 Username and Password not accepted"),
         "{hold:?}"
     );
+    let hint = hold[0]["hint"].as_str().unwrap();
+    assert!(
+        hint.contains("refreshed OAuth 2.0 access token") && !hint.contains("app password"),
+        "{hint}"
+    );
     assert_no_token_logged(&log, &[TOKEN, FRESH_TOKEN]);
 }
 
