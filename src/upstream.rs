@@ -245,7 +245,7 @@ impl Upstream {
     ) -> Result<Connection, Outcome> {
         let mut refusal = None;
         for _ in 0..2 {
-            let token = tokens.current().await.map_err(token_failure)?;
+            let token = self.access_token(tokens).await?;
             match self
                 .connect_with(Auth::XOAuth2 {
                     username,
@@ -261,6 +261,17 @@ impl Upstream {
             }
         }
         Err(refusal.expect("two refusals"))
+    }
+
+    /// The current token, within the account's `timeout`: a token service
+    /// that hangs must not hold up the account's workers for good.
+    async fn access_token(&self, tokens: &dyn AccessTokens) -> Result<Secret, Outcome> {
+        match tokio::time::timeout(self.timeout, tokens.current()).await {
+            Ok(token) => token.map_err(token_failure),
+            Err(_) => Err(token_failure(TokenFailure::Unavailable {
+                reason: format!("no answer within {}s", self.timeout.as_secs()),
+            })),
+        }
     }
 
     async fn connect_with(&self, auth: Auth<'_>) -> Result<Connection, Outcome> {
