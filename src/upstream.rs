@@ -95,7 +95,6 @@ enum SignIn {
 }
 
 /// What one sign-in attempt offers.
-#[derive(Clone, Copy)]
 enum Auth<'a> {
     Password(&'a Credentials<String>),
     XOAuth2 {
