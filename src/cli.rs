@@ -1,6 +1,7 @@
 //! Subcommands besides `run`.
 
 use std::io::Read;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -13,7 +14,7 @@ use crate::provider_replies::diagnose;
 use crate::secret::Secret;
 use crate::session::hash_password;
 use crate::spool::{Envelope, Spool, State, unix_millis};
-use crate::upstream::{Outcome, Upstream, sign_in_hint};
+use crate::upstream::{Outcome, Upstream, token_service};
 
 /// `health` runs as a container health check: it must answer quickly.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -43,9 +44,11 @@ pub fn hash_password_from_stdin() -> anyhow::Result<()> {
 /// An error when any sign-in fails. Prints no secret.
 pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
     let accounts = accounts_to_check(config, only)?;
+    let tokens = token_service(&config.spool.dir);
     let upstreams = accounts
         .iter()
-        .map(|(name, account)| Upstream::new(name, account, &config.server.hostname))
+        .map(|(name, account)| Upstream::new(name, account, &config.server.hostname, &tokens))
+        .map(|upstream| upstream.map(Arc::new))
         .collect::<anyhow::Result<Vec<_>>>()?;
     summarise(config);
     if upstreams.is_empty() {
@@ -53,12 +56,12 @@ pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
         return Ok(());
     }
     let attempts: Vec<_> = upstreams
-        .into_iter()
-        .map(|upstream| tokio::spawn(sign_in(upstream)))
+        .iter()
+        .map(|upstream| tokio::spawn(sign_in(upstream.clone())))
         .collect();
     let mut rows = Vec::new();
-    for ((name, account), attempt) in accounts.into_iter().zip(attempts) {
-        rows.push(CheckRow::new(name, account, attempt.await?));
+    for (((_, account), upstream), attempt) in accounts.into_iter().zip(&upstreams).zip(attempts) {
+        rows.push(CheckRow::new(upstream, account, attempt.await?));
     }
     print!("\n{}", check_table(&rows));
     let failed = rows.iter().filter(|row| row.auth != "ok").count();
@@ -96,7 +99,7 @@ fn accounts_to_check<'a>(
 
 /// Connects, secures, signs in and says goodbye: what `run` does before
 /// its first message. The TLS version negotiated on success.
-async fn sign_in(upstream: Upstream) -> Result<Option<ProtocolVersion>, Outcome> {
+async fn sign_in(upstream: Arc<Upstream>) -> Result<Option<ProtocolVersion>, Outcome> {
     let connection = upstream.connect().await?;
     let version = connection.tls_version();
     connection.quit().await;
@@ -117,7 +120,7 @@ struct CheckRow {
 
 impl CheckRow {
     fn new(
-        name: &str,
+        upstream: &Upstream,
         account: &AccountConfig,
         result: Result<Option<ProtocolVersion>, Outcome>,
     ) -> Self {
@@ -129,12 +132,12 @@ impl CheckRow {
                 None,
             ),
             Err(outcome) => {
-                let (auth, detail, hint) = failure(name, outcome);
+                let (auth, detail, hint) = failure(upstream, outcome);
                 ("-".to_string(), auth, detail, hint)
             }
         };
         CheckRow {
-            account: name.to_string(),
+            account: upstream.name().to_string(),
             server: format!("{}:{}", account.host, account.port),
             tls,
             auth,
@@ -156,12 +159,12 @@ impl CheckRow {
 }
 
 /// The AUTH column, the reply or reason, and the hint for a failed sign-in.
-fn failure(account: &str, outcome: Outcome) -> (&'static str, String, Option<String>) {
+fn failure(upstream: &Upstream, outcome: Outcome) -> (&'static str, String, Option<String>) {
     match outcome {
         Outcome::AuthFailed(reply) => (
             "refused",
             reply.one_line(),
-            Some(sign_in_hint(account, &reply)),
+            Some(upstream.sign_in_hint(&reply)),
         ),
         // No SMTP reply to show: connecting, TLS or a timeout failed; the
         // reason says which.
@@ -175,7 +178,7 @@ fn failure(account: &str, outcome: Outcome) -> (&'static str, String, Option<Str
         | Outcome::Rejected(reply)
         | Outcome::OverLimit(reply)
         | Outcome::Delivered(reply) => {
-            let hint = diagnose(account, &reply).hint;
+            let hint = diagnose(upstream.name(), &reply).hint;
             ("error", reply.one_line(), hint)
         }
     }

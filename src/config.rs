@@ -287,7 +287,7 @@ pub enum OAuthFlow {
 }
 
 /// `[accounts.<name>.oauth2]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     pub provider: OAuthProvider,

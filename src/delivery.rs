@@ -23,7 +23,7 @@ use crate::provider_replies::diagnose;
 use crate::reply::{Refusal, Reply};
 use crate::send_window::SendWindow;
 use crate::spool::{Envelope, RefusedRecipient, Spool, State};
-use crate::upstream::{BodyFlags, Connection, Outcome, Sent, Upstream, sign_in_hint};
+use crate::upstream::{BodyFlags, Connection, Outcome, Sent, TokenSource, Upstream};
 
 /// Unix milliseconds that follow tokio's clock, so retry schedules can be
 /// tested with a paused clock. Anchored to the wall clock at start.
@@ -55,11 +55,12 @@ struct Job {
     verdict: Option<oneshot::Sender<Outcome>>,
 }
 
-/// Why an account is on hold.
+/// Why an account is on hold, and what to do about it.
 #[derive(Clone)]
-struct Hold {
+pub struct Hold {
     since: u64,
-    reply: Reply,
+    pub reply: Reply,
+    pub hint: String,
 }
 
 struct Account {
@@ -141,6 +142,8 @@ pub struct Delivery {
     settings: DeliveryConfig,
     clock: Clock,
     accounts: RwLock<HashMap<String, Arc<Account>>>,
+    /// For the `auth = "oauth2"` accounts of this and reloaded configurations.
+    tokens: TokenSource,
     wake_scheduler: Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -148,8 +151,13 @@ pub struct Delivery {
 
 impl Delivery {
     /// Opens and recovers the spool and starts workers, the retry scheduler
-    /// and hold probers. They stop when `shutdown` is cancelled.
-    pub fn start(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Arc<Delivery>> {
+    /// and hold probers. They stop when `shutdown` is cancelled. `tokens`
+    /// gives `auth = "oauth2"` accounts their access tokens.
+    pub fn start(
+        config: &Config,
+        shutdown: CancellationToken,
+        tokens: TokenSource,
+    ) -> anyhow::Result<Arc<Delivery>> {
         let spool = Spool::open(&config.spool.dir).map_err(|err| {
             anyhow::anyhow!(
                 "spool.dir: cannot use {}: {err}",
@@ -170,13 +178,19 @@ impl Delivery {
             settings: config.delivery.clone(),
             clock,
             accounts: RwLock::new(HashMap::new()),
+            tokens,
             wake_scheduler: Notify::new(),
             shutdown,
             tasks: TaskTracker::new(),
         });
         let held = delivery.spool.list(State::Held)?;
         for (name, account_config) in &config.accounts {
-            let upstream = Upstream::new(name, account_config, &config.server.hostname)?;
+            let upstream = Upstream::new(
+                name,
+                account_config,
+                &config.server.hostname,
+                &delivery.tokens,
+            )?;
             let account =
                 Account::new(name, account_config, upstream, &delivery.spool, clock.now());
             // Held mail from the last run: the password may have been fixed
@@ -184,7 +198,12 @@ impl Delivery {
             if held.iter().any(|envelope| &envelope.account == name) {
                 let reply =
                     Reply::new(535, [5, 7, 8], "held at the previous run; checking sign-in");
-                *account.hold.lock().expect("hold lock") = Some(Hold { since: 0, reply });
+                let hint = account.upstream().sign_in_hint(&reply);
+                *account.hold.lock().expect("hold lock") = Some(Hold {
+                    since: 0,
+                    reply,
+                    hint,
+                });
             }
             delivery.add_account(name, account, account_config.max_connections);
         }
@@ -224,7 +243,8 @@ impl Delivery {
     pub async fn reload(self: &Arc<Self>, config: &Config) -> anyhow::Result<()> {
         let mut upstreams = Vec::new();
         for (name, account) in &config.accounts {
-            upstreams.push((name, Upstream::new(name, account, &config.server.hostname)?));
+            let upstream = Upstream::new(name, account, &config.server.hostname, &self.tokens)?;
+            upstreams.push((name, upstream));
         }
         let removed: Vec<(String, Arc<Account>)> = {
             let mut accounts = self.accounts.write().expect("accounts lock");
@@ -283,15 +303,15 @@ impl Delivery {
         &self.spool
     }
 
-    /// Each account's name and, while it is on hold, the reply that put it
-    /// there; sorted by name. For the admin interface.
-    pub fn account_holds(&self) -> Vec<(String, Option<Reply>)> {
+    /// Each account's name and, while it is on hold, why; sorted by name.
+    /// For the admin interface.
+    pub fn account_holds(&self) -> Vec<(String, Option<Hold>)> {
         let mut holds: Vec<_> = self
             .accounts
             .read()
             .expect("accounts lock")
             .iter()
-            .map(|(name, account)| (name.clone(), account.hold().map(|hold| hold.reply)))
+            .map(|(name, account)| (name.clone(), account.hold()))
             .collect();
         holds.sort_by(|a, b| a.0.cmp(&b.0));
         holds
@@ -315,7 +335,7 @@ impl Delivery {
         if let (Some(hold), DeliveryMode::Passthrough) = (&hold, self.settings.mode) {
             // The client keeps the message; no need to store it first.
             let outcome = Outcome::AuthFailed(hold.reply.clone());
-            return Submitted::from_outcome(&account_name, None, &outcome);
+            return Submitted::from_outcome(&account.upstream(), None, &outcome);
         }
         let state = if hold.is_some() {
             State::Held
@@ -404,14 +424,14 @@ impl Delivery {
             DeliveryMode::Hybrid => {
                 match tokio::time::timeout(self.settings.sync_timeout, outcome).await {
                     Ok(Ok(rejected @ Outcome::Rejected(_))) => {
-                        Submitted::from_outcome(&account_name, id, &rejected)
+                        Submitted::from_outcome(&account.upstream(), id, &rejected)
                     }
                     _ => queued,
                 }
             }
             DeliveryMode::Passthrough => match outcome.await {
                 Ok(Outcome::Delivered(_)) => queued,
-                Ok(other) => Submitted::from_outcome(&account_name, id, &other),
+                Ok(other) => Submitted::from_outcome(&account.upstream(), id, &other),
                 Err(_) => {
                     let reply = Reply::new(451, [4, 3, 0], "Delivery interrupted, try again later");
                     Submitted::refused(reply, id, Refusal::new("internal", "the relay is stopping"))
@@ -749,15 +769,16 @@ impl Delivery {
     }
 
     fn start_hold(&self, name: &str, account: &Account, reply: &Reply) {
+        let hint = account.upstream().sign_in_hint(reply);
         let mut hold = account.hold.lock().expect("hold lock");
         let new = hold.as_ref().is_none_or(|hold| hold.since == 0);
         *hold = Some(Hold {
             since: self.clock.now(),
             reply: reply.clone(),
+            hint: hint.clone(),
         });
         drop(hold);
         if new {
-            let hint = sign_in_hint(name, reply);
             error!(
                 account = %name,
                 reason = "upstream_auth",
@@ -1023,7 +1044,8 @@ impl Submitted {
     /// What a client hears when the upstream's verdict is its answer:
     /// verdicts on the message pass through; an upstream sign-in failure
     /// never looks like the client's own login failing.
-    fn from_outcome(account: &str, id: Option<String>, outcome: &Outcome) -> Self {
+    fn from_outcome(upstream: &Upstream, id: Option<String>, outcome: &Outcome) -> Self {
+        let account = upstream.name();
         let diagnosed = |reply: &Reply| {
             let diagnosis = diagnose(account, reply);
             Refusal {
@@ -1035,7 +1057,7 @@ impl Submitted {
             Outcome::Delivered(reply) => (reply.clone(), None),
             Outcome::Rejected(reply) => (reply.clone(), Some(diagnosed(reply))),
             Outcome::AuthFailed(reply) => {
-                let hint = sign_in_hint(account, reply);
+                let hint = upstream.sign_in_hint(reply);
                 let text =
                     format!("Upstream account {account} refused the sign-in ({reply}); {hint}");
                 let refusal = Refusal::new("upstream_auth", hint);

@@ -189,7 +189,8 @@ async fn oauth(config: &Config, action: OauthAction) -> anyhow::Result<()> {
 
 async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let server = sendbridge::server::Server::bind(&config, stop.clone()).await?;
+    let tokens = sendbridge::upstream::token_service(&config.spool.dir);
+    let server = sendbridge::server::Server::bind(&config, stop.clone(), tokens).await?;
     if config.accounts.is_empty() {
         tracing::warn!(
             "no upstream account configured: set [accounts.<name>] username and password in config/sendbridge.toml, or e.g. SENDBRIDGE_ACCOUNTS__GMAIL__USERNAME and SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD (a Gmail app password), plus a local login SENDBRIDGE_USERS__<NAME>__PASSWORD"

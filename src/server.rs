@@ -19,6 +19,7 @@ use crate::delivery::Delivery;
 use crate::session::{
     Session, SessionContext, SessionEnd, SessionRecord, Settings, clean_transcripts,
 };
+use crate::upstream::TokenSource;
 
 /// After the grace period, how long sessions get to say 421 and close.
 const SESSION_CLOSE_BOUND: Duration = Duration::from_secs(5);
@@ -41,7 +42,12 @@ pub struct Server {
 impl Server {
     /// Builds everything the relay needs and binds its listeners. Errors
     /// name what to fix. Cancelling `stop` begins a graceful shutdown.
-    pub async fn bind(config: &Config, stop: CancellationToken) -> anyhow::Result<Server> {
+    /// `tokens` gives `auth = "oauth2"` accounts their access tokens.
+    pub async fn bind(
+        config: &Config,
+        stop: CancellationToken,
+        tokens: TokenSource,
+    ) -> anyhow::Result<Server> {
         let tls =
             crate::tls::inbound_acceptor(&config.tls, &config.server.hostname, &config.spool.dir)?;
         let listen = config.server.listen;
@@ -61,7 +67,7 @@ impl Server {
         };
         let admin_listener = crate::admin::bind(&config.admin).await?;
         let stop_delivery = CancellationToken::new();
-        let delivery = Delivery::start(config, stop_delivery.clone())?;
+        let delivery = Delivery::start(config, stop_delivery.clone(), tokens)?;
         // The admin interface stops when shutdown begins.
         let admin = admin_listener
             .map(|listener| Admin::new(listener, &config.admin, delivery.clone(), stop.clone()));

@@ -1,24 +1,31 @@
 //! Delivery to an upstream submission server (Gmail, Microsoft 365, …) with
-//! mail-send: TLS always verified, AUTH with the account's app password, and
-//! every result turned into an [`Outcome`].
+//! mail-send: TLS always verified, AUTH with the account's app password or an
+//! OAuth 2.0 access token (XOAUTH2), and every result turned into an
+//! [`Outcome`].
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use mail_send::smtp::AssertReply;
 use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient};
 use rustls::ProtocolVersion;
-use smtp_proto::EXT_START_TLS;
+use smtp_proto::{AUTH_XOAUTH2, EXT_START_TLS, EhloResponse};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tracing::warn;
 
+use crate::access_tokens::{AccessTokens, TokenFailure};
 use crate::admin::metrics;
-use crate::config::{AccountConfig, UpstreamTls};
+use crate::config::{AccountConfig, AuthMethod, OAuth2Config, UpstreamTls};
 use crate::provider_replies::{Class, diagnose};
 use crate::reply::Reply;
+use crate::secret::Secret;
 
 /// How one attempt to hand a message to the upstream ended (DESIGN.md,
 /// "Outcome classes").
@@ -57,6 +64,44 @@ pub struct Sent {
     pub outcome: Option<Outcome>,
 }
 
+/// Makes the access-token source of an `auth = "oauth2"` account from its
+/// name and settings. The relay uses [`token_service`]; tests pass a
+/// stand-in for the token service.
+pub type TokenSource =
+    Arc<dyn Fn(&str, &AccountConfig) -> anyhow::Result<Arc<dyn AccessTokens>> + Send + Sync>;
+
+/// The relay's token source: `oauth::Tokens`, keeping refresh tokens under
+/// the spool directory.
+pub fn token_service(spool_dir: &std::path::Path) -> TokenSource {
+    let spool_dir = spool_dir.to_path_buf();
+    Arc::new(move |name, account| {
+        let tokens: Arc<dyn AccessTokens> = crate::oauth::Tokens::new(name, account, &spool_dir)?;
+        Ok(tokens)
+    })
+}
+
+/// How an account signs in upstream.
+enum SignIn {
+    /// AUTH PLAIN or LOGIN with the app password.
+    Password(Credentials<String>),
+    /// AUTH XOAUTH2 with an access token from `tokens`; `settings` tell
+    /// whether a reload changed the sign-in.
+    OAuth2 {
+        username: String,
+        settings: OAuth2Config,
+        tokens: Arc<dyn AccessTokens>,
+    },
+}
+
+/// What one sign-in attempt offers.
+enum Auth<'a> {
+    Password(&'a Credentials<String>),
+    XOAuth2 {
+        username: &'a str,
+        token: &'a Secret,
+    },
+}
+
 /// One configured upstream account, ready to open connections.
 pub struct Upstream {
     name: String,
@@ -65,7 +110,7 @@ pub struct Upstream {
     tls: UpstreamTls,
     connector: TlsConnector,
     helo_name: String,
-    credentials: Credentials<String>,
+    sign_in: SignIn,
     sender: String,
     timeout: Duration,
 }
@@ -96,13 +141,36 @@ impl Connection {
 }
 
 impl Upstream {
-    pub fn new(name: &str, account: &AccountConfig, helo_name: &str) -> anyhow::Result<Self> {
+    /// `tokens` is asked for the token source of an `auth = "oauth2"`
+    /// account only.
+    pub fn new(
+        name: &str,
+        account: &AccountConfig,
+        helo_name: &str,
+        tokens: &TokenSource,
+    ) -> anyhow::Result<Self> {
         let connector = crate::tls::upstream_connector(account.ca_file.as_deref())
             .map_err(|err| anyhow::anyhow!("accounts.{name}.ca_file: {err:#}"))?;
-        let password = account
-            .password
-            .as_ref()
-            .expect("config validation requires a password");
+        let sign_in = match account.auth {
+            AuthMethod::Password => {
+                let password = account
+                    .password
+                    .as_ref()
+                    .expect("config validation requires a password");
+                SignIn::Password(Credentials::new(
+                    account.username.clone(),
+                    password.expose().to_string(),
+                ))
+            }
+            AuthMethod::Oauth2 => SignIn::OAuth2 {
+                username: account.username.clone(),
+                settings: account
+                    .oauth2
+                    .clone()
+                    .expect("config validation requires [oauth2]"),
+                tokens: tokens(name, account)?,
+            },
+        };
         Ok(Upstream {
             name: name.to_string(),
             host: account.host.clone(),
@@ -110,7 +178,7 @@ impl Upstream {
             tls: account.tls_mode(),
             connector,
             helo_name: helo_name.to_string(),
-            credentials: Credentials::new(account.username.clone(), password.expose().to_string()),
+            sign_in,
             sender: account.sender().to_string(),
             timeout: account.timeout,
         })
@@ -120,14 +188,92 @@ impl Upstream {
         &self.name
     }
 
-    /// Whether both sign in with the same user name and secret.
+    /// Whether both sign in the same way: the same user name and password,
+    /// or the same user name and OAuth 2.0 settings.
     pub fn same_sign_in(&self, other: &Upstream) -> bool {
-        self.credentials == other.credentials
+        match (&self.sign_in, &other.sign_in) {
+            (SignIn::Password(a), SignIn::Password(b)) => a == b,
+            (
+                SignIn::OAuth2 {
+                    username: a,
+                    settings: a_settings,
+                    ..
+                },
+                SignIn::OAuth2 {
+                    username: b,
+                    settings: b_settings,
+                    ..
+                },
+            ) => a == b && a_settings == b_settings,
+            _ => false,
+        }
+    }
+
+    /// What to do about this account's refused sign-in. An OAuth 2.0
+    /// account whose token the provider refused (535/534) was refused a
+    /// freshly refreshed one too: the password hints do not apply.
+    pub fn sign_in_hint(&self, reply: &Reply) -> String {
+        let token_refused = matches!(reply.code, 534 | 535) && !is_sign_in_needed(reply);
+        match self.sign_in {
+            SignIn::OAuth2 { .. } if token_refused => format!(
+                "the provider refused a freshly refreshed OAuth 2.0 access token: accounts.{name}.username must be the mailbox that signed in (`sendbridge oauth login {name}`), the app needs the mail scope (Gmail https://mail.google.com/, Microsoft SMTP.Send), and Microsoft 365 needs Authenticated SMTP enabled for the mailbox",
+                name = self.name
+            ),
+            _ => sign_in_hint(&self.name, reply),
+        }
     }
 
     /// Connects, secures and signs in. The error is the attempt's outcome.
     pub async fn connect(&self) -> Result<Connection, Outcome> {
-        let outcome = match tokio::time::timeout(self.timeout, self.open()).await {
+        match &self.sign_in {
+            SignIn::Password(credentials) => self.connect_with(Auth::Password(credentials)).await,
+            SignIn::OAuth2 {
+                username, tokens, ..
+            } => self.connect_with_token(username, tokens.as_ref()).await,
+        }
+    }
+
+    /// Signs in with the current access token and, when the provider refuses
+    /// it (revoked or expired early), once more with a fresh one, over a new
+    /// connection: some servers hang up after a refused AUTH.
+    async fn connect_with_token(
+        &self,
+        username: &str,
+        tokens: &dyn AccessTokens,
+    ) -> Result<Connection, Outcome> {
+        let mut refusal = None;
+        for _ in 0..2 {
+            let token = self.access_token(tokens).await?;
+            match self
+                .connect_with(Auth::XOAuth2 {
+                    username,
+                    token: &token,
+                })
+                .await
+            {
+                Err(refused @ Outcome::AuthFailed(_)) => {
+                    tokens.refused(&token);
+                    refusal = Some(refused);
+                }
+                connected => return connected,
+            }
+        }
+        Err(refusal.expect("two refusals"))
+    }
+
+    /// The current token, within the account's `timeout`: a token service
+    /// that hangs must not hold up the account's workers for good.
+    async fn access_token(&self, tokens: &dyn AccessTokens) -> Result<Secret, Outcome> {
+        match tokio::time::timeout(self.timeout, tokens.current()).await {
+            Ok(token) => token.map_err(token_failure),
+            Err(_) => Err(token_failure(TokenFailure::Unavailable {
+                reason: format!("no answer within {}s", self.timeout.as_secs()),
+            })),
+        }
+    }
+
+    async fn connect_with(&self, auth: Auth<'_>) -> Result<Connection, Outcome> {
+        let outcome = match tokio::time::timeout(self.timeout, self.open(auth)).await {
             Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(err)) => self.classify(err),
             Err(_) => self.classify(mail_send::Error::Timeout),
@@ -139,7 +285,7 @@ impl Upstream {
     /// mail-send's builder, but with TCP_NODELAY: the terminating "." of a
     /// message is a small write of its own, and without NODELAY it waits for
     /// a delayed ACK (~40 ms per message; measured by the load benchmark).
-    async fn open(&self) -> mail_send::Result<Connection> {
+    async fn open(&self, auth: Auth<'_>) -> mail_send::Result<Connection> {
         let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
         stream.set_nodelay(true)?;
         let mut client = SmtpClient {
@@ -169,14 +315,67 @@ impl Upstream {
             }
         };
         let capabilities = client.ehlo(&self.helo_name).await?;
-        client
-            .authenticate(&self.credentials, &capabilities)
-            .await?;
+        match auth {
+            Auth::Password(credentials) => {
+                client.authenticate(credentials, &capabilities).await?;
+            }
+            Auth::XOAuth2 { username, token } => {
+                self.xoauth2(&mut client, &capabilities, username, token)
+                    .await?
+            }
+        }
         Ok(Connection {
             client,
             tls_version,
             messages: 0,
         })
+    }
+
+    /// AUTH XOAUTH2 (Google's and Microsoft's SASL profile). A refusal comes
+    /// either at once (Microsoft: `535 5.7.3`) or, as with Gmail, as a `334`
+    /// challenge holding a base64 JSON error that the client must answer
+    /// with an empty line before the final `535`. mail-send answers that
+    /// challenge by sending the token again, so the exchange is done here.
+    async fn xoauth2(
+        &self,
+        client: &mut SmtpClient<Box<dyn Stream>>,
+        capabilities: &EhloResponse<String>,
+        username: &str,
+        token: &Secret,
+    ) -> mail_send::Result<()> {
+        if capabilities.auth_mechanisms & AUTH_XOAUTH2 == 0 {
+            return Err(mail_send::Error::UnsupportedAuthMechanism);
+        }
+        let initial = BASE64.encode(format!(
+            "user={username}\x01auth=Bearer {}\x01\x01",
+            token.expose()
+        ));
+        let mut reply = client.cmd(format!("AUTH XOAUTH2 {initial}\r\n")).await?;
+        if reply.code() == 334 {
+            self.log_token_refusal(reply.message());
+            reply = client.cmd(b"\r\n").await?;
+        }
+        match reply.code() {
+            235 => Ok(()),
+            _ => Err(mail_send::Error::AuthenticationFailed(reply)),
+        }
+    }
+
+    /// Logs what the provider's XOAUTH2 error challenge says (its `status`
+    /// and `scope`; it never holds the token).
+    fn log_token_refusal(&self, challenge: &str) {
+        let error: serde_json::Value = BASE64
+            .decode(challenge.trim())
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .unwrap_or_default();
+        let field = |name: &str| error[name].as_str().unwrap_or_default().to_string();
+        warn!(
+            account = %self.name,
+            oauth_status = %field("status"),
+            oauth_scope = %field("scope"),
+            "the upstream refused the OAuth 2.0 access token"
+        );
     }
 
     /// Checks that sign-in works again, for an account on hold.
@@ -271,10 +470,16 @@ impl Upstream {
                 "the server does not offer STARTTLS; if it expects TLS from the start, set accounts.{}.tls = \"implicit\"",
                 self.name
             )),
-            Error::UnsupportedAuthMechanism => deferred(
-                "the server offers no sign-in method sendbridge supports (PLAIN, LOGIN)"
-                    .to_string(),
-            ),
+            Error::UnsupportedAuthMechanism => deferred(match self.sign_in {
+                SignIn::Password(_) => {
+                    "the server offers no sign-in method sendbridge supports (PLAIN, LOGIN)"
+                        .to_string()
+                }
+                SignIn::OAuth2 { .. } => format!(
+                    "the server does not offer AUTH XOAUTH2; check accounts.{}.host, or sign in with an app password (auth = \"password\")",
+                    self.name
+                ),
+            }),
             Error::UnparseableReply => {
                 deferred("the connection closed or the server's reply was not SMTP".to_string())
             }
@@ -335,9 +540,40 @@ pub fn classify_reply(reply: Reply) -> Outcome {
     }
 }
 
-/// What to do about a refused sign-in: the provider-specific hint, or where
-/// the credentials are configured.
-pub fn sign_in_hint(account: &str, reply: &Reply) -> String {
+/// Begins the reply that stands for [`TokenFailure::SignInNeeded`].
+const SIGN_IN_NEEDED: &str = "OAuth 2.0 sign-in needed: ";
+
+/// No access token: a person must sign in again (the account goes on hold,
+/// with the token service's hint), or the token service is unreachable for
+/// now (retried).
+fn token_failure(failure: TokenFailure) -> Outcome {
+    match failure {
+        // The hint travels as the reply's second line; see `sign_in_hint`.
+        TokenFailure::SignInNeeded { reason, hint } => Outcome::AuthFailed(Reply::new(
+            535,
+            [5, 7, 8],
+            format!("{SIGN_IN_NEEDED}{reason}\n{hint}"),
+        )),
+        TokenFailure::Unavailable { reason } => Outcome::Deferred {
+            reply: None,
+            reason: format!("no OAuth 2.0 access token: {reason}"),
+        },
+    }
+}
+
+fn is_sign_in_needed(reply: &Reply) -> bool {
+    reply.first_line().starts_with(SIGN_IN_NEEDED)
+}
+
+/// What to do about a refused sign-in: the token service's hint when an
+/// OAuth 2.0 sign-in is needed, the provider-specific hint, or where the
+/// credentials are configured.
+fn sign_in_hint(account: &str, reply: &Reply) -> String {
+    if is_sign_in_needed(reply) {
+        if let Some((_, hint)) = reply.text.split_once('\n') {
+            return hint.to_string();
+        }
+    }
     diagnose(account, reply).hint.unwrap_or_else(|| {
         format!("check accounts.{account}.username and accounts.{account}.password")
     })
@@ -388,6 +624,39 @@ mod tests {
             &Reply::new(534, [5, 7, 9], "Application-specific password required."),
         );
         assert!(hint.contains("app password") && hint.contains("accounts.gmail.password"));
+    }
+
+    #[test]
+    fn a_needed_oauth_sign_in_holds_with_the_token_services_hint() {
+        let failure = TokenFailure::SignInNeeded {
+            reason: "invalid_grant".into(),
+            hint: "run `sendbridge oauth login gmail`".into(),
+        };
+        let Outcome::AuthFailed(reply) = token_failure(failure) else {
+            panic!("a needed sign-in is a refused sign-in");
+        };
+        assert_eq!(
+            reply.to_string(),
+            "535 5.7.8 OAuth 2.0 sign-in needed: invalid_grant"
+        );
+        assert_eq!(
+            sign_in_hint("gmail", &reply),
+            "run `sendbridge oauth login gmail`"
+        );
+    }
+
+    #[test]
+    fn an_unavailable_token_service_defers() {
+        let failure = TokenFailure::Unavailable {
+            reason: "timeout".into(),
+        };
+        assert_eq!(
+            token_failure(failure),
+            Outcome::Deferred {
+                reply: None,
+                reason: "no OAuth 2.0 access token: timeout".into()
+            }
+        );
     }
 
     #[test]

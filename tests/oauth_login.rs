@@ -6,22 +6,18 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::io::AsyncWriteExt;
 
-use common::process::sendbridge;
+use common::interactive::{Cli, query};
 use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint, USER_CODE};
 use sendbridge::oauth::Store;
 
-const LIMIT: Duration = Duration::from_secs(30);
 const CODE: &str = "code-SECRET";
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A config with `gmail` (authorization code) and `custom` (device code)
 /// accounts whose endpoints are `endpoint`'s.
@@ -59,76 +55,11 @@ fn write_config(dir: &Path, endpoint: &TokenEndpoint) {
     std::fs::write(dir.join("sendbridge.toml"), config).unwrap();
 }
 
-/// A running `sendbridge oauth ...`, its stdout read line by line.
-struct Cli {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: Lines<BufReader<ChildStdout>>,
-    output: String,
-}
-
-impl Cli {
-    fn start(dir: &Path, args: &[&str]) -> Cli {
-        let mut all = vec!["--config", "sendbridge.toml"];
-        all.extend_from_slice(args);
-        let mut child = sendbridge(dir, &all, &[])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Cli {
-            stdin: child.stdin.take().unwrap(),
-            stdout: BufReader::new(child.stdout.take().unwrap()).lines(),
-            child,
-            output: String::new(),
-        }
-    }
-
-    /// The first line (trimmed) that starts with `prefix`.
-    async fn line_starting(&mut self, prefix: &str) -> String {
-        let read = async {
-            while let Some(line) = self.stdout.next_line().await.unwrap() {
-                self.output.push_str(&line);
-                self.output.push('\n');
-                if line.trim().starts_with(prefix) {
-                    return line.trim().to_string();
-                }
-            }
-            panic!("no line starting with {prefix}:\n{}", self.output)
-        };
-        tokio::time::timeout(LIMIT, read).await.unwrap()
-    }
-
-    /// Exit status and everything printed (stdout and stderr).
-    async fn finish(mut self) -> (ExitStatus, String) {
-        drop(self.stdin);
-        let mut output = self.output;
-        let wait = async {
-            while let Some(line) = self.stdout.next_line().await.unwrap() {
-                output.push_str(&line);
-                output.push('\n');
-            }
-            let mut stderr = String::new();
-            let mut pipe = self.child.stderr.take().unwrap();
-            pipe.read_to_string(&mut stderr).await.unwrap();
-            output.push_str(&stderr);
-            self.child.wait().await.unwrap()
-        };
-        let status = tokio::time::timeout(LIMIT, wait).await.unwrap();
-        assert!(
-            !output.contains("SECRET"),
-            "a secret was printed:\n{output}"
-        );
-        (status, output)
-    }
-}
-
-fn query(url: &str) -> BTreeMap<String, String> {
-    let query = url.split_once('?').unwrap().1;
-    form_urlencoded::parse(query.as_bytes())
-        .into_owned()
-        .collect()
+/// `sendbridge --config sendbridge.toml ARGS...` in `dir`.
+fn oauth_cli(dir: &Path, args: &[&str]) -> Cli {
+    let mut all = vec!["--config", "sendbridge.toml"];
+    all.extend_from_slice(args);
+    Cli::start(dir, &all, &[])
 }
 
 /// The PKCE check the provider makes: S256(code_verifier) == code_challenge.
@@ -165,7 +96,7 @@ async fn login_completes_through_the_loopback_redirect() {
     let dir = tempfile::tempdir().unwrap();
     let endpoint = TokenEndpoint::start().await;
     write_config(dir.path(), &endpoint);
-    let mut cli = Cli::start(dir.path(), &["oauth", "login", "gmail"]);
+    let mut cli = oauth_cli(dir.path(), &["oauth", "login", "gmail"]);
     let url = cli.line_starting(&endpoint.url("/auth?")).await;
     let params = query(&url);
     assert_eq!(params["code_challenge_method"], "S256");
@@ -190,7 +121,10 @@ async fn login_completes_through_the_loopback_redirect() {
 
     let (status, output) = cli.finish().await;
     assert!(status.success(), "{output}");
-    assert!(output.contains("sendbridge reload"), "{output}");
+    assert!(
+        output.contains("signed in: the refresh token for account gmail"),
+        "{output}"
+    );
     let form = endpoint.last_form("authorization_code");
     assert_eq!(form["code"], CODE);
     assert_eq!(&form["redirect_uri"], redirect_uri);
@@ -206,7 +140,7 @@ async fn login_takes_the_redirected_address_pasted_on_stdin() {
     let dir = tempfile::tempdir().unwrap();
     let endpoint = TokenEndpoint::start().await;
     write_config(dir.path(), &endpoint);
-    let mut cli = Cli::start(
+    let mut cli = oauth_cli(
         dir.path(),
         &["oauth", "login", "gmail", "--no-browser-listener"],
     );
@@ -234,7 +168,7 @@ async fn login_by_device_code_polls_until_signed_in() {
     let endpoint = TokenEndpoint::start().await;
     endpoint.script().pending_polls = 2;
     write_config(dir.path(), &endpoint);
-    let mut cli = Cli::start(dir.path(), &["oauth", "login", "custom"]);
+    let mut cli = oauth_cli(dir.path(), &["oauth", "login", "custom"]);
     let line = cli.line_starting("Open https://login.example/device").await;
     assert!(line.contains(USER_CODE), "{line}");
     let (status, output) = cli.finish().await;
@@ -259,7 +193,7 @@ async fn google_refuses_the_device_flow_up_front() {
     let dir = tempfile::tempdir().unwrap();
     let endpoint = TokenEndpoint::start().await;
     write_config(dir.path(), &endpoint);
-    let (status, output) = Cli::start(dir.path(), &["oauth", "login", "gmail", "--device"])
+    let (status, output) = oauth_cli(dir.path(), &["oauth", "login", "gmail", "--device"])
         .finish()
         .await;
     assert!(!status.success());
@@ -275,7 +209,7 @@ async fn status_shows_each_account_without_its_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let endpoint = TokenEndpoint::start().await;
     write_config(dir.path(), &endpoint);
-    let mut cli = Cli::start(
+    let mut cli = oauth_cli(
         dir.path(),
         &["oauth", "login", "gmail", "--no-browser-listener"],
     );
@@ -284,7 +218,7 @@ async fn status_shows_each_account_without_its_tokens() {
     cli.stdin.write_all(pasted.as_bytes()).await.unwrap();
     assert!(cli.finish().await.0.success());
 
-    let (status, output) = Cli::start(dir.path(), &["oauth", "status", "--check"])
+    let (status, output) = oauth_cli(dir.path(), &["oauth", "status", "--check"])
         .finish()
         .await;
     // `custom` never signed in: the check fails for it, and says what to do.
@@ -314,7 +248,7 @@ async fn a_declined_sign_in_ends_the_login() {
     let dir = tempfile::tempdir().unwrap();
     let endpoint = TokenEndpoint::start().await;
     write_config(dir.path(), &endpoint);
-    let mut cli = Cli::start(dir.path(), &["oauth", "login", "gmail"]);
+    let mut cli = oauth_cli(dir.path(), &["oauth", "login", "gmail"]);
     let params = query(&cli.line_starting(&endpoint.url("/auth?")).await);
     let declined = format!("error=access_denied&state={}", params["state"]);
     let (status, _) = redirect(&params["redirect_uri"], &declined).await;

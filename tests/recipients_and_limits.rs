@@ -13,6 +13,7 @@ use common::relay::{Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for};
 use sendbridge::config::Config;
 use sendbridge::delivery::Delivery;
 use sendbridge::spool::{Envelope, Spool, State};
+use sendbridge::upstream::token_service;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -163,7 +164,8 @@ async fn mail_over_the_daily_cap_waits_and_goes_out_when_the_window_frees() {
     // Hybrid: `submit` returns once the first attempt has settled.
     let mut config = config(&upstream, "", |gmail| gmail.daily_message_limit = Some(2));
     config.spool.dir = dir.path().to_path_buf();
-    let delivery = Delivery::start(&config, CancellationToken::new()).unwrap();
+    let tokens = token_service(&config.spool.dir);
+    let delivery = Delivery::start(&config, CancellationToken::new(), tokens).unwrap();
 
     for n in 0..3 {
         let envelope = Envelope {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use sendbridge::config::Config;
 use sendbridge::delivery::Delivery;
 use sendbridge::spool::{Envelope, State};
+use sendbridge::upstream::token_service;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(start_paused = true)]
@@ -36,7 +37,8 @@ async fn temporary_failures_back_off_exponentially_then_expire() {
     ))
     .unwrap();
     config.spool.dir = dir.path().to_path_buf();
-    let delivery = Delivery::start(&config, CancellationToken::new()).unwrap();
+    let tokens = token_service(&config.spool.dir);
+    let delivery = Delivery::start(&config, CancellationToken::new(), tokens).unwrap();
     let envelope = Envelope {
         account: "gmail".into(),
         mail_from: "billing@legacy.example".into(),
@@ -97,7 +99,8 @@ async fn mail_for_an_account_no_longer_configured_stays_deferred() {
     .unwrap();
     config.spool.dir = dir.path().to_path_buf();
 
-    let delivery = Delivery::start(&config, CancellationToken::new()).unwrap();
+    let tokens = token_service(&config.spool.dir);
+    let delivery = Delivery::start(&config, CancellationToken::new(), tokens).unwrap();
     // Several scheduler passes.
     tokio::time::sleep(config.delivery.scan_interval * 3).await;
 

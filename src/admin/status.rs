@@ -9,9 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::delivery::Delivery;
-use crate::reply::Reply;
 use crate::spool::{Envelope, State};
-use crate::upstream::sign_in_hint;
 
 const OK: &str = "ok";
 /// How many rejected messages the status shows, newest first.
@@ -49,7 +47,7 @@ impl Readiness {
             .account_holds()
             .into_iter()
             .map(|(name, hold)| {
-                let state = match hold.map(|reply| Hold::new(&name, &reply)) {
+                let state = match hold.map(Hold::from) {
                     Some(hold) => format!("on hold: {} — hint: {}", hold.reply, hold.hint),
                     None => OK.to_string(),
                 };
@@ -120,11 +118,11 @@ pub struct Hold {
     pub hint: String,
 }
 
-impl Hold {
-    fn new(account: &str, reply: &Reply) -> Self {
+impl From<crate::delivery::Hold> for Hold {
+    fn from(hold: crate::delivery::Hold) -> Self {
         Hold {
-            reply: reply.one_line(),
-            hint: sign_in_hint(account, reply),
+            reply: hold.reply.one_line(),
+            hint: hold.hint,
         }
     }
 }
@@ -185,7 +183,7 @@ impl Status {
             .account_holds()
             .into_iter()
             .map(|(name, hold)| AccountStatus {
-                hold: hold.map(|reply| Hold::new(&name, &reply)),
+                hold: hold.map(Hold::from),
                 held: count(&held, &name),
                 rejected: count(&rejected, &name),
                 name,

@@ -18,8 +18,10 @@ use tokio::time::Instant;
 use super::client::{EndpointError, Issued, TokenClient};
 use super::hints::sign_in_hint;
 use super::store::{Store, Stored};
+use crate::cli::{RetryTarget, queue_retry};
 use crate::config::{AccountConfig, AuthMethod, Config, OAuth2Config, OAuthFlow, OAuthProvider};
 use crate::secret::Secret;
+use crate::spool::State;
 use crate::spool::unix_millis;
 
 /// How long a browser gets to send its request to the listener.
@@ -83,9 +85,18 @@ pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> an
         })
         .with_context(|| format!("writing {}", store.path().display()))?;
     println!(
-        "signed in: the refresh token for account {account} is in {}\nmail held for this account goes out by itself: the running relay's hold probe signs in with it (`sendbridge reload` releases it at once)",
+        "signed in: the refresh token for account {account} is in {}",
         store.path().display()
     );
+    // Held mail need not wait for the relay's next hold probe.
+    let spool = crate::spool::Spool::open(&config.spool.dir)?;
+    let target = RetryTarget::AccountIn(account.to_string(), State::Held);
+    let due = queue_retry(&spool, target)?;
+    if due > 0 {
+        println!(
+            "{due} held message(s) due now: the running relay sends them within delivery.scan_interval"
+        );
+    }
     if oauth2.provider == OAuthProvider::Google {
         println!(
             "note: while the app's OAuth consent screen is in \"Testing\", Google ends this sign-in after 7 days; publish the app (\"In production\") to keep it"

@@ -791,7 +791,8 @@ mod tests {
         let mut config = Config::from_toml(toml).unwrap();
         config.spool.dir = spool.path().to_path_buf();
         config.server.hostname = "relay.test".to_string();
-        let delivery = Delivery::start(&config, CancellationToken::new()).unwrap();
+        let tokens = crate::upstream::token_service(&config.spool.dir);
+        let delivery = Delivery::start(&config, CancellationToken::new(), tokens).unwrap();
         let settings = Settings::new(&config).unwrap();
         let ctx = SessionContext::new(settings, delivery, None, CancellationToken::new());
         let ctx = Arc::new(ctx);

@@ -1,6 +1,7 @@
 //! A fake upstream SMTP submission server that mimics Gmail closely enough for
 //! integration tests: STARTTLS or implicit TLS with a throw-away test CA,
-//! AUTH PLAIN/LOGIN, Gmail's reply texts, and scriptable replies per stage.
+//! AUTH PLAIN/LOGIN and XOAUTH2, Gmail's reply texts, and scriptable replies
+//! per stage.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use smtp_proto::request::receiver::{DataReceiver, LineReceiver, RequestReceiver};
-use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, Request};
 use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,6 +39,9 @@ pub mod gmail {
     pub const UNAUTHENTICATED_SENDER: &str = "550-5.7.26 This mail has been blocked because the sender is unauthenticated.\r\n550-5.7.26 Gmail requires all senders to authenticate with either SPF or DKIM.\r\n550-5.7.26\r\n550-5.7.26  Authentication results:\r\n550-5.7.26  DKIM = did not pass\r\n550-5.7.26  SPF [legacy.example] with ip: [192.0.2.1] = did not pass\r\n550 5.7.26  https://support.google.com/mail/answer/81126#authentication a1b2c3d4e5f6 - gsmtp";
     pub const TOO_MANY_RECIPIENTS: &str = "452 4.5.3 Your message has too many recipients. For more information regarding Google's sending limits, go to https://support.google.com/mail/?p=TooManyRecipientsError a1b2c3d4e5f6 - gsmtp";
     pub const OK_QUEUED: &str = "250 2.0.0 OK  1700000000 a1b2c3d4e5f6 - gsmtp";
+    /// The JSON inside the `334` challenge that refuses an XOAUTH2 token.
+    pub const XOAUTH2_ERROR: &str =
+        r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#;
 }
 
 /// How the fake upstream offers TLS.
@@ -103,8 +107,11 @@ impl Received {
 pub struct Script {
     /// Default: "220 smtp.fake.test ESMTP ready".
     pub greeting: Option<String>,
-    /// Sent instead of 235/535 after any AUTH attempt, even one with the
-    /// correct password; the client counts as authenticated iff it is a 2xx.
+    /// The EHLO reply once TLS is on (default: Gmail's capabilities).
+    pub ehlo: Option<String>,
+    /// Sent instead of 235/535 (or XOAUTH2's 334 challenge) after any AUTH
+    /// attempt, even one with the correct password or token; the client
+    /// counts as authenticated iff it is a 2xx.
     pub auth: Option<String>,
     pub mail: Option<String>,
     /// Applies to every RCPT not named in `rcpt_for`.
@@ -164,6 +171,8 @@ pub struct FakeUpstream {
 struct Shared {
     username: String,
     password: Mutex<String>,
+    /// The one OAuth 2.0 access token XOAUTH2 accepts; none at first.
+    access_token: Mutex<Option<String>>,
     script: Mutex<Script>,
     // A watch channel so `wait_for_messages` can be woken on every new message.
     received: watch::Sender<Vec<Received>>,
@@ -171,6 +180,9 @@ struct Shared {
     stalled: watch::Sender<usize>,
     connections: AtomicUsize,
     auth_attempts: AtomicUsize,
+    xoauth2_attempts: AtomicUsize,
+    /// What clients answered to XOAUTH2's error challenge.
+    xoauth2_challenge_answers: Mutex<Vec<String>>,
 }
 
 /// How long the server waits for client input (or a TLS handshake) before
@@ -180,7 +192,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 const HOSTNAME: &str = "smtp.fake.test";
 const DEFAULT_GREETING: &str = "220 smtp.fake.test ESMTP ready";
 const EHLO_BEFORE_TLS: &str = "250-smtp.fake.test at your service\r\n250-STARTTLS\r\n250-ENHANCEDSTATUSCODES\r\n250 PIPELINING";
-const EHLO_AFTER_TLS: &str = "250-smtp.fake.test at your service\r\n250-SIZE 35882577\r\n250-8BITMIME\r\n250-AUTH LOGIN PLAIN\r\n250-ENHANCEDSTATUSCODES\r\n250-PIPELINING\r\n250 SMTPUTF8";
+const EHLO_AFTER_TLS: &str = "250-smtp.fake.test at your service\r\n250-SIZE 35882577\r\n250-8BITMIME\r\n250-AUTH LOGIN PLAIN XOAUTH2\r\n250-ENHANCEDSTATUSCODES\r\n250-PIPELINING\r\n250 SMTPUTF8";
 const READY_FOR_TLS: &str = "220 2.0.0 Ready to start TLS";
 const STARTTLS_REQUIRED: &str = "530 5.7.0 Must issue a STARTTLS command first.";
 const AUTH_REQUIRED: &str = "530-5.7.0 Authentication Required. For more information, go to\r\n530 5.7.0  https://support.google.com/mail/?p=WantAuthError - gsmtp";
@@ -240,11 +252,14 @@ impl FakeUpstream {
         let shared = Arc::new(Shared {
             username: opts.username,
             password: Mutex::new(opts.password),
+            access_token: Mutex::new(None),
             script: Mutex::new(opts.script),
             received: watch::Sender::new(Vec::new()),
             stalled: watch::Sender::new(0),
             connections: AtomicUsize::new(0),
             auth_attempts: AtomicUsize::new(0),
+            xoauth2_attempts: AtomicUsize::new(0),
+            xoauth2_challenge_answers: Mutex::new(Vec::new()),
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -294,6 +309,26 @@ impl FakeUpstream {
     /// AUTH exchanges that got as far as checking credentials.
     pub fn auth_attempts(&self) -> usize {
         self.shared.auth_attempts.load(Ordering::SeqCst)
+    }
+
+    /// AUTH XOAUTH2 exchanges, whatever their result.
+    pub fn xoauth2_attempts(&self) -> usize {
+        self.shared.xoauth2_attempts.load(Ordering::SeqCst)
+    }
+
+    /// The lines clients sent in answer to XOAUTH2's error challenge
+    /// (RFC 7628 wants an empty one).
+    pub fn xoauth2_challenge_answers(&self) -> Vec<String> {
+        self.shared
+            .xoauth2_challenge_answers
+            .lock()
+            .unwrap()
+            .clone()
+    }
+
+    /// Makes `token` the only access token later XOAUTH2 attempts accept.
+    pub fn set_access_token(&self, token: &str) {
+        *self.shared.access_token.lock().unwrap() = Some(token.to_string());
     }
 
     /// Replaces the script; affects commands processed from now on.
@@ -522,7 +557,7 @@ impl Session {
                 Ok(Request::Ehlo { .. }) => {
                     self.envelope = None;
                     if tls_active {
-                        EHLO_AFTER_TLS.into()
+                        self.script().ehlo.map_or(EHLO_AFTER_TLS.into(), Cow::Owned)
                     } else {
                         EHLO_BEFORE_TLS.into()
                     }
@@ -671,6 +706,7 @@ impl Session {
                     _ => return Ok(AUTH_UNDECODABLE.into()),
                 }
             }
+            AUTH_XOAUTH2 => return self.xoauth2(conn, initial_response).await,
             _ => return Ok(AUTH_UNSUPPORTED.into()),
         };
 
@@ -686,6 +722,51 @@ impl Session {
             self.auth_user = Some(username);
         }
         Ok(reply.into())
+    }
+
+    /// AUTH XOAUTH2 as Gmail answers it: 235 for the current access token;
+    /// otherwise a 334 challenge with a base64 JSON error, and after the
+    /// client's answer to it, 535 5.7.8.
+    async fn xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        initial_response: String,
+    ) -> std::io::Result<Cow<'static, str>> {
+        self.shared.xoauth2_attempts.fetch_add(1, Ordering::SeqCst);
+        let response = if initial_response.is_empty() {
+            conn.challenge("334 ").await?
+        } else {
+            initial_response
+        };
+        if let Some(scripted) = self.script().auth {
+            return Ok(scripted.into());
+        }
+        // user=<user> ^A auth=Bearer <token> ^A ^A
+        let offered = decode_base64(&response);
+        let expected = self
+            .shared
+            .access_token
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|token| {
+                format!(
+                    "user={}\x01auth=Bearer {token}\x01\x01",
+                    self.shared.username
+                )
+            });
+        if offered.is_some() && offered == expected {
+            self.auth_user = Some(self.shared.username.clone());
+            return Ok(AUTH_OK.into());
+        }
+        let error = BASE64.encode(gmail::XOAUTH2_ERROR);
+        let answer = conn.challenge(&format!("334 {error}")).await?;
+        self.shared
+            .xoauth2_challenge_answers
+            .lock()
+            .unwrap()
+            .push(answer);
+        Ok(gmail::BAD_CREDENTIALS.into())
     }
 
     /// Receives the message after DATA and returns the final reply; the

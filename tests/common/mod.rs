@@ -4,9 +4,11 @@
 pub mod fake_upstream;
 pub mod frozen_clock;
 pub mod http;
+pub mod interactive;
 pub mod log_capture;
 pub mod process;
 pub mod relay;
 pub mod smtp;
 pub mod token_endpoint;
+pub mod tokens;
 pub mod tools;

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use sendbridge::config::Config;
-use sendbridge::server::Server;
+use sendbridge::server::{Reloader, Server};
+use sendbridge::upstream::{TokenSource, token_service};
 use tokio_util::sync::CancellationToken;
 
 use super::fake_upstream::{FakeUpstream, UpstreamTls};
@@ -24,6 +25,7 @@ pub struct Relay {
     /// The relay's own (generated) certificate, for clients using STARTTLS.
     pub cert: PathBuf,
     pub spool: PathBuf,
+    reloader: Reloader,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<()>>,
     dir: Option<tempfile::TempDir>,
@@ -46,6 +48,24 @@ pub fn config_for(upstream: &FakeUpstream, tls: UpstreamTls, extra: &str) -> Con
 
 /// The same configuration for an upstream at any port.
 pub fn config_with_account(port: u16, tls: &str, ca_file: &str, extra: &str) -> Config {
+    let password = format!(r#"password = "{UPSTREAM_PASSWORD}""#);
+    config_signing_in(port, tls, ca_file, &password, extra)
+}
+
+/// Like `config_for` with STARTTLS, but account `gmail` signs in with
+/// XOAUTH2 (its tokens come from the relay's token source).
+pub fn oauth_config_for(upstream: &FakeUpstream, extra: &str) -> Config {
+    let sign_in = r#"auth = "oauth2"
+        [accounts.gmail.oauth2]
+        provider = "google"
+        client_id = "sendbridge-test""#;
+    let ca_file = upstream.ca_file().to_str().unwrap();
+    config_signing_in(upstream.port(), "starttls", ca_file, sign_in, extra)
+}
+
+/// Account `gmail` with the sign-in settings `sign_in` (TOML that ends the
+/// account's table), and local user `invoices`.
+fn config_signing_in(port: u16, tls: &str, ca_file: &str, sign_in: &str, extra: &str) -> Config {
     let toml = format!(
         r#"
         [accounts.gmail]
@@ -53,9 +73,9 @@ pub fn config_with_account(port: u16, tls: &str, ca_file: &str, extra: &str) -> 
         port = {port}
         tls = "{tls}"
         username = "{UPSTREAM_USER}"
-        password = "{UPSTREAM_PASSWORD}"
         ca_file = "{ca_file}"
         timeout = "10s"
+        {sign_in}
         [users.{LOCAL_USER}]
         password = "{LOCAL_PASSWORD}"
         account = "gmail"
@@ -99,7 +119,13 @@ pub fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
 }
 
 impl Relay {
-    pub async fn start(mut config: Config) -> Relay {
+    pub async fn start(config: Config) -> Relay {
+        Relay::start_with(config, None).await
+    }
+
+    /// With `tokens` for `auth = "oauth2"` accounts instead of the relay's
+    /// token service.
+    pub async fn start_with(mut config: Config, tokens: Option<TokenSource>) -> Relay {
         sendbridge::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         config.server.listen = "127.0.0.1:0".parse().unwrap();
@@ -116,19 +142,28 @@ impl Relay {
         config.tls.key = dir.path().join("relay.key");
         config.spool.dir = dir.path().join("spool");
         let shutdown = CancellationToken::new();
-        let server = Server::bind(&config, shutdown.clone())
+        let tokens = tokens.unwrap_or_else(|| token_service(&config.spool.dir));
+        let server = Server::bind(&config, shutdown.clone(), tokens)
             .await
             .expect("relay starts");
+        let reloader = server.reloader(config.clone());
         Relay {
             addr: server.local_addr(),
             tls_addr: server.tls_local_addr(),
             admin_addr: server.admin_addr(),
             cert: config.tls.cert.clone(),
             spool: config.spool.dir.clone(),
+            reloader,
             shutdown,
             server: Some(tokio::spawn(server.run())),
             dir: Some(dir),
         }
+    }
+
+    /// Applies a changed configuration as SIGHUP does (listeners, spool and
+    /// certificates stay as they are).
+    pub async fn reload(&self, config: Config) -> anyhow::Result<()> {
+        self.reloader.reload(config).await
     }
 
     /// A connected client that said EHLO.
