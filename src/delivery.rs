@@ -58,7 +58,10 @@ struct Job {
 /// Why an account is on hold, and what to do about it.
 #[derive(Clone)]
 pub struct Hold {
-    since: u64,
+    /// When it began (clock millis); `None` for a hold carried over from
+    /// the previous run, which is probed at once and counts as older than
+    /// any retry request.
+    since: Option<u64>,
     pub reply: Reply,
     pub hint: String,
 }
@@ -200,7 +203,7 @@ impl Delivery {
                     Reply::new(535, [5, 7, 8], "held at the previous run; checking sign-in");
                 let hint = account.upstream().sign_in_hint(&reply);
                 *account.hold.lock().expect("hold lock") = Some(Hold {
-                    since: 0,
+                    since: None,
                     reply,
                     hint,
                 });
@@ -479,7 +482,7 @@ impl Delivery {
         if let Some(hold) = account.hold() {
             let operator_retry = envelope
                 .retry_requested_at
-                .is_some_and(|at| at >= hold.since);
+                .is_some_and(|at| hold.since.is_none_or(|since| at >= since));
             if !operator_retry {
                 let verdict = Verdict::Done(Outcome::AuthFailed(hold.reply.clone()));
                 self.settle(&mut envelope, &verdict, client_keeps_it).await;
@@ -771,9 +774,9 @@ impl Delivery {
     fn start_hold(&self, name: &str, account: &Account, reply: &Reply) {
         let hint = account.upstream().sign_in_hint(reply);
         let mut hold = account.hold.lock().expect("hold lock");
-        let new = hold.as_ref().is_none_or(|hold| hold.since == 0);
+        let new = hold.as_ref().is_none_or(|hold| hold.since.is_none());
         *hold = Some(Hold {
-            since: self.clock.now(),
+            since: Some(self.clock.now()),
             reply: reply.clone(),
             hint: hint.clone(),
         });
@@ -834,7 +837,7 @@ impl Delivery {
                 }
             };
             // A hold carried over from the last run is probed at once.
-            let mut delay = if hold.since == 0 {
+            let mut delay = if hold.since.is_none() {
                 Duration::ZERO
             } else {
                 self.settings.retry_initial
