@@ -464,12 +464,21 @@ pub fn queue_show(spool: &Spool, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `queue_retry` did.
+#[derive(Debug, Default)]
+pub struct Retried {
+    /// Messages made due now.
+    pub due: usize,
+    /// Why others were left alone, one line each.
+    pub skipped: Vec<String>,
+}
+
 /// `sendbridge queue retry`: due now; held and rejected messages go back to
 /// the queue, and an account's hold is lifted for them. The running relay
 /// picks the change up at its next scan.
-pub fn queue_retry(spool: &Spool, target: RetryTarget) -> anyhow::Result<usize> {
+pub fn queue_retry(spool: &Spool, target: RetryTarget) -> anyhow::Result<Retried> {
     let now = unix_millis();
-    let mut retried = 0;
+    let mut retried = Retried::default();
     let chosen: Vec<(State, String)> = match &target {
         RetryTarget::One(id) => vec![(find(spool, id)?, id.clone())],
         _ => {
@@ -486,7 +495,9 @@ pub fn queue_retry(spool: &Spool, target: RetryTarget) -> anyhow::Result<usize> 
     };
     for (state, id) in chosen {
         if state == State::Active {
-            println!("{id}: being delivered right now");
+            retried
+                .skipped
+                .push(format!("{id}: being delivered right now"));
             continue;
         }
         let mut envelope = spool.read_envelope(state, &id)?;
@@ -496,10 +507,12 @@ pub fn queue_retry(spool: &Spool, target: RetryTarget) -> anyhow::Result<usize> 
         envelope.refused.clear();
         envelope.record(now, format!("retry requested (was {state})"));
         match spool.update(&envelope, state, State::Deferred) {
-            Ok(()) => retried += 1,
+            Ok(()) => retried.due += 1,
             // The relay moved it meanwhile (e.g. started delivering it).
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                println!("{id}: moved meanwhile, skipped")
+                retried
+                    .skipped
+                    .push(format!("{id}: moved meanwhile, skipped"));
             }
             Err(err) => return Err(err.into()),
         }

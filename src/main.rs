@@ -152,9 +152,13 @@ fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
                 (None, _, Some(account)) => RetryTarget::Account(account),
                 _ => RetryTarget::All,
             };
-            let count = queue_retry(&spool, target)?;
+            let retried = queue_retry(&spool, target)?;
+            for skipped in &retried.skipped {
+                println!("{skipped}");
+            }
             println!(
-                "{count} message(s) due now; the running relay sends them within delivery.scan_interval"
+                "{} message(s) due now; the running relay sends them within delivery.scan_interval",
+                retried.due
             );
             Ok(())
         }

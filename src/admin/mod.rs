@@ -318,7 +318,9 @@ async fn retry(
     let (account, state) = (form.account.clone(), form.state);
     let retried = blocking(&shared, move |shared| {
         let target = RetryTarget::AccountIn(account, state);
-        queue_retry(shared.delivery.spool(), target).map_err(std::io::Error::other)
+        let retried =
+            queue_retry(shared.delivery.spool(), target).map_err(std::io::Error::other)?;
+        Ok(retried.due)
     })
     .await;
     let count = match retried {

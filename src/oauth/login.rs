@@ -91,7 +91,7 @@ pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> an
     // Held mail need not wait for the relay's next hold probe.
     let spool = crate::spool::Spool::open(&config.spool.dir)?;
     let target = RetryTarget::AccountIn(account.to_string(), State::Held);
-    let due = queue_retry(&spool, target)?;
+    let due = queue_retry(&spool, target)?.due;
     if due > 0 {
         println!(
             "{due} held message(s) due now: the running relay sends them within delivery.scan_interval"
