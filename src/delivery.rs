@@ -7,7 +7,7 @@
 //! to `rejected/`; a refused sign-in puts the whole account on hold, where
 //! one probe login at a time checks whether it works again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -22,7 +22,7 @@ use crate::config::{AccountConfig, Config, DeliveryConfig, DeliveryMode};
 use crate::provider_replies::diagnose;
 use crate::reply::{Refusal, Reply};
 use crate::send_window::SendWindow;
-use crate::spool::{Envelope, RefusedRecipient, Spool, State};
+use crate::spool::{Envelope, FileVersion, RefusedRecipient, Spool, State};
 use crate::upstream::{BodyFlags, Connection, Outcome, Sent, TokenSource, Upstream};
 
 /// Unix milliseconds that follow tokio's clock, so retry schedules can be
@@ -873,6 +873,7 @@ impl Delivery {
     /// directory at least every `scan_interval` so that changes made by
     /// `sendbridge queue` from outside are picked up.
     async fn scheduler(self: Arc<Self>) {
+        let mut index = DeferredIndex::default();
         loop {
             let now = self.clock.now();
             let configured: Vec<String> = self
@@ -882,28 +883,14 @@ impl Delivery {
                 .keys()
                 .cloned()
                 .collect();
+            let previous = std::mem::take(&mut index);
             let scanned = self
-                .io(move |spool| {
-                    let mut due = Vec::new();
-                    let mut next: Option<u64> = None;
-                    for mut envelope in spool.list(State::Deferred)? {
-                        if !configured.contains(&envelope.account) {
-                            // Stays deferred until the account is configured again.
-                            warn!(id = %envelope.id, account = %envelope.account, "queued message for an account that is no longer configured");
-                        } else if envelope.next_attempt_at <= now {
-                            envelope.record(now, "retrying");
-                            spool.update(&envelope, State::Deferred, State::Active)?;
-                            info!(id = %envelope.id, account = %envelope.account, attempts = envelope.attempts, "message retrying");
-                            due.push(envelope);
-                        } else {
-                            next = Some(next.map_or(envelope.next_attempt_at, |n| {
-                                n.min(envelope.next_attempt_at)
-                            }));
-                        }
-                    }
-                    Ok((due, next))
-                })
-                .await;
+                .io(move |spool| previous.scan(spool, &configured, now))
+                .await
+                .map(|(scanned, due, next)| {
+                    index = scanned;
+                    (due, next)
+                });
             let mut wait = self.settings.scan_interval;
             match scanned {
                 Ok((due, next)) => {
@@ -958,6 +945,94 @@ impl Delivery {
         tokio::task::spawn_blocking(move || work(&spool))
             .await
             .map_err(std::io::Error::other)?
+    }
+}
+
+/// What the scheduler knows of `deferred/`, so that a scan reads only the
+/// envelopes that changed since the last one (a queue over a daily cap can
+/// hold thousands, scanned every `scan_interval`).
+#[derive(Default)]
+struct DeferredIndex {
+    entries: HashMap<String, Indexed>,
+}
+
+struct Indexed {
+    version: FileVersion,
+    account: String,
+    next_attempt_at: u64,
+}
+
+impl DeferredIndex {
+    /// Brings the index up to date and moves the messages due at `now` to
+    /// `active/`, oldest first. Returns them and the next due time.
+    fn scan(
+        mut self,
+        spool: &Spool,
+        configured: &[String],
+        now: u64,
+    ) -> std::io::Result<(Self, Vec<Envelope>, Option<u64>)> {
+        let listed = spool.versions(State::Deferred)?;
+        let present: HashSet<&String> = listed.iter().map(|(id, _)| id).collect();
+        self.entries.retain(|id, _| present.contains(id));
+        for (id, version) in &listed {
+            if self
+                .entries
+                .get(id)
+                .is_some_and(|entry| entry.version == *version)
+            {
+                continue;
+            }
+            let Some(envelope) = read_deferred(spool, id)? else {
+                continue;
+            };
+            if !configured.contains(&envelope.account) {
+                // Said once per change; it stays deferred until the account
+                // is configured again.
+                warn!(id = %envelope.id, account = %envelope.account, "queued message for an account that is no longer configured");
+            }
+            let entry = Indexed {
+                version: *version,
+                account: envelope.account,
+                next_attempt_at: envelope.next_attempt_at,
+            };
+            self.entries.insert(id.clone(), entry);
+        }
+        let mut due_ids = Vec::new();
+        let mut next: Option<u64> = None;
+        for (id, entry) in &self.entries {
+            if !configured.contains(&entry.account) {
+                continue;
+            }
+            if entry.next_attempt_at <= now {
+                due_ids.push(id.clone());
+            } else {
+                next = Some(next.map_or(entry.next_attempt_at, |n| n.min(entry.next_attempt_at)));
+            }
+        }
+        // Ids sort by arrival.
+        due_ids.sort();
+        let mut due = Vec::new();
+        for id in due_ids {
+            self.entries.remove(&id);
+            let Some(mut envelope) = read_deferred(spool, &id)? else {
+                continue;
+            };
+            envelope.record(now, "retrying");
+            spool.update(&envelope, State::Deferred, State::Active)?;
+            info!(id = %envelope.id, account = %envelope.account, attempts = envelope.attempts, "message retrying");
+            due.push(envelope);
+        }
+        Ok((self, due, next))
+    }
+}
+
+/// A deferred envelope; `None` when it moved on meanwhile (a `queue delete`
+/// or `retry` from outside).
+fn read_deferred(spool: &Spool, id: &str) -> std::io::Result<Option<Envelope>> {
+    match spool.read_envelope(State::Deferred, id) {
+        Ok(envelope) => Ok(Some(envelope)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
     }
 }
 
@@ -1114,5 +1189,50 @@ mod tests {
             .collect();
         assert_eq!(delays, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
         assert_eq!(retry_delay(&settings, u32::MAX).as_secs(), 3600);
+    }
+
+    /// A deferred message in `spool` for `account`, due at `next_attempt_at`.
+    fn deferred(spool: &Spool, account: &str, next_attempt_at: u64) -> Envelope {
+        let mut envelope = Envelope {
+            account: account.into(),
+            recipients: vec!["a@example.com".into()],
+            next_attempt_at,
+            ..Envelope::default()
+        };
+        spool
+            .accept(&mut envelope, b"Subject: s\r\n\r\nx\r\n", State::Deferred)
+            .unwrap();
+        envelope
+    }
+
+    #[test]
+    fn the_deferred_index_sees_changes_made_from_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let later = deferred(&spool, "gmail", 10_000);
+        let orphan = deferred(&spool, "removed", 0);
+        let configured = ["gmail".to_string()];
+
+        let (index, due, next) = DeferredIndex::default()
+            .scan(&spool, &configured, 5_000)
+            .unwrap();
+        assert!(due.is_empty(), "an unconfigured account's mail waits");
+        assert_eq!(next, Some(10_000));
+
+        // `sendbridge queue retry` rewrites the envelope right away, within
+        // the same clock tick as likely as not.
+        let mut retried = spool.read_envelope(State::Deferred, &later.id).unwrap();
+        retried.next_attempt_at = 5_000;
+        spool
+            .update(&retried, State::Deferred, State::Deferred)
+            .unwrap();
+        let (index, due, next) = index.scan(&spool, &configured, 5_000).unwrap();
+
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].id, later.id);
+        assert_eq!(spool.find(&later.id).unwrap(), Some(State::Active));
+        assert_eq!(next, None);
+        assert!(index.entries.contains_key(&orphan.id));
+        assert!(!index.entries.contains_key(&later.id));
     }
 }

@@ -126,6 +126,15 @@ impl Envelope {
     }
 }
 
+/// Tells two versions of an envelope file apart: every update writes a new
+/// file (a new inode) and renames it into place; the modification time
+/// alone can repeat within the kernel's clock tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileVersion {
+    inode: u64,
+    modified: SystemTime,
+}
+
 pub struct Spool {
     root: PathBuf,
 }
@@ -278,6 +287,32 @@ impl Spool {
         }
         ids.sort();
         Ok(ids)
+    }
+
+    /// The ids in a state with their envelope files' versions, so a caller
+    /// can tell which changed since it last looked.
+    pub fn versions(&self, state: State) -> io::Result<Vec<(String, FileVersion)>> {
+        use std::os::unix::fs::MetadataExt;
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(self.root.join(state.dir_name()))? {
+            let entry = entry?;
+            let Some(id) = id_of(&entry.path(), "json") else {
+                continue;
+            };
+            let version = entry.metadata().and_then(|metadata| {
+                Ok(FileVersion {
+                    inode: metadata.ino(),
+                    modified: metadata.modified()?,
+                })
+            });
+            match version {
+                Ok(version) => entries.push((id, version)),
+                // Moved on meanwhile.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(entries)
     }
 
     /// The envelopes in a state, oldest first. Envelopes that vanish while
