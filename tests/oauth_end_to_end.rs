@@ -12,22 +12,10 @@ use common::interactive::{Cli, query};
 use common::process::RelayProcess;
 use common::relay::{LOCAL_PASSWORD, LOCAL_USER, UPSTREAM_PASSWORD, UPSTREAM_USER};
 use common::smtp::Client;
-use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint};
-use sendbridge::oauth::{Store, Stored};
-use sendbridge::secret::Secret;
+use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint, store_refresh_token};
 use tokio::io::AsyncWriteExt;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// What an earlier `sendbridge oauth login` left behind.
-fn signed_in(spool: &std::path::Path, refresh_token: &str) {
-    let stored = Stored {
-        refresh_token: Some(Secret::new(refresh_token)),
-        username: UPSTREAM_USER.into(),
-        ..Stored::default()
-    };
-    Store::new(spool, "gmail").unwrap().save(&stored).unwrap();
-}
 
 async fn send(client: &mut Client, subject: &str) -> u16 {
     let content = format!("Subject: {subject}\r\n\r\ninvoice\r\n");
@@ -53,7 +41,12 @@ async fn revoked_consent_holds_mail_until_a_new_sign_in() {
     .await;
     upstream.set_access_token("access-SECRET-1");
     let dir = tempfile::tempdir().unwrap();
-    signed_in(&dir.path().join("spool"), "refresh-SECRET-login-1");
+    store_refresh_token(
+        &dir.path().join("spool"),
+        "gmail",
+        UPSTREAM_USER,
+        "refresh-SECRET-login-1",
+    );
     let port = upstream.port().to_string();
     let ca_file = upstream.ca_file().display().to_string();
     let token_url = endpoint.url("/token");

@@ -8,13 +8,10 @@ mod common;
 use std::time::Duration;
 
 use sendbridge::access_tokens::{AccessTokens, TokenFailure};
-use sendbridge::config::Config;
-use sendbridge::oauth::{Store, Stored, Tokens};
-use sendbridge::secret::Secret;
 
 use common::frozen_clock::FrozenClock;
 use common::log_capture::LogCapture;
-use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint};
+use common::token_endpoint::{TokenEndpoint, gmail_tokens, store_refresh_token};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -29,28 +26,8 @@ async fn refreshes_and_refusals_log_no_secret() {
         script.refresh_token = Some("refresh-SECRET-0".into());
         script.rotate = true;
     }
-    Store::new(spool.path(), "gmail")
-        .unwrap()
-        .save(&Stored {
-            refresh_token: Some(Secret::new("refresh-SECRET-0")),
-            ..Stored::default()
-        })
-        .unwrap();
-    let config = Config::from_toml(&format!(
-        r#"
-        [accounts.gmail]
-        username = "me@example.com"
-        auth = "oauth2"
-        [accounts.gmail.oauth2]
-        provider = "google"
-        client_id = "client-id"
-        client_secret = "{CLIENT_SECRET}"
-        token_url = "{}"
-        "#,
-        endpoint.url("/token")
-    ))
-    .unwrap();
-    let tokens = Tokens::new("gmail", &config.accounts["gmail"], spool.path()).unwrap();
+    store_refresh_token(spool.path(), "gmail", "me@example.com", "refresh-SECRET-0");
+    let tokens = gmail_tokens(&endpoint.url("/token"), spool.path(), "");
 
     let first = clock.within(LIMIT, tokens.current()).await.unwrap();
     tokens.refused(&first);

@@ -9,47 +9,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sendbridge::access_tokens::{AccessTokens, TokenFailure};
-use sendbridge::config::Config;
-use sendbridge::oauth::{Store, Stored, Tokens};
+use sendbridge::oauth::{Store, Tokens};
 use sendbridge::secret::Secret;
 
 use common::frozen_clock::FrozenClock;
-use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint};
+use common::token_endpoint::{TokenEndpoint, gmail_tokens, store_refresh_token};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// An oauth2 account `gmail` whose token endpoint is `endpoint`.
 fn tokens(endpoint: &TokenEndpoint, spool: &Path, extra: &str) -> Arc<Tokens> {
-    let config = Config::from_toml(&format!(
-        r#"
-        [accounts.gmail]
-        username = "me@example.com"
-        auth = "oauth2"
-        [accounts.gmail.oauth2]
-        provider = "google"
-        client_id = "client-id"
-        client_secret = "{CLIENT_SECRET}"
-        token_url = "{}"
-        {extra}
-        "#,
-        endpoint.url("/token")
-    ))
-    .unwrap();
-    Tokens::new("gmail", &config.accounts["gmail"], spool).unwrap()
+    gmail_tokens(&endpoint.url("/token"), spool, extra)
 }
 
 /// A signed-in account: the endpoint accepts the stored refresh token.
 async fn signed_in(spool: &Path) -> (TokenEndpoint, Arc<Tokens>) {
     let endpoint = TokenEndpoint::start().await;
     endpoint.script().refresh_token = Some("refresh-SECRET-0".into());
-    Store::new(spool, "gmail")
-        .unwrap()
-        .save(&Stored {
-            refresh_token: Some(Secret::new("refresh-SECRET-0")),
-            username: "me@example.com".into(),
-            ..Stored::default()
-        })
-        .unwrap();
+    store_refresh_token(spool, "gmail", "me@example.com", "refresh-SECRET-0");
     let tokens = tokens(&endpoint, spool, "");
     (endpoint, tokens)
 }
@@ -192,19 +169,7 @@ async fn an_unreachable_endpoint_is_worth_retrying() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = closed.local_addr().unwrap();
     drop(closed);
-    let config = Config::from_toml(&format!(
-        r#"
-        [accounts.gmail]
-        username = "me@example.com"
-        auth = "oauth2"
-        [accounts.gmail.oauth2]
-        provider = "google"
-        client_id = "client-id"
-        token_url = "http://{addr}/token"
-        "#
-    ))
-    .unwrap();
-    let tokens = Tokens::new("gmail", &config.accounts["gmail"], spool.path()).unwrap();
+    let tokens = gmail_tokens(&format!("http://{addr}/token"), spool.path(), "");
     let failure = tokens.current().await.unwrap_err();
     assert!(
         matches!(failure, TokenFailure::Unavailable { .. }),

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Form, State};
@@ -13,6 +14,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use sendbridge::config::Config;
+use sendbridge::oauth::{Store, Stored, Tokens};
+use sendbridge::secret::Secret;
 use serde_json::json;
 
 pub const CLIENT_SECRET: &str = "client-SECRET";
@@ -88,6 +92,36 @@ impl TokenEndpoint {
             .cloned()
             .unwrap_or_else(|| panic!("no {grant} request"))
     }
+}
+
+/// `Tokens` of a Google account `gmail` whose token endpoint is at
+/// `token_url`, its store under `spool`; `extra` goes into its oauth2 table.
+pub fn gmail_tokens(token_url: &str, spool: &Path, extra: &str) -> Arc<Tokens> {
+    let config = Config::from_toml(&format!(
+        r#"
+        [accounts.gmail]
+        username = "me@example.com"
+        auth = "oauth2"
+        [accounts.gmail.oauth2]
+        provider = "google"
+        client_id = "client-id"
+        client_secret = "{CLIENT_SECRET}"
+        token_url = "{token_url}"
+        {extra}
+        "#
+    ))
+    .unwrap();
+    Tokens::new("gmail", &config.accounts["gmail"], spool).unwrap()
+}
+
+/// What `sendbridge oauth login` leaves behind for `account`.
+pub fn store_refresh_token(spool: &Path, account: &str, username: &str, refresh_token: &str) {
+    let stored = Stored {
+        refresh_token: Some(Secret::new(refresh_token)),
+        username: username.into(),
+        ..Stored::default()
+    };
+    Store::new(spool, account).unwrap().save(&stored).unwrap();
 }
 
 type Shared = State<Arc<Mutex<Script>>>;
