@@ -3,6 +3,7 @@
 //! what an old program sent. AUTH payloads are replaced by `***`, and of a
 //! message only the header section is kept.
 
+use std::borrow::Cow;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -39,9 +40,12 @@ impl Transcript {
     pub fn client(&mut self, bytes: &[u8]) {
         for &byte in bytes {
             if byte == b'\n' {
-                let line = std::mem::take(&mut self.partial);
-                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                // Taken and given back, so one buffer serves every line.
+                let mut partial = std::mem::take(&mut self.partial);
+                let line = partial.strip_suffix(b"\r").unwrap_or(&partial);
                 self.push("C: ", &redact_auth(line));
+                partial.clear();
+                self.partial = partial;
             } else if self.partial.len() < MAX_LINE {
                 self.partial.push(byte);
             }
@@ -94,7 +98,7 @@ impl Transcript {
         }
         self.text.extend_from_slice(prefix.as_bytes());
         self.text
-            .extend_from_slice(&String::from_utf8_lossy(line).into_owned().into_bytes());
+            .extend_from_slice(String::from_utf8_lossy(line).as_bytes());
         self.text.push(b'\n');
     }
 
@@ -107,20 +111,20 @@ impl Transcript {
 }
 
 /// `AUTH PLAIN <payload>` becomes `AUTH PLAIN ***`.
-fn redact_auth(line: &[u8]) -> Vec<u8> {
+fn redact_auth(line: &[u8]) -> Cow<'_, [u8]> {
     let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
     if !is_auth {
-        return line.to_vec();
+        return Cow::Borrowed(line);
     }
     let mut words = line.split(|&b| b == b' ').filter(|word| !word.is_empty());
     let (Some(command), Some(mechanism)) = (words.next(), words.next()) else {
-        return line.to_vec();
+        return Cow::Borrowed(line);
     };
     let mut redacted = [command, b" ", mechanism].concat();
     if words.next().is_some() {
         redacted.extend_from_slice(b" ***");
     }
-    redacted
+    Cow::Owned(redacted)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
