@@ -382,3 +382,31 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<String> {
     }
     keys
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUNNING: &str = r#"
+        [accounts.gmail]
+        username = "me@gmail.com"
+        password = "abcdabcdabcdabcd"
+        [users.invoices]
+        password = "old-password"
+    "#;
+
+    #[test]
+    fn a_reload_names_what_waits_for_a_restart() {
+        let running = Config::from_toml(RUNNING).unwrap();
+        let reloaded = Config::from_toml(&format!(
+            "{RUNNING}\n[users.scanner]\npassword = \"x\"\n[server]\nlisten = \"127.0.0.1:2526\"\n[delivery]\nmode = \"queue\""
+        ))
+        .unwrap();
+
+        assert_eq!(
+            needs_restart(&running, &reloaded),
+            ["server.listen", "delivery"]
+        );
+        assert!(needs_restart(&running, &running).is_empty());
+    }
+}
