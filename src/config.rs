@@ -142,6 +142,12 @@ pub struct ServerConfig {
     /// How long we wait for each piece of a message during DATA.
     #[serde(deserialize_with = "duration")]
     pub data_timeout: Duration,
+    /// How long a whole message may take after DATA, however it trickles in.
+    #[serde(deserialize_with = "duration")]
+    pub data_deadline: Duration,
+    /// Bytes of messages being received that all sessions together may hold
+    /// in memory; a message that would exceed it waits briefly, then `452`.
+    pub message_memory_budget: usize,
     /// On SIGTERM, how long open sessions may go on before `421 4.3.0`
     /// (and how long in-flight deliveries may take to finish).
     #[serde(deserialize_with = "duration")]
@@ -162,6 +168,8 @@ impl Default for ServerConfig {
             require_tls_for_auth: false,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
+            data_deadline: Duration::from_secs(600),
+            message_memory_budget: 256 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -515,6 +523,15 @@ impl Config {
             return Err(ConfigError::new(
                 "server.max_connections",
                 "must be at least 1",
+            ));
+        }
+        if self.server.message_memory_budget < self.server.max_message_size {
+            return Err(ConfigError::new(
+                "server.message_memory_budget",
+                format!(
+                    "must be at least server.max_message_size ({} bytes), or no message of that size could be received",
+                    self.server.max_message_size
+                ),
             ));
         }
         if self.server.max_recipients == 0 {

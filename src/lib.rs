@@ -3,6 +3,7 @@
 //! the module map.
 
 pub mod access_tokens;
+pub mod address;
 pub mod admin;
 pub mod cli;
 pub mod config;

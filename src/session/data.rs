@@ -1,54 +1,259 @@
-//! Receiving the message after DATA: dot-unstuffing and end detection by
-//! smtp-proto (only CRLF "." CRLF ends it, so a bare `\n.\n` cannot smuggle
-//! a second message), with the size limit enforced while reading.
+//! Receiving the message after DATA: dot-unstuffing and end detection,
+//! with the size limit, the memory budget and the total deadline enforced
+//! while reading.
+//!
+//! The end is CRLF "." CRLF. For a client whose DATA command itself ended in
+//! a bare LF (an old device that writes LF everywhere), a "." line ended or
+//! started by a bare LF ends the message too, as Postfix allows for its own
+//! networks. A client that speaks CRLF never gets that leniency, so a bare
+//! `\n.\n` inside what it relays (the SMTP smuggling pattern) stays content;
+//! the rewrite turns it into CRLF, and the upstream sees the one message we
+//! saw.
 
-use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
 use super::{Session, Stop};
 
 pub(super) enum DataEnd {
-    /// The content, ending in the CRLF before the terminating dot.
-    Complete(Vec<u8>),
-    /// Over the limit; the rest was read and dropped.
+    /// The content, ending in the line end before the terminating dot;
+    /// `bare_end`: the terminator used a bare LF.
+    Complete { message: Vec<u8>, bare_end: bool },
+    /// Over `server.max_message_size`; the rest was read and dropped.
     TooLarge,
+    /// Over the memory budget; the rest was read and dropped.
+    NoMemory,
+}
+
+/// Where the reader stands in the byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Inside a line.
+    Text,
+    /// After a CR inside a line (not yet known to end it).
+    Cr,
+    /// At the start of a line; `bare`: the previous line ended in a bare LF.
+    LineStart { bare: bool },
+    /// After a "." that starts a line.
+    Dot { bare: bool },
+    /// After "." CR at the start of a line.
+    DotCr { bare: bool },
+    /// The terminator was read.
+    Done { bare: bool },
+}
+
+/// Dot-unstuffing and end detection over any split of the input.
+pub(super) struct DotReader {
+    state: State,
+    /// Bare LF line ends may end the message.
+    lenient: bool,
+}
+
+impl DotReader {
+    /// `command_end_bare`: the DATA command ended in a bare LF; its line end
+    /// starts the first line, so a lone "." is an empty message.
+    pub(super) fn new(command_end_bare: bool) -> Self {
+        DotReader {
+            state: State::LineStart {
+                bare: command_end_bare,
+            },
+            lenient: command_end_bare,
+        }
+    }
+
+    /// Appends the content in `input` to `out` (when given) and returns how
+    /// many bytes of `input` it consumed: all of them, or up to and
+    /// including the terminator.
+    pub(super) fn read(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) -> usize {
+        let mut emit = |bytes: &[u8]| {
+            if let Some(out) = out.as_deref_mut() {
+                out.extend_from_slice(bytes);
+            }
+        };
+        let mut at = 0;
+        while at < input.len() {
+            let byte = input[at];
+            self.state = match self.state {
+                State::Text => {
+                    // The common case: copy up to the next line-end byte.
+                    let run =
+                        memchr::memchr2(b'\r', b'\n', &input[at..]).unwrap_or(input.len() - at);
+                    emit(&input[at..at + run]);
+                    at += run;
+                    match input.get(at) {
+                        Some(b'\r') => State::Cr,
+                        Some(_) => {
+                            emit(b"\n");
+                            State::LineStart { bare: true }
+                        }
+                        None => return at,
+                    }
+                }
+                State::Cr if byte == b'\n' => {
+                    emit(b"\r\n");
+                    State::LineStart { bare: false }
+                }
+                State::Cr => {
+                    emit(b"\r");
+                    self.state = State::Text;
+                    continue;
+                }
+                State::LineStart { bare } if byte == b'.' => State::Dot { bare },
+                State::LineStart { .. } => {
+                    self.state = State::Text;
+                    continue;
+                }
+                State::Dot { bare } if byte == b'\r' => State::DotCr { bare },
+                State::Dot { .. } if byte == b'\n' && self.lenient => State::Done { bare: true },
+                State::Dot { bare } => {
+                    self.unstuff(bare, &mut emit);
+                    self.state = State::Text;
+                    continue;
+                }
+                State::DotCr { bare } if byte == b'\n' && (!bare || self.lenient) => {
+                    State::Done { bare }
+                }
+                State::DotCr { bare } => {
+                    self.unstuff(bare, &mut emit);
+                    self.state = State::Cr;
+                    continue;
+                }
+                State::Done { .. } => return at,
+            };
+            at += 1;
+            if let State::Done { .. } = self.state {
+                return at;
+            }
+        }
+        at
+    }
+
+    /// A dot that starts a line and is not the terminator: after CRLF it
+    /// was stuffed by the client and goes (RFC 5321 4.5.2). After a bare
+    /// end it stays: the rewrite unstuffs those lines, counting them.
+    fn unstuff(&self, bare: bool, emit: &mut impl FnMut(&[u8])) {
+        if bare {
+            emit(b".");
+        }
+    }
+
+    /// `Some(bare)` once the terminator was read.
+    pub(super) fn finished(&self) -> Option<bool> {
+        match self.state {
+            State::Done { bare } => Some(bare),
+            _ => None,
+        }
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub(super) async fn receive_message(&mut self) -> Result<DataEnd, Stop> {
+    pub(super) async fn receive_message(
+        &mut self,
+        command_end_bare: bool,
+    ) -> Result<DataEnd, Stop> {
         let max = self.settings.server.max_message_size;
-        let timeout = self.settings.server.data_timeout;
-        let mut receiver = DataReceiver::new();
+        let idle = self.settings.server.data_timeout;
+        let deadline = Instant::now() + self.settings.server.data_deadline;
+        let mut reader = DotReader::new(command_end_bare);
+        let mut memory = self.ctx.memory.reservation();
         let mut message = Vec::new();
-        // The CRLF that ended the DATA command starts the first line: without
-        // it an empty message (a lone ".") would not end, and a stuffed dot
-        // on the first line would not be removed.
-        receiver.ingest(&mut b"\r\n".iter(), &mut message);
-        message.clear();
-        loop {
-            let mut bytes = self.input[self.start..self.end].iter();
-            let complete = receiver.ingest(&mut bytes, &mut message);
-            self.start = self.end - bytes.len();
-            if complete {
-                return Ok(DataEnd::Complete(message));
+        let over = loop {
+            let used = reader.read(&self.input[self.start..self.end], Some(&mut message));
+            self.start += used;
+            if let Some(bare_end) = reader.finished() {
+                return Ok(DataEnd::Complete { message, bare_end });
             }
             // `message` exceeds the limit by at most one read buffer.
             if message.len() > max {
+                break DataEnd::TooLarge;
+            }
+            if !memory.cover(message.len() + self.input.len()).await {
+                break DataEnd::NoMemory;
+            }
+            self.read_more_until(idle, deadline).await?;
+        };
+        // Drain the rest so the connection stays usable, without keeping it.
+        drop((message, memory));
+        loop {
+            let used = reader.read(&self.input[self.start..self.end], None);
+            self.start += used;
+            if reader.finished().is_some() {
+                return Ok(over);
+            }
+            self.read_more_until(idle, deadline).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The content and whether a bare terminator ended it, or None when the
+    /// input did not end the message; fed one byte at a time too.
+    fn read(input: &[u8], command_end_bare: bool) -> Option<(String, bool, usize)> {
+        let whole = {
+            let mut reader = DotReader::new(command_end_bare);
+            let mut out = Vec::new();
+            let used = reader.read(input, Some(&mut out));
+            reader
+                .finished()
+                .map(|bare| (String::from_utf8(out).unwrap(), bare, used))
+        };
+        let mut reader = DotReader::new(command_end_bare);
+        let mut out = Vec::new();
+        let mut used = 0;
+        for chunk in input.chunks(1) {
+            used += reader.read(chunk, Some(&mut out));
+            if reader.finished().is_some() {
                 break;
             }
-            self.read_more(timeout).await?;
         }
-        // Drain the rest so the connection stays usable, without keeping it.
-        drop(message);
-        let mut drain = DummyDataReceiver::new_data(&receiver);
-        loop {
-            let mut bytes = self.input[self.start..self.end].iter();
-            let complete = drain.ingest(&mut bytes);
-            self.start = self.end - bytes.len();
-            if complete {
-                return Ok(DataEnd::TooLarge);
-            }
-            self.read_more(timeout).await?;
+        let bytewise = reader
+            .finished()
+            .map(|bare| (String::from_utf8(out).unwrap(), bare, used));
+        assert_eq!(whole, bytewise, "split reads agree for {input:?}");
+        whole
+    }
+
+    #[test]
+    fn crlf_clients_end_only_at_crlf_dot_crlf() {
+        let cases: &[(&str, Option<(&str, bool, usize)>)] = &[
+            ("a\r\n.\r\nQUIT\r\n", Some(("a\r\n", false, 6))),
+            (".\r\n", Some(("", false, 3))),
+            ("..x\r\n.x\r\n.\r\n", Some((".x\r\nx\r\n", false, 12))),
+            // Smuggling patterns stay content.
+            (
+                "a\n.\nMAIL FROM:<x@y>\r\n.\r\n",
+                Some(("a\n.\nMAIL FROM:<x@y>\r\n", false, 24)),
+            ),
+            ("a\r\n.\nb\r\n.\r\n", Some(("a\r\n\nb\r\n", false, 11))),
+            ("a\n.\r\nb\r\n.\r\n", Some(("a\n.\r\nb\r\n", false, 11))),
+            ("a\r.\r\nb\r\n.\r\n", Some(("a\r.\r\nb\r\n", false, 11))),
+            ("a\r\n.", None),
+            ("a\r\n.\r", None),
+        ];
+        for (input, expected) in cases {
+            let expected = expected.map(|(text, bare, used)| (text.to_string(), bare, used));
+            assert_eq!(read(input.as_bytes(), false), expected, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn bare_lf_clients_may_end_with_lf_dot_lf() {
+        let cases: &[(&str, Option<(&str, bool, usize)>)] = &[
+            ("a\nb\n.\nQUIT\n", Some(("a\nb\n", true, 6))),
+            (".\n", Some(("", true, 2))),
+            ("a\r\n.\r\n", Some(("a\r\n", false, 6))),
+            ("a\n.\r\n", Some(("a\n", true, 5))),
+            ("a\r\n.\n", Some(("a\r\n", true, 5))),
+            // Stuffed after a bare LF: kept for the rewrite to unstuff.
+            ("a\n..\n.\n", Some(("a\n..\n", true, 7))),
+            ("a\n", None),
+        ];
+        for (input, expected) in cases {
+            let expected = expected.map(|(text, bare, used)| (text.to_string(), bare, used));
+            assert_eq!(read(input.as_bytes(), true), expected, "{input:?}");
         }
     }
 }

@@ -3,6 +3,8 @@
 
 mod auth;
 mod data;
+mod input;
+mod memory;
 mod record;
 mod transcript;
 
@@ -10,15 +12,15 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use smtp_proto::request::receiver::{LineReceiver, MAX_LINE_LENGTH, RequestReceiver};
+use smtp_proto::request::receiver::LineReceiver;
 use smtp_proto::{
     AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_AUTH, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING,
     EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME,
     MAIL_SMTPUTF8, Request,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -27,6 +29,7 @@ pub use auth::{SignedIn, Users, hash_password};
 pub use record::SessionRecord;
 pub use transcript::clean as clean_transcripts;
 
+use crate::address::{AddressError, Role, parse_command_path};
 use crate::config::{Config, ServerConfig, Transcripts};
 use crate::delivery::Delivery;
 use crate::policy::Policy;
@@ -40,6 +43,8 @@ use auth::SaslError;
 /// A user name and password from a SASL exchange.
 type Credentials = (String, Secret);
 use data::DataEnd;
+use input::Line;
+use memory::MemoryBudget;
 
 /// Read buffer per connection: small, so idle connections stay cheap.
 const READ_BUFFER: usize = 8 * 1024;
@@ -54,6 +59,8 @@ pub struct SessionContext {
     pub tls: Option<TlsAcceptor>,
     pub shutdown: CancellationToken,
     pub transcripts_dir: PathBuf,
+    /// Shared by every session: `server.message_memory_budget`.
+    memory: MemoryBudget,
 }
 
 /// The part of the configuration a reload replaces; a session picks up the
@@ -96,6 +103,7 @@ impl SessionContext {
         shutdown: CancellationToken,
     ) -> Self {
         SessionContext {
+            memory: MemoryBudget::new(settings.server.message_memory_budget),
             settings: RwLock::new(Arc::new(settings)),
             transcripts_dir: delivery.spool().transcripts_dir(),
             delivery,
@@ -128,6 +136,8 @@ enum Stop {
     Eof,
     Timeout,
     Shutdown,
+    /// The first bytes were a TLS handshake on the plain port.
+    TlsOnPlainPort,
     Io(std::io::Error),
 }
 
@@ -150,7 +160,9 @@ pub struct Session<S> {
     start: usize,
     end: usize,
     output: Vec<u8>,
-    requests: RequestReceiver,
+    /// The command line being read, kept while it is handled.
+    line: Vec<u8>,
+    lines_read: u64,
     helo: Option<String>,
     /// EHLO rather than HELO, for the Received field.
     extended: bool,
@@ -181,7 +193,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             start: 0,
             end: 0,
             output: Vec::new(),
-            requests: RequestReceiver::default(),
+            line: Vec::new(),
+            lines_read: 0,
             helo: None,
             extended: false,
             signed_in: None,
@@ -246,6 +259,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 );
                 self.reply(reply);
             }
+            Some(Stop::TlsOnPlainPort) => {
+                // Nothing an SMTP reply could say reaches a TLS client.
+                let reply = Reply::new(500, [5, 5, 1], "This port speaks plain SMTP; use STARTTLS");
+                let hint = match self.settings.server.listen_tls {
+                    Some(tls) => format!("the client speaks TLS on the plain port: point it at the implicit-TLS port {} (server.listen_tls), or set it to STARTTLS", tls.port()),
+                    None => "the client speaks TLS on the plain port: give it an implicit-TLS listener (server.listen_tls, usually port 465), or set it to STARTTLS".to_string(),
+                };
+                self.rejected(&reply, Refusal::new("tls_on_plain_port", hint), None);
+            }
             Some(Stop::Io(err)) => tracing::debug!(error = %err, "connection failed"),
             Some(Stop::Eof) | None => {}
         }
@@ -254,51 +276,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         SessionEnd::Closed(self.record)
     }
 
-    /// Parses the next command; `Ok(None)` when a syntax error was answered.
+    /// Reads and parses the next command; `Ok(None)` when an error was
+    /// answered.
     async fn next_request(&mut self) -> Result<Option<Request<String>>, Stop> {
-        loop {
-            let mut bytes = self.input[self.start..self.end].iter();
-            let parsed = self.requests.ingest(&mut bytes).map(Request::into_owned);
-            let consumed = self.end - bytes.len() - self.start;
-            self.record
-                .client(&self.input[self.start..self.start + consumed]);
-            self.start += consumed;
-            let error = match parsed {
-                // smtp-proto bounds lines it had to buffer across reads; a
-                // line that arrived whole in one read is bounded here.
-                Ok(_) if consumed > MAX_LINE_LENGTH => smtp_proto::Error::ResponseTooLong,
-                Ok(request) => return Ok(Some(request)),
-                Err(smtp_proto::Error::NeedsMoreData { .. }) => {
-                    let timeout = self.settings.server.command_timeout;
-                    self.read_more(timeout).await?;
-                    continue;
-                }
-                Err(error) => error,
-            };
-            let reply = match error {
-                smtp_proto::Error::ResponseTooLong => Reply::new(500, [5, 5, 2], "Line too long"),
-                smtp_proto::Error::UnknownCommand => {
-                    Reply::new(500, [5, 5, 2], "Syntax error, command unrecognized")
-                }
-                smtp_proto::Error::InvalidSenderAddress => {
-                    Reply::new(501, [5, 1, 7], "Invalid sender address")
-                }
-                smtp_proto::Error::InvalidRecipientAddress => {
-                    Reply::new(501, [5, 1, 3], "Invalid recipient address")
-                }
-                smtp_proto::Error::SyntaxError { syntax } => {
-                    Reply::new(501, [5, 5, 4], format!("Syntax: {syntax}"))
-                }
-                smtp_proto::Error::InvalidParameter { param } => {
-                    Reply::new(501, [5, 5, 4], format!("Invalid parameter {param}"))
-                }
-                smtp_proto::Error::UnsupportedParameter { param } => {
-                    Reply::new(555, [5, 5, 4], format!("Unsupported parameter {param}"))
-                }
-                other => Reply::new(500, [5, 5, 2], other.to_string()),
-            };
-            self.error(reply);
+        if let Line::TooLong = self.read_line().await? {
+            self.error(Reply::new(500, [5, 5, 2], "Line too long"));
             return Ok(None);
+        }
+        match Request::parse(&mut self.line.iter()) {
+            Ok(request) => Ok(Some(request.into_owned())),
+            Err(error) => {
+                self.error(parse_error_reply(error));
+                Ok(None)
+            }
         }
     }
 
@@ -312,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 initial_response,
             } => return self.auth(mechanism, initial_response).await,
             Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => self.rcpt(to.address),
+            Request::Rcpt { .. } => self.rcpt(),
             Request::Data => return self.data().await,
             Request::Rset => {
                 self.transaction = None;
@@ -558,23 +548,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.rejected(&reply, refusal, None);
             return self.error(reply);
         }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        let mail_from = match parse_command_path(&self.line, Role::Sender, smtputf8) {
+            Ok(address) => address,
+            Err(error) => return self.bad_address(error, Role::Sender),
+        };
         self.transaction = Some(Transaction {
             account,
-            mail_from: from.address,
+            mail_from,
             recipients: Vec::new(),
             flags: BodyFlags {
                 eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
-                smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+                smtputf8,
             },
         });
         self.reply(Reply::new(250, [2, 1, 0], "Sender OK"));
     }
 
-    fn rcpt(&mut self, address: String) {
+    fn rcpt(&mut self) {
         let max = self.settings.server.max_recipients;
         let Some(transaction) = self.transaction.as_mut() else {
             return self.error(Reply::new(503, [5, 5, 1], "Send MAIL first"));
         };
+        let smtputf8 = transaction.flags.smtputf8;
+        let address = match parse_command_path(&self.line, Role::Recipient, smtputf8) {
+            Ok(address) => address,
+            Err(error) => return self.bad_address(error, Role::Recipient),
+        };
+        let transaction = self.transaction.as_mut().expect("checked above");
         if transaction.recipients.len() >= max {
             let reply = Reply::new(
                 452,
@@ -591,6 +592,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.reply(Reply::new(250, [2, 1, 5], "Recipient OK"));
     }
 
+    /// Refuses an address smtp-proto let through but RFC 5321 does not.
+    fn bad_address(&mut self, error: AddressError, role: Role) {
+        let status = match role {
+            Role::Sender => [5, 1, 7],
+            Role::Recipient => [5, 1, 3],
+        };
+        let reply = match error {
+            AddressError::Syntax => Reply::new(501, status, "Invalid address syntax (RFC 5321)"),
+            AddressError::ControlCharacter => Reply::new(
+                501,
+                status,
+                "Control characters are not allowed in addresses",
+            ),
+            AddressError::NeedsSmtpUtf8 => Reply::new(
+                553,
+                [5, 6, 7],
+                "Non-ASCII address without SMTPUTF8: declare it on MAIL FROM (RFC 6531)",
+            ),
+        };
+        self.error(reply);
+    }
+
     async fn data(&mut self) -> Result<Flow, Stop> {
         match &self.transaction {
             None => {
@@ -604,10 +627,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(_) => {}
         }
         self.reply(Reply::bare(354, "Start mail input; end with <CRLF>.<CRLF>"));
-        let received = self.receive_message().await?;
+        let command_end_bare = !self.line.ends_with(b"\r\n");
+        let received = self.receive_message(command_end_bare).await?;
         let transaction = self.transaction.take().expect("checked above");
-        let message = match received {
-            DataEnd::Complete(message) => message,
+        let (message, bare_end) = match received {
+            DataEnd::Complete { message, bare_end } => (message, bare_end),
+            DataEnd::NoMemory => {
+                self.record
+                    .note("message over server.message_memory_budget, not kept");
+                let reply = Reply::new(
+                    452,
+                    [4, 3, 1],
+                    "Insufficient system resources, try again later",
+                );
+                let budget = self.settings.server.message_memory_budget;
+                let hint = format!(
+                    "messages being received at once exceeded server.message_memory_budget ({budget} bytes); the client retries later, or raise the budget"
+                );
+                self.rejected(&reply, Refusal::new("memory_budget", hint), None);
+                self.reply(reply);
+                return Ok(Flow::Continue);
+            }
             DataEnd::TooLarge => {
                 self.record
                     .note("message over server.max_message_size, not kept");
@@ -628,7 +668,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(Flow::Continue);
         };
         let rewritten = match rewrite(message, policy, &self.trace()) {
-            Ok(rewritten) => rewritten,
+            Ok(mut rewritten) => {
+                if bare_end {
+                    rewritten
+                        .changes
+                        .push("accepted <LF>.<LF> as the end of the message".to_string());
+                }
+                rewritten
+            }
             Err(RewriteError::LineTooLong { line, length }) => {
                 let reply = Reply::new(
                     550,
@@ -723,30 +770,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.record.rejected(reply, refusal, message_id);
     }
 
-    /// Reads more bytes into the empty input buffer. Once shutdown's grace
-    /// period is over, the wait ends even inside a message: nothing is lost,
-    /// since only a stored message is ever acknowledged.
-    async fn read_more(&mut self, timeout: Duration) -> Result<(), Stop> {
-        self.flush().await.map_err(Stop::Io)?;
-        debug_assert_eq!(self.start, self.end, "all buffered input is consumed first");
-        let shutdown = self.ctx.shutdown.clone();
-        let read = tokio::time::timeout(timeout, self.stream.read(&mut self.input));
-        let result = tokio::select! {
-            result = read => result,
-            _ = shutdown.cancelled() => return Err(Stop::Shutdown),
-        };
-        match result {
-            Err(_) => Err(Stop::Timeout),
-            Ok(Err(err)) => Err(Stop::Io(err)),
-            Ok(Ok(0)) => Err(Stop::Eof),
-            Ok(Ok(n)) => {
-                self.start = 0;
-                self.end = n;
-                Ok(())
-            }
-        }
-    }
-
     fn reply(&mut self, reply: Reply) {
         reply.write_to(&mut self.output);
     }
@@ -774,6 +797,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+/// The answer to a command line smtp-proto could not parse.
+fn parse_error_reply(error: smtp_proto::Error) -> Reply {
+    use smtp_proto::Error;
+    match error {
+        Error::UnknownCommand => Reply::new(500, [5, 5, 2], "Syntax error, command unrecognized"),
+        Error::InvalidSenderAddress => Reply::new(501, [5, 1, 7], "Invalid sender address"),
+        Error::InvalidRecipientAddress => Reply::new(501, [5, 1, 3], "Invalid recipient address"),
+        Error::SyntaxError { syntax } => Reply::new(501, [5, 5, 4], format!("Syntax: {syntax}")),
+        Error::InvalidParameter { param } => {
+            Reply::new(501, [5, 5, 4], format!("Invalid parameter {param}"))
+        }
+        Error::UnsupportedParameter { param } => {
+            Reply::new(555, [5, 5, 4], format!("Unsupported parameter {param}"))
+        }
+        // A whole line that still "needs more data" is malformed.
+        Error::NeedsMoreData { .. } => Reply::new(500, [5, 5, 2], "Syntax error"),
+        other => Reply::new(500, [5, 5, 2], other.to_string()),
+    }
+}
+
 enum Flow {
     Continue,
     Quit,
@@ -783,6 +826,7 @@ enum Flow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
     /// The context and the spool directory it uses (removed when dropped).

@@ -60,8 +60,11 @@ pub struct Received {
     pub auth_user: String,
     /// Address inside `MAIL FROM:<...>`.
     pub mail_from: String,
-    /// Addresses inside `RCPT TO:<...>`.
+    /// Addresses inside `RCPT TO:<...>`, as smtp-proto parses them
+    /// (quotes removed).
     pub rcpt_to: Vec<String>,
+    /// The MAIL and accepted RCPT command lines as they came, without CRLF.
+    pub commands: Vec<String>,
     /// Message content, dot-unstuffed, without the final ".\r\n" line.
     pub data: Vec<u8>,
     /// 1-based index of the TCP connection the message came over.
@@ -488,6 +491,7 @@ enum Outcome<S> {
 struct Envelope {
     mail_from: String,
     rcpt_to: Vec<String>,
+    commands: Vec<String>,
 }
 
 /// Per-connection SMTP state.
@@ -546,10 +550,19 @@ impl Session {
     ) -> std::io::Result<Outcome<S>> {
         let mut requests = RequestReceiver::default();
         loop {
+            // The raw line, for tests that check exactly what was sent.
+            let mut line = String::new();
             let request = conn
-                .receive(|bytes| match requests.ingest(bytes) {
-                    Err(smtp_proto::Error::NeedsMoreData { .. }) => None,
-                    parsed => Some(parsed.map(Request::into_owned)),
+                .receive(|bytes| {
+                    let before = bytes.as_slice();
+                    match requests.ingest(bytes) {
+                        Err(smtp_proto::Error::NeedsMoreData { .. }) => None,
+                        parsed => {
+                            let consumed = &before[..before.len() - bytes.len()];
+                            line = String::from_utf8_lossy(consumed).trim_end().to_string();
+                            Some(parsed.map(Request::into_owned))
+                        }
+                    }
                 })
                 .await?;
 
@@ -599,6 +612,7 @@ impl Session {
                         self.envelope = Some(Envelope {
                             mail_from: from.address,
                             rcpt_to: Vec::new(),
+                            commands: vec![line],
                         });
                     }
                     reply.into()
@@ -621,6 +635,7 @@ impl Session {
                     if is_positive(&reply) {
                         if let Some(envelope) = &mut self.envelope {
                             envelope.rcpt_to.push(to.address);
+                            envelope.commands.push(line);
                         }
                     }
                     reply.into()
@@ -800,6 +815,7 @@ impl Session {
                 auth_user: self.auth_user.clone().unwrap_or_default(),
                 mail_from: envelope.mail_from,
                 rcpt_to: envelope.rcpt_to,
+                commands: envelope.commands,
                 data,
                 connection: self.connection,
             };

@@ -1,0 +1,266 @@
+//! Hostile and broken SMTP clients over real sockets: what they send must
+//! not change what goes upstream, hang a session or grow memory without
+//! bound, and broken-but-honest devices keep working.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls};
+use common::relay::{Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for, env_for};
+use common::smtp::Client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(10);
+const MESSAGE: &str = "Subject: test\r\n\r\nbody\r\n";
+
+async fn upstream() -> FakeUpstream {
+    FakeUpstream::start(FakeUpstreamOptions::new(
+        UpstreamTls::StartTls,
+        UPSTREAM_USER,
+        UPSTREAM_PASSWORD,
+    ))
+    .await
+}
+
+/// A fake upstream and a relay delivering to it, with `extra` TOML.
+async fn setup(extra: &str) -> (FakeUpstream, Relay) {
+    let upstream = upstream().await;
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    (upstream, relay)
+}
+
+#[tokio::test]
+async fn quoted_local_parts_reach_the_upstream_quoted() {
+    let (upstream, relay) = setup("").await;
+    let mut client = relay.signed_in_client().await;
+    let injected = r#""victim@evil.example> NOTIFY=SUCCESS ORCPT=rfc822;x"@c.example"#;
+
+    client.expect("MAIL FROM:<a@b.example>", 250).await;
+    client.expect(&format!("RCPT TO:<{injected}>"), 250).await;
+    client.expect(r#"RCPT TO:<"a b"@c.example>"#, 250).await;
+    client.expect("RCPT TO:<postmaster>", 250).await;
+    client.expect("DATA", 354).await;
+    client.write(format!("{MESSAGE}.\r\n").as_bytes()).await;
+    assert_eq!(client.read_reply().await.code, 250);
+
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(
+        received[0].commands[1..],
+        [
+            format!("RCPT TO:<{injected}>"),
+            r#"RCPT TO:<"a b"@c.example>"#.to_string(),
+            "RCPT TO:<postmaster>".to_string(),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn control_characters_in_addresses_are_refused() {
+    let (upstream, relay) = setup("").await;
+    let mut client = relay.signed_in_client().await;
+
+    let reply = client.cmd("MAIL FROM:<\"a\tb\"@b.example>").await;
+    assert_eq!((reply.code, &reply.text[..5]), (501, "5.1.7"), "{reply:?}");
+    client.expect("MAIL FROM:<a@b.example>", 250).await;
+    let reply = client.cmd("RCPT TO:<\"a\0b\"@c.example>").await;
+    assert_eq!((reply.code, &reply.text[..5]), (501, "5.1.3"), "{reply:?}");
+    let reply = client.cmd("RCPT TO:<\"a\x1b[2Jb\"@c.example>").await;
+    assert_eq!((reply.code, &reply.text[..5]), (501, "5.1.3"), "{reply:?}");
+    let reply = client.cmd("DATA").await;
+    assert_eq!(reply.code, 503, "no recipient was accepted: {reply:?}");
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn utf8_addresses_need_smtputf8() {
+    let (upstream, relay) = setup("").await;
+    let mut client = relay.signed_in_client().await;
+
+    let reply = client.cmd("MAIL FROM:<jörg@b.example>").await;
+    assert_eq!((reply.code, &reply.text[..5]), (553, "5.6.7"), "{reply:?}");
+    client.expect("MAIL FROM:<a@b.example>", 250).await;
+    let reply = client.cmd("RCPT TO:<jörg@bücher.example>").await;
+    assert_eq!((reply.code, &reply.text[..5]), (553, "5.6.7"), "{reply:?}");
+    client.expect("RSET", 250).await;
+
+    client
+        .expect("MAIL FROM:<jörg@b.example> SMTPUTF8", 250)
+        .await;
+    client.expect("RCPT TO:<jörg@bücher.example>", 250).await;
+    client.expect("DATA", 354).await;
+    client.write(format!("{MESSAGE}.\r\n").as_bytes()).await;
+    assert_eq!(client.read_reply().await.code, 250);
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert!(
+        received[0].commands[0].ends_with(" SMTPUTF8"),
+        "{:?}",
+        received[0].commands
+    );
+    assert_eq!(received[0].commands[1], "RCPT TO:<jörg@bücher.example>");
+}
+
+#[tokio::test]
+async fn an_over_long_command_line_is_answered_once_and_its_tail_never_runs() {
+    let (_upstream, relay) = setup("").await;
+    let mut client = relay.greeted_client().await;
+
+    let line = format!("NOOP {}QUIT\r\n", "a".repeat(8187));
+    let reply = client.try_cmd_raw(line.as_bytes()).await.unwrap();
+    assert_eq!(
+        (reply.code, reply.text.as_str()),
+        (500, "5.5.2 Line too long")
+    );
+
+    // The next reply answers the next command: nothing of the tail ran.
+    let reply = client.cmd("NOOP").await;
+    assert_eq!((reply.code, reply.text.as_str()), (250, "2.0.0 OK"));
+}
+
+/// Sends `prefix`, then one byte every 300 ms (ignoring write errors once
+/// the relay hangs up), and returns the first reply line after `prefix`'s
+/// replies and when it came.
+async fn trickle(relay: &Relay, prefix: &[u8], replies_to_prefix: usize) -> (String, Duration) {
+    let stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let (reader, mut writer) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(reader);
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    lines.read_line(&mut line).await.unwrap();
+    writer.write_all(prefix).await.unwrap();
+    for _ in 0..replies_to_prefix {
+        line.clear();
+        lines.read_line(&mut line).await.unwrap();
+        assert!(line.as_bytes()[3] == b' ', "one-line replies only: {line}");
+    }
+    let started = Instant::now();
+    let trickling = tokio::spawn(async move {
+        for _ in 0..100 {
+            if writer.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    line.clear();
+    tokio::time::timeout(WAIT, lines.read_line(&mut line))
+        .await
+        .expect("the relay answers within the deadline")
+        .unwrap();
+    trickling.abort();
+    (line, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_trickled_command_line_ends_at_the_command_timeout() {
+    let (_upstream, relay) = setup("[server]\ncommand_timeout = \"1s\"").await;
+
+    // A byte every 300 ms would keep a per-read timeout of 1 s happy forever.
+    let (reply, after) = trickle(&relay, b"HELO x\r\n", 1).await;
+
+    assert!(reply.starts_with("421 4.4.2"), "{reply}");
+    assert!(after < Duration::from_millis(1900), "{after:?}");
+}
+
+#[tokio::test]
+async fn a_trickled_message_ends_at_the_data_deadline() {
+    let (upstream, relay) =
+        setup("[server]\ndata_timeout = \"1s\"\ndata_deadline = \"2s\"\ntrusted_networks = [\"127.0.0.1\"]\ndefault_account = \"gmail\"").await;
+
+    let prefix = b"HELO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n";
+    let (reply, after) = trickle(&relay, prefix, 4).await;
+
+    assert!(reply.starts_with("421 4.4.2"), "{reply}");
+    assert!(
+        (Duration::from_millis(1900)..Duration::from_millis(2900)).contains(&after),
+        "{after:?}"
+    );
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_device_that_writes_bare_lf_everywhere_gets_its_message_through() {
+    let (upstream, relay) = setup("").await;
+    let mut client = Client::connect(relay.addr).await;
+    let password = common::smtp::plain(common::relay::LOCAL_USER, common::relay::LOCAL_PASSWORD);
+
+    for (line, code) in [
+        ("EHLO scanner".to_string(), 250),
+        (format!("AUTH PLAIN {password}"), 235),
+        ("MAIL FROM:<scanner@office.example>".to_string(), 250),
+        ("RCPT TO:<boss@office.example>".to_string(), 250),
+        ("DATA".to_string(), 354),
+    ] {
+        let reply = client
+            .try_cmd_raw(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(reply.code, code, "{line}: {reply:?}");
+    }
+    let reply = client
+        .try_cmd_raw(b"Subject: scan\n\npage 1\n..dotted\n.\n")
+        .await
+        .unwrap();
+    assert_eq!(reply.code, 250, "{reply:?}");
+    assert_eq!(client.try_cmd_raw(b"QUIT\n").await.unwrap().code, 221);
+
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(received[0].body(), b"page 1\r\n.dotted\r\n");
+}
+
+#[tokio::test]
+async fn a_crlf_client_cannot_smuggle_a_second_message_with_bare_lf_dot() {
+    let (upstream, relay) = setup("").await;
+    let mut client = relay.signed_in_client().await;
+    client.expect("MAIL FROM:<a@b.example>", 250).await;
+    client.expect("RCPT TO:<c@d.example>", 250).await;
+    client.expect("DATA", 354).await;
+
+    client
+        .write(b"Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<ceo@b.example>\nRCPT TO:<x@evil.example>\nDATA\nSubject: smuggled\n\nsecond\n.\n")
+        .await;
+    client.write(b"\r\n.\r\n").await;
+
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    client.expect("QUIT", 221).await;
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].rcpt_to, ["c@d.example"]);
+    let body = String::from_utf8_lossy(received[0].body()).into_owned();
+    assert!(
+        body.contains("Subject: smuggled"),
+        "the smuggled part stays content: {body:?}"
+    );
+}
+
+#[tokio::test]
+async fn tls_on_the_plain_port_is_named_in_the_log() {
+    let upstream = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = env_for(&upstream);
+    let relay =
+        common::process::RelayProcess::start(dir.path(), &common::relay::as_refs(&env)).await;
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let mut greeting = [0u8; 512];
+    let _ = stream.read(&mut greeting).await.unwrap();
+
+    // The start of a TLS 1.2 ClientHello record.
+    stream
+        .write_all(&[
+            0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+        ])
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+
+    let line = relay.wait_for_line("tls_on_plain_port").await;
+    assert!(line.contains("listen_tls"), "{line}");
+    let errors = relay.log().iter().filter(|l| l.contains("500")).count();
+    assert!(
+        errors <= 1,
+        "one refusal, not one per garbage line: {:#?}",
+        relay.log()
+    );
+}
