@@ -230,11 +230,7 @@ mod tests {
         ];
         for (line, expected) in cases {
             let parsed = parse_command_path(line.as_bytes(), Role::Recipient, false);
-            assert_eq!(
-                parsed.as_deref().map_err(|e| e),
-                expected.as_ref().map(|s| *s),
-                "{line}"
-            );
+            assert_eq!(parsed.as_deref(), expected.as_ref().map(|s| *s), "{line}");
         }
     }
 
@@ -250,11 +246,7 @@ mod tests {
         ];
         for (line, expected) in cases {
             let parsed = parse_command_path(line.as_bytes(), Role::Sender, false);
-            assert_eq!(
-                parsed.as_deref().map_err(|e| e),
-                expected.as_ref().map(|s| *s),
-                "{line}"
-            );
+            assert_eq!(parsed.as_deref(), expected.as_ref().map(|s| *s), "{line}");
         }
     }
 

@@ -121,6 +121,7 @@ fn main() -> ExitCode {
             report(runtime.block_on(sendbridge::cli::check(&config, account.as_deref())))
         }
         Command::Run => {
+            sendbridge::lifecycle::return_large_buffers_to_the_system();
             sendbridge::tls::install_crypto_provider();
             sendbridge::observe::init_tracing(&config.log);
             sendbridge::admin::metrics::install(&config.admin);

@@ -264,3 +264,86 @@ async fn tls_on_the_plain_port_is_named_in_the_log() {
         relay.log()
     );
 }
+
+/// Resident and peak resident memory of a process, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Sends one message of `size` bytes as a trusted client; returns the reply
+/// code to the data.
+async fn send_big(addr: std::net::SocketAddr, size: usize) -> u16 {
+    let mut client = Client::connect(addr).await;
+    client.expect("HELO printer", 250).await;
+    client
+        .expect("MAIL FROM:<scanner@office.example>", 250)
+        .await;
+    client.expect("RCPT TO:<boss@office.example>", 250).await;
+    client.expect("DATA", 354).await;
+    let line = format!("{}\r\n", "x".repeat(998));
+    let body = format!("Subject: scan\r\n\r\n{}", line.repeat(size / line.len()));
+    client.write(body.as_bytes()).await;
+    client.write(b".\r\n").await;
+    client.read_reply().await.code
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_large_messages_stay_within_the_memory_budget_and_memory_returns() {
+    const MIB: usize = 1024 * 1024;
+    // Deliveries fail fast (nothing listens there), so only receiving holds
+    // message bytes.
+    let upstream = upstream().await;
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env_for(&upstream);
+    for (key, value) in [
+        ("SENDBRIDGE_ACCOUNTS__GMAIL__PORT", closed_port.as_str()),
+        ("SENDBRIDGE_SERVER__TRUSTED_NETWORKS", "[\"127.0.0.1\"]"),
+        ("SENDBRIDGE_SERVER__DEFAULT_ACCOUNT", "gmail"),
+        ("SENDBRIDGE_SERVER__MAX_MESSAGE_SIZE", "8388608"),
+        ("SENDBRIDGE_SERVER__MESSAGE_MEMORY_BUDGET", "16777216"),
+        ("SENDBRIDGE_DELIVERY__MODE", "queue"),
+    ] {
+        env.push((key.to_string(), value.to_string()));
+    }
+    let relay =
+        common::process::RelayProcess::start(dir.path(), &common::relay::as_refs(&env)).await;
+    assert_eq!(send_big(relay.addr, 64 * 1024).await, 250, "warm-up");
+    let (baseline, _) = memory_kib(relay.pid());
+
+    let sends: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(send_big(relay.addr, 6 * MIB)))
+        .collect();
+    let mut codes = Vec::new();
+    for send in sends {
+        codes.push(send.await.unwrap());
+    }
+
+    let (after, peak) = memory_kib(relay.pid());
+    let grown_mib = |kib: u64| kib.saturating_sub(baseline) as f64 / 1024.0;
+    eprintln!(
+        "8 × 6 MiB, budget 16 MiB: peak +{:.1} MiB, after +{:.1} MiB, replies {codes:?}",
+        grown_mib(peak),
+        grown_mib(after)
+    );
+    assert!(
+        codes.iter().all(|&code| code == 250 || code == 452),
+        "{codes:?}"
+    );
+    assert!(
+        codes.iter().filter(|&&code| code == 250).count() >= 2,
+        "{codes:?}"
+    );
+    assert!(grown_mib(peak) < 32.0, "peak +{:.1} MiB", grown_mib(peak));
+    assert!(grown_mib(after) < 8.0, "after +{:.1} MiB", grown_mib(after));
+}

@@ -13,12 +13,18 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
+use super::memory::Reservation;
 use super::{Session, Stop};
 
 pub(super) enum DataEnd {
     /// The content, ending in the line end before the terminating dot;
-    /// `bare_end`: the terminator used a bare LF.
-    Complete { message: Vec<u8>, bare_end: bool },
+    /// `bare_end`: the terminator used a bare LF. `memory` covers the
+    /// message until it is dropped.
+    Complete {
+        message: Vec<u8>,
+        bare_end: bool,
+        memory: Reservation,
+    },
     /// Over `server.max_message_size`; the rest was read and dropped.
     TooLarge,
     /// Over the memory budget; the rest was read and dropped.
@@ -161,7 +167,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let used = reader.read(&self.input[self.start..self.end], Some(&mut message));
             self.start += used;
             if let Some(bare_end) = reader.finished() {
-                return Ok(DataEnd::Complete { message, bare_end });
+                return Ok(DataEnd::Complete {
+                    message,
+                    bare_end,
+                    memory,
+                });
             }
             // `message` exceeds the limit by at most one read buffer.
             if message.len() > max {
@@ -188,6 +198,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Input, and the content, bare terminator and bytes used it should give.
+    type Case = (&'static str, Option<(&'static str, bool, usize)>);
 
     /// The content and whether a bare terminator ended it, or None when the
     /// input did not end the message; fed one byte at a time too.
@@ -218,7 +231,7 @@ mod tests {
 
     #[test]
     fn crlf_clients_end_only_at_crlf_dot_crlf() {
-        let cases: &[(&str, Option<(&str, bool, usize)>)] = &[
+        let cases: &[Case] = &[
             ("a\r\n.\r\nQUIT\r\n", Some(("a\r\n", false, 6))),
             (".\r\n", Some(("", false, 3))),
             ("..x\r\n.x\r\n.\r\n", Some((".x\r\nx\r\n", false, 12))),
@@ -241,7 +254,7 @@ mod tests {
 
     #[test]
     fn bare_lf_clients_may_end_with_lf_dot_lf() {
-        let cases: &[(&str, Option<(&str, bool, usize)>)] = &[
+        let cases: &[Case] = &[
             ("a\nb\n.\nQUIT\n", Some(("a\nb\n", true, 6))),
             (".\n", Some(("", true, 2))),
             ("a\r\n.\r\n", Some(("a\r\n", false, 6))),

@@ -103,7 +103,10 @@ impl SessionContext {
         shutdown: CancellationToken,
     ) -> Self {
         SessionContext {
-            memory: MemoryBudget::new(settings.server.message_memory_budget),
+            memory: MemoryBudget::new(
+                settings.server.message_memory_budget,
+                settings.server.max_message_size,
+            ),
             settings: RwLock::new(Arc::new(settings)),
             transcripts_dir: delivery.spool().transcripts_dir(),
             delivery,
@@ -630,8 +633,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let command_end_bare = !self.line.ends_with(b"\r\n");
         let received = self.receive_message(command_end_bare).await?;
         let transaction = self.transaction.take().expect("checked above");
-        let (message, bare_end) = match received {
-            DataEnd::Complete { message, bare_end } => (message, bare_end),
+        // `_memory` is held until the message is stored.
+        let (message, bare_end, _memory) = match received {
+            DataEnd::Complete {
+                message,
+                bare_end,
+                memory,
+            } => (message, bare_end, memory),
             DataEnd::NoMemory => {
                 self.record
                     .note("message over server.message_memory_budget, not kept");
