@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::observe::EscapeControls;
+use crate::private_files;
 
 /// A transcript stops growing here; a marker says so.
 const MAX_BYTES: usize = 64 * 1024;
@@ -112,7 +113,7 @@ impl Transcript {
     /// Writes the transcript as `<dir>/<session id>.log`.
     pub fn save(&self, dir: &Path, session_id: &str) -> io::Result<PathBuf> {
         let path = dir.join(format!("{session_id}.log"));
-        fs::write(&path, self.text.as_bytes())?;
+        private_files::write(&path, self.text.as_bytes())?;
         Ok(path)
     }
 }
