@@ -12,6 +12,7 @@ pub mod lifecycle;
 pub mod oauth;
 pub mod observe;
 pub mod policy;
+pub mod private_files;
 pub mod provider_replies;
 pub mod reply;
 pub mod rewrite;

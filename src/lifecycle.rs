@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::Config;
+use crate::private_files;
 use crate::server::Reloader;
 
 const PID_FILE: &str = "sendbridge.pid";
@@ -73,7 +74,7 @@ pub struct PidFile(PathBuf);
 impl PidFile {
     pub fn create(spool: &Path) -> anyhow::Result<PidFile> {
         let path = spool.join(PID_FILE);
-        fs::write(&path, format!("{}\n", std::process::id()))
+        private_files::write(&path, format!("{}\n", std::process::id()).as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(PidFile(path))
     }

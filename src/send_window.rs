@@ -4,11 +4,13 @@
 //! way. Sends are logged to a small file so a restart keeps counting.
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::PathBuf;
 
 use tracing::warn;
+
+use crate::private_files;
 
 pub const WINDOW_MS: u64 = 24 * 3600 * 1000;
 
@@ -123,7 +125,10 @@ impl SendWindow {
         let line = format!("{} {}\n", send.at, send.recipients);
         let file = match self.log_file.take() {
             Some(file) => Ok(file),
-            None => OpenOptions::new().create(true).append(true).open(&self.log),
+            None => private_files::options()
+                .create(true)
+                .append(true)
+                .open(&self.log),
         };
         let written = file.and_then(|mut file| {
             file.write_all(line.as_bytes())?;
@@ -177,7 +182,8 @@ impl SendWindow {
             .map(|send| format!("{} {}\n", send.at, send.recipients))
             .collect();
         let temporary = self.log.with_extension("tmp");
-        let written = fs::write(&temporary, text).and_then(|()| fs::rename(&temporary, &self.log));
+        let written = private_files::write(&temporary, text.as_bytes())
+            .and_then(|()| fs::rename(&temporary, &self.log));
         // The next append opens the new file.
         self.log_file = None;
         match written {

@@ -11,9 +11,10 @@
 //! the envelope, then renames the envelope out of `incoming/` and fsyncs that
 //! directory: only then may the client hear `250`. On start, envelopes left
 //! in `incoming/` and bytes without an envelope were never acknowledged and
-//! are removed; `active/` returns to `deferred/`.
+//! are removed; `active/` returns to `deferred/`. Everything in it is
+//! private to the relay's user (see `private_files`).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::private_files;
 use crate::reply::Reply;
 use crate::upstream::BodyFlags;
 
@@ -149,15 +151,17 @@ pub struct Recovered {
 }
 
 impl Spool {
-    /// Opens (creating when needed) a spool and checks it is writable.
+    /// Opens (creating when needed) a spool, private to this user, and
+    /// checks it is writable.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Spool> {
         let spool = Spool { root: root.into() };
         for dir in ["data", "incoming", "limits", "transcripts"]
             .into_iter()
             .chain(State::ALL.iter().map(|state| state.dir_name()))
         {
-            fs::create_dir_all(spool.root.join(dir))?;
+            private_files::create_dir_all(&spool.root.join(dir))?;
         }
+        private_files::restrict_folders(&spool.root);
         Ok(spool)
     }
 
@@ -408,7 +412,7 @@ fn id_of(path: &Path, extension: &str) -> Option<String> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new()
+    let mut file = private_files::options()
         .write(true)
         .create(true)
         .truncate(true)

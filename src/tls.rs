@@ -11,6 +11,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::TlsConfig;
+use crate::private_files;
 
 /// Installs the one crypto provider this binary ships (aws-lc-rs). rustls
 /// refuses to guess when a dependency compiles in a second one.
@@ -86,12 +87,14 @@ fn generate_self_signed(pair: &TlsConfig, hostname: &str) -> anyhow::Result<()> 
     let certified = rcgen::generate_simple_self_signed(names)?;
     for path in [&pair.cert, &pair.key] {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            private_files::create_dir_all(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
         }
     }
-    std::fs::write(&pair.cert, certified.cert.pem())
+    // Both 0600: the pair may be generated under the spool.
+    private_files::write(&pair.cert, certified.cert.pem().as_bytes())
         .with_context(|| format!("writing {}", pair.cert.display()))?;
-    write_private(&pair.key, certified.signing_key.serialize_pem().as_bytes())
+    write_new(&pair.key, certified.signing_key.serialize_pem().as_bytes())
         .with_context(|| format!("writing {}", pair.key.display()))?;
     tracing::info!(
         cert = %pair.cert.display(),
@@ -101,13 +104,11 @@ fn generate_self_signed(pair: &TlsConfig, hostname: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Writes a file only its owner can read.
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+/// Writes a new file only its owner can read (never an existing one's mode).
+fn write_new(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
+    let mut options = private_files::options();
     options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     options.open(path)?.write_all(contents)
 }
 

@@ -187,6 +187,47 @@ async fn a_token_admits_any_client_that_has_it() {
     assert_eq!(refused.status, 413, "request bodies are bounded");
 }
 
+/// A web page posting the retry form with a log line of its own in
+/// `account` (and terminal escapes): refused, and the value is logged
+/// escaped, inside the one line of the refusal.
+#[tokio::test]
+async fn a_refused_form_cannot_forge_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(dir.path(), &[]).await;
+    let forged = "x\n2026-01-01T00:00:00Z ERROR sendbridge: forged \x1b[31mred\x1b[0m\r";
+    let fields = [
+        ("account", forged),
+        ("state", "held"),
+        ("form_token", "guess"),
+    ];
+    let answer = http::post_form(relay.admin.unwrap(), "/retry", &fields).await;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    relay.wait_for_line("retry form refused").await;
+    let (_, log) = relay.terminate().await;
+
+    let forged_lines: Vec<_> = log
+        .iter()
+        .filter(|line| line.starts_with("2026-01-01T00:00:00Z"))
+        .collect();
+    assert!(forged_lines.is_empty(), "forged lines: {forged_lines:#?}");
+    let raw_controls: Vec<_> = log
+        .iter()
+        .filter(|line| line.contains(['\x1b', '\r']))
+        .collect();
+    assert!(
+        raw_controls.is_empty(),
+        "raw control bytes: {raw_controls:#?}"
+    );
+    let refused = log
+        .iter()
+        .find(|line| line.contains("retry form refused"))
+        .unwrap();
+    assert!(
+        refused.contains(r#"account="x\n2026-01-01T00:00:00Z ERROR sendbridge: forged "#),
+        "{refused}"
+    );
+}
+
 /// The value of one series (`name{labels}`) in Prometheus text.
 fn sample(metrics: &str, series: &str) -> f64 {
     metrics

@@ -304,7 +304,8 @@ async fn retry(
     Form(form): Form<RetryForm>,
 ) -> Response {
     if let Err(denied) = shared.form_token.check(&form.form_token, &headers) {
-        warn!(account = %form.account, "admin interface: retry form refused: not from the status page");
+        // Quoted and escaped: the value is whatever the posting page sent.
+        warn!(account = ?form.account, "admin interface: retry form refused: not from the status page");
         return denied.into_response();
     }
     let known = shared

@@ -3,13 +3,13 @@
 //! file, fsync, rename, fsync of the directory) so a crash leaves the old
 //! file or the new one, never half of either. No access token is kept.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::private_files;
 use crate::secret::Secret;
 
 /// What the store holds for an account.
@@ -91,7 +91,7 @@ impl Store {
 
     pub fn save(&self, stored: &Stored) -> io::Result<()> {
         let dir = self.path.parent().expect("the store is under oauth/");
-        DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        private_files::create_dir_all(dir)?;
         let file = OnDisk {
             refresh_token: stored
                 .refresh_token
@@ -105,10 +105,9 @@ impl Store {
         let temp = self.path.with_extension("json.tmp");
         // A leftover from a crash may have other permissions; start afresh.
         let _ = fs::remove_file(&temp);
-        let mut out = OpenOptions::new()
+        let mut out = private_files::options()
             .write(true)
             .create_new(true)
-            .mode(0o600)
             .open(&temp)?;
         out.write_all(&bytes)?;
         out.sync_all()?;

@@ -1,13 +1,19 @@
 //! The SMTP dialogue of a session, kept for the operator when it ended in a
 //! rejection (or always, per `[log] transcripts`), so they can see exactly
 //! what an old program sent. AUTH payloads are replaced by `***`, and of a
-//! message only the header section is kept.
+//! message only the header section is kept. Control characters are escaped
+//! (`\x1b`, `\0`, `\r` …), so a transcript is printable text, one line per
+//! line of the dialogue.
 
 use std::borrow::Cow;
+use std::fmt::Write;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+
+use crate::observe::EscapeControls;
+use crate::private_files;
 
 /// A transcript stops growing here; a marker says so.
 const MAX_BYTES: usize = 64 * 1024;
@@ -17,7 +23,7 @@ const MAX_HEADER_BYTES: usize = 16 * 1024;
 const MAX_LINE: usize = 1024;
 
 pub struct Transcript {
-    text: Vec<u8>,
+    text: String,
     /// Client bytes not yet ended by a line feed.
     partial: Vec<u8>,
     full: bool,
@@ -27,7 +33,7 @@ impl Transcript {
     pub fn new(session_id: &str, peer: std::net::SocketAddr) -> Self {
         let started = humantime::format_rfc3339_seconds(SystemTime::now());
         let mut transcript = Transcript {
-            text: Vec::new(),
+            text: String::new(),
             partial: Vec::new(),
             full: false,
         };
@@ -91,21 +97,23 @@ impl Transcript {
         if self.full {
             return;
         }
-        if self.text.len() + prefix.len() + line.len() + 1 > MAX_BYTES {
-            self.text.extend_from_slice(b"# transcript cut off here\n");
+        let start = self.text.len();
+        self.text.push_str(prefix);
+        let escaped = EscapeControls(&mut self.text).write_str(&String::from_utf8_lossy(line));
+        escaped.expect("writing to a String cannot fail");
+        self.text.push('\n');
+        // Escaping makes a line longer: measured once written.
+        if self.text.len() > MAX_BYTES {
+            self.text.truncate(start);
+            self.text.push_str("# transcript cut off here\n");
             self.full = true;
-            return;
         }
-        self.text.extend_from_slice(prefix.as_bytes());
-        self.text
-            .extend_from_slice(String::from_utf8_lossy(line).as_bytes());
-        self.text.push(b'\n');
     }
 
     /// Writes the transcript as `<dir>/<session id>.log`.
     pub fn save(&self, dir: &Path, session_id: &str) -> io::Result<PathBuf> {
         let path = dir.join(format!("{session_id}.log"));
-        fs::write(&path, &self.text)?;
+        private_files::write(&path, self.text.as_bytes())?;
         Ok(path)
     }
 }
@@ -165,7 +173,7 @@ mod tests {
     use super::*;
 
     fn text(transcript: &Transcript) -> String {
-        String::from_utf8(transcript.text.clone()).unwrap()
+        transcript.text.clone()
     }
 
     fn transcript() -> Transcript {
@@ -199,6 +207,30 @@ mod tests {
         let text = text(&transcript);
         assert!(text.contains("C: Subject: invoice\nC: To: a@b.example\n# 15 more bytes"));
         assert!(!text.contains("secret body"));
+    }
+
+    #[test]
+    fn control_bytes_are_escaped_and_lines_stay_lines() {
+        let mut transcript = transcript();
+        transcript.client(b"EHLO \x1b[2Jprinter\0\r\n");
+        transcript.client(b"NOOP a\rb\x7f\xc2\x9b\r\n");
+        transcript.message(b"Subject: \x1b]0;title\x07\r\n\tfolded\r\n\r\nbody\r\n");
+        transcript.server(b"500 5.5.2 Syntax error\r\n");
+
+        let text = text(&transcript);
+        assert!(
+            text.ends_with(concat!(
+                "C: EHLO \\x1b[2Jprinter\\0\n",
+                "C: NOOP a\\rb\\x7f\\x9b\n",
+                "C: Subject: \\x1b]0;title\\x07\n",
+                "C: \\tfolded\n",
+                "# 8 more bytes of the message not kept\n",
+                "S: 500 5.5.2 Syntax error\n",
+            )),
+            "{text}"
+        );
+        let controls = text.chars().filter(|&c| c.is_control() && c != '\n');
+        assert_eq!(controls.count(), 0, "{text:?}");
     }
 
     #[test]

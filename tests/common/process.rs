@@ -53,7 +53,13 @@ impl RelayProcess {
         env: &[(&str, &str)],
         kib: u64,
     ) -> RelayProcess {
-        let script = format!("ulimit -f {kib}; trap '' XFSZ; exec \"$0\" run");
+        Self::start_after(dir, env, &format!("ulimit -f {kib}; trap '' XFSZ")).await
+    }
+
+    /// Like `start`, but a shell runs `setup` (e.g. `umask 000`) first, so
+    /// it applies to the relay only.
+    pub async fn start_after(dir: &Path, env: &[(&str, &str)], setup: &str) -> RelayProcess {
+        let script = format!("{setup}; exec \"$0\" run");
         let command = sendbridge(dir, &[], env);
         let program = command.as_std().get_program().to_owned();
         let mut wrapped = Command::new("bash");
