@@ -229,6 +229,17 @@ mod tests {
         whole
     }
 
+    fn check(cases: &[Case], command_end_bare: bool) {
+        for (input, expected) in cases {
+            let expected = expected.map(|(text, bare, used)| (text.to_string(), bare, used));
+            assert_eq!(
+                read(input.as_bytes(), command_end_bare),
+                expected,
+                "{input:?}"
+            );
+        }
+    }
+
     #[test]
     fn crlf_clients_end_only_at_crlf_dot_crlf() {
         let cases: &[Case] = &[
@@ -246,10 +257,7 @@ mod tests {
             ("a\r\n.", None),
             ("a\r\n.\r", None),
         ];
-        for (input, expected) in cases {
-            let expected = expected.map(|(text, bare, used)| (text.to_string(), bare, used));
-            assert_eq!(read(input.as_bytes(), false), expected, "{input:?}");
-        }
+        check(cases, false);
     }
 
     #[test]
@@ -264,9 +272,6 @@ mod tests {
             ("a\n..\n.\n", Some(("a\n..\n", true, 7))),
             ("a\n", None),
         ];
-        for (input, expected) in cases {
-            let expected = expected.map(|(text, bare, used)| (text.to_string(), bare, used));
-            assert_eq!(read(input.as_bytes(), true), expected, "{input:?}");
-        }
+        check(cases, true);
     }
 }
