@@ -1,0 +1,51 @@
+//! The relay out of file descriptors: it pauses accepting instead of
+//! spinning, says so once in a while, keeps serving its open sessions and
+//! accepts again when descriptors free up.
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::RelayProcess;
+use common::smtp::Client;
+use tokio::net::TcpStream;
+
+/// Few enough that a handful of connections exhaust them.
+const DESCRIPTOR_LIMIT: u64 = 64;
+/// How long the relay is watched while it cannot accept.
+const WATCHED: Duration = Duration::from_secs(2);
+
+#[tokio::test]
+async fn out_of_descriptors_the_relay_pauses_accepting_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start_with_descriptor_limit(dir.path(), &[], DESCRIPTOR_LIMIT).await;
+    let mut open_session = Client::connect(relay.addr).await;
+    open_session.expect("EHLO legacy.example", 250).await;
+
+    // More connections than the relay has descriptors for; the kernel
+    // completes them all, the relay cannot accept the last ones.
+    let mut crowd = Vec::new();
+    for _ in 0..DESCRIPTOR_LIMIT {
+        crowd.push(TcpStream::connect(relay.addr).await.unwrap());
+    }
+    relay.wait_for_line("accept failed").await;
+    let cpu_before = relay.cpu_time();
+    tokio::time::sleep(WATCHED).await;
+    let cpu = relay.cpu_time() - cpu_before;
+
+    let failures = relay
+        .log()
+        .iter()
+        .filter(|line| line.contains("accept failed"))
+        .count();
+    let figures = format!("{failures} accept failures logged, {cpu:?} of CPU in {WATCHED:?}");
+    assert!(failures <= 3, "{figures}");
+    assert!(cpu < Duration::from_millis(300), "{figures}");
+    open_session.expect("NOOP", 250).await;
+
+    drop(crowd);
+    let mut newcomer = Client::connect(relay.addr).await;
+    newcomer.expect("EHLO legacy.example", 250).await;
+    let (code, log) = relay.terminate().await;
+    assert_eq!(code, Some(0), "{log:#?}");
+}
