@@ -37,6 +37,7 @@ pub struct Server {
     implicit_tls: Option<TcpListener>,
     ctx: Arc<SessionContext>,
     connections: Arc<Semaphore>,
+    max_connections: usize,
     transcript_limits: (Duration, u64),
     shutdown_grace: Duration,
     /// Cancelled from outside: stop accepting and begin shutting down.
@@ -86,6 +87,7 @@ impl Server {
             plain,
             implicit_tls,
             connections: Arc::new(Semaphore::new(config.server.max_connections)),
+            max_connections: config.server.max_connections,
             transcript_limits: (
                 config.log.transcript_max_age,
                 config.log.transcript_max_bytes,
@@ -238,7 +240,7 @@ impl Server {
             let id = new_session_id();
             let span = tracing::info_span!("session", id = %id, client = %peer);
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                warn!(parent: &span, limit = self.connections.available_permits(), "refused a connection over server.max_connections");
+                warn!(parent: &span, limit = self.max_connections, "refused a connection over server.max_connections");
                 sessions.spawn(refuse_busy(
                     stream,
                     self.ctx.settings().server.command_timeout,
