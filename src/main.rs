@@ -192,6 +192,7 @@ async fn oauth(config: &Config, action: OauthAction) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    sendbridge::lifecycle::raise_descriptor_limit(&config);
     let stop = CancellationToken::new();
     let tokens = sendbridge::upstream::token_service(&config.spool.dir);
     let server = sendbridge::server::Server::bind(&config, stop.clone(), tokens).await?;

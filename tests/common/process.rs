@@ -72,13 +72,13 @@ impl RelayProcess {
         Self::spawn(wrapped).await
     }
 
-    /// Like `start`, but the relay may hold at most `limit` file
-    /// descriptors. Soft and hard limit alike: the relay raises its soft
-    /// limit to the hard one at start.
-    pub async fn start_with_descriptor_limit(
+    /// Like `start`, but with these open-file limits (RLIMIT_NOFILE), as
+    /// `ulimit -Sn SOFT -Hn HARD` would set.
+    pub async fn start_with_descriptor_limits(
         dir: &Path,
         env: &[(&str, &str)],
-        limit: u64,
+        soft: u64,
+        hard: u64,
     ) -> RelayProcess {
         let mut command = sendbridge(dir, &["run"], env);
         // SAFETY: between fork and exec only setrlimit(2) runs, which is
@@ -86,8 +86,8 @@ impl RelayProcess {
         unsafe {
             command.pre_exec(move || {
                 let rlimit = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
+                    rlim_cur: soft,
+                    rlim_max: hard,
                 };
                 match libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) {
                     0 => Ok(()),
