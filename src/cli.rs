@@ -10,6 +10,7 @@ use rustls::ProtocolVersion;
 use crate::admin::client::AdminClient;
 use crate::admin::status::{Readiness, Status, format_time};
 use crate::config::{AccountConfig, Config};
+use crate::policy::open_relay_warnings;
 use crate::provider_replies::diagnose;
 use crate::secret::Secret;
 use crate::session::hash_password;
@@ -267,6 +268,9 @@ fn summarise(config: &Config) {
             config.server.default_account.as_deref().unwrap_or("-"),
             config.server.trusted_networks
         );
+    }
+    for warning in open_relay_warnings(&config.server.trusted_networks) {
+        println!("warning: {warning}");
     }
 }
 
