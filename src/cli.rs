@@ -9,7 +9,7 @@ use rustls::ProtocolVersion;
 
 use crate::admin::client::AdminClient;
 use crate::admin::status::{Readiness, Status, format_time};
-use crate::config::{AccountConfig, Config};
+use crate::config::{AccountConfig, Config, UpstreamTls};
 use crate::policy::open_relay_warnings;
 use crate::provider_replies::diagnose;
 use crate::secret::Secret;
@@ -62,7 +62,8 @@ pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
         .collect();
     let mut rows = Vec::new();
     for (((_, account), upstream), attempt) in accounts.into_iter().zip(&upstreams).zip(attempts) {
-        rows.push(CheckRow::new(upstream, account, attempt.await?));
+        let (tls_version, result) = attempt.await?;
+        rows.push(CheckRow::new(upstream, account, tls_version, result));
     }
     print!("\n{}", check_table(&rows));
     let failed = rows.iter().filter(|row| row.auth != "ok").count();
@@ -99,12 +100,18 @@ fn accounts_to_check<'a>(
 }
 
 /// Connects, secures, signs in and says goodbye: what `run` does before
-/// its first message. The TLS version negotiated on success.
-async fn sign_in(upstream: Arc<Upstream>) -> Result<Option<ProtocolVersion>, Outcome> {
-    let connection = upstream.connect().await?;
-    let version = connection.tls_version();
-    connection.quit().await;
-    Ok(version)
+/// its first message. The TLS version negotiated, also when signing in
+/// then failed.
+async fn sign_in(upstream: Arc<Upstream>) -> (Option<ProtocolVersion>, Result<(), Outcome>) {
+    let mut tls_version = None;
+    let result = match upstream.connect_noting_tls(&mut tls_version).await {
+        Ok(connection) => {
+            connection.quit().await;
+            Ok(())
+        }
+        Err(outcome) => Err(outcome),
+    };
+    (tls_version, result)
 }
 
 /// One account's line in the `check` table.
@@ -123,24 +130,17 @@ impl CheckRow {
     fn new(
         upstream: &Upstream,
         account: &AccountConfig,
-        result: Result<Option<ProtocolVersion>, Outcome>,
+        tls_version: Option<ProtocolVersion>,
+        result: Result<(), Outcome>,
     ) -> Self {
-        let (tls, auth, detail, hint) = match result {
-            Ok(version) => (
-                tls_name(version),
-                "ok",
-                format!("signed in as {}", account.username),
-                None,
-            ),
-            Err(outcome) => {
-                let (auth, detail, hint) = failure(upstream, outcome);
-                ("-".to_string(), auth, detail, hint)
-            }
+        let (auth, detail, hint) = match result {
+            Ok(()) => ("ok", format!("signed in as {}", account.username), None),
+            Err(outcome) => failure(upstream, outcome),
         };
         CheckRow {
             account: upstream.name().to_string(),
             server: format!("{}:{}", account.host, account.port),
-            tls,
+            tls: tls_name(tls_version, account.tls_mode()),
             auth,
             detail,
             hint,
@@ -185,13 +185,15 @@ fn failure(upstream: &Upstream, outcome: Outcome) -> (&'static str, String, Opti
     }
 }
 
-/// "TLSv1.3" as operators write it (rustls spells it `TLSv1_3`).
-fn tls_name(version: Option<ProtocolVersion>) -> String {
-    match version {
-        None => "none".to_string(),
-        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-        Some(other) => format!("{other:?}"),
+/// "TLSv1.3" as operators write it (rustls spells it `TLSv1_3`); "none"
+/// for an account without TLS, "-" when the attempt ended before TLS.
+fn tls_name(version: Option<ProtocolVersion>, mode: UpstreamTls) -> String {
+    match (version, mode) {
+        (Some(ProtocolVersion::TLSv1_3), _) => "TLSv1.3".to_string(),
+        (Some(ProtocolVersion::TLSv1_2), _) => "TLSv1.2".to_string(),
+        (Some(other), _) => format!("{other:?}"),
+        (None, UpstreamTls::None) => "none".to_string(),
+        (None, _) => "-".to_string(),
     }
 }
 

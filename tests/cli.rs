@@ -206,7 +206,12 @@ async fn check_with_a_wrong_password_shows_the_reply_and_the_key_to_fix() {
     let (code, stdout, stderr) = check(dir.path(), &[]).await;
 
     assert_eq!(code, Some(1), "{stdout}{stderr}");
-    assert_eq!(row(&stdout, "work")[2..4], ["-", "refused"], "{stdout}");
+    // TLS was negotiated before the sign-in was refused.
+    assert_eq!(
+        row(&stdout, "work")[2..4],
+        ["TLSv1.3", "refused"],
+        "{stdout}"
+    );
     // Gmail's whole reply, its lines ("535-5.7.8 ...") joined.
     let text: Vec<_> = gmail::BAD_CREDENTIALS
         .lines()
@@ -240,6 +245,7 @@ async fn check_names_ca_file_for_an_untrusted_certificate() {
     let (code, stdout, stderr) = check(dir.path(), &[]).await;
 
     assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert_eq!(row(&stdout, "work")[2], "-", "no TLS: {stdout}");
     let row = row(&stdout, "work").join(" ");
     assert!(row.contains("certificate is not trusted"), "{stdout}");
     assert!(row.contains("accounts.work.ca_file"), "{stdout}");
