@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::outln;
 use crate::server::Reloader;
 
 const PID_FILE: &str = "sendbridge.pid";
@@ -140,9 +141,7 @@ pub fn signal_reload(config: &Config) -> anyhow::Result<()> {
             path.display()
         );
     }
-    println!(
-        "asked the relay (pid {pid}) to reload its configuration; its log says whether it did"
-    );
+    outln!("asked the relay (pid {pid}) to reload its configuration; its log says whether it did")?;
     Ok(())
 }
 

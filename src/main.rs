@@ -5,7 +5,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use sendbridge::cli::StdoutClosed;
 use sendbridge::config::Config;
+use sendbridge::outln;
 
 #[derive(Parser)]
 #[command(
@@ -154,17 +156,17 @@ fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
             };
             let retried = queue_retry(&spool, target)?;
             for skipped in &retried.skipped {
-                println!("{skipped}");
+                outln!("{skipped}")?;
             }
-            println!(
+            outln!(
                 "{} message(s) due now; the running relay sends them within delivery.scan_interval",
                 retried.due
-            );
+            )?;
             Ok(())
         }
         QueueAction::Delete { id } => {
             queue_delete(&spool, &id)?;
-            println!("deleted {id}");
+            outln!("deleted {id}")?;
             Ok(())
         }
     }
@@ -209,9 +211,14 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a shell reports for a program that SIGPIPE ended, as it ends
+/// other programs whose reader went away (`| head`).
+const EXIT_STDOUT_CLOSED: u8 = 128 + libc::SIGPIPE as u8;
+
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is::<StdoutClosed>() => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(err) => {
             eprintln!("sendbridge: {err:#}");
             ExitCode::FAILURE
