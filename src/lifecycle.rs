@@ -1,6 +1,7 @@
 //! Signals a running relay answers: SIGTERM/SIGINT shut it down gracefully,
 //! SIGHUP reloads its configuration. `sendbridge reload` finds the relay
 //! through a pid file in the spool directory and sends it SIGHUP.
+//! At start, the relay takes as many file descriptors as it may.
 
 use std::fs;
 use std::io;
