@@ -1,6 +1,6 @@
 //! Subcommands besides `run`.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -9,12 +9,45 @@ use rustls::ProtocolVersion;
 
 use crate::admin::client::AdminClient;
 use crate::admin::status::{Readiness, Status, format_time};
-use crate::config::{AccountConfig, Config};
+use crate::config::{AccountConfig, Config, UpstreamTls};
+use crate::policy::open_relay_warnings;
 use crate::provider_replies::diagnose;
 use crate::secret::Secret;
 use crate::session::hash_password;
 use crate::spool::{Envelope, Spool, State, unix_millis};
 use crate::upstream::{Outcome, Upstream, token_service};
+
+/// `println!` for command output, but a reader that went away
+/// (`sendbridge queue list | head`) is an error, [`StdoutClosed`], where
+/// `println!` would panic.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` as [`outln!`] is `println!`.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// Nobody reads the command's output any more: it may end quietly.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+pub struct StdoutClosed;
+
+/// Writes to stdout at once; a closed pipe becomes [`StdoutClosed`].
+pub fn write_stdout(text: std::fmt::Arguments) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        written => written.context("writing to stdout"),
+    }
+}
 
 /// `health` runs as a container health check: it must answer quickly.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -35,7 +68,7 @@ pub fn hash_password_from_stdin() -> anyhow::Result<()> {
             "no password on stdin; e.g. `printf %s 'old-password' | sendbridge hash-password`"
         );
     }
-    println!("{}", hash_password(&Secret::new(password))?);
+    outln!("{}", hash_password(&Secret::new(password))?)?;
     Ok(())
 }
 
@@ -50,9 +83,9 @@ pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
         .map(|(name, account)| Upstream::new(name, account, &config.server.hostname, &tokens))
         .map(|upstream| upstream.map(Arc::new))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    summarise(config);
+    summarise(config)?;
     if upstreams.is_empty() {
-        println!("\nno upstream account to sign in to");
+        outln!("\nno upstream account to sign in to")?;
         return Ok(());
     }
     let attempts: Vec<_> = upstreams
@@ -61,9 +94,10 @@ pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
         .collect();
     let mut rows = Vec::new();
     for (((_, account), upstream), attempt) in accounts.into_iter().zip(&upstreams).zip(attempts) {
-        rows.push(CheckRow::new(upstream, account, attempt.await?));
+        let (tls_version, result) = attempt.await?;
+        rows.push(CheckRow::new(upstream, account, tls_version, result));
     }
-    print!("\n{}", check_table(&rows));
+    out!("\n{}", check_table(&rows))?;
     let failed = rows.iter().filter(|row| row.auth != "ok").count();
     anyhow::ensure!(
         failed == 0,
@@ -98,12 +132,18 @@ fn accounts_to_check<'a>(
 }
 
 /// Connects, secures, signs in and says goodbye: what `run` does before
-/// its first message. The TLS version negotiated on success.
-async fn sign_in(upstream: Arc<Upstream>) -> Result<Option<ProtocolVersion>, Outcome> {
-    let connection = upstream.connect().await?;
-    let version = connection.tls_version();
-    connection.quit().await;
-    Ok(version)
+/// its first message. The TLS version negotiated, also when signing in
+/// then failed.
+async fn sign_in(upstream: Arc<Upstream>) -> (Option<ProtocolVersion>, Result<(), Outcome>) {
+    let mut tls_version = None;
+    let result = match upstream.connect_noting_tls(&mut tls_version).await {
+        Ok(connection) => {
+            connection.quit().await;
+            Ok(())
+        }
+        Err(outcome) => Err(outcome),
+    };
+    (tls_version, result)
 }
 
 /// One account's line in the `check` table.
@@ -122,24 +162,17 @@ impl CheckRow {
     fn new(
         upstream: &Upstream,
         account: &AccountConfig,
-        result: Result<Option<ProtocolVersion>, Outcome>,
+        tls_version: Option<ProtocolVersion>,
+        result: Result<(), Outcome>,
     ) -> Self {
-        let (tls, auth, detail, hint) = match result {
-            Ok(version) => (
-                tls_name(version),
-                "ok",
-                format!("signed in as {}", account.username),
-                None,
-            ),
-            Err(outcome) => {
-                let (auth, detail, hint) = failure(upstream, outcome);
-                ("-".to_string(), auth, detail, hint)
-            }
+        let (auth, detail, hint) = match result {
+            Ok(()) => ("ok", format!("signed in as {}", account.username), None),
+            Err(outcome) => failure(upstream, outcome),
         };
         CheckRow {
             account: upstream.name().to_string(),
             server: format!("{}:{}", account.host, account.port),
-            tls,
+            tls: tls_name(tls_version, account.tls_mode()),
             auth,
             detail,
             hint,
@@ -184,13 +217,15 @@ fn failure(upstream: &Upstream, outcome: Outcome) -> (&'static str, String, Opti
     }
 }
 
-/// "TLSv1.3" as operators write it (rustls spells it `TLSv1_3`).
-fn tls_name(version: Option<ProtocolVersion>) -> String {
-    match version {
-        None => "none".to_string(),
-        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-        Some(other) => format!("{other:?}"),
+/// "TLSv1.3" as operators write it (rustls spells it `TLSv1_3`); "none"
+/// for an account without TLS, "-" when the attempt ended before TLS.
+fn tls_name(version: Option<ProtocolVersion>, mode: UpstreamTls) -> String {
+    match (version, mode) {
+        (Some(ProtocolVersion::TLSv1_3), _) => "TLSv1.3".to_string(),
+        (Some(ProtocolVersion::TLSv1_2), _) => "TLSv1.2".to_string(),
+        (Some(other), _) => format!("{other:?}"),
+        (None, UpstreamTls::None) => "none".to_string(),
+        (None, _) => "-".to_string(),
     }
 }
 
@@ -239,35 +274,39 @@ pub(crate) fn table<S: AsRef<str>, const N: usize>(
     table
 }
 
-fn summarise(config: &Config) {
-    println!("configuration is valid");
-    println!("listen: {}", config.server.listen);
+fn summarise(config: &Config) -> anyhow::Result<()> {
+    outln!("configuration is valid")?;
+    outln!("listen: {}", config.server.listen)?;
     if let Some(tls) = config.server.listen_tls {
-        println!("listen_tls: {tls}");
+        outln!("listen_tls: {tls}")?;
     }
     for (name, account) in &config.accounts {
-        println!(
+        outln!(
             "account {name}: {}@{}:{} ({:?}), sender {}",
             account.username,
             account.host,
             account.port,
             account.tls_mode(),
             account.sender()
-        );
+        )?;
     }
     for (name, user) in &config.users {
-        println!(
+        outln!(
             "user {name}: sends through {}",
             user.account.as_deref().unwrap_or("-")
-        );
+        )?;
     }
     if !config.server.trusted_networks.is_empty() {
-        println!(
+        outln!(
             "trusted networks (no AUTH, account {}): {:?}",
             config.server.default_account.as_deref().unwrap_or("-"),
             config.server.trusted_networks
-        );
+        )?;
     }
+    for warning in open_relay_warnings(&config.server.trusted_networks) {
+        outln!("warning: {warning}")?;
+    }
+    Ok(())
 }
 
 /// `sendbridge health [--ready]`: asks the running relay's admin interface
@@ -277,7 +316,7 @@ pub fn health(config: &Config, ready: bool) -> anyhow::Result<()> {
     let path = if ready { "/readyz" } else { "/healthz" };
     let answer = AdminClient::new(&config.admin, HEALTH_TIMEOUT)?.get(path)?;
     if answer.status == 200 {
-        println!("{}", if ready { "ready" } else { "ok" });
+        outln!("{}", if ready { "ready" } else { "ok" })?;
         return Ok(());
     }
     let reason = match serde_json::from_str::<Readiness>(&answer.body) {
@@ -298,7 +337,7 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
     );
     let status: Status =
         serde_json::from_str(&answer.body).context("/status.json answered something else")?;
-    print!("{}", status_tables(&status));
+    out!("{}", status_tables(&status))?;
     Ok(())
 }
 
@@ -393,20 +432,27 @@ pub fn queue_list(spool: &Spool, json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|(state, envelope)| serde_json::json!({ "state": state, "envelope": envelope }))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        outln!("{}", serde_json::to_string_pretty(&entries)?)?;
         return Ok(());
     }
     if rows.is_empty() {
-        println!("the queue is empty");
+        outln!("the queue is empty")?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<20}  {:<8}  {:<10}  {:<28}  {:>4}  {:>9}  {:>6}  {:>4}  LAST REPLY",
-        "ID", "STATE", "ACCOUNT", "FROM", "RCPT", "SIZE", "AGE", "TRY"
-    );
+        "ID",
+        "STATE",
+        "ACCOUNT",
+        "FROM",
+        "RCPT",
+        "SIZE",
+        "AGE",
+        "TRY"
+    )?;
     let now = unix_millis();
     for (state, envelope) in rows {
-        println!(
+        outln!(
             "{:<20}  {:<8}  {:<10}  {:<28}  {:>4}  {:>9}  {:>6}  {:>4}  {}",
             envelope.id,
             state,
@@ -417,7 +463,7 @@ pub fn queue_list(spool: &Spool, json: bool) -> anyhow::Result<()> {
             age(now.saturating_sub(envelope.received_at)),
             envelope.attempts,
             envelope.last_reply.as_deref().unwrap_or("-"),
-        );
+        )?;
     }
     Ok(())
 }
@@ -426,41 +472,41 @@ pub fn queue_list(spool: &Spool, json: bool) -> anyhow::Result<()> {
 pub fn queue_show(spool: &Spool, id: &str) -> anyhow::Result<()> {
     let state = find(spool, id)?;
     let envelope = spool.read_envelope(state, id)?;
-    println!("id:         {}", envelope.id);
-    println!("state:      {state}");
-    println!("account:    {}", envelope.account);
-    println!("from:       {}", envelope.mail_from);
-    println!("recipients: {}", envelope.recipients.join(", "));
-    println!("size:       {} bytes", envelope.size);
-    println!(
+    outln!("id:         {}", envelope.id)?;
+    outln!("state:      {state}")?;
+    outln!("account:    {}", envelope.account)?;
+    outln!("from:       {}", envelope.mail_from)?;
+    outln!("recipients: {}", envelope.recipients.join(", "))?;
+    outln!("size:       {} bytes", envelope.size)?;
+    outln!(
         "client:     {} (user {}, session {})",
         envelope.client,
         envelope.user.as_deref().unwrap_or("-"),
         envelope.session_id
-    );
-    println!("attempts:   {}", envelope.attempts);
-    println!(
+    )?;
+    outln!("attempts:   {}", envelope.attempts)?;
+    outln!(
         "last reply: {}",
         envelope.last_reply.as_deref().unwrap_or("-")
-    );
-    println!("\nhistory:");
+    )?;
+    outln!("\nhistory:")?;
     for event in &envelope.history {
-        println!(
+        outln!(
             "  {}  {}",
             humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(event.at)),
             event.what
-        );
+        )?;
     }
-    println!("\nheaders:");
+    outln!("\nheaders:")?;
     let message = spool.read_message(id)?;
     let end = message
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map_or(message.len(), |at| at + 2);
-    print!(
+    out!(
         "{}",
         String::from_utf8_lossy(&message[..end.min(64 * 1024)])
-    );
+    )?;
     Ok(())
 }
 

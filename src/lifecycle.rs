@@ -1,6 +1,7 @@
 //! Signals a running relay answers: SIGTERM/SIGINT shut it down gracefully,
 //! SIGHUP reloads its configuration. `sendbridge reload` finds the relay
 //! through a pid file in the spool directory and sends it SIGHUP.
+//! At start, the relay takes as many file descriptors as it may.
 
 use std::fs;
 use std::io;
@@ -9,13 +10,66 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::outln;
 use crate::private_files;
 use crate::server::Reloader;
 
 const PID_FILE: &str = "sendbridge.pid";
+/// Descriptors besides one per client and upstream connection: listeners,
+/// the runtime, the log, admin clients, spool files being written.
+const DESCRIPTOR_MARGIN: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one (services often start
+/// with 1024) and warns when even that is short of what the configured
+/// connections need: out of descriptors, the relay cannot accept.
+pub fn raise_descriptor_limit(config: &Config) {
+    let needed = descriptors_needed(config);
+    match raise_soft_nofile() {
+        Ok(limit) if limit < needed => warn!(
+            limit,
+            needed,
+            max_connections = config.server.max_connections,
+            "the open-file limit is below what server.max_connections and the accounts' max_connections need: lower server.max_connections, or raise the limit (ulimit -n, systemd LimitNOFILE=, docker run --ulimit nofile=)"
+        ),
+        Ok(_) => {}
+        Err(err) => warn!(error = %err, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
+    }
+}
+
+/// One descriptor per client connection and per upstream connection, and
+/// the margin.
+fn descriptors_needed(config: &Config) -> u64 {
+    let upstream: usize = config.accounts.values().map(|a| a.max_connections).sum();
+    (config.server.max_connections + upstream) as u64 + DESCRIPTOR_MARGIN
+}
+
+/// Sets the soft RLIMIT_NOFILE to the hard one; the soft limit now.
+fn raise_soft_nofile() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                ..limit
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            limit = raised;
+        }
+    }
+    Ok(limit.rlim_cur)
+}
 
 /// Large buffers (messages being received or delivered) go back to the
 /// system when freed. glibc raises its mmap threshold after the first such
@@ -102,8 +156,33 @@ pub fn signal_reload(config: &Config) -> anyhow::Result<()> {
             path.display()
         );
     }
-    println!(
-        "asked the relay (pid {pid}) to reload its configuration; its log says whether it did"
-    );
+    outln!("asked the relay (pid {pid}) to reload its configuration; its log says whether it did")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_needed_count_client_and_upstream_connections() {
+        let accounts = r#"
+            [accounts.gmail]
+            username = "me@gmail.com"
+            password = "abcdabcdabcdabcd"
+            max_connections = 3
+            [accounts.m365]
+            username = "me@example.com"
+            password = "abcdabcdabcdabcd"
+        "#;
+        let cases = [
+            ("", 1000 + 64),
+            ("[server]\nmax_connections = 100", 100 + 64),
+            (accounts, 1000 + 3 + 4 + 64),
+        ];
+        for (toml, needed) in cases {
+            let config = Config::from_toml(toml).unwrap();
+            assert_eq!(descriptors_needed(&config), needed, "{toml}");
+        }
+    }
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use sendbridge::cli::StdoutClosed;
 use sendbridge::config::Config;
+use sendbridge::outln;
 
 #[derive(Parser)]
 #[command(
@@ -121,7 +123,6 @@ fn main() -> ExitCode {
             report(runtime.block_on(sendbridge::cli::check(&config, account.as_deref())))
         }
         Command::Run => {
-            sendbridge::lifecycle::return_large_buffers_to_the_system();
             sendbridge::tls::install_crypto_provider();
             sendbridge::observe::init_tracing(&config.log);
             sendbridge::admin::metrics::install(&config.admin);
@@ -155,17 +156,17 @@ fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
             };
             let retried = queue_retry(&spool, target)?;
             for skipped in &retried.skipped {
-                println!("{skipped}");
+                outln!("{skipped}")?;
             }
-            println!(
+            outln!(
                 "{} message(s) due now; the running relay sends them within delivery.scan_interval",
                 retried.due
-            );
+            )?;
             Ok(())
         }
         QueueAction::Delete { id } => {
             queue_delete(&spool, &id)?;
-            println!("deleted {id}");
+            outln!("deleted {id}")?;
             Ok(())
         }
     }
@@ -193,6 +194,8 @@ async fn oauth(config: &Config, action: OauthAction) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    sendbridge::lifecycle::raise_descriptor_limit(&config);
+    sendbridge::lifecycle::return_large_buffers_to_the_system();
     let stop = CancellationToken::new();
     let tokens = sendbridge::upstream::token_service(&config.spool.dir);
     let server = sendbridge::server::Server::bind(&config, stop.clone(), tokens).await?;
@@ -209,9 +212,14 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a shell reports for a program that SIGPIPE ended, as it ends
+/// other programs whose reader went away (`| head`).
+const EXIT_STDOUT_CLOSED: u8 = 128 + libc::SIGPIPE as u8;
+
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is::<StdoutClosed>() => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(err) => {
             eprintln!("sendbridge: {err:#}");
             ExitCode::FAILURE

@@ -4,7 +4,8 @@
 
 use std::net::IpAddr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
+use tracing::warn;
 
 use crate::config::Config;
 use crate::reply::Reply;
@@ -15,13 +16,27 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Warns about trusted networks that trust everyone: built at start and
+    /// at each reload, so the warning comes with every configuration.
     pub fn new(config: &Config) -> Self {
+        for warning in open_relay_warnings(&config.server.trusted_networks) {
+            warn!("{warning}");
+        }
+        Policy::trusting(
+            &config.server.trusted_networks,
+            config.server.default_account.clone(),
+        )
+    }
+
+    fn trusting(networks: &[IpNet], default_account: Option<String>) -> Self {
         Policy {
-            trusted_networks: config.server.trusted_networks.clone(),
-            default_account: config.server.default_account.clone(),
+            trusted_networks: networks.iter().copied().map(canonical).collect(),
+            default_account,
         }
     }
 
+    /// Both sides compare in canonical form: a client of a dual-stack
+    /// listener arrives as `::ffff:a.b.c.d`, and a network may be written so.
     pub fn is_trusted(&self, client: IpAddr) -> bool {
         let client = client.to_canonical();
         self.trusted_networks
@@ -48,14 +63,102 @@ impl Policy {
     }
 }
 
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4
+/// network it stands for (`10.0.0.0/8`); any other network as it is.
+fn canonical(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else {
+        return net;
+    };
+    match v6.addr().to_ipv4_mapped() {
+        Some(v4) if v6.prefix_len() >= 96 => {
+            IpNet::V4(Ipv4Net::new(v4, v6.prefix_len() - 96).expect("a prefix of at most 32"))
+        }
+        _ => net,
+    }
+}
+
+/// One sentence for each trusted network that trusts every client (of its
+/// address family): anyone who can reach the port may relay through it.
+pub fn open_relay_warnings(networks: &[IpNet]) -> Vec<String> {
+    networks
+        .iter()
+        .map(|&net| (net, canonical(net)))
+        .filter(|(_, canonical)| canonical.prefix_len() == 0)
+        .map(|(net, canonical)| {
+            let family = match canonical {
+                IpNet::V4(_) => "IPv4",
+                IpNet::V6(_) => "IPv6",
+            };
+            format!(
+                "server.trusted_networks: {net} makes every {family} client trusted, an open relay for anyone who can reach the port; list only the networks of the sending programs"
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn networks(written: &[&str]) -> Vec<IpNet> {
+        written.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
     fn policy_with(trusted: &[&str], default: Option<&str>) -> Policy {
-        Policy {
-            trusted_networks: trusted.iter().map(|n| n.parse().unwrap()).collect(),
-            default_account: default.map(str::to_string),
+        Policy::trusting(&networks(trusted), default.map(str::to_string))
+    }
+
+    #[test]
+    fn mapped_addresses_compare_as_ipv4_on_both_sides() {
+        // (trusted network, client, trusted)
+        let cases = [
+            ("::ffff:127.0.0.2/128", "127.0.0.2", true),
+            ("::ffff:127.0.0.2/128", "::ffff:127.0.0.2", true),
+            ("::ffff:127.0.0.2/128", "127.0.0.3", false),
+            ("::ffff:10.0.0.0/104", "10.1.2.3", true),
+            ("::ffff:10.0.0.0/104", "11.1.2.3", false),
+            ("10.0.0.0/8", "::ffff:10.1.2.3", true),
+            ("10.0.0.0/8", "::ffff:11.1.2.3", false),
+            ("127.0.0.1/32", "::1", false),
+            ("::1/128", "127.0.0.1", false),
+            ("::1/128", "::1", true),
+            ("2001:db8::/32", "2001:db8::7", true),
+            ("2001:db8::/32", "192.0.2.7", false),
+        ];
+        for (network, client, trusted) in cases {
+            let policy = policy_with(&[network], None);
+            assert_eq!(
+                policy.is_trusted(client.parse().unwrap()),
+                trusted,
+                "{network} trusts {client}"
+            );
+        }
+    }
+
+    #[test]
+    fn networks_that_trust_everyone_are_warned_about() {
+        // (trusted networks, warnings naming ...)
+        let cases: [(&[&str], &[&str]); 5] = [
+            (&["0.0.0.0/0"], &["0.0.0.0/0 makes every IPv4 client"]),
+            (&["::/0"], &["::/0 makes every IPv6 client"]),
+            (
+                &["::ffff:0.0.0.0/96"],
+                &["::ffff:0.0.0.0/96 makes every IPv4 client"],
+            ),
+            (&["10.0.0.0/8", "::1/128", "0.0.0.0/1"], &[]),
+            (&[], &[]),
+        ];
+        for (trusted, expected) in cases {
+            let warnings = open_relay_warnings(&networks(trusted));
+            assert_eq!(warnings.len(), expected.len(), "{trusted:?}: {warnings:?}");
+            for (warning, expected) in warnings.iter().zip(expected) {
+                assert!(
+                    warning.starts_with("server.trusted_networks: ")
+                        && warning.contains(expected)
+                        && warning.contains("open relay"),
+                    "{warning}"
+                );
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
@@ -24,12 +25,19 @@ use crate::upstream::TokenSource;
 /// After the grace period, how long sessions get to say 421 and close.
 const SESSION_CLOSE_BOUND: Duration = Duration::from_secs(5);
 const TRANSCRIPT_CLEANING_INTERVAL: Duration = Duration::from_secs(3600);
+/// After a failed accept the listener rests this long, doubling up to
+/// `ACCEPT_PAUSE_MAX` while accepts keep failing (as Go's net/http does).
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// At most one "accept failed" line per this interval.
+const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Server {
     plain: TcpListener,
     implicit_tls: Option<TcpListener>,
     ctx: Arc<SessionContext>,
     connections: Arc<Semaphore>,
+    max_connections: usize,
     transcript_limits: (Duration, u64),
     shutdown_grace: Duration,
     /// Cancelled from outside: stop accepting and begin shutting down.
@@ -79,6 +87,7 @@ impl Server {
             plain,
             implicit_tls,
             connections: Arc::new(Semaphore::new(config.server.max_connections)),
+            max_connections: config.server.max_connections,
             transcript_limits: (
                 config.log.transcript_max_age,
                 config.log.transcript_max_bytes,
@@ -204,16 +213,26 @@ impl Server {
         implicit_tls: bool,
         sessions: &TaskTracker,
     ) {
+        let mut failures = AcceptFailures::default();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = self.stop.cancelled() => return,
             };
             let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    failures.succeeded();
+                    accepted
+                }
                 Err(err) => {
-                    // Typically EMFILE: keep serving the open sessions.
-                    warn!(error = %err, "accept failed");
+                    // Typically EMFILE: the connection stays in the backlog
+                    // and accepting again at once fails again. Rest, and
+                    // keep serving the open sessions meanwhile.
+                    let pause = failures.failed(&err, Instant::now());
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
                     continue;
                 }
             };
@@ -221,7 +240,7 @@ impl Server {
             let id = new_session_id();
             let span = tracing::info_span!("session", id = %id, client = %peer);
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                warn!(parent: &span, limit = self.connections.available_permits(), "refused a connection over server.max_connections");
+                warn!(parent: &span, limit = self.max_connections, "refused a connection over server.max_connections");
                 sessions.spawn(refuse_busy(
                     stream,
                     self.ctx.settings().server.command_timeout,
@@ -237,6 +256,63 @@ impl Server {
                 .instrument(span),
             );
         }
+    }
+}
+
+/// A listener's run of failed accepts: how long to rest after each, and
+/// when to say so.
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    /// The rest after the last failure; zero after a success.
+    pause: Duration,
+    /// When the last "accept failed" line was logged, during this run.
+    warned_at: Option<Instant>,
+    /// Failures since that line.
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    /// Logs at most one line per `ACCEPT_WARNING_INTERVAL`, with the count
+    /// of failures since the last; returns how long to rest.
+    fn failed(&mut self, err: &std::io::Error, now: Instant) -> Duration {
+        let (pause, suppressed) = self.next(now);
+        if let Some(suppressed) = suppressed {
+            let out_of_descriptors =
+                matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+            let hint = out_of_descriptors.then_some(
+                "out of file descriptors: raise the open-file limit (ulimit -n, systemd LimitNOFILE=) or lower server.max_connections",
+            );
+            warn!(
+                error = %err,
+                suppressed,
+                pause_ms = pause.as_millis() as u64,
+                hint,
+                "accept failed; open sessions go on, new connections wait"
+            );
+        }
+        pause
+    }
+
+    /// The decision of `failed`: the rest, and whether to log (with the
+    /// number of failures not logged since the last line).
+    fn next(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        self.pause = (self.pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
+        let due = self
+            .warned_at
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_WARNING_INTERVAL);
+        if !due {
+            self.unlogged += 1;
+            return (self.pause, None);
+        }
+        self.warned_at = Some(now);
+        (self.pause, Some(std::mem::take(&mut self.unlogged)))
+    }
+
+    fn succeeded(&mut self) {
+        if self.warned_at.is_some() {
+            info!(suppressed = self.unlogged, "accept works again");
+        }
+        *self = AcceptFailures::default();
     }
 }
 
@@ -394,6 +470,34 @@ mod tests {
         [users.invoices]
         password = "old-password"
     "#;
+
+    #[test]
+    fn failed_accepts_rest_longer_each_time_and_are_logged_once_per_interval() {
+        let start = Instant::now();
+        let mut failures = AcceptFailures::default();
+        let ms = Duration::from_millis;
+        // (milliseconds since the first failure, rest, failures to log)
+        let expected = [
+            (0, ms(10), Some(0)),
+            (10, ms(20), None),
+            (30, ms(40), None),
+            (70, ms(80), None),
+            (150, ms(160), None),
+            (310, ms(320), None),
+            (630, ms(640), None),
+            (1270, ms(1000), None),
+            (2270, ms(1000), None),
+            (10_000, ms(1000), Some(8)),
+            (11_000, ms(1000), None),
+        ];
+        for (at, pause, logged) in expected {
+            assert_eq!(failures.next(start + ms(at)), (pause, logged), "at {at} ms");
+        }
+
+        failures.succeeded();
+        let later = start + Duration::from_secs(12);
+        assert_eq!(failures.next(later), (ms(10), Some(0)), "a new run");
+    }
 
     #[test]
     fn a_reload_names_what_waits_for_a_restart() {

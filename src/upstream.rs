@@ -123,17 +123,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// handshake plus AUTH per message is the main cost of a relay.
 pub struct Connection {
     client: SmtpClient<Box<dyn Stream>>,
-    tls_version: Option<ProtocolVersion>,
     messages: usize,
 }
 
 impl Connection {
-    /// The TLS protocol version negotiated; `None` for an account with
-    /// `tls = "none"`.
-    pub fn tls_version(&self) -> Option<ProtocolVersion> {
-        self.tls_version
-    }
-
     /// Says goodbye; the connection is gone either way.
     pub async fn quit(mut self) {
         let _ = self.client.cmd(b"QUIT\r\n").await;
@@ -225,11 +218,27 @@ impl Upstream {
 
     /// Connects, secures and signs in. The error is the attempt's outcome.
     pub async fn connect(&self) -> Result<Connection, Outcome> {
+        self.connect_noting_tls(&mut None).await
+    }
+
+    /// Like `connect`, and notes in `tls_version` the TLS version as soon
+    /// as it is negotiated, so that a failed sign-in still shows it. It
+    /// stays `None` without TLS (`tls = "none"`, or failed before).
+    pub async fn connect_noting_tls(
+        &self,
+        tls_version: &mut Option<ProtocolVersion>,
+    ) -> Result<Connection, Outcome> {
         match &self.sign_in {
-            SignIn::Password(credentials) => self.connect_with(Auth::Password(credentials)).await,
+            SignIn::Password(credentials) => {
+                self.connect_with(Auth::Password(credentials), tls_version)
+                    .await
+            }
             SignIn::OAuth2 {
                 username, tokens, ..
-            } => self.connect_with_token(username, tokens.as_ref()).await,
+            } => {
+                self.connect_with_token(username, tokens.as_ref(), tls_version)
+                    .await
+            }
         }
     }
 
@@ -240,15 +249,19 @@ impl Upstream {
         &self,
         username: &str,
         tokens: &dyn AccessTokens,
+        tls_version: &mut Option<ProtocolVersion>,
     ) -> Result<Connection, Outcome> {
         let mut refusal = None;
         for _ in 0..2 {
             let token = self.access_token(tokens).await?;
             match self
-                .connect_with(Auth::XOAuth2 {
-                    username,
-                    token: &token,
-                })
+                .connect_with(
+                    Auth::XOAuth2 {
+                        username,
+                        token: &token,
+                    },
+                    tls_version,
+                )
                 .await
             {
                 Err(refused @ Outcome::AuthFailed(_)) => {
@@ -272,8 +285,13 @@ impl Upstream {
         }
     }
 
-    async fn connect_with(&self, auth: Auth<'_>) -> Result<Connection, Outcome> {
-        let outcome = match tokio::time::timeout(self.timeout, self.open(auth)).await {
+    async fn connect_with(
+        &self,
+        auth: Auth<'_>,
+        tls_version: &mut Option<ProtocolVersion>,
+    ) -> Result<Connection, Outcome> {
+        let opening = self.open(auth, tls_version);
+        let outcome = match tokio::time::timeout(self.timeout, opening).await {
             Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(err)) => self.classify(err),
             Err(_) => self.classify(mail_send::Error::Timeout),
@@ -285,18 +303,22 @@ impl Upstream {
     /// mail-send's builder, but with TCP_NODELAY: the terminating "." of a
     /// message is a small write of its own, and without NODELAY it waits for
     /// a delayed ACK (~40 ms per message; measured by the load benchmark).
-    async fn open(&self, auth: Auth<'_>) -> mail_send::Result<Connection> {
+    async fn open(
+        &self,
+        auth: Auth<'_>,
+        tls_version: &mut Option<ProtocolVersion>,
+    ) -> mail_send::Result<Connection> {
         let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
         stream.set_nodelay(true)?;
         let mut client = SmtpClient {
             stream,
             timeout: self.timeout,
         };
-        let (mut client, tls_version) = match self.tls {
+        let mut client = match self.tls {
             UpstreamTls::Implicit => {
                 let mut client = client.into_tls(&self.connector, &self.host).await?;
                 client.read().await?.assert_positive_completion()?;
-                boxed_tls(client)
+                boxed_tls(client, tls_version)
             }
             UpstreamTls::Starttls => {
                 client.read().await?.assert_positive_completion()?;
@@ -307,11 +329,14 @@ impl Upstream {
                 {
                     return Err(mail_send::Error::MissingStartTls);
                 }
-                boxed_tls(client.start_tls(&self.connector, &self.host).await?)
+                boxed_tls(
+                    client.start_tls(&self.connector, &self.host).await?,
+                    tls_version,
+                )
             }
             UpstreamTls::None => {
                 client.read().await?.assert_positive_completion()?;
-                (boxed(client), None)
+                boxed(client)
             }
         };
         let capabilities = client.ehlo(&self.helo_name).await?;
@@ -326,7 +351,6 @@ impl Upstream {
         }
         Ok(Connection {
             client,
-            tls_version,
             messages: 0,
         })
     }
@@ -518,9 +542,10 @@ fn boxed<T: Stream + 'static>(client: SmtpClient<T>) -> SmtpClient<Box<dyn Strea
 /// Like [`boxed`], but first notes the TLS version, which boxing hides.
 fn boxed_tls(
     client: SmtpClient<TlsStream<TcpStream>>,
-) -> (SmtpClient<Box<dyn Stream>>, Option<ProtocolVersion>) {
-    let version = client.stream.get_ref().1.protocol_version();
-    (boxed(client), version)
+    tls_version: &mut Option<ProtocolVersion>,
+) -> SmtpClient<Box<dyn Stream>> {
+    *tls_version = client.stream.get_ref().1.protocol_version();
+    boxed(client)
 }
 
 /// Sorts a reply by the classes in DESIGN.md, known provider replies first.

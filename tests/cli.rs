@@ -206,7 +206,12 @@ async fn check_with_a_wrong_password_shows_the_reply_and_the_key_to_fix() {
     let (code, stdout, stderr) = check(dir.path(), &[]).await;
 
     assert_eq!(code, Some(1), "{stdout}{stderr}");
-    assert_eq!(row(&stdout, "work")[2..4], ["-", "refused"], "{stdout}");
+    // TLS was negotiated before the sign-in was refused.
+    assert_eq!(
+        row(&stdout, "work")[2..4],
+        ["TLSv1.3", "refused"],
+        "{stdout}"
+    );
     // Gmail's whole reply, its lines ("535-5.7.8 ...") joined.
     let text: Vec<_> = gmail::BAD_CREDENTIALS
         .lines()
@@ -240,6 +245,7 @@ async fn check_names_ca_file_for_an_untrusted_certificate() {
     let (code, stdout, stderr) = check(dir.path(), &[]).await;
 
     assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert_eq!(row(&stdout, "work")[2], "-", "no TLS: {stdout}");
     let row = row(&stdout, "work").join(" ");
     assert!(row.contains("certificate is not trusted"), "{stdout}");
     assert!(row.contains("accounts.work.ca_file"), "{stdout}");
@@ -456,4 +462,52 @@ async fn hash_password_output_is_accepted_as_password_hash() {
         503
     );
     relay.terminate().await;
+}
+
+/// `sendbridge queue show ID | head -1`: the reader goes away early, and the
+/// command ends quietly instead of panicking.
+#[tokio::test]
+async fn output_into_a_closed_pipe_ends_quietly() {
+    use sendbridge::spool::{Envelope, Spool, State};
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A recipients line longer than a pipe holds: the command is still
+    // writing when the reader closes its end.
+    let recipients = (0..10_000)
+        .map(|n| format!("customer{n}@example.com"))
+        .collect();
+    let mut envelope = Envelope {
+        account: "gmail".into(),
+        recipients,
+        ..Envelope::default()
+    };
+    Spool::open(dir.path().join("spool"))
+        .unwrap()
+        .accept(
+            &mut envelope,
+            b"Subject: s\r\n\r\nbody\r\n",
+            State::Deferred,
+        )
+        .unwrap();
+
+    let mut child = sendbridge(dir.path(), &["queue", "show", &envelope.id], &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).await.unwrap();
+    assert_eq!(first, format!("id:         {}\n", envelope.id));
+    drop(stdout);
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("the command ends")
+        .unwrap();
+
+    // No panic (exit code 101), no message: the exit code a shell shows
+    // for a program ended by SIGPIPE.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
 }

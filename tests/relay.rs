@@ -8,6 +8,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, Script, UpstreamTls, gmail};
+use common::log_capture::LogCapture;
 use common::relay::{
     LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
     config_with_account,
@@ -614,6 +615,7 @@ async fn protocol_errors_get_the_proper_codes() {
 
 #[tokio::test]
 async fn connections_over_the_limit_get_421() {
+    let log = LogCapture::start();
     let extra = "[server]\nmax_connections = 2";
     let setup = Setup::configured(extra).await;
     let relay = &setup.relay;
@@ -627,6 +629,10 @@ async fn connections_over_the_limit_get_421() {
     assert_eq!(reply.code, 421);
     assert!(reply.text.starts_with("4.3.2"), "{reply:?}");
     assert!(third.is_closed().await);
+    // The configured limit, not the free slots (none).
+    let refused = log.lines_with("over server.max_connections");
+    assert_eq!(refused.len(), 1, "{}", log.text());
+    assert_eq!(refused[0]["limit"], 2, "{}", log.text());
 }
 
 #[tokio::test]

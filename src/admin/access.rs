@@ -84,7 +84,7 @@ impl Access {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
+            .and_then(bearer_token);
         match bearer.or(query_token) {
             Some(offered) if equal(offered, token.expose()) => Ok(()),
             _ => Err(Denied::Token),
@@ -99,6 +99,15 @@ impl Access {
             .filter(|offered| equal(offered, token))
             .map(|_| token)
     }
+}
+
+/// The token of `Bearer <token>`: the scheme in any case (RFC 9110
+/// 11.1), any number of spaces after it.
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// The host part of a Host header (`name:port`, `[v6]:port`) is loopback.
@@ -222,6 +231,26 @@ mod tests {
         );
         let bearer = headers(&[("authorization", "Bearer 0123456789abcdef")]);
         assert_eq!(access.check(remote, &bearer, None), Ok(()));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let cases = [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER abc", Some("abc")),
+            ("bEaReR   abc", Some("abc")),
+            ("Basic abc", None),
+            ("Bearerabc", None),
+            ("Bearer", None),
+            ("Bearers abc", None),
+        ];
+        for (authorization, token) in cases {
+            assert_eq!(bearer_token(authorization), token, "{authorization:?}");
+        }
+        let access = Access::new(Some(Secret::new("0123456789abcdef")));
+        let lower = headers(&[("authorization", "bearer 0123456789abcdef")]);
+        assert_eq!(access.check(ip("192.0.2.7"), &lower, None), Ok(()));
     }
 
     #[test]

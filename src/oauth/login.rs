@@ -20,6 +20,7 @@ use super::hints::sign_in_hint;
 use super::store::{Store, Stored};
 use crate::cli::{RetryTarget, queue_retry};
 use crate::config::{AccountConfig, AuthMethod, Config, OAuth2Config, OAuthFlow, OAuthProvider};
+use crate::outln;
 use crate::secret::Secret;
 use crate::spool::State;
 use crate::spool::unix_millis;
@@ -55,9 +56,9 @@ pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> an
     };
     if oauth2.flow == OAuthFlow::ClientCredentials {
         client.client_credentials().await.map_err(refused)?;
-        println!(
+        outln!(
             "app-only sign-in for account {account} works: the relay fetches its tokens with the client secret; nothing to store"
-        );
+        )?;
         return Ok(());
     }
     let issued = if options.device || oauth2.flow == OAuthFlow::DeviceCode {
@@ -84,23 +85,23 @@ pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> an
             access_expires_at: Some(unix_millis() + issued.expires_in.as_millis() as u64),
         })
         .with_context(|| format!("writing {}", store.path().display()))?;
-    println!(
+    outln!(
         "signed in: the refresh token for account {account} is in {}",
         store.path().display()
-    );
+    )?;
     // Held mail need not wait for the relay's next hold probe.
     let spool = crate::spool::Spool::open(&config.spool.dir)?;
     let target = RetryTarget::AccountIn(account.to_string(), State::Held);
     let due = queue_retry(&spool, target)?.due;
     if due > 0 {
-        println!(
+        outln!(
             "{due} held message(s) due now: the running relay sends them within delivery.scan_interval"
-        );
+        )?;
     }
     if oauth2.provider == OAuthProvider::Google {
-        println!(
+        outln!(
             "note: while the app's OAuth consent screen is in \"Testing\", Google ends this sign-in after 7 days; publish the app (\"In production\") to keep it"
-        );
+        )?;
     }
     Ok(())
 }
@@ -167,18 +168,18 @@ async fn authorization_code(
             .append_pair("prompt", "consent");
     }
     let separator = if auth_url.contains('?') { '&' } else { '?' };
-    println!(
+    outln!(
         "Open this address in a browser, on this machine or any other, and sign in as {}:\n\n{auth_url}{separator}{}\n",
         account.username,
         query.finish()
-    );
+    )?;
     match listener {
-        Some(_) => println!(
+        Some(_) => outln!(
             "When the browser runs on this machine, that is all. Elsewhere it ends on an address starting with {redirect_uri} that does not load: paste that address here and press Enter."
-        ),
-        None => println!(
+        )?,
+        None => outln!(
             "The browser ends on an address starting with {redirect_uri} that does not load: paste that address here and press Enter."
-        ),
+        )?,
     }
     let has_listener = listener.is_some();
     let code = tokio::select! {
@@ -318,11 +319,9 @@ async fn pasted(state: &str, has_listener: bool) -> anyhow::Result<Secret> {
         match callback(query, state) {
             Callback::Code(code) => return Ok(code),
             Callback::Refused(error) => anyhow::bail!("sign-in refused: {error}"),
-            Callback::WrongState => {
-                println!(
-                    "that address belongs to another sign-in (its state differs): paste the one from this sign-in"
-                )
-            }
+            Callback::WrongState => outln!(
+                "that address belongs to another sign-in (its state differs): paste the one from this sign-in"
+            )?,
             // Just the code, copied from the address bar.
             Callback::Nothing if !line.is_empty() && !line.contains(['=', ' ', '/']) => {
                 return Ok(Secret::new(line));
@@ -363,10 +362,11 @@ async fn device_code(
         Ok(authorization) => authorization,
         Err(err) => return Ok(Err(err)),
     };
-    println!(
+    outln!(
         "Open {} on any device and enter the code {}",
-        authorization.verification_uri, authorization.user_code
-    );
+        authorization.verification_uri,
+        authorization.user_code
+    )?;
     let deadline = Instant::now() + authorization.expires_in.min(timeout);
     // At least a second between polls, whatever the endpoint says.
     let mut interval = authorization.interval.max(Duration::from_secs(1));

@@ -6,6 +6,7 @@ use crate::access_tokens::{AccessTokens, TokenFailure};
 use crate::admin::status::format_time;
 use crate::cli::table;
 use crate::config::{AuthMethod, Config, OAuthFlow};
+use crate::{out, outln};
 
 use super::store::Store;
 use super::tokens::Tokens;
@@ -18,7 +19,7 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
         .filter_map(|(name, account)| Some((name, account, account.oauth2.as_ref()?)))
         .collect();
     if accounts.is_empty() {
-        println!("no account signs in with OAuth 2.0 (auth = \"oauth2\")");
+        outln!("no account signs in with OAuth 2.0 (auth = \"oauth2\")")?;
         return Ok(());
     }
     let mut rows = Vec::new();
@@ -77,7 +78,7 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
             hint,
         ));
     }
-    print!(
+    out!(
         "{}",
         table(
             [
@@ -90,7 +91,7 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
             ],
             &rows
         )
-    );
+    )?;
     anyhow::ensure!(
         failed == 0,
         "{failed} account(s) could not get an access token"

@@ -78,6 +78,32 @@ impl RelayProcess {
         Self::spawn(wrapped).await
     }
 
+    /// Like `start`, but with these open-file limits (RLIMIT_NOFILE), as
+    /// `ulimit -Sn SOFT -Hn HARD` would set.
+    pub async fn start_with_descriptor_limits(
+        dir: &Path,
+        env: &[(&str, &str)],
+        soft: u64,
+        hard: u64,
+    ) -> RelayProcess {
+        let mut command = sendbridge(dir, &["run"], env);
+        // SAFETY: between fork and exec only setrlimit(2) runs, which is
+        // async-signal-safe and allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                match libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+        Self::spawn(command).await
+    }
+
     async fn spawn(mut command: Command) -> RelayProcess {
         // Tests that stop the relay with a client still connected need not
         // wait the default 10 s grace; the admin interface on a free port
@@ -145,6 +171,18 @@ impl RelayProcess {
     /// The relay's process id, e.g. to read its memory use from /proc.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// CPU time the relay used so far, user and system (/proc/PID/stat).
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // The fields after the command name, which may hold spaces, in
+        // parentheses: utime and stime are the 12th and 13th of them.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf reads a constant of the system.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / per_second)
     }
 
     /// Waits until a log line contains `needle`, and returns it.
