@@ -19,5 +19,6 @@ pub mod send_window;
 pub mod server;
 pub mod session;
 pub mod spool;
+pub mod spool_space;
 pub mod tls;
 pub mod upstream;
