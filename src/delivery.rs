@@ -333,6 +333,12 @@ impl Delivery {
         &self.spool
     }
 
+    /// Whether the spool's disk is full; other writers to the spool report
+    /// their failures there, so the log says it once a minute.
+    pub fn spool_space(&self) -> &SpaceWatch {
+        &self.space
+    }
+
     /// Each account's name and, while it is on hold, why; sorted by name.
     /// For the admin interface.
     pub fn account_holds(&self) -> Vec<(String, Option<Hold>)> {
@@ -394,13 +400,13 @@ impl Delivery {
         };
         let envelope = match stored {
             Ok(Ok(envelope)) => {
-                self.space.wrote(self.clock.now());
+                self.space.wrote();
                 envelope
             }
             Ok(Err(err)) => {
                 let refusal = if is_full(&err) {
                     // Logged once a minute, not per message.
-                    self.space.failed(self.clock.now());
+                    self.space.failed();
                     Refusal::new("spool_full", self.space.hint())
                 } else {
                     let hint = format!(
@@ -809,10 +815,9 @@ impl Delivery {
         let stored = self
             .io(move |spool| spool.update(&updated, State::Active, to))
             .await;
-        let now = self.clock.now();
         let kept = match stored {
             Ok(()) => {
-                self.space.wrote(now);
+                self.space.wrote();
                 false
             }
             // Deleted by an operator while it was being delivered.
@@ -822,7 +827,7 @@ impl Delivery {
             }
             Err(err) => {
                 if is_full(&err) {
-                    self.space.failed(now);
+                    self.space.failed();
                 } else {
                     error!(id = %envelope.id, error = %err, "cannot record a delivery attempt in the spool; kept in memory and written again at the next scan");
                 }
@@ -898,10 +903,10 @@ impl Delivery {
                 unsaved.remove(id);
             }
             match failure {
-                Some(err) if is_full(&err) => self.space.failed(self.clock.now()),
+                Some(err) if is_full(&err) => self.space.failed(),
                 // Logged when the attempt settled.
                 Some(_) => {}
-                None if wrote => self.space.wrote(self.clock.now()),
+                None if wrote => self.space.wrote(),
                 None => {}
             }
         }

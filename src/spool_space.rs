@@ -2,22 +2,23 @@
 //!
 //! A full disk stops only what needs new space: storing new mail and
 //! rewriting envelopes. Renames and removals still work, so delivery goes
-//! on and frees space by itself. Everything that writes to the spool
-//! reports here; the log gets one warning when a write first fails for lack
-//! of space, again at most once a [`WARNING_INTERVAL`] while it lasts, and
-//! one line when writing works again.
+//! on and frees space by itself. Writes of messages, envelopes and
+//! transcripts report here; the log gets one warning when a write first
+//! fails for lack of space, again at most once a [`WARNING_INTERVAL`] while
+//! it lasts, and one line when writing works again.
 
 use std::io;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::admin::metrics;
 
 /// While the spool stays full, its warning repeats at most this often.
-pub const WARNING_INTERVAL: Duration = Duration::from_secs(60);
+const WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Out of space (ENOSPC) or over a disk quota (EDQUOT): freeing space
 /// fixes it, unlike a permission or I/O error.
@@ -31,16 +32,25 @@ pub fn is_full(err: &io::Error) -> bool {
 /// The state of one spool's disk, shared by everything that writes to it.
 pub struct SpaceWatch {
     dir: String,
-    full: Mutex<Option<FullSpell>>,
+    start: Instant,
+    log: Mutex<SpaceLog>,
 }
 
-/// A time the spool was full, in clock milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FullSpell {
-    since: u64,
-    warned_at: u64,
+/// What the log was told, in milliseconds since the watch started.
+#[derive(Debug, Default)]
+struct SpaceLog {
+    full: Option<FullSpell>,
+    last_warning: Option<u64>,
     /// Writes that failed since the last warning, without it.
     unreported: u64,
+}
+
+/// A time during which writes failed.
+#[derive(Debug)]
+struct FullSpell {
+    since: u64,
+    /// A warning said so.
+    warned: bool,
 }
 
 /// What the log says after a write.
@@ -51,41 +61,46 @@ enum Notice {
     Full {
         failed: u64,
     },
-    /// Writing works again after a spell of `full_for_ms`.
+    /// Writing works again after `full_for_ms` of failures.
     Writable {
         full_for_ms: u64,
     },
 }
 
-/// The decision, apart from logging: a write at `now` that `succeeded` or
-/// failed for lack of space, during `spell` (if the spool was full).
-fn notice(spell: &mut Option<FullSpell>, succeeded: bool, now: u64) -> Notice {
-    let interval = WARNING_INTERVAL.as_millis() as u64;
-    match (spell.as_mut(), succeeded) {
-        (None, true) => Notice::Nothing,
-        (Some(full), true) => {
-            let full_for_ms = now.saturating_sub(full.since);
-            *spell = None;
-            Notice::Writable { full_for_ms }
+impl SpaceLog {
+    /// The decision, apart from logging: a write at `now` that `succeeded`
+    /// or failed for lack of space. Warnings are a minute apart even when
+    /// the disk flips between full and not (small envelope updates fit
+    /// where a message does not), and only a time of failures that was
+    /// warned about ends with a line.
+    fn notice(&mut self, succeeded: bool, now: u64) -> Notice {
+        if succeeded {
+            return match self.full.take() {
+                Some(FullSpell {
+                    since,
+                    warned: true,
+                }) => Notice::Writable {
+                    full_for_ms: now.saturating_sub(since),
+                },
+                _ => Notice::Nothing,
+            };
         }
-        (None, false) => {
-            *spell = Some(FullSpell {
-                since: now,
-                warned_at: now,
-                unreported: 0,
-            });
-            Notice::Full { failed: 1 }
+        let full = self.full.get_or_insert(FullSpell {
+            since: now,
+            warned: false,
+        });
+        let interval = WARNING_INTERVAL.as_millis() as u64;
+        if self
+            .last_warning
+            .is_some_and(|at| now.saturating_sub(at) < interval)
+        {
+            self.unreported += 1;
+            return Notice::Nothing;
         }
-        (Some(full), false) if now.saturating_sub(full.warned_at) >= interval => {
-            let failed = full.unreported + 1;
-            full.warned_at = now;
-            full.unreported = 0;
-            Notice::Full { failed }
-        }
-        (Some(full), false) => {
-            full.unreported += 1;
-            Notice::Nothing
-        }
+        full.warned = true;
+        self.last_warning = Some(now);
+        let failed = std::mem::take(&mut self.unreported) + 1;
+        Notice::Full { failed }
     }
 }
 
@@ -94,7 +109,8 @@ impl SpaceWatch {
         metrics::spool_full(false);
         SpaceWatch {
             dir: dir.display().to_string(),
-            full: Mutex::new(None),
+            start: Instant::now(),
+            log: Mutex::new(SpaceLog::default()),
         }
     }
 
@@ -106,27 +122,27 @@ impl SpaceWatch {
         )
     }
 
-    /// A spool write succeeded at `now` (clock milliseconds).
-    pub fn wrote(&self, now: u64) {
-        self.report(true, now);
+    /// A write to the spool succeeded.
+    pub fn wrote(&self) {
+        self.report(true);
     }
 
-    /// A spool write failed for lack of space ([`is_full`]) at `now`.
-    pub fn failed(&self, now: u64) {
-        self.report(false, now);
+    /// A write to the spool failed for lack of space ([`is_full`]).
+    pub fn failed(&self) {
+        self.report(false);
     }
 
-    fn report(&self, succeeded: bool, now: u64) {
-        let notice = notice(&mut self.full.lock().expect("space lock"), succeeded, now);
+    fn report(&self, succeeded: bool) {
+        metrics::spool_full(!succeeded);
+        let now = self.start.elapsed().as_millis() as u64;
+        let notice = self.log.lock().expect("space lock").notice(succeeded, now);
         match notice {
             Notice::Nothing => {}
             Notice::Full { failed } => {
-                metrics::spool_full(true);
                 warn!(spool = %self.dir, failed_writes = failed, reason = "spool_full", hint = %self.hint(), "spool is full: new mail is refused with 452 4.3.1 until space is freed; delivery goes on");
             }
             Notice::Writable { full_for_ms } => {
-                metrics::spool_full(false);
-                info!(spool = %self.dir, full_for_s = full_for_ms / 1000, "spool writable again: new mail is accepted");
+                info!(spool = %self.dir, full_for_s = full_for_ms / 1000, "spool writable again");
             }
         }
     }
@@ -155,12 +171,21 @@ mod tests {
                 },
             ),
             (5_001 + minute, true, Notice::Nothing),
-            (6_000 + minute, false, Notice::Full { failed: 1 }),
+            // Full again within the minute: counted, not said, and so its
+            // end is not said either.
+            (6_000 + minute, false, Notice::Nothing),
+            (7_000 + minute, true, Notice::Nothing),
+            (1_000 + 2 * minute, false, Notice::Full { failed: 3 }),
+            (
+                2_000 + 2 * minute,
+                true,
+                Notice::Writable { full_for_ms: 1_000 },
+            ),
         ];
-        let mut spell = None;
+        let mut log = SpaceLog::default();
         for (now, succeeded, expected) in table {
             assert_eq!(
-                notice(&mut spell, succeeded, now),
+                log.notice(succeeded, now),
                 expected,
                 "at {now} ms, succeeded: {succeeded}"
             );

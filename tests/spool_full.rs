@@ -168,15 +168,27 @@ async fn a_full_spool_keeps_delivering_and_refuses_new_mail_until_space_returns(
     })
     .await;
 
-    // New mail is refused at once while the disk is full.
+    // New mail is refused at once while the disk is full; the session's
+    // transcript cannot be saved either, which the warning covers.
     fill(&filler);
+    let mut refused = relay.signed_in_client().await;
     for n in 10..15 {
-        let reply = client
+        let reply = refused
             .send_mail("billing@legacy.example", &["x@example.com"], &message(n))
             .await;
         assert_eq!(reply.code, 452, "{reply:?}");
         assert!(reply.text.starts_with("4.3.1 "), "{reply:?}");
     }
+    refused.expect("QUIT", 221).await;
+    eventually("the refused session's closing line", || async {
+        !log.lines_with("session closed after a rejection")
+            .is_empty()
+    })
+    .await;
+    let closed = log.lines_with("session closed after a rejection");
+    assert_eq!(closed[0]["reason"], "spool_full", "{closed:#?}");
+    let unsaved = log.lines_with("cannot save the session transcript");
+    assert_eq!(unsaved.len(), 0, "{unsaved:#?}");
     assert_eq!(spool_full_gauge(&relay).await, "sendbridge_spool_full 1");
     let warnings = log.lines_with("spool is full");
     assert_eq!(warnings.len(), 1, "one warning a minute: {warnings:#?}");
@@ -196,6 +208,7 @@ async fn a_full_spool_keeps_delivering_and_refuses_new_mail_until_space_returns(
         .await;
     assert_eq!(reply.code, 250, "{reply:?}");
     upstream.wait_for_messages(5, WAIT).await;
-    assert_eq!(log.lines_with("spool writable again").len(), 1);
+    let writable = log.lines_with("spool writable again");
+    assert_eq!(writable.len(), 1, "{writable:#?}");
     assert_eq!(spool_full_gauge(&relay).await, "sendbridge_spool_full 0");
 }
