@@ -23,6 +23,7 @@ use crate::provider_replies::diagnose;
 use crate::reply::{Refusal, Reply};
 use crate::send_window::SendWindow;
 use crate::spool::{Envelope, FileVersion, RefusedRecipient, Spool, State};
+use crate::spool_space::{SpaceWatch, is_full};
 use crate::upstream::{BodyFlags, Connection, Outcome, Sent, TokenSource, Upstream};
 
 /// Unix milliseconds that follow tokio's clock, so retry schedules can be
@@ -53,6 +54,26 @@ struct Job {
     envelope: Envelope,
     message: Option<Arc<Vec<u8>>>,
     verdict: Option<oneshot::Sender<Outcome>>,
+}
+
+/// An attempt's result that the spool could not take (see
+/// `Delivery::store`): the new envelope and the state it goes to.
+struct Unsaved {
+    envelope: Envelope,
+    to: State,
+}
+
+impl Unsaved {
+    /// Whether to attempt it again as it is, without waiting for the write:
+    /// a deferred message at its time, a held one when its account's hold
+    /// was lifted. A rejected one waits for the operator anyway.
+    fn is_due(&self, account_on_hold: bool, now: u64) -> bool {
+        match self.to {
+            State::Deferred => self.envelope.next_attempt_at <= now,
+            State::Held => !account_on_hold,
+            State::Active | State::Rejected => false,
+        }
+    }
 }
 
 /// Why an account is on hold, and what to do about it.
@@ -147,6 +168,10 @@ pub struct Delivery {
     accounts: RwLock<HashMap<String, Arc<Account>>>,
     /// For the `auth = "oauth2"` accounts of this and reloaded configurations.
     tokens: TokenSource,
+    /// Whether the spool's disk is full; says so in the log.
+    space: SpaceWatch,
+    /// Messages in `active/` whose last attempt could not be recorded, by id.
+    unsaved: Mutex<HashMap<String, Unsaved>>,
     wake_scheduler: Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -182,6 +207,8 @@ impl Delivery {
             clock,
             accounts: RwLock::new(HashMap::new()),
             tokens,
+            space: SpaceWatch::new(&config.spool.dir),
+            unsaved: Mutex::new(HashMap::new()),
             wake_scheduler: Notify::new(),
             shutdown,
             tasks: TaskTracker::new(),
@@ -306,6 +333,12 @@ impl Delivery {
         &self.spool
     }
 
+    /// Whether the spool's disk is full; other writers to the spool report
+    /// their failures there, so the log says it once a minute.
+    pub fn spool_space(&self) -> &SpaceWatch {
+        &self.space
+    }
+
     /// Each account's name and, while it is on hold, why; sorted by name.
     /// For the admin interface.
     pub fn account_holds(&self) -> Vec<(String, Option<Hold>)> {
@@ -366,19 +399,29 @@ impl Delivery {
             .await
         };
         let envelope = match stored {
-            Ok(Ok(envelope)) => envelope,
+            Ok(Ok(envelope)) => {
+                self.space.wrote();
+                envelope
+            }
             Ok(Err(err)) => {
-                let hint = format!(
-                    "check free space and permissions of spool.dir ({})",
-                    self.spool.root().display()
-                );
-                error!(error = %err, reason = "spool_failed", hint = %hint, "cannot store a message: nothing was acknowledged");
+                let refusal = if is_full(&err) {
+                    // Logged once a minute, not per message.
+                    self.space.failed();
+                    Refusal::new("spool_full", self.space.hint())
+                } else {
+                    let hint = format!(
+                        "check free space and permissions of spool.dir ({})",
+                        self.spool.root().display()
+                    );
+                    error!(error = %err, reason = "spool_failed", hint = %hint, "cannot store a message: nothing was acknowledged");
+                    Refusal::new("spool_failed", hint)
+                };
                 let reply = Reply::new(
                     452,
                     [4, 3, 1],
                     "Insufficient system storage, try again later",
                 );
-                return Submitted::refused(reply, None, Refusal::new("spool_failed", hint));
+                return Submitted::refused(reply, None, refusal);
             }
             Err(_) => {
                 let reply = Reply::new(451, [4, 3, 0], "Internal error, try again later");
@@ -758,17 +801,116 @@ impl Delivery {
     }
 
     /// Moves an envelope out of `active/` with its new contents.
+    ///
+    /// When they cannot be written (a full disk), the message stays in
+    /// `active/`, which only this process touches (`queue retry` skips it; a
+    /// restart returns it to `deferred/`), and the new envelope waits in
+    /// `unsaved`: the scheduler writes it once there is space, or hands it to
+    /// a worker as it is when it is due again. So a full disk delays no
+    /// retry, and the recipients this attempt delivered to never get the
+    /// message again while the relay runs; a restart before the write may
+    /// repeat them, as a crash before any update may (at-least-once).
     async fn store(&self, envelope: &Envelope, to: State) {
         let updated = envelope.clone();
-        if let Err(err) = self
+        let stored = self
             .io(move |spool| spool.update(&updated, State::Active, to))
-            .await
-        {
-            error!(id = %envelope.id, error = %err, "cannot record a delivery attempt in the spool");
-        }
-        if to == State::Deferred {
+            .await;
+        let kept = match stored {
+            Ok(()) => {
+                self.space.wrote();
+                false
+            }
+            // Deleted by an operator while it was being delivered.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                warn!(id = %envelope.id, error = %err, "message deleted from the spool during its delivery attempt");
+                false
+            }
+            Err(err) => {
+                if is_full(&err) {
+                    self.space.failed();
+                } else {
+                    error!(id = %envelope.id, error = %err, "cannot record a delivery attempt in the spool; kept in memory and written again at the next scan");
+                }
+                let unsaved = Unsaved {
+                    envelope: envelope.clone(),
+                    to,
+                };
+                self.unsaved
+                    .lock()
+                    .expect("unsaved lock")
+                    .insert(envelope.id.clone(), unsaved);
+                true
+            }
+        };
+        // The scheduler plans with every retry's time.
+        if to == State::Deferred || kept {
             self.wake_scheduler.notify_one();
         }
+    }
+
+    /// Hands the unsaved messages that are due again (their hold lifted, for
+    /// held ones) to the workers as they are, and writes the others (see
+    /// `store`). Returns when the next one is due.
+    async fn resume_unsaved(&self, now: u64) -> Option<u64> {
+        let mut next = None;
+        let mut due = Vec::new();
+        let pending: Vec<(Envelope, State)> = {
+            let mut unsaved = self.unsaved.lock().expect("unsaved lock");
+            unsaved.retain(|_, entry| {
+                let Some(account) = self.account(&entry.envelope.account) else {
+                    // Removed by a reload: written to its state, and waits.
+                    return true;
+                };
+                let is_due = entry.is_due(account.hold().is_some(), now);
+                if is_due {
+                    due.push((account, entry.envelope.clone()));
+                } else if entry.to == State::Deferred {
+                    let at = entry.envelope.next_attempt_at;
+                    next = Some(next.map_or(at, |n: u64| n.min(at)));
+                }
+                !is_due
+            });
+            unsaved
+                .values()
+                .map(|entry| (entry.envelope.clone(), entry.to))
+                .collect()
+        };
+        for (account, envelope) in due {
+            queue_job(&account, envelope);
+        }
+        if pending.is_empty() {
+            return next;
+        }
+        let written = self
+            .io(move |spool| {
+                let (mut done, mut wrote) = (Vec::new(), false);
+                for (envelope, to) in pending {
+                    match spool.update(&envelope, State::Active, to) {
+                        Ok(()) => wrote = true,
+                        // Deleted by an operator meanwhile.
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                        // The rest would not fit either; next scan.
+                        Err(err) => return Ok((done, wrote, Some(err))),
+                    }
+                    done.push(envelope.id);
+                }
+                Ok((done, wrote, None))
+            })
+            .await;
+        if let Ok((done, wrote, failure)) = written {
+            let mut unsaved = self.unsaved.lock().expect("unsaved lock");
+            for id in &done {
+                unsaved.remove(id);
+            }
+            match failure {
+                Some(err) if is_full(&err) => self.space.failed(),
+                // Logged when the attempt settled.
+                Some(_) => {}
+                None if wrote => self.space.wrote(),
+                None => {}
+            }
+        }
+        next
     }
 
     fn start_hold(&self, name: &str, account: &Account, reply: &Reply) {
@@ -807,7 +949,14 @@ impl Delivery {
                     if envelope.account == name_owned {
                         envelope.next_attempt_at = now;
                         envelope.record(now, "hold released");
-                        spool.update(&envelope, State::Held, State::Deferred)?;
+                        spool
+                            .update(&envelope, State::Held, State::Deferred)
+                            .or_else(|err| match is_full(&err) {
+                                // Moved as it is, without the note: it was
+                                // due when it was held.
+                                true => spool.move_to(&envelope.id, State::Held, State::Deferred),
+                                false => Err(err),
+                            })?;
                         info!(id = %envelope.id, account = %envelope.account, "message released from hold");
                         released += 1;
                     }
@@ -876,6 +1025,7 @@ impl Delivery {
         let mut index = DeferredIndex::default();
         loop {
             let now = self.clock.now();
+            let next_unsaved = self.resume_unsaved(now).await;
             let configured: Vec<String> = self
                 .accounts
                 .read()
@@ -899,7 +1049,7 @@ impl Delivery {
                             // Removed by a reload since the scan.
                             let moved = self
                                 .io(move |spool| {
-                                    spool.update(&envelope, State::Active, State::Deferred)
+                                    spool.move_to(&envelope.id, State::Active, State::Deferred)
                                 })
                                 .await;
                             if let Err(err) = moved {
@@ -907,12 +1057,12 @@ impl Delivery {
                             }
                             continue;
                         };
-                        let _ = account.jobs.send(Job {
-                            envelope,
-                            message: None,
-                            verdict: None,
-                        });
+                        queue_job(&account, envelope);
                     }
+                    let next = match (next, next_unsaved) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     if let Some(next) = next {
                         // From the time the scan ended, which may be later.
                         let until_next = next.saturating_sub(self.clock.now());
@@ -1017,13 +1167,27 @@ impl DeferredIndex {
             let Some(mut envelope) = read_deferred(spool, &id)? else {
                 continue;
             };
+            // A rename, which a full disk allows; the note is written when
+            // the attempt settles.
+            match spool.move_to(&id, State::Deferred, State::Active) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                moved => moved?,
+            }
             envelope.record(now, "retrying");
-            spool.update(&envelope, State::Deferred, State::Active)?;
             info!(id = %envelope.id, account = %envelope.account, attempts = envelope.attempts, "message retrying");
             due.push(envelope);
         }
         Ok((self, due, next))
     }
+}
+
+/// Hands a message in `active/` to one of its account's workers.
+fn queue_job(account: &Account, envelope: Envelope) {
+    let _ = account.jobs.send(Job {
+        envelope,
+        message: None,
+        verdict: None,
+    });
 }
 
 /// A deferred envelope; `None` when it moved on meanwhile (a `queue delete`
@@ -1189,6 +1353,34 @@ mod tests {
             .collect();
         assert_eq!(delays, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
         assert_eq!(retry_delay(&settings, u32::MAX).as_secs(), 3600);
+    }
+
+    #[test]
+    fn unsaved_results_are_due_again_without_their_write() {
+        let at = |next_attempt_at| Envelope {
+            next_attempt_at,
+            ..Envelope::default()
+        };
+        // (state it goes to, due at, account on hold, due at 1000)
+        let table = [
+            (State::Deferred, 1_000, false, true),
+            (State::Deferred, 1_000, true, true),
+            (State::Deferred, 1_001, false, false),
+            (State::Held, 0, true, false),
+            (State::Held, 0, false, true),
+            (State::Rejected, 0, false, false),
+        ];
+        for (to, next_attempt_at, on_hold, expected) in table {
+            let unsaved = Unsaved {
+                envelope: at(next_attempt_at),
+                to,
+            };
+            assert_eq!(
+                unsaved.is_due(on_hold, 1_000),
+                expected,
+                "{to} at {next_attempt_at}, on hold: {on_hold}"
+            );
+        }
     }
 
     /// A deferred message in `spool` for `account`, due at `next_attempt_at`.

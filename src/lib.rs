@@ -21,5 +21,6 @@ pub mod send_window;
 pub mod server;
 pub mod session;
 pub mod spool;
+pub mod spool_space;
 pub mod tls;
 pub mod upstream;

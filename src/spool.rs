@@ -264,12 +264,22 @@ impl Spool {
             .root
             .join(from.dir_name())
             .join(format!(".{}.tmp", envelope.id));
-        write_synced(&temp, &serde_json::to_vec_pretty(envelope)?)?;
+        if let Err(err) = write_synced(&temp, &serde_json::to_vec_pretty(envelope)?) {
+            // A partial write on a full disk holds space that others need.
+            let _ = fs::remove_file(&temp);
+            return Err(err);
+        }
         fs::rename(&temp, &current)?;
         if from != to {
-            fs::rename(&current, self.envelope_path(to, &envelope.id))?;
+            self.move_to(&envelope.id, from, to)?;
         }
         Ok(())
+    }
+
+    /// Moves a message's envelope to another state as it is: one rename,
+    /// which works on a full disk too.
+    pub fn move_to(&self, id: &str, from: State, to: State) -> io::Result<()> {
+        fs::rename(self.envelope_path(from, id), self.envelope_path(to, id))
     }
 
     /// Deletes a delivered (or operator-deleted) message.

@@ -17,6 +17,7 @@ use common::relay::{
 };
 use common::smtp::Client;
 use common::tools::tool_available;
+use common::wait::eventually;
 use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -72,16 +73,6 @@ fn form_token(html: &str) -> String {
     let marker = "name=\"form_token\" value=\"";
     let start = html.find(marker).expect("a retry form") + marker.len();
     html[start..].split('"').next().unwrap().to_string()
-}
-
-/// Waits (bounded) until `condition` holds, checking every few milliseconds:
-/// for state the relay settles just after the event a test awaited.
-async fn eventually<F: Future<Output = bool>>(what: &str, mut condition: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn readiness(admin: SocketAddr) -> (u16, serde_json::Value) {

@@ -24,6 +24,7 @@ const UPSTREAM_REPLIES: &str = "sendbridge_upstream_replies_total";
 const DELIVERY_SECONDS: &str = "sendbridge_delivery_seconds";
 const QUEUE: &str = "sendbridge_queue_messages";
 const SPOOL_BYTES: &str = "sendbridge_spool_bytes";
+const SPOOL_FULL: &str = "sendbridge_spool_full";
 
 /// From a second to a day: hybrid deliveries take seconds, held mail days.
 const DELIVERY_BUCKETS: [f64; 12] = [
@@ -109,6 +110,10 @@ fn describe() {
         Unit::Bytes,
         "Size of the stored messages (spool data/), at scrape time"
     );
+    describe_gauge!(
+        SPOOL_FULL,
+        "1 while the spool's disk is full (new mail gets 452 4.3.1), else 0"
+    );
 }
 
 pub fn session_opened() {
@@ -122,6 +127,11 @@ pub fn session_closed() {
 
 pub fn local_auth_failure() {
     counter!(LOCAL_AUTH_FAILURES).increment(1);
+}
+
+/// Whether the last write to the spool failed for lack of space.
+pub fn spool_full(full: bool) {
+    gauge!(SPOOL_FULL).set(if full { 1.0 } else { 0.0 });
 }
 
 pub fn message(account: &str, event: Event) {

@@ -12,6 +12,7 @@ use super::transcript::Transcript;
 use crate::admin::metrics;
 use crate::config::Transcripts;
 use crate::reply::{Refusal, Reply};
+use crate::spool_space::is_full;
 
 /// The last refusal of a session.
 struct Rejection {
@@ -107,6 +108,11 @@ impl SessionRecord {
                 let saved = tokio::task::spawn_blocking(move || transcript.save(&dir, &id)).await;
                 match saved {
                     Ok(Ok(path)) => Some(path.display().to_string()),
+                    // Said by the spool's own warning, once a minute.
+                    Ok(Err(err)) if is_full(&err) => {
+                        ctx.delivery.spool_space().failed();
+                        None
+                    }
                     Ok(Err(err)) => {
                         warn!(error = %err, "cannot save the session transcript");
                         None

@@ -12,3 +12,4 @@ pub mod smtp;
 pub mod token_endpoint;
 pub mod tokens;
 pub mod tools;
+pub mod wait;

@@ -125,7 +125,21 @@ impl Relay {
 
     /// With `tokens` for `auth = "oauth2"` accounts instead of the relay's
     /// token service.
-    pub async fn start_with(mut config: Config, tokens: Option<TokenSource>) -> Relay {
+    pub async fn start_with(config: Config, tokens: Option<TokenSource>) -> Relay {
+        Relay::launch(config, tokens, None).await
+    }
+
+    /// With the spool in `spool` (e.g. a small file system of its own)
+    /// instead of the relay's temporary directory.
+    pub async fn start_with_spool(config: Config, spool: PathBuf) -> Relay {
+        Relay::launch(config, None, Some(spool)).await
+    }
+
+    async fn launch(
+        mut config: Config,
+        tokens: Option<TokenSource>,
+        spool: Option<PathBuf>,
+    ) -> Relay {
         sendbridge::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         config.server.listen = "127.0.0.1:0".parse().unwrap();
@@ -140,7 +154,7 @@ impl Relay {
         config.server.hostname = "relay.test".to_string();
         config.tls.cert = dir.path().join("relay.crt");
         config.tls.key = dir.path().join("relay.key");
-        config.spool.dir = dir.path().join("spool");
+        config.spool.dir = spool.unwrap_or_else(|| dir.path().join("spool"));
         let shutdown = CancellationToken::new();
         let tokens = tokens.unwrap_or_else(|| token_service(&config.spool.dir));
         let server = Server::bind(&config, shutdown.clone(), tokens)
