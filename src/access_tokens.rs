@@ -4,6 +4,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::sync::Arc;
+
+use crate::config::AccountConfig;
 use crate::secret::Secret;
 
 /// Why no access token could be had.
@@ -28,3 +31,9 @@ pub trait AccessTokens: Send + Sync {
     /// of returning it again.
     fn refused(&self, token: &Secret);
 }
+
+/// Makes the access-token source of an `auth = "oauth2"` account from its
+/// name and settings. The composition root passes
+/// `oauth::token_service`; tests pass a stand-in.
+pub type TokenSource =
+    Arc<dyn Fn(&str, &AccountConfig) -> anyhow::Result<Arc<dyn AccessTokens>> + Send + Sync>;

@@ -1,6 +1,6 @@
 //! Subcommands besides `run`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -8,46 +8,18 @@ use anyhow::Context;
 use rustls::ProtocolVersion;
 
 use crate::admin::client::AdminClient;
-use crate::admin::status::{Readiness, Status, format_time};
+use crate::admin::status::{Readiness, Status};
 use crate::config::{AccountConfig, Config, UpstreamTls};
+use crate::oauth::token_service;
 use crate::policy::open_relay_warnings;
 use crate::provider_replies::diagnose;
 use crate::secret::Secret;
 use crate::session::hash_password;
-use crate::spool::{Envelope, Spool, State, unix_millis};
-use crate::upstream::{Outcome, Upstream, token_service};
-
-/// `println!` for command output, but a reader that went away
-/// (`sendbridge queue list | head`) is an error, [`StdoutClosed`], where
-/// `println!` would panic.
-#[macro_export]
-macro_rules! outln {
-    ($($arg:tt)*) => {
-        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
-    };
-}
-
-/// `print!` as [`outln!`] is `println!`.
-#[macro_export]
-macro_rules! out {
-    ($($arg:tt)*) => {
-        $crate::cli::write_stdout(format_args!($($arg)*))
-    };
-}
-
-/// Nobody reads the command's output any more: it may end quietly.
-#[derive(Debug, thiserror::Error)]
-#[error("stdout was closed")]
-pub struct StdoutClosed;
-
-/// Writes to stdout at once; a closed pipe becomes [`StdoutClosed`].
-pub fn write_stdout(text: std::fmt::Arguments) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
-        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
-        written => written.context("writing to stdout"),
-    }
-}
+use crate::spool::operations::locate;
+use crate::spool::{Spool, State, unix_millis};
+use crate::terminal::{format_time, table};
+use crate::upstream::{Outcome, Upstream};
+use crate::{out, outln};
 
 /// `health` runs as a container health check: it must answer quickly.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -244,36 +216,6 @@ fn check_table(rows: &[CheckRow]) -> String {
     table(HEADER, &rows)
 }
 
-/// Aligned columns under a header; a row's note goes on an indented line
-/// beneath it.
-pub(crate) fn table<S: AsRef<str>, const N: usize>(
-    header: [&str; N],
-    rows: &[([S; N], Option<String>)],
-) -> String {
-    let mut widths = header.map(|title| title.chars().count());
-    for (cells, _) in rows {
-        for (width, cell) in widths.iter_mut().zip(cells) {
-            *width = (*width).max(cell.as_ref().chars().count());
-        }
-    }
-    let line = |cells: [&str; N]| {
-        let padded: Vec<_> = cells
-            .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        format!("{}\n", padded.join("  ").trim_end())
-    };
-    let mut table = line(header);
-    for (cells, note) in rows {
-        table += &line(cells.each_ref().map(AsRef::as_ref));
-        if let Some(note) = note {
-            table += &format!("    {note}\n");
-        }
-    }
-    table
-}
-
 fn summarise(config: &Config) -> anyhow::Result<()> {
     outln!("configuration is valid")?;
     outln!("listen: {}", config.server.listen)?;
@@ -398,26 +340,6 @@ fn status_tables(status: &Status) -> String {
     text
 }
 
-/// Which queued messages `queue retry` makes due now.
-pub enum RetryTarget {
-    One(String),
-    All,
-    Account(String),
-    /// One account's messages in one state: the status page's buttons.
-    AccountIn(String, State),
-}
-
-impl RetryTarget {
-    fn covers(&self, state: State, envelope: &Envelope) -> bool {
-        match self {
-            RetryTarget::One(id) => *id == envelope.id,
-            RetryTarget::All => true,
-            RetryTarget::Account(name) => *name == envelope.account,
-            RetryTarget::AccountIn(name, wanted) => *name == envelope.account && *wanted == state,
-        }
-    }
-}
-
 /// `sendbridge queue list`: every queued message, oldest first.
 pub fn queue_list(spool: &Spool, json: bool) -> anyhow::Result<()> {
     let mut rows = Vec::new();
@@ -470,7 +392,7 @@ pub fn queue_list(spool: &Spool, json: bool) -> anyhow::Result<()> {
 
 /// `sendbridge queue show ID`: envelope, history and the message headers.
 pub fn queue_show(spool: &Spool, id: &str) -> anyhow::Result<()> {
-    let state = find(spool, id)?;
+    let state = locate(spool, id)?;
     let envelope = spool.read_envelope(state, id)?;
     outln!("id:         {}", envelope.id)?;
     outln!("state:      {state}")?;
@@ -508,75 +430,6 @@ pub fn queue_show(spool: &Spool, id: &str) -> anyhow::Result<()> {
         String::from_utf8_lossy(&message[..end.min(64 * 1024)])
     )?;
     Ok(())
-}
-
-/// What `queue_retry` did.
-#[derive(Debug, Default)]
-pub struct Retried {
-    /// Messages made due now.
-    pub due: usize,
-    /// Why others were left alone, one line each.
-    pub skipped: Vec<String>,
-}
-
-/// `sendbridge queue retry`: due now; held and rejected messages go back to
-/// the queue, and an account's hold is lifted for them. The running relay
-/// picks the change up at its next scan.
-pub fn queue_retry(spool: &Spool, target: RetryTarget) -> anyhow::Result<Retried> {
-    let now = unix_millis();
-    let mut retried = Retried::default();
-    let chosen: Vec<(State, String)> = match &target {
-        RetryTarget::One(id) => vec![(find(spool, id)?, id.clone())],
-        _ => {
-            let mut chosen = Vec::new();
-            for state in [State::Deferred, State::Held, State::Rejected] {
-                for envelope in spool.list(state)? {
-                    if target.covers(state, &envelope) {
-                        chosen.push((state, envelope.id));
-                    }
-                }
-            }
-            chosen
-        }
-    };
-    for (state, id) in chosen {
-        if state == State::Active {
-            retried
-                .skipped
-                .push(format!("{id}: being delivered right now"));
-            continue;
-        }
-        let mut envelope = spool.read_envelope(state, &id)?;
-        envelope.next_attempt_at = now;
-        envelope.retry_requested_at = Some(now);
-        // Refused recipients get another chance; delivered ones never do.
-        envelope.refused.clear();
-        envelope.record(now, format!("retry requested (was {state})"));
-        match spool.update(&envelope, state, State::Deferred) {
-            Ok(()) => retried.due += 1,
-            // The relay moved it meanwhile (e.g. started delivering it).
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                retried
-                    .skipped
-                    .push(format!("{id}: moved meanwhile, skipped"));
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
-    Ok(retried)
-}
-
-/// `sendbridge queue delete ID`.
-pub fn queue_delete(spool: &Spool, id: &str) -> anyhow::Result<()> {
-    let state = find(spool, id)?;
-    spool.remove(state, id)?;
-    Ok(())
-}
-
-fn find(spool: &Spool, id: &str) -> anyhow::Result<State> {
-    spool
-        .find(id)?
-        .with_context(|| format!("no message {id} in the queue ({})", spool.root().display()))
 }
 
 fn clip(text: &str, width: usize) -> String {

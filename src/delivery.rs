@@ -17,14 +17,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::admin::metrics::{self, Event};
+use crate::access_tokens::TokenSource;
 use crate::config::{AccountConfig, Config, DeliveryConfig, DeliveryMode};
+use crate::observe::metrics::{self, Event};
 use crate::provider_replies::diagnose;
 use crate::reply::{Refusal, Reply};
 use crate::send_window::SendWindow;
+use crate::spool::operations;
 use crate::spool::{Envelope, FileVersion, RefusedRecipient, Spool, State};
 use crate::spool_space::{SpaceWatch, is_full};
-use crate::upstream::{BodyFlags, Connection, Outcome, Sent, TokenSource, Upstream};
+use crate::upstream::{BodyFlags, Connection, Outcome, Sent, Upstream};
 
 /// Unix milliseconds that follow tokio's clock, so retry schedules can be
 /// tested with a paused clock. Anchored to the wall clock at start.
@@ -943,30 +945,14 @@ impl Delivery {
         let now = self.clock.now();
         let name_owned = name.to_string();
         let released = self
-            .io(move |spool| {
-                let mut released = 0;
-                for mut envelope in spool.list(State::Held)? {
-                    if envelope.account == name_owned {
-                        envelope.next_attempt_at = now;
-                        envelope.record(now, "hold released");
-                        spool
-                            .update(&envelope, State::Held, State::Deferred)
-                            .or_else(|err| match is_full(&err) {
-                                // Moved as it is, without the note: it was
-                                // due when it was held.
-                                true => spool.move_to(&envelope.id, State::Held, State::Deferred),
-                                false => Err(err),
-                            })?;
-                        info!(id = %envelope.id, account = %envelope.account, "message released from hold");
-                        released += 1;
-                    }
-                }
-                Ok(released)
-            })
+            .io(move |spool| operations::release_held(spool, &name_owned, now))
             .await;
         match released {
-            Ok(count) => {
-                warn!(account = %name, released = count, why, "account hold released: held mail is being sent")
+            Ok(ids) => {
+                for id in &ids {
+                    info!(id = %id, account = %name, "message released from hold");
+                }
+                warn!(account = %name, released = ids.len(), why, "account hold released: held mail is being sent")
             }
             Err(err) => {
                 error!(account = %name, error = %err, "hold released, but held mail could not be requeued")

@@ -22,5 +22,6 @@ pub mod server;
 pub mod session;
 pub mod spool;
 pub mod spool_space;
+pub mod terminal;
 pub mod tls;
 pub mod upstream;

@@ -5,9 +5,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use sendbridge::cli::StdoutClosed;
 use sendbridge::config::Config;
 use sendbridge::outln;
+use sendbridge::terminal::StdoutClosed;
 
 #[derive(Parser)]
 #[command(
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
         Command::Run => {
             sendbridge::tls::install_crypto_provider();
             sendbridge::observe::init_tracing(&config.log);
-            sendbridge::admin::metrics::install(&config.admin);
+            sendbridge::observe::metrics::install(&config.admin);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             report(runtime.block_on(run(config, cli.config)))
         }
@@ -143,7 +143,8 @@ fn main() -> ExitCode {
 }
 
 fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
-    use sendbridge::cli::{RetryTarget, queue_delete, queue_list, queue_retry, queue_show};
+    use sendbridge::cli::{queue_list, queue_show};
+    use sendbridge::spool::operations::{RetryTarget, delete, retry};
     let spool = sendbridge::spool::Spool::open(&config.spool.dir)?;
     match action {
         QueueAction::List { json } => queue_list(&spool, json),
@@ -154,7 +155,7 @@ fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
                 (None, _, Some(account)) => RetryTarget::Account(account),
                 _ => RetryTarget::All,
             };
-            let retried = queue_retry(&spool, target)?;
+            let retried = retry(&spool, target)?;
             for skipped in &retried.skipped {
                 outln!("{skipped}")?;
             }
@@ -165,7 +166,7 @@ fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
             Ok(())
         }
         QueueAction::Delete { id } => {
-            queue_delete(&spool, &id)?;
+            delete(&spool, &id)?;
             outln!("deleted {id}")?;
             Ok(())
         }
@@ -197,7 +198,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     sendbridge::lifecycle::raise_descriptor_limit(&config);
     sendbridge::lifecycle::return_large_buffers_to_the_system();
     let stop = CancellationToken::new();
-    let tokens = sendbridge::upstream::token_service(&config.spool.dir);
+    let tokens = sendbridge::oauth::token_service(&config.spool.dir);
     let server = sendbridge::server::Server::bind(&config, stop.clone(), tokens).await?;
     if config.accounts.is_empty() {
         tracing::warn!(

@@ -14,13 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
+use crate::access_tokens::TokenSource;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::session::{
     Session, SessionContext, SessionEnd, SessionRecord, Settings, clean_transcripts,
 };
-use crate::upstream::TokenSource;
 
 /// After the grace period, how long sessions get to say 421 and close.
 const SESSION_CLOSE_BOUND: Duration = Duration::from_secs(5);

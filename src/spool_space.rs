@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::admin::metrics;
+use crate::observe::metrics;
 
 /// While the spool stays full, its warning repeats at most this often.
 const WARNING_INTERVAL: Duration = Duration::from_secs(60);

@@ -20,9 +20,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::warn;
 
-use crate::access_tokens::{AccessTokens, TokenFailure};
-use crate::admin::metrics;
+use crate::access_tokens::{AccessTokens, TokenFailure, TokenSource};
 use crate::config::{AccountConfig, AuthMethod, OAuth2Config, UpstreamTls};
+use crate::observe::metrics;
 use crate::provider_replies::{Class, diagnose};
 use crate::reply::Reply;
 use crate::secret::Secret;
@@ -47,6 +47,27 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The upstream's reply, unless there was none (unreachable server, TLS
+    /// failure, timeout).
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            Outcome::Delivered(reply)
+            | Outcome::Rejected(reply)
+            | Outcome::AuthFailed(reply)
+            | Outcome::OverLimit(reply) => Some(reply),
+            Outcome::Deferred { reply, .. } => reply.as_ref(),
+        }
+    }
+}
+
+/// Counts the upstream's reply code, when the outcome came with a reply.
+fn count_reply(account: &str, outcome: &Outcome) {
+    if let Some(reply) = outcome.reply() {
+        metrics::upstream_reply(account, reply.code);
+    }
+}
+
 /// What the client declared in MAIL FROM that the upstream must hear too.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BodyFlags {
@@ -62,22 +83,6 @@ pub struct Sent {
     /// The verdict for the other recipients: the DATA reply, or what ended
     /// the transaction. `None` when every recipient was refused.
     pub outcome: Option<Outcome>,
-}
-
-/// Makes the access-token source of an `auth = "oauth2"` account from its
-/// name and settings. The relay uses [`token_service`]; tests pass a
-/// stand-in for the token service.
-pub type TokenSource =
-    Arc<dyn Fn(&str, &AccountConfig) -> anyhow::Result<Arc<dyn AccessTokens>> + Send + Sync>;
-
-/// The relay's token source: `oauth::Tokens`, keeping refresh tokens under
-/// the spool directory.
-pub fn token_service(spool_dir: &std::path::Path) -> TokenSource {
-    let spool_dir = spool_dir.to_path_buf();
-    Arc::new(move |name, account| {
-        let tokens: Arc<dyn AccessTokens> = crate::oauth::Tokens::new(name, account, &spool_dir)?;
-        Ok(tokens)
-    })
 }
 
 /// How an account signs in upstream.
@@ -296,7 +301,7 @@ impl Upstream {
             Ok(Err(err)) => self.classify(err),
             Err(_) => self.classify(mail_send::Error::Timeout),
         };
-        metrics::upstream_reply(&self.name, &outcome);
+        count_reply(&self.name, &outcome);
         Err(outcome)
     }
 
@@ -429,7 +434,7 @@ impl Upstream {
             Err(err) => Some(self.classify(err)),
         };
         for counted in refused.iter().map(|(_, refusal)| refusal).chain(&outcome) {
-            metrics::upstream_reply(&self.name, counted);
+            count_reply(&self.name, counted);
         }
         Sent { refused, outcome }
     }

@@ -12,8 +12,8 @@ use common::frozen_clock::FrozenClock;
 use common::relay::{Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for};
 use sendbridge::config::Config;
 use sendbridge::delivery::Delivery;
+use sendbridge::oauth::token_service;
 use sendbridge::spool::{Envelope, Spool, State};
-use sendbridge::upstream::token_service;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -120,9 +120,9 @@ async fn a_refused_recipient_does_not_hold_back_the_others_and_is_retried_alone(
 
     // The mailbox now exists; a retry sends to the refused recipient only.
     upstream.set_script(Script::default());
-    sendbridge::cli::queue_retry(
+    sendbridge::spool::operations::retry(
         &Spool::open(&relay.spool).unwrap(),
-        sendbridge::cli::RetryTarget::One(rejected[0].id.clone()),
+        sendbridge::spool::operations::RetryTarget::One(rejected[0].id.clone()),
     )
     .unwrap();
     let received = upstream.wait_for_messages(2, WAIT).await;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use sendbridge::config::Config;
 use sendbridge::delivery::Delivery;
+use sendbridge::oauth::token_service;
 use sendbridge::spool::{Envelope, State};
-use sendbridge::upstream::token_service;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(start_paused = true)]

@@ -8,7 +8,6 @@
 
 mod access;
 pub mod client;
-pub mod metrics;
 mod page;
 pub mod status;
 
@@ -34,10 +33,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::cli::{RetryTarget, queue_retry};
 use crate::config::AdminConfig;
 use crate::delivery::Delivery;
+use crate::observe::metrics::{self, QueueGauges};
 use crate::spool;
+use crate::spool::operations::{self, RetryTarget};
 use access::{Access, FormToken};
 use page::PageContext;
 use status::{Readiness, Status};
@@ -233,18 +233,32 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn scrape(State(shared): State<Arc<Shared>>) -> Response {
-    match blocking(&shared, |shared| metrics::render(shared.delivery.spool())).await {
-        Ok(Some(text)) => {
-            let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
-            (content_type, text).into_response()
-        }
-        Ok(None) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no metrics recorder in this process\n",
-        )
-            .into_response(),
+    match blocking(&shared, |shared| queue_gauges(shared.delivery.spool())).await {
+        Ok(queue) => match metrics::render(&queue) {
+            Some(text) => {
+                let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
+                (content_type, text).into_response()
+            }
+            None => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no metrics recorder in this process\n",
+            )
+                .into_response(),
+        },
         Err(response) => response,
     }
+}
+
+/// The queue's size per state, read from the spool now. Blocking.
+fn queue_gauges(spool: &spool::Spool) -> std::io::Result<QueueGauges> {
+    let mut messages = Vec::new();
+    for state in spool::State::ALL {
+        messages.push((state.dir_name(), spool.ids(state)?.len()));
+    }
+    Ok(QueueGauges {
+        messages,
+        spool_bytes: spool.data_bytes()?,
+    })
 }
 
 async fn status_json(State(shared): State<Arc<Shared>>) -> Response {
@@ -320,7 +334,7 @@ async fn retry(
     let retried = blocking(&shared, move |shared| {
         let target = RetryTarget::AccountIn(account, state);
         let retried =
-            queue_retry(shared.delivery.spool(), target).map_err(std::io::Error::other)?;
+            operations::retry(shared.delivery.spool(), target).map_err(std::io::Error::other)?;
         Ok(retried.due)
     })
     .await;

@@ -4,8 +4,9 @@
 
 use std::fmt::Write;
 
-use super::status::{AccountStatus, Rejection, Status, format_time};
+use super::status::{AccountStatus, Rejection, Status};
 use crate::spool::unix_millis;
+use crate::terminal::format_time;
 
 const STYLE: &str = "
 body{font:15px/1.45 system-ui,sans-serif;margin:1.5rem auto;max-width:62rem;padding:0 1rem;color:#1d2430;background:#f5f6f8}

@@ -4,7 +4,6 @@
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
-use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -198,9 +197,4 @@ impl Status {
             rejections,
         })
     }
-}
-
-/// `2026-11-23T10:00:00Z`, from unix milliseconds.
-pub fn format_time(unix_millis: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(unix_millis)).to_string()
 }

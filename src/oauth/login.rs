@@ -18,11 +18,11 @@ use tokio::time::Instant;
 use super::client::{EndpointError, Issued, TokenClient};
 use super::hints::sign_in_hint;
 use super::store::{Store, Stored};
-use crate::cli::{RetryTarget, queue_retry};
 use crate::config::{AccountConfig, AuthMethod, Config, OAuth2Config, OAuthFlow, OAuthProvider};
 use crate::outln;
 use crate::secret::Secret;
 use crate::spool::State;
+use crate::spool::operations::{RetryTarget, retry};
 use crate::spool::unix_millis;
 
 /// How long a browser gets to send its request to the listener.
@@ -92,7 +92,7 @@ pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> an
     // Held mail need not wait for the relay's next hold probe.
     let spool = crate::spool::Spool::open(&config.spool.dir)?;
     let target = RetryTarget::AccountIn(account.to_string(), State::Held);
-    let due = queue_retry(&spool, target)?.due;
+    let due = retry(&spool, target)?.due;
     if due > 0 {
         outln!(
             "{due} held message(s) due now: the running relay sends them within delivery.scan_interval"

@@ -20,3 +20,17 @@ pub use login::{LoginOptions, login};
 pub use status::status;
 pub use store::{Store, Stored};
 pub use tokens::Tokens;
+
+use std::sync::Arc;
+
+use crate::access_tokens::{AccessTokens, TokenSource};
+
+/// The relay's token source: [`Tokens`], keeping refresh tokens under the
+/// spool directory.
+pub fn token_service(spool_dir: &std::path::Path) -> TokenSource {
+    let spool_dir = spool_dir.to_path_buf();
+    Arc::new(move |name, account| {
+        let tokens: Arc<dyn AccessTokens> = Tokens::new(name, account, &spool_dir)?;
+        Ok(tokens)
+    })
+}

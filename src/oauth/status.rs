@@ -3,9 +3,8 @@
 //! Never prints a token.
 
 use crate::access_tokens::{AccessTokens, TokenFailure};
-use crate::admin::status::format_time;
-use crate::cli::table;
 use crate::config::{AuthMethod, Config, OAuthFlow};
+use crate::terminal::{format_time, table};
 use crate::{out, outln};
 
 use super::store::Store;

@@ -450,7 +450,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None => {
                 self.auth_failures += 1;
                 debug!(user = ?username, "local sign-in failed");
-                crate::admin::metrics::local_auth_failure();
+                crate::observe::metrics::local_auth_failure();
                 let reply = Reply::new(535, [5, 7, 8], "Authentication credentials invalid");
                 let hint = format!(
                     "wrong user name or password for user {username:?}: compare the SMTP user and password set in the sending program with [users] in the sendbridge config"
@@ -843,7 +843,7 @@ mod tests {
         let mut config = Config::from_toml(toml).unwrap();
         config.spool.dir = spool.path().to_path_buf();
         config.server.hostname = "relay.test".to_string();
-        let tokens = crate::upstream::token_service(&config.spool.dir);
+        let tokens = crate::oauth::token_service(&config.spool.dir);
         let delivery = Delivery::start(&config, CancellationToken::new(), tokens).unwrap();
         let settings = Settings::new(&config).unwrap();
         let ctx = SessionContext::new(settings, delivery, None, CancellationToken::new());

@@ -9,8 +9,8 @@ use tracing::{info, warn};
 
 use super::SessionContext;
 use super::transcript::Transcript;
-use crate::admin::metrics;
 use crate::config::Transcripts;
+use crate::observe::metrics;
 use crate::reply::{Refusal, Reply};
 use crate::spool_space::is_full;
 

@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use sendbridge::access_tokens::TokenSource;
 use sendbridge::config::Config;
+use sendbridge::oauth::token_service;
 use sendbridge::server::{Reloader, Server};
-use sendbridge::upstream::{TokenSource, token_service};
 use tokio_util::sync::CancellationToken;
 
 use super::fake_upstream::{FakeUpstream, UpstreamTls};
@@ -150,7 +151,7 @@ impl Relay {
             config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
         }
         // Shared by every relay of this test process; installed once.
-        sendbridge::admin::metrics::install(&config.admin);
+        sendbridge::observe::metrics::install(&config.admin);
         config.server.hostname = "relay.test".to_string();
         config.tls.cert = dir.path().join("relay.crt");
         config.tls.key = dir.path().join("relay.key");

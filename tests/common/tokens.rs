@@ -5,10 +5,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use sendbridge::access_tokens::TokenSource;
 use sendbridge::access_tokens::{AccessTokens, TokenFailure, TokenFuture};
 use sendbridge::config::AccountConfig;
 use sendbridge::secret::Secret;
-use sendbridge::upstream::TokenSource;
 
 #[derive(Default)]
 struct State {

@@ -22,6 +22,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub mod operations;
+
 use crate::private_files;
 use crate::reply::Reply;
 use crate::upstream::BodyFlags;

@@ -13,8 +13,6 @@ use ::metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::AdminConfig;
-use crate::spool::{Spool, State};
-use crate::upstream::Outcome;
 
 const SESSIONS_OPEN: &str = "sendbridge_sessions_open";
 const SESSIONS: &str = "sendbridge_sessions_total";
@@ -144,35 +142,30 @@ pub fn delivered(account: &str, waited: Duration) {
     histogram!(DELIVERY_SECONDS, "account" => account.to_string()).record(waited.as_secs_f64());
 }
 
-/// Counts the upstream's reply code, when the outcome came with a reply
-/// (not for unreachable servers, TLS failures or timeouts).
-pub fn upstream_reply(account: &str, outcome: &Outcome) {
-    let reply = match outcome {
-        Outcome::Delivered(reply)
-        | Outcome::Rejected(reply)
-        | Outcome::AuthFailed(reply)
-        | Outcome::OverLimit(reply) => reply,
-        Outcome::Deferred {
-            reply: Some(reply), ..
-        } => reply,
-        Outcome::Deferred { reply: None, .. } => return,
-    };
-    counter!(UPSTREAM_REPLIES, "account" => account.to_string(), "code" => reply.code.to_string())
+/// Counts a reply code of an upstream server that decided a sign-in,
+/// recipient or message.
+pub fn upstream_reply(account: &str, code: u16) {
+    counter!(UPSTREAM_REPLIES, "account" => account.to_string(), "code" => code.to_string())
         .increment(1);
 }
 
-/// The Prometheus text, with the queue gauges read from `spool` now.
-/// `None` when no recorder of ours is installed. Blocking: reads the spool.
-pub fn render(spool: &Spool) -> std::io::Result<Option<String>> {
-    let Some(handle) = HANDLE.get().and_then(Option::as_ref) else {
-        return Ok(None);
-    };
-    for state in State::ALL {
-        gauge!(QUEUE, "state" => state.dir_name()).set(spool.ids(state)?.len() as f64);
+/// What the queue holds at scrape time.
+pub struct QueueGauges {
+    /// Messages per state directory.
+    pub messages: Vec<(&'static str, usize)>,
+    pub spool_bytes: u64,
+}
+
+/// The Prometheus text, with the queue gauges as read now. `None` when no
+/// recorder of ours is installed.
+pub fn render(queue: &QueueGauges) -> Option<String> {
+    let handle = HANDLE.get().and_then(Option::as_ref)?;
+    for &(state, count) in &queue.messages {
+        gauge!(QUEUE, "state" => state).set(count as f64);
     }
-    gauge!(SPOOL_BYTES).set(spool.data_bytes()? as f64);
+    gauge!(SPOOL_BYTES).set(queue.spool_bytes as f64);
     handle.run_upkeep();
-    Ok(Some(handle.render()))
+    Some(handle.render())
 }
 
 /// Drains histogram samples into their buckets, which otherwise keep every
@@ -193,10 +186,12 @@ mod tests {
         install(&config);
         install(&config);
         local_auth_failure();
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path()).unwrap();
+        let queue = QueueGauges {
+            messages: vec![("held", 0)],
+            spool_bytes: 0,
+        };
 
-        let text = render(&spool).unwrap().expect("our recorder");
+        let text = render(&queue).expect("our recorder");
 
         assert!(
             text.contains("sendbridge_local_auth_failures_total"),

@@ -1,3 +1,6 @@
+//! What the relay tells its operator: logging setup here, Prometheus
+//! metrics in [`metrics`]. A leaf: every stage may call it, it calls none.
+//!
 //! Logging setup. Log lines carry facts (ids, addresses, codes), never
 //! passwords, tokens, AUTH payloads or message content.
 //!
@@ -6,6 +9,8 @@
 //! [`EscapeControls`], so one event is always one line and a client cannot
 //! forge lines or send escape sequences to the operator's terminal. JSON
 //! strings are escaped by the serializer already.
+
+pub mod metrics;
 
 use std::fmt::{self, Write};
 use std::io::IsTerminal;
