@@ -146,6 +146,11 @@ pub struct ServerConfig {
     /// (and how long in-flight deliveries may take to finish).
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// Failed sign-ins a client address may have per `auth_failure_window`
+    /// before its sign-ins are refused (`454 4.7.0`) until the window ends.
+    pub auth_failure_limit: u32,
+    #[serde(deserialize_with = "duration")]
+    pub auth_failure_window: Duration,
 }
 
 impl Default for ServerConfig {
@@ -163,6 +168,8 @@ impl Default for ServerConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(10),
+            auth_failure_limit: 10,
+            auth_failure_window: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -515,6 +522,18 @@ impl Config {
             return Err(ConfigError::new(
                 "server.max_connections",
                 "must be at least 1",
+            ));
+        }
+        if self.server.auth_failure_limit == 0 {
+            return Err(ConfigError::new(
+                "server.auth_failure_limit",
+                "must be at least 1",
+            ));
+        }
+        if self.server.auth_failure_window.is_zero() {
+            return Err(ConfigError::new(
+                "server.auth_failure_window",
+                "must be longer than zero",
             ));
         }
         if self.server.max_recipients == 0 {

@@ -5,12 +5,13 @@ mod auth;
 mod data;
 mod record;
 mod sign_in;
+mod throttle;
 mod transcript;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use smtp_proto::request::receiver::{MAX_LINE_LENGTH, RequestReceiver};
@@ -36,6 +37,7 @@ use crate::rewrite::{RewriteError, RewritePolicy, Trace, rewrite};
 use crate::spool::Envelope;
 use crate::upstream::BodyFlags;
 use data::DataEnd;
+use throttle::SignInThrottle;
 
 /// Read buffer per connection: small, so idle connections stay cheap.
 const READ_BUFFER: usize = 8 * 1024;
@@ -50,6 +52,8 @@ pub struct SessionContext {
     pub tls: Option<TlsAcceptor>,
     pub shutdown: CancellationToken,
     pub transcripts_dir: PathBuf,
+    /// Outlives reloads, which replace the users.
+    sign_in_throttle: Mutex<SignInThrottle>,
 }
 
 /// The part of the configuration a reload replaces; a session picks up the
@@ -97,6 +101,7 @@ impl SessionContext {
             delivery,
             tls,
             shutdown,
+            sign_in_throttle: Mutex::default(),
         }
     }
 
@@ -652,7 +657,7 @@ mod tests {
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
     /// The context and the spool directory it uses (removed when dropped).
-    fn context(toml: &str) -> (Arc<SessionContext>, tempfile::TempDir) {
+    pub(super) fn context(toml: &str) -> (Arc<SessionContext>, tempfile::TempDir) {
         let spool = tempfile::tempdir().unwrap();
         let mut config = Config::from_toml(toml).unwrap();
         config.spool.dir = spool.path().to_path_buf();
@@ -666,7 +671,7 @@ mod tests {
     }
 
     /// A session over an in-memory pipe; returns the client's end.
-    fn start(
+    pub(super) fn start(
         (ctx, _spool): &(Arc<SessionContext>, tempfile::TempDir),
     ) -> (BufReader<DuplexStream>, tokio::task::JoinHandle<()>) {
         let ctx = ctx.clone();
@@ -680,7 +685,7 @@ mod tests {
         (BufReader::new(client), task)
     }
 
-    async fn line(client: &mut BufReader<DuplexStream>) -> String {
+    pub(super) async fn line(client: &mut BufReader<DuplexStream>) -> String {
         let mut line = String::new();
         client.read_line(&mut line).await.unwrap();
         line
