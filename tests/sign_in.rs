@@ -1,5 +1,7 @@
 //! Hostile sign-ins over real sockets: a flood of wrong passwords from one
-//! address must not slow down or lock out a client at another address.
+//! address must not slow down or lock out a client at another address, and
+//! what a client types as its user name reaches the log only when it looks
+//! like one.
 
 mod common;
 
@@ -10,6 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls};
 use common::log_capture::LogCapture;
 use common::relay::{
@@ -169,4 +173,59 @@ async fn a_wrong_password_flood_from_one_address_leaves_others_fast() {
         .collect();
     assert_eq!(addresses, ["127.0.0.1"], "{throttled:?}");
     assert_eq!(throttled[0]["level"], "WARN");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_password_typed_as_the_user_name_stays_out_of_the_log() {
+    let logs = LogCapture::start();
+    let (_upstream, relay) = relay("").await;
+    let password_like = [
+        "correct horse battery staple",
+        "Tr0ub4dor&3!",
+        "pässwört",
+        "x\u{1b}[31m",
+        &"a".repeat(65),
+    ];
+    for (n, typed) in password_like.iter().chain(&["scanner"]).enumerate() {
+        // One address each, so the failures are not throttled.
+        let mut client = connect_from(&format!("127.0.0.{}", 10 + n), relay.addr).await;
+        assert_eq!(client.read_reply().await.code, 220);
+        client.ehlo().await;
+        // AUTH LOGIN: the user name is its own line, as old clients type it.
+        client.expect("AUTH LOGIN", 334).await;
+        client.expect(&BASE64.encode(typed), 334).await;
+        let reply = client.cmd(&BASE64.encode("wrong")).await;
+        assert_eq!(reply.code, 535, "{reply:?}");
+        client.expect("QUIT", 221).await;
+        assert!(client.is_closed().await);
+    }
+    // Every session has ended and logged.
+    let _spool = relay.stop().await;
+    let closed = logs.lines_with("session closed after a rejection");
+    assert_eq!(closed.len(), password_like.len() + 1, "{closed:?}");
+
+    let text = logs.text();
+    for typed in password_like {
+        let escaped = serde_json::to_string(typed).unwrap();
+        let escaped = escaped.trim_matches('"');
+        assert!(!text.contains(escaped), "{typed:?} was logged");
+        assert!(
+            !text.contains(&format!("{typed:?}")),
+            "{typed:?} was logged"
+        );
+    }
+    let shown: Vec<&str> = closed
+        .iter()
+        .map(|line| line["hint"].as_str().unwrap())
+        .collect();
+    assert!(
+        shown[..password_like.len()]
+            .iter()
+            .all(|hint| hint.contains("(not shown: does not look like a user name)")),
+        "{shown:?}"
+    );
+    assert!(
+        shown[password_like.len()].contains(r#"user "scanner""#),
+        "{shown:?}"
+    );
 }

@@ -1,6 +1,7 @@
 //! Local sign-in of legacy programs: SASL PLAIN and LOGIN decoding, and
 //! password checks against argon2 hashes.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
@@ -128,6 +129,26 @@ impl Users {
             .map_err(|_| Busy)?;
         Ok(PendingCheck { user, answer })
     }
+
+    /// `username` as it may appear in a log line: a configured name always,
+    /// anything else only when it looks like a user name rather than a
+    /// password typed into the wrong field.
+    pub fn loggable<'a>(&self, username: &'a str) -> Cow<'a, str> {
+        if self.by_name.contains_key(&username.to_lowercase()) || looks_like_user_name(username) {
+            Cow::Owned(format!("{username:?}"))
+        } else {
+            Cow::Borrowed("(not shown: does not look like a user name)")
+        }
+    }
+}
+
+/// Short, and only the characters of login names and mail addresses: no
+/// spaces, punctuation or control characters, which passwords often have.
+fn looks_like_user_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b))
 }
 
 /// The checker threads; they end when `Users` (the sender) is dropped.
@@ -351,6 +372,38 @@ mod tests {
         assert!(
             (CHECK_QUEUE..checks.len()).contains(&queued),
             "{queued} queued"
+        );
+    }
+
+    #[test]
+    fn only_names_that_look_like_user_names_are_logged() {
+        let users = users();
+        let cases = [
+            ("scanner", r#""scanner""#),
+            ("invoices@office.example", r#""invoices@office.example""#),
+            ("first.last+tag-2_x", r#""first.last+tag-2_x""#),
+            // Configured names are logged whatever they look like.
+            ("INVOICES", r#""INVOICES""#),
+            ("", "(not shown: does not look like a user name)"),
+            (
+                "correct horse",
+                "(not shown: does not look like a user name)",
+            ),
+            ("Tr0ub4dor&3", "(not shown: does not look like a user name)"),
+            ("pässwört", "(not shown: does not look like a user name)"),
+            ("tab\there", "(not shown: does not look like a user name)"),
+            ("x\u{1b}[31m", "(not shown: does not look like a user name)"),
+        ];
+        for (typed, logged) in cases {
+            assert_eq!(users.loggable(typed), logged, "{typed:?}");
+        }
+        assert_eq!(
+            users.loggable(&"a".repeat(64)),
+            format!("{:?}", "a".repeat(64))
+        );
+        assert_eq!(
+            users.loggable(&"a".repeat(65)),
+            "(not shown: does not look like a user name)"
         );
     }
 }

@@ -163,11 +163,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Answers a failed check: `535`, and after a few in one session, `421`.
     fn wrong_credentials(&mut self, username: &str) -> Flow {
         self.auth_failures += 1;
-        debug!(user = ?username, "local sign-in failed");
+        let shown = self.settings.users.loggable(username);
+        debug!(user = %shown, "local sign-in failed");
         crate::admin::metrics::local_auth_failure();
         let reply = Reply::new(535, [5, 7, 8], "Authentication credentials invalid");
         let hint = format!(
-            "wrong user name or password for user {username:?}: compare the SMTP user and password set in the sending program with [users] in the sendbridge config"
+            "wrong user name or password for user {shown}: compare the SMTP user and password set in the sending program with [users] in the sendbridge config"
         );
         self.rejected(&reply, Refusal::new("auth_failed", hint), None);
         self.error(reply);
