@@ -923,6 +923,22 @@ mod tests {
     }
 
     #[test]
+    fn the_sign_in_failure_budget_is_at_least_one_failure_per_window() {
+        let config =
+            Config::from_toml("[server]\nauth_failure_limit = 5\nauth_failure_window = \"1h\"")
+                .unwrap();
+        assert_eq!(config.server.auth_failure_limit, 5);
+        assert_eq!(config.server.auth_failure_window, Duration::from_secs(3600));
+        for (bad, key) in [
+            ("auth_failure_limit = 0", "server.auth_failure_limit"),
+            ("auth_failure_window = \"0s\"", "server.auth_failure_window"),
+        ] {
+            let err = Config::from_toml(&format!("[server]\n{bad}")).unwrap_err();
+            assert_eq!(err.key, key);
+        }
+    }
+
+    #[test]
     fn unknown_accounts_are_refused() {
         let err = Config::from_toml(&format!("{GMAIL}\naccount = \"outlook\"")).unwrap_err();
         assert_eq!(err.key, "users.invoices.account");
