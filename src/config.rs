@@ -152,6 +152,11 @@ pub struct ServerConfig {
     /// (and how long in-flight deliveries may take to finish).
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// Failed sign-ins a client address may have per `auth_failure_window`
+    /// before its sign-ins are refused (`454 4.7.0`) until the window ends.
+    pub auth_failure_limit: u32,
+    #[serde(deserialize_with = "duration")]
+    pub auth_failure_window: Duration,
 }
 
 impl Default for ServerConfig {
@@ -171,6 +176,8 @@ impl Default for ServerConfig {
             data_deadline: Duration::from_secs(600),
             message_memory_budget: 256 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            auth_failure_limit: 10,
+            auth_failure_window: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -532,6 +539,18 @@ impl Config {
                     "must be at least server.max_message_size ({} bytes), or no message of that size could be received",
                     self.server.max_message_size
                 ),
+            ));
+        }
+        if self.server.auth_failure_limit == 0 {
+            return Err(ConfigError::new(
+                "server.auth_failure_limit",
+                "must be at least 1",
+            ));
+        }
+        if self.server.auth_failure_window.is_zero() {
+            return Err(ConfigError::new(
+                "server.auth_failure_window",
+                "must be longer than zero",
             ));
         }
         if self.server.max_recipients == 0 {
@@ -918,6 +937,22 @@ mod tests {
             err.to_string(),
             "server.listen_port: unknown key (misspelled?)"
         );
+    }
+
+    #[test]
+    fn the_sign_in_failure_budget_is_at_least_one_failure_per_window() {
+        let config =
+            Config::from_toml("[server]\nauth_failure_limit = 5\nauth_failure_window = \"1h\"")
+                .unwrap();
+        assert_eq!(config.server.auth_failure_limit, 5);
+        assert_eq!(config.server.auth_failure_window, Duration::from_secs(3600));
+        for (bad, key) in [
+            ("auth_failure_limit = 0", "server.auth_failure_limit"),
+            ("auth_failure_window = \"0s\"", "server.auth_failure_window"),
+        ] {
+            let err = Config::from_toml(&format!("[server]\n{bad}")).unwrap_err();
+            assert_eq!(err.key, key);
+        }
     }
 
     #[test]

@@ -1,0 +1,407 @@
+//! AUTH (RFC 4954): the SASL PLAIN and LOGIN exchanges with the client
+//! and the answer to a password check.
+
+use std::sync::MutexGuard;
+
+use smtp_proto::request::receiver::LineReceiver;
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::auth::{self, SaslError, SignedIn};
+use super::throttle::{Budget, SignInThrottle, Verdict};
+use super::{Flow, MAX_AUTH_FAILURES, Session, Stop};
+use crate::reply::{Refusal, Reply};
+use crate::secret::Secret;
+
+/// A user name and password from a SASL exchange.
+type Credentials = (String, Secret);
+
+enum PasswordCheck {
+    Matched(SignedIn),
+    Wrong,
+    /// Refused before a check; the client has its answer.
+    NotRun,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub(super) async fn auth(
+        &mut self,
+        mechanism: u64,
+        initial_response: String,
+    ) -> Result<Flow, Stop> {
+        if self.helo.is_none() {
+            self.error(Reply::new(503, [5, 5, 1], "Send EHLO first"));
+            return Ok(Flow::Continue);
+        }
+        if self.signed_in.is_some() {
+            self.error(Reply::new(503, [5, 5, 1], "Already authenticated"));
+            return Ok(Flow::Continue);
+        }
+        if self.transaction.is_some() {
+            self.error(Reply::new(
+                503,
+                [5, 5, 1],
+                "AUTH not allowed during a mail transaction",
+            ));
+            return Ok(Flow::Continue);
+        }
+        if !self.auth_allowed() {
+            let reply = Reply::new(538, [5, 7, 11], "Encryption required: use STARTTLS first");
+            let hint = "the client signs in without TLS: enable STARTTLS/SSL in the sending program, or set server.require_tls_for_auth = false";
+            self.rejected(&reply, Refusal::new("tls_required", hint), None);
+            self.error(reply);
+            return Ok(Flow::Continue);
+        }
+        let credentials = match mechanism {
+            AUTH_PLAIN => self.sasl_plain(initial_response).await?,
+            AUTH_LOGIN => self.sasl_login(initial_response).await?,
+            _ => {
+                self.error(Reply::new(
+                    504,
+                    [5, 5, 4],
+                    "Unrecognized authentication type; use PLAIN or LOGIN",
+                ));
+                return Ok(Flow::Continue);
+            }
+        };
+        let (username, password) = match credentials {
+            Ok(credentials) => credentials,
+            Err(SaslError::Cancelled) => {
+                self.error(Reply::new(501, [5, 0, 0], "Authentication cancelled"));
+                return Ok(Flow::Continue);
+            }
+            Err(SaslError::Malformed) => {
+                self.error(Reply::new(
+                    501,
+                    [5, 5, 2],
+                    "Cannot decode the AUTH response",
+                ));
+                return Ok(Flow::Continue);
+            }
+        };
+        let signed_in = match self.check_password(&username, password).await? {
+            PasswordCheck::Matched(signed_in) => signed_in,
+            PasswordCheck::Wrong => return Ok(self.wrong_credentials(&username)),
+            PasswordCheck::NotRun => return Ok(Flow::Continue),
+        };
+        info!(user = %signed_in.user, account = %signed_in.account, "client signed in");
+        self.record.signed_in(&signed_in.user);
+        self.signed_in = Some(signed_in);
+        self.reply(Reply::new(235, [2, 7, 0], "Authentication successful"));
+        Ok(Flow::Continue)
+    }
+
+    /// Checks the password, unless the client's address is over its budget
+    /// of failures or every checker is busy: both are answered `454` here,
+    /// without running argon2. A client that hangs up meanwhile ends the
+    /// session and drops its check.
+    async fn check_password(
+        &mut self,
+        username: &str,
+        password: Secret,
+    ) -> Result<PasswordCheck, Stop> {
+        let address = self.peer.ip();
+        let server = &self.settings.server;
+        let budget = Budget {
+            failures: server.auth_failure_limit,
+            window: server.auth_failure_window,
+        };
+        let admission = self.throttle().admit(address, Instant::now(), budget);
+        if admission.first_throttled {
+            warn!(
+                address = %address.to_canonical(),
+                failures = admission.failures,
+                limit = budget.failures,
+                window_s = budget.window.as_secs(),
+                hint = "a client at this address keeps signing in with a wrong user name or password: its sign-ins now wait before being checked, and after server.auth_failure_limit failures within server.auth_failure_window they get 454 without a check until the window ends. Fix the SMTP user and password in the sending program, or block the address if it is not yours",
+                "sign-ins from this address are throttled after repeated failures"
+            );
+        }
+        let delay = match admission.verdict {
+            Verdict::Check { delay } => delay,
+            Verdict::Refuse { remaining } => {
+                // Logged once per window above, not per session: a flood
+                // must not turn into a flood of log lines and transcripts.
+                debug!(
+                    remaining_s = remaining.as_secs(),
+                    "sign-in refused: address over its budget"
+                );
+                self.record
+                    .note("sign-in refused without a check: too many failures from this address");
+                self.error(Reply::new(
+                    454,
+                    [4, 7, 0],
+                    "Too many failed sign-ins from your address, try again later",
+                ));
+                return Ok(PasswordCheck::NotRun);
+            }
+        };
+        if !delay.is_zero() {
+            self.unless_hung_up(tokio::time::sleep(delay)).await?;
+        }
+        let Ok(check) = self.settings.users.check(username, password) else {
+            self.throttle().not_checked(address);
+            let reply = Reply::new(
+                454,
+                [4, 7, 0],
+                "Temporary authentication failure, try again later",
+            );
+            let hint = "every password check is busy and the queue is full: many sign-ins arrive at once, perhaps a flood from many addresses; the client was told to try again later";
+            self.rejected(&reply, Refusal::new("auth_busy", hint), None);
+            self.reply(reply);
+            return Ok(PasswordCheck::NotRun);
+        };
+        let Some(signed_in) = self.unless_hung_up(check.outcome()).await? else {
+            return Ok(PasswordCheck::Wrong);
+        };
+        self.throttle().succeeded(address);
+        Ok(PasswordCheck::Matched(signed_in))
+    }
+
+    /// Answers a failed check: `535`, and after a few in one session, `421`.
+    fn wrong_credentials(&mut self, username: &str) -> Flow {
+        self.auth_failures += 1;
+        let shown = self.settings.users.loggable(username);
+        debug!(user = %shown, "local sign-in failed");
+        crate::observe::metrics::local_auth_failure();
+        let reply = Reply::new(535, [5, 7, 8], "Authentication credentials invalid");
+        let hint = format!(
+            "wrong user name or password for user {shown}: compare the SMTP user and password set in the sending program with [users] in the sendbridge config"
+        );
+        self.rejected(&reply, Refusal::new("auth_failed", hint), None);
+        self.error(reply);
+        if self.auth_failures < MAX_AUTH_FAILURES {
+            return Flow::Continue;
+        }
+        self.reply(Reply::new(
+            421,
+            [4, 7, 0],
+            "Too many failed sign-ins, closing connection",
+        ));
+        Flow::Quit
+    }
+
+    fn throttle(&self) -> MutexGuard<'_, SignInThrottle> {
+        self.ctx.sign_in_throttle.lock().expect("throttle lock")
+    }
+
+    /// Waits for `wanted` (a password check, or the delay before one) while
+    /// watching the client: when it hangs up, the wait is dropped and the
+    /// session ends. Bytes it pipelines meanwhile are kept in the spare part
+    /// of the input buffer for the next command; with no spare room left,
+    /// only `wanted` is awaited.
+    async fn unless_hung_up<T>(&mut self, wanted: impl Future<Output = T>) -> Result<T, Stop> {
+        self.flush().await.map_err(Stop::Io)?;
+        let timeout = self.settings.server.command_timeout;
+        let shutdown = self.ctx.shutdown.clone();
+        let watched = async {
+            tokio::pin!(wanted);
+            loop {
+                let spare = self.end < self.input.len();
+                tokio::select! {
+                    value = &mut wanted => return Ok(value),
+                    read = self.stream.read(&mut self.input[self.end..]), if spare => match read {
+                        Ok(0) => return Err(Stop::Eof),
+                        Ok(n) => self.end += n,
+                        Err(err) => return Err(Stop::Io(err)),
+                    },
+                }
+            }
+        };
+        tokio::select! {
+            watched = tokio::time::timeout(timeout, watched) => watched.unwrap_or(Err(Stop::Timeout)),
+            _ = shutdown.cancelled() => Err(Stop::Shutdown),
+        }
+    }
+
+    async fn sasl_plain(
+        &mut self,
+        initial: String,
+    ) -> Result<Result<Credentials, SaslError>, Stop> {
+        let response = if initial.is_empty() {
+            self.reply(Reply::bare(334, ""));
+            self.read_auth_line().await?
+        } else {
+            initial
+        };
+        Ok(auth::decode_response(&response).and_then(|decoded| auth::parse_plain(&decoded)))
+    }
+
+    async fn sasl_login(
+        &mut self,
+        initial: String,
+    ) -> Result<Result<Credentials, SaslError>, Stop> {
+        let username = if initial.is_empty() {
+            self.reply(Reply::bare(334, auth::LOGIN_USERNAME_CHALLENGE));
+            self.read_auth_line().await?
+        } else {
+            initial
+        };
+        let username = match auth::decode_response(&username).and_then(auth::parse_login_field) {
+            Ok(username) => username,
+            Err(err) => return Ok(Err(err)),
+        };
+        self.reply(Reply::bare(334, auth::LOGIN_PASSWORD_CHALLENGE));
+        let password = self.read_auth_line().await?;
+        Ok(auth::decode_response(&password)
+            .and_then(auth::parse_login_field)
+            .map(|password| (username, Secret::new(password))))
+    }
+
+    /// One line of a SASL exchange. It holds a secret: never log it.
+    async fn read_auth_line(&mut self) -> Result<String, Stop> {
+        let mut line = LineReceiver::new(());
+        loop {
+            let mut bytes = self.input[self.start..self.end].iter();
+            let complete = line.ingest(&mut bytes);
+            self.start = self.end - bytes.len();
+            if complete {
+                self.record.client_secret();
+                return Ok(String::from_utf8_lossy(&line.buf).into_owned());
+            }
+            self.read_more(self.settings.server.command_timeout).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use tokio::io::{AsyncWriteExt, BufReader, DuplexStream};
+    use tokio::time::Instant;
+
+    use super::super::SessionContext;
+    use super::super::tests::{context, line, start};
+    use super::*;
+
+    const LIMIT: u32 = 4;
+
+    fn config() -> String {
+        format!(
+            "[server]\nauth_failure_limit = {LIMIT}\n\
+             [accounts.gmail]\nusername = \"me@gmail.com\"\npassword = \"x\"\n\
+             [users.invoices]\npassword = \"old-password\""
+        )
+    }
+
+    fn auth_plain(password: &str) -> Vec<u8> {
+        let response = BASE64.encode(format!("\0invoices\0{password}"));
+        format!("AUTH PLAIN {response}\r\n").into_bytes()
+    }
+
+    /// The address every test session comes from.
+    const PEER: &str = "192.0.2.10";
+
+    fn budget(ctx: &SessionContext) -> Budget {
+        let server = &ctx.settings().server;
+        Budget {
+            failures: server.auth_failure_limit,
+            window: server.auth_failure_window,
+        }
+    }
+
+    /// Counts `failures` failed checks for `PEER`, as earlier sessions would.
+    fn failed_before(ctx: &SessionContext, failures: u32) {
+        let mut throttle = ctx.sign_in_throttle.lock().unwrap();
+        for _ in 0..failures {
+            throttle.admit(PEER.parse().unwrap(), Instant::now(), budget(ctx));
+        }
+    }
+
+    /// The failures counted for `PEER` so far (this asking counts one more).
+    fn failures(ctx: &SessionContext) -> u32 {
+        let mut throttle = ctx.sign_in_throttle.lock().unwrap();
+        throttle
+            .admit(PEER.parse().unwrap(), Instant::now(), budget(ctx))
+            .failures
+    }
+
+    /// Reads the greeting, says EHLO and reads its reply.
+    async fn greeted(client: &mut BufReader<DuplexStream>) {
+        assert!(line(client).await.starts_with("220 "));
+        client
+            .get_mut()
+            .write_all(b"EHLO printer\r\n")
+            .await
+            .unwrap();
+        while line(client).await.starts_with("250-") {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_its_budget_an_address_gets_454_without_a_check() {
+        let ctx = context(&config());
+        failed_before(&ctx.0, LIMIT);
+        let (mut client, _task) = start(&ctx);
+        greeted(&mut client).await;
+        let started = Instant::now();
+
+        // The right password: a check would have signed the client in.
+        let reply = {
+            client
+                .get_mut()
+                .write_all(&auth_plain("old-password"))
+                .await
+                .unwrap();
+            line(&mut client).await
+        };
+
+        assert_eq!(
+            reply,
+            "454 4.7.0 Too many failed sign-ins from your address, try again later\r\n"
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_hangs_up_while_its_check_waits_ends_the_session_and_the_check() {
+        let ctx = context(&config());
+        failed_before(&ctx.0, LIMIT - 1);
+        let (mut client, task) = start(&ctx);
+        greeted(&mut client).await;
+        let started = Instant::now();
+
+        client
+            .get_mut()
+            .write_all(&auth_plain("guess"))
+            .await
+            .unwrap();
+        client.get_mut().shutdown().await.unwrap();
+        task.await.unwrap();
+
+        assert!(started.elapsed() < Duration::from_secs(1), "no 1 s delay");
+        assert_eq!(line(&mut client).await, "", "no answer");
+    }
+
+    /// Real time: password checks run on threads, which a paused clock
+    /// would not wait for.
+    #[tokio::test]
+    async fn commands_pipelined_while_a_check_waits_are_answered_after_it() {
+        let ctx = context(&config());
+        failed_before(&ctx.0, LIMIT - 1);
+        let (mut client, _task) = start(&ctx);
+        greeted(&mut client).await;
+        let started = Instant::now();
+
+        client
+            .get_mut()
+            .write_all(&auth_plain("old-password"))
+            .await
+            .unwrap();
+        // Into the 1 s wait before the check.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client.get_mut().write_all(b"NOOP\r\n").await.unwrap();
+
+        assert_eq!(
+            line(&mut client).await,
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        assert_eq!(line(&mut client).await, "250 2.0.0 OK\r\n");
+        assert_eq!(failures(&ctx.0), 0, "success resets the address");
+    }
+}
