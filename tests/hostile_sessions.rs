@@ -163,6 +163,16 @@ async fn a_trickled_command_line_ends_at_the_command_timeout() {
 }
 
 #[tokio::test]
+async fn a_trickled_auth_response_ends_at_the_command_timeout() {
+    let (_upstream, relay) = setup("[server]\ncommand_timeout = \"1s\"").await;
+
+    let (reply, after) = trickle(&relay, b"HELO x\r\nAUTH LOGIN\r\n", 2).await;
+
+    assert!(reply.starts_with("421 4.4.2"), "{reply}");
+    assert!(after < Duration::from_millis(1900), "{after:?}");
+}
+
+#[tokio::test]
 async fn a_trickled_message_ends_at_the_data_deadline() {
     let (upstream, relay) =
         setup("[server]\ndata_timeout = \"1s\"\ndata_deadline = \"2s\"\ntrusted_networks = [\"127.0.0.1\"]\ndefault_account = \"gmail\"").await;

@@ -18,6 +18,14 @@ pub(super) enum Line {
     TooLong,
 }
 
+/// How a line goes into the transcript.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    AsSent,
+    /// A secret: `***`.
+    Hidden,
+}
+
 /// A TLS record starts with 0x16 (handshake) and version 3.x.
 fn is_tls_client_hello(bytes: &[u8]) -> bool {
     matches!(bytes, [0x16, 0x03, ..])
@@ -27,6 +35,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Reads the next command line into `self.line`. The whole line must
     /// arrive within `server.command_timeout`, however slowly it trickles.
     pub(super) async fn read_line(&mut self) -> Result<Line, Stop> {
+        self.read_line_as(Recorded::AsSent).await
+    }
+
+    /// Reads a line of a SASL exchange, like [`Session::read_line`]; the
+    /// transcript shows `***` for it.
+    pub(super) async fn read_secret_line(&mut self) -> Result<Line, Stop> {
+        self.read_line_as(Recorded::Hidden).await
+    }
+
+    async fn read_line_as(&mut self, recorded: Recorded) -> Result<Line, Stop> {
         let timeout = self.settings.server.command_timeout;
         let deadline = Instant::now() + timeout;
         self.line.clear();
@@ -47,9 +65,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 too_long = true;
                 self.line.clear();
             }
-            self.record.client(taken);
+            if recorded == Recorded::AsSent {
+                self.record.client(taken);
+            }
             self.start += taken.len();
             if complete {
+                if recorded == Recorded::Hidden {
+                    self.record.client_secret();
+                }
                 self.lines_read += 1;
                 return Ok(if too_long {
                     Line::TooLong
@@ -59,13 +82,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             self.read_more_until(timeout, deadline).await?;
         }
-    }
-
-    /// Reads more bytes into the empty input buffer, waiting at most
-    /// `timeout`.
-    pub(super) async fn read_more(&mut self, timeout: Duration) -> Result<(), Stop> {
-        self.read_more_until(timeout, Instant::now() + timeout)
-            .await
     }
 
     /// Reads more bytes into the empty input buffer, waiting at most `idle`

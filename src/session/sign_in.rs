@@ -3,13 +3,13 @@
 
 use std::sync::MutexGuard;
 
-use smtp_proto::request::receiver::LineReceiver;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::auth::{self, SaslError, SignedIn};
+use super::input::Line;
 use super::throttle::{Budget, SignInThrottle, Verdict};
 use super::{Flow, MAX_AUTH_FAILURES, Session, Stop};
 use crate::reply::{Refusal, Reply};
@@ -222,7 +222,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<Result<Credentials, SaslError>, Stop> {
         let response = if initial.is_empty() {
             self.reply(Reply::bare(334, ""));
-            self.read_auth_line().await?
+            match self.read_auth_line().await? {
+                Ok(line) => line,
+                Err(err) => return Ok(Err(err)),
+            }
         } else {
             initial
         };
@@ -235,7 +238,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<Result<Credentials, SaslError>, Stop> {
         let username = if initial.is_empty() {
             self.reply(Reply::bare(334, auth::LOGIN_USERNAME_CHALLENGE));
-            self.read_auth_line().await?
+            match self.read_auth_line().await? {
+                Ok(line) => line,
+                Err(err) => return Ok(Err(err)),
+            }
         } else {
             initial
         };
@@ -244,25 +250,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(err) => return Ok(Err(err)),
         };
         self.reply(Reply::bare(334, auth::LOGIN_PASSWORD_CHALLENGE));
-        let password = self.read_auth_line().await?;
-        Ok(auth::decode_response(&password)
-            .and_then(auth::parse_login_field)
-            .map(|password| (username, Secret::new(password))))
+        Ok(self.read_auth_line().await?.and_then(|password| {
+            auth::decode_response(&password)
+                .and_then(auth::parse_login_field)
+                .map(|password| (username, Secret::new(password)))
+        }))
     }
 
-    /// One line of a SASL exchange. It holds a secret: never log it.
-    async fn read_auth_line(&mut self) -> Result<String, Stop> {
-        let mut line = LineReceiver::new(());
-        loop {
-            let mut bytes = self.input[self.start..self.end].iter();
-            let complete = line.ingest(&mut bytes);
-            self.start = self.end - bytes.len();
-            if complete {
-                self.record.client_secret();
-                return Ok(String::from_utf8_lossy(&line.buf).into_owned());
-            }
-            self.read_more(self.settings.server.command_timeout).await?;
-        }
+    /// One line of a SASL exchange, without its line end. It holds a
+    /// secret: never log it. A line too long to be one is answered as
+    /// undecodable.
+    async fn read_auth_line(&mut self) -> Result<Result<String, SaslError>, Stop> {
+        Ok(match self.read_secret_line().await? {
+            Line::Complete => Ok(String::from_utf8_lossy(&self.line).trim_end().to_string()),
+            Line::TooLong => Err(SaslError::Malformed),
+        })
     }
 }
 
