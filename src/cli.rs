@@ -18,7 +18,8 @@ use crate::session::hash_password;
 use crate::spool::operations::locate;
 use crate::spool::{Spool, State, unix_millis};
 use crate::terminal::{format_time, table};
-use crate::upstream::{Outcome, Upstream};
+use crate::transport::Outcome;
+use crate::transport::smtp::Upstream;
 use crate::{out, outln};
 
 /// `health` runs as a container health check: it must answer quickly.

@@ -24,4 +24,4 @@ pub mod spool;
 pub mod spool_space;
 pub mod terminal;
 pub mod tls;
-pub mod upstream;
+pub mod transport;

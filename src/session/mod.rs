@@ -37,7 +37,7 @@ use crate::policy::Policy;
 use crate::reply::{Refusal, Reply};
 use crate::rewrite::{RewriteError, RewritePolicy, Trace, rewrite};
 use crate::spool::Envelope;
-use crate::upstream::BodyFlags;
+use crate::transport::BodyFlags;
 use data::DataEnd;
 use input::Line;
 use memory::MemoryBudget;

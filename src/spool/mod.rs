@@ -26,7 +26,7 @@ pub mod operations;
 
 use crate::private_files;
 use crate::reply::Reply;
-use crate::upstream::BodyFlags;
+use crate::transport::BodyFlags;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -20,6 +20,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::warn;
 
+use super::{BodyFlags, Outcome, Sent};
 use crate::access_tokens::{AccessTokens, TokenFailure, TokenSource};
 use crate::config::{AccountConfig, AuthMethod, OAuth2Config, UpstreamTls};
 use crate::observe::metrics;
@@ -27,62 +28,11 @@ use crate::provider_replies::{Class, diagnose};
 use crate::reply::Reply;
 use crate::secret::Secret;
 
-/// How one attempt to hand a message to the upstream ended (DESIGN.md,
-/// "Outcome classes").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The upstream accepted the message (its 2xx reply).
-    Delivered(Reply),
-    /// A permanent rejection of the message or a recipient.
-    Rejected(Reply),
-    /// The upstream refused our sign-in: the account's secret needs fixing.
-    AuthFailed(Reply),
-    /// The provider's sending limit (Gmail 550 5.4.5): wait for its window;
-    /// never a bounce.
-    OverLimit(Reply),
-    /// Worth retrying: a 4xx reply, or no reply at all (`reason` says why).
-    Deferred {
-        reply: Option<Reply>,
-        reason: String,
-    },
-}
-
-impl Outcome {
-    /// The upstream's reply, unless there was none (unreachable server, TLS
-    /// failure, timeout).
-    pub fn reply(&self) -> Option<&Reply> {
-        match self {
-            Outcome::Delivered(reply)
-            | Outcome::Rejected(reply)
-            | Outcome::AuthFailed(reply)
-            | Outcome::OverLimit(reply) => Some(reply),
-            Outcome::Deferred { reply, .. } => reply.as_ref(),
-        }
-    }
-}
-
 /// Counts the upstream's reply code, when the outcome came with a reply.
 fn count_reply(account: &str, outcome: &Outcome) {
     if let Some(reply) = outcome.reply() {
         metrics::upstream_reply(account, reply.code);
     }
-}
-
-/// What the client declared in MAIL FROM that the upstream must hear too.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BodyFlags {
-    pub eight_bit: bool,
-    pub smtputf8: bool,
-}
-
-/// What one upstream transaction did.
-#[derive(Debug)]
-pub struct Sent {
-    /// Recipients refused at RCPT, each with its own outcome.
-    pub refused: Vec<(String, Outcome)>,
-    /// The verdict for the other recipients: the DATA reply, or what ended
-    /// the transaction. `None` when every recipient was refused.
-    pub outcome: Option<Outcome>,
 }
 
 /// How an account signs in upstream.

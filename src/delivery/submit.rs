@@ -1,0 +1,224 @@
+//! The client's answer per delivery mode: spool first, then, per mode, wait
+//! for the first attempt.
+
+use super::*;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+use crate::config::DeliveryMode;
+use crate::observe::metrics::{self, Event};
+use crate::provider_replies::diagnose;
+use crate::reply::{Refusal, Reply};
+use crate::spool::{Envelope, State};
+use crate::spool_space::is_full;
+use crate::transport::Outcome;
+use crate::transport::smtp::Upstream;
+
+impl Delivery {
+    /// Stores a message and answers the client per the delivery mode.
+    pub async fn submit(&self, mut envelope: Envelope, message: Vec<u8>) -> Submitted {
+        let account_name = envelope.account.clone();
+        let Some(account) = self.account(&account_name) else {
+            let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
+            let hint = format!("add [accounts.{account_name}] to the configuration");
+            return Submitted::refused(reply, None, Refusal::new("no_account", hint));
+        };
+        let hold = account.hold();
+        if let (Some(hold), DeliveryMode::Passthrough) = (&hold, self.settings.mode) {
+            // The client keeps the message; no need to store it first.
+            let outcome = Outcome::AuthFailed(hold.reply.clone());
+            return Submitted::from_outcome(&account.upstream(), None, &outcome);
+        }
+        let state = if hold.is_some() {
+            State::Held
+        } else {
+            State::Active
+        };
+        let now = self.clock.now();
+        envelope.received_at = now;
+        envelope.record(
+            now,
+            format!(
+                "received from {} ({} bytes)",
+                envelope.client,
+                message.len()
+            ),
+        );
+        let message = Arc::new(message);
+        let stored = {
+            let (spool, message) = (self.spool.clone(), message.clone());
+            tokio::task::spawn_blocking(move || {
+                spool
+                    .accept(&mut envelope, &message, state)
+                    .map(|()| envelope)
+            })
+            .await
+        };
+        let envelope = match stored {
+            Ok(Ok(envelope)) => {
+                self.space.wrote();
+                envelope
+            }
+            Ok(Err(err)) => {
+                let refusal = if is_full(&err) {
+                    // Logged once a minute, not per message.
+                    self.space.failed();
+                    Refusal::new("spool_full", self.space.hint())
+                } else {
+                    let hint = format!(
+                        "check free space and permissions of spool.dir ({})",
+                        self.spool.root().display()
+                    );
+                    error!(error = %err, reason = "spool_failed", hint = %hint, "cannot store a message: nothing was acknowledged");
+                    Refusal::new("spool_failed", hint)
+                };
+                let reply = Reply::new(
+                    452,
+                    [4, 3, 1],
+                    "Insufficient system storage, try again later",
+                );
+                return Submitted::refused(reply, None, refusal);
+            }
+            Err(_) => {
+                let reply = Reply::new(451, [4, 3, 0], "Internal error, try again later");
+                return Submitted::refused(
+                    reply,
+                    None,
+                    Refusal::new("internal", "see the error above"),
+                );
+            }
+        };
+        let id = envelope.id.clone();
+        info!(id = %id, account = %envelope.account, state = %state, recipients = envelope.recipients.len(), size = envelope.size, "message spooled");
+        metrics::message(&envelope.account, Event::Accepted);
+        if state == State::Held {
+            metrics::message(&envelope.account, Event::Held);
+        }
+        let queued = Submitted {
+            reply: Reply::new(250, [2, 0, 0], format!("OK queued as {id}")),
+            id: Some(id.clone()),
+            refusal: None,
+        };
+        if hold.is_some() {
+            return queued;
+        }
+        let wait = self.settings.mode != DeliveryMode::Queue;
+        let (verdict, outcome) = if wait {
+            let (sender, receiver) = oneshot::channel();
+            (Some(sender), Some(receiver))
+        } else {
+            (None, None)
+        };
+        let job = Job {
+            envelope,
+            message: wait.then_some(message),
+            verdict,
+        };
+        if account.jobs.send(job).is_err() {
+            // Shutting down: the message is safe in active/ and resumes at start.
+            return queued;
+        }
+        let Some(outcome) = outcome else {
+            return queued;
+        };
+        let id = Some(id);
+        match self.settings.mode {
+            DeliveryMode::Hybrid => {
+                match tokio::time::timeout(self.settings.sync_timeout, outcome).await {
+                    Ok(Ok(rejected @ Outcome::Rejected(_))) => {
+                        Submitted::from_outcome(&account.upstream(), id, &rejected)
+                    }
+                    _ => queued,
+                }
+            }
+            DeliveryMode::Passthrough => match outcome.await {
+                Ok(Outcome::Delivered(_)) => queued,
+                Ok(other) => Submitted::from_outcome(&account.upstream(), id, &other),
+                Err(_) => {
+                    let reply = Reply::new(451, [4, 3, 0], "Delivery interrupted, try again later");
+                    Submitted::refused(reply, id, Refusal::new("internal", "the relay is stopping"))
+                }
+            },
+            DeliveryMode::Queue => queued,
+        }
+    }
+}
+
+/// What the client hears about a message it handed over.
+#[derive(Debug)]
+pub struct Submitted {
+    pub reply: Reply,
+    /// The spool id, when the message was stored.
+    pub id: Option<String>,
+    /// Why the message was refused, when it was.
+    pub refusal: Option<Refusal>,
+}
+
+impl Submitted {
+    pub(super) fn refused(reply: Reply, id: Option<String>, refusal: Refusal) -> Self {
+        Submitted {
+            reply,
+            id,
+            refusal: Some(refusal),
+        }
+    }
+
+    /// What a client hears when the upstream's verdict is its answer:
+    /// verdicts on the message pass through; an upstream sign-in failure
+    /// never looks like the client's own login failing.
+    pub(super) fn from_outcome(upstream: &Upstream, id: Option<String>, outcome: &Outcome) -> Self {
+        let account = upstream.name();
+        let diagnosed = |reply: &Reply| {
+            let diagnosis = diagnose(account, reply);
+            Refusal {
+                reason: diagnosis.reason,
+                hint: diagnosis.hint,
+            }
+        };
+        let (reply, refusal) = match outcome {
+            Outcome::Delivered(reply) => (reply.clone(), None),
+            Outcome::Rejected(reply) => (reply.clone(), Some(diagnosed(reply))),
+            Outcome::AuthFailed(reply) => {
+                let hint = upstream.sign_in_hint(reply);
+                let text =
+                    format!("Upstream account {account} refused the sign-in ({reply}); {hint}");
+                let refusal = Refusal::new("upstream_auth", hint);
+                (Reply::new(454, [4, 7, 0], text), Some(refusal))
+            }
+            Outcome::OverLimit(reply) => {
+                let text = format!(
+                    "Upstream account {account} is over its daily sending limit ({reply}); try again later"
+                );
+                (Reply::new(451, [4, 7, 0], text), Some(diagnosed(reply)))
+            }
+            // 421 would tell the client that *we* are closing the connection.
+            Outcome::Deferred {
+                reply: Some(reply), ..
+            } => {
+                let code = if reply.code == 421 { 451 } else { reply.code };
+                let refusal = diagnosed(reply);
+                (
+                    Reply {
+                        code,
+                        ..reply.clone()
+                    },
+                    Some(refusal),
+                )
+            }
+            Outcome::Deferred {
+                reply: None,
+                reason,
+            } => {
+                let text = format!("Upstream unavailable: {reason}");
+                let refusal = Refusal {
+                    reason: "upstream_unavailable",
+                    hint: None,
+                };
+                (Reply::new(451, [4, 4, 1], text), Some(refusal))
+            }
+        };
+        Submitted { reply, id, refusal }
+    }
+}
