@@ -12,14 +12,12 @@ use crate::admin::status::{Readiness, Status};
 use crate::config::{AccountConfig, Config, UpstreamTls};
 use crate::oauth::token_service;
 use crate::policy::open_relay_warnings;
-use crate::provider_replies::diagnose;
 use crate::secret::Secret;
 use crate::session::hash_password;
 use crate::spool::operations::locate;
 use crate::spool::{Spool, State, unix_millis};
 use crate::terminal::{format_time, table};
-use crate::transport::Outcome;
-use crate::transport::smtp::Upstream;
+use crate::transport::{Deferral, Outcome, Transport};
 use crate::{out, outln};
 
 /// `health` runs as a container health check: it must answer quickly.
@@ -53,7 +51,7 @@ pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
     let tokens = token_service(&config.spool.dir);
     let upstreams = accounts
         .iter()
-        .map(|(name, account)| Upstream::new(name, account, &config.server.hostname, &tokens))
+        .map(|(name, account)| Transport::new(name, account, &config.server.hostname, &tokens))
         .map(|upstream| upstream.map(Arc::new))
         .collect::<anyhow::Result<Vec<_>>>()?;
     summarise(config)?;
@@ -107,15 +105,9 @@ fn accounts_to_check<'a>(
 /// Connects, secures, signs in and says goodbye: what `run` does before
 /// its first message. The TLS version negotiated, also when signing in
 /// then failed.
-async fn sign_in(upstream: Arc<Upstream>) -> (Option<ProtocolVersion>, Result<(), Outcome>) {
+async fn sign_in(upstream: Arc<Transport>) -> (Option<ProtocolVersion>, Result<(), Outcome>) {
     let mut tls_version = None;
-    let result = match upstream.connect_noting_tls(&mut tls_version).await {
-        Ok(connection) => {
-            connection.quit().await;
-            Ok(())
-        }
-        Err(outcome) => Err(outcome),
-    };
+    let result = upstream.probe(&mut tls_version).await;
     (tls_version, result)
 }
 
@@ -133,14 +125,14 @@ struct CheckRow {
 
 impl CheckRow {
     fn new(
-        upstream: &Upstream,
+        upstream: &Transport,
         account: &AccountConfig,
         tls_version: Option<ProtocolVersion>,
         result: Result<(), Outcome>,
     ) -> Self {
         let (auth, detail, hint) = match result {
             Ok(()) => ("ok", format!("signed in as {}", account.username), None),
-            Err(outcome) => failure(upstream, outcome),
+            Err(outcome) => failure(outcome),
         };
         CheckRow {
             account: upstream.name().to_string(),
@@ -165,28 +157,23 @@ impl CheckRow {
 }
 
 /// The AUTH column, the reply or reason, and the hint for a failed sign-in.
-fn failure(upstream: &Upstream, outcome: Outcome) -> (&'static str, String, Option<String>) {
+fn failure(outcome: Outcome) -> (&'static str, String, Option<String>) {
     match outcome {
-        Outcome::AuthFailed(reply) => (
-            "refused",
-            reply.one_line(),
-            Some(upstream.sign_in_hint(&reply)),
-        ),
+        Outcome::AuthFailed(failure) => ("refused", failure.reply.one_line(), failure.hint),
         // No SMTP reply to show: connecting, TLS or a timeout failed; the
-        // reason says which.
-        Outcome::Deferred {
-            reply: None,
-            reason,
-        } => ("failed", reason, None),
-        Outcome::Deferred {
-            reply: Some(reply), ..
+        // reason says which, and what to change, in its cell.
+        Outcome::Deferred(deferral @ Deferral { reply: None, .. }) => {
+            ("failed", deferral.explained(), None)
         }
-        | Outcome::Rejected(reply)
-        | Outcome::OverLimit(reply)
-        | Outcome::Delivered(reply) => {
-            let hint = diagnose(upstream.name(), &reply).hint;
-            ("error", reply.one_line(), hint)
+        Outcome::Deferred(Deferral {
+            reply: Some(reply),
+            hint,
+            ..
+        }) => ("error", reply.one_line(), hint),
+        Outcome::Rejected(failure) | Outcome::OverLimit(failure) => {
+            ("error", failure.reply.one_line(), failure.hint)
         }
+        Outcome::Delivered(reply) => ("error", reply.one_line(), None),
     }
 }
 

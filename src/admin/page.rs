@@ -155,7 +155,7 @@ pub fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::status::Hold;
+    use crate::admin::status::HoldStatus;
 
     #[test]
     fn escapes_everything_from_outside() {
@@ -166,7 +166,7 @@ mod tests {
         let status = Status {
             accounts: vec![AccountStatus {
                 name: "gmail".into(),
-                hold: Some(Hold {
+                hold: Some(HoldStatus {
                     reply: "535 5.7.8 <script>alert(1)</script>".into(),
                     hint: "set \"password\"".into(),
                 }),

@@ -46,7 +46,7 @@ impl Readiness {
             .account_holds()
             .into_iter()
             .map(|(name, hold)| {
-                let state = match hold.map(Hold::from) {
+                let state = match hold.map(HoldStatus::from) {
                     Some(hold) => format!("on hold: {} — hint: {}", hold.reply, hold.hint),
                     None => OK.to_string(),
                 };
@@ -97,7 +97,7 @@ pub struct Status {
 pub struct AccountStatus {
     pub name: String,
     /// Set while the account is on hold.
-    pub hold: Option<Hold>,
+    pub hold: Option<HoldStatus>,
     /// Messages of this account in `held/` and in `rejected/`.
     pub held: usize,
     pub rejected: usize,
@@ -109,19 +109,19 @@ impl AccountStatus {
     }
 }
 
-/// Why an account is on hold and what to change.
+/// Why an account is on hold and what to change, as the status reports it.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Hold {
+pub struct HoldStatus {
     /// The provider's reply to our sign-in, on one line.
     pub reply: String,
     pub hint: String,
 }
 
-impl From<crate::delivery::Hold> for Hold {
+impl From<crate::delivery::Hold> for HoldStatus {
     fn from(hold: crate::delivery::Hold) -> Self {
-        Hold {
-            reply: hold.reply.one_line(),
-            hint: hold.hint,
+        HoldStatus {
+            reply: hold.failure.reply.one_line(),
+            hint: hold.failure.hint.unwrap_or_default(),
         }
     }
 }
@@ -182,7 +182,7 @@ impl Status {
             .account_holds()
             .into_iter()
             .map(|(name, hold)| AccountStatus {
-                hold: hold.map(Hold::from),
+                hold: hold.map(HoldStatus::from),
                 held: count(&held, &name),
                 rejected: count(&rejected, &name),
                 name,

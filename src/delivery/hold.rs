@@ -1,44 +1,51 @@
-//! Holds: a refused sign-in holds the account; one probe at a time checks
-//! whether it works again; a release makes held mail due.
+//! Holds: a refused sign-in holds the whole account (no bounce, no retry
+//! storm); one probe at a time checks whether signing in works again; a
+//! release makes the held mail due.
 
-use super::*;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use crate::reply::Reply;
+use super::Delivery;
+use super::account::Account;
 use crate::spool::operations;
-use crate::transport::Outcome;
+use crate::transport::{Failure, Outcome};
 
-/// Why an account is on hold, and what to do about it.
+/// Why an account is on hold: the refused sign-in, with its hint.
 #[derive(Clone)]
 pub struct Hold {
     /// When it began (clock millis); `None` for a hold carried over from
     /// the previous run, which is probed at once and counts as older than
     /// any retry request.
     pub(super) since: Option<u64>,
-    pub reply: Reply,
-    pub hint: String,
+    pub failure: Failure,
+}
+
+impl Hold {
+    /// Whether a message goes out despite the hold: an operator asked for
+    /// its retry (`retry_requested_at`) after the hold began.
+    pub(super) fn lets_through(&self, retry_requested_at: Option<u64>) -> bool {
+        retry_requested_at.is_some_and(|at| self.since.is_none_or(|since| at >= since))
+    }
 }
 
 impl Delivery {
-    pub(super) fn start_hold(&self, name: &str, account: &Account, reply: &Reply) {
-        let hint = account.upstream().sign_in_hint(reply);
+    pub(super) fn start_hold(&self, account: &Account, failure: &Failure) {
         let mut hold = account.hold.lock().expect("hold lock");
         let new = hold.as_ref().is_none_or(|hold| hold.since.is_none());
         *hold = Some(Hold {
             since: Some(self.clock.now()),
-            reply: reply.clone(),
-            hint: hint.clone(),
+            failure: failure.clone(),
         });
         drop(hold);
         if new {
+            let name = &account.name;
             error!(
                 account = %name,
-                reason = "upstream_auth",
-                upstream_reply = %reply,
-                hint = %hint,
+                reason = failure.reason,
+                upstream_reply = %failure.reply,
+                hint = failure.hint.as_deref().unwrap_or_default(),
                 "account on hold: the upstream refused sign-in; its mail waits in held/ and goes out by itself once sign-in works (probe, restart, or `sendbridge queue retry --account {name}`)"
             );
             account.hold_started.notify_one();
@@ -46,15 +53,16 @@ impl Delivery {
     }
 
     /// Ends a hold and makes the account's held mail due now.
-    pub(super) async fn release_hold(&self, name: &str, account: &Account, why: &str) {
+    pub(super) async fn release_hold(&self, account: &Account, why: &str) {
         if account.hold.lock().expect("hold lock").take().is_none() {
             return;
         }
         let now = self.clock.now();
-        let name_owned = name.to_string();
+        let name = account.name.clone();
         let released = self
-            .io(move |spool| operations::release_held(spool, &name_owned, now))
+            .io(move |spool| operations::release_held(spool, &name, now))
             .await;
+        let name = &account.name;
         match released {
             Ok(ids) => {
                 for id in &ids {
@@ -70,7 +78,7 @@ impl Delivery {
     }
 
     /// While the account is on hold, tries one sign-in at backoff intervals.
-    pub(super) async fn prober(self: Arc<Self>, name: String, account: Arc<Account>) {
+    pub(super) async fn prober(self: Arc<Self>, account: Arc<Account>) {
         loop {
             let Some(hold) = account.hold() else {
                 tokio::select! {
@@ -93,22 +101,56 @@ impl Delivery {
                 if account.hold().is_none() {
                     break;
                 }
-                match account.upstream().probe().await {
+                match account.settings().transport.probe(&mut None).await {
                     Ok(()) => {
-                        self.release_hold(&name, &account, "sign-in works again")
-                            .await;
+                        self.release_hold(&account, "sign-in works again").await;
                         break;
                     }
                     Err(outcome) => {
-                        if let Outcome::AuthFailed(reply) = &outcome {
-                            self.start_hold(&name, &account, reply);
+                        if let Outcome::AuthFailed(failure) = &outcome {
+                            self.start_hold(&account, failure);
                         }
                         delay =
                             (delay * 2).clamp(self.settings.retry_initial, self.settings.retry_max);
-                        warn!(account = %name, outcome = %describe(&outcome), next_probe_in_s = delay.as_secs(), "account still on hold");
+                        warn!(account = %account.name, outcome = %outcome.describe(), next_probe_in_s = delay.as_secs(), "account still on hold");
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::Reply;
+
+    #[test]
+    fn only_a_retry_requested_since_the_hold_began_goes_through() {
+        // (hold began, retry requested, goes through)
+        let table = [
+            (Some(1_000), None, false),
+            (Some(1_000), Some(999), false),
+            (Some(1_000), Some(1_000), true),
+            (Some(1_000), Some(2_000), true),
+            // Carried over from the previous run: older than any request.
+            (None, Some(0), true),
+            (None, None, false),
+        ];
+        for (since, requested, expected) in table {
+            let hold = Hold {
+                since,
+                failure: Failure {
+                    reply: Reply::new(535, [5, 7, 8], "no"),
+                    reason: "upstream_auth",
+                    hint: None,
+                },
+            };
+            assert_eq!(
+                hold.lets_through(requested),
+                expected,
+                "{since:?} {requested:?}"
+            );
         }
     }
 }

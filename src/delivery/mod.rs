@@ -7,6 +7,7 @@
 //! to `rejected/`; a refused sign-in puts the whole account on hold, where
 //! one probe login at a time checks whether it works again.
 
+mod account;
 mod hold;
 mod scheduler;
 mod settle;
@@ -14,28 +15,24 @@ mod submit;
 mod worker;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::access_tokens::TokenSource;
-use crate::config::{AccountConfig, Config, DeliveryConfig};
+use crate::config::{Config, DeliveryConfig};
 use crate::reply::Reply;
-use crate::send_window::SendWindow;
 use crate::spool::{Spool, State};
 use crate::spool_space::SpaceWatch;
-use crate::transport::smtp::Upstream;
+use account::{Account, AccountSettings};
+use scheduler::Unsaved;
 
 pub use hold::Hold;
-use scheduler::Unsaved;
-use settle::describe;
 pub use submit::Submitted;
-use worker::{Job, queue_job};
 
 /// Unix milliseconds that follow tokio's clock, so retry schedules can be
 /// tested with a paused clock. Anchored to the wall clock at start.
@@ -55,80 +52,6 @@ impl Clock {
 
     fn now(&self) -> u64 {
         self.unix_at_start + self.start.elapsed().as_millis() as u64
-    }
-}
-
-struct Account {
-    /// Replaced by a reload; in-flight deliveries finish with the old one.
-    upstream: RwLock<Arc<Upstream>>,
-    /// Counts replacements, so workers drop connections opened before one.
-    generation: AtomicU64,
-    /// The provider's limit of recipients per transaction.
-    recipients_per_message: AtomicUsize,
-    window: Mutex<SendWindow>,
-    jobs: mpsc::UnboundedSender<Job>,
-    queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
-    hold: Mutex<Option<Hold>>,
-    /// Wakes the prober when a hold starts.
-    hold_started: Notify,
-    /// Cancelled when a reload removes the account: its tasks end.
-    retired: CancellationToken,
-}
-
-impl Account {
-    fn new(
-        name: &str,
-        config: &AccountConfig,
-        upstream: Upstream,
-        spool: &Spool,
-        now: u64,
-    ) -> Self {
-        let (jobs, queue) = mpsc::unbounded_channel();
-        let window = SendWindow::load(
-            spool.limits_path(name),
-            config.daily_message_limit,
-            config.daily_recipient_limit,
-            now,
-        );
-        Account {
-            upstream: RwLock::new(Arc::new(upstream)),
-            generation: AtomicU64::new(0),
-            recipients_per_message: AtomicUsize::new(config.max_recipients_per_message),
-            window: Mutex::new(window),
-            jobs,
-            queue: tokio::sync::Mutex::new(queue),
-            hold: Mutex::new(None),
-            hold_started: Notify::new(),
-            retired: CancellationToken::new(),
-        }
-    }
-
-    fn hold(&self) -> Option<Hold> {
-        self.hold.lock().expect("hold lock").clone()
-    }
-
-    fn upstream(&self) -> Arc<Upstream> {
-        self.upstream.read().expect("upstream lock").clone()
-    }
-
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    /// Takes a reloaded account's settings; returns whether its sign-in
-    /// credentials changed.
-    fn reconfigure(&self, config: &AccountConfig, upstream: Upstream) -> bool {
-        let mut current = self.upstream.write().expect("upstream lock");
-        let credentials_changed = !current.same_sign_in(&upstream);
-        *current = Arc::new(upstream);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.recipients_per_message
-            .store(config.max_recipients_per_message, Ordering::Release);
-        self.window
-            .lock()
-            .expect("window lock")
-            .set_limits(config.daily_message_limit, config.daily_recipient_limit);
-        credentials_changed
     }
 }
 
@@ -186,27 +109,25 @@ impl Delivery {
         });
         let held = delivery.spool.list(State::Held)?;
         for (name, account_config) in &config.accounts {
-            let upstream = Upstream::new(
+            let settings = AccountSettings::new(
                 name,
                 account_config,
                 &config.server.hostname,
                 &delivery.tokens,
             )?;
-            let account =
-                Account::new(name, account_config, upstream, &delivery.spool, clock.now());
+            let account = Account::new(name, settings, &delivery.spool, clock.now());
             // Held mail from the last run: the password may have been fixed
             // while the relay was stopped, so probe at once.
             if held.iter().any(|envelope| &envelope.account == name) {
                 let reply =
                     Reply::new(535, [5, 7, 8], "held at the previous run; checking sign-in");
-                let hint = account.upstream().sign_in_hint(&reply);
+                let failure = account.settings().transport.sign_in_refused(reply);
                 *account.hold.lock().expect("hold lock") = Some(Hold {
                     since: None,
-                    reply,
-                    hint,
+                    failure,
                 });
             }
-            delivery.add_account(name, account, account_config.max_connections);
+            delivery.add_account(account, account_config.max_connections);
         }
         delivery.tasks.spawn(delivery.clone().scheduler());
         delivery.tasks.close();
@@ -214,17 +135,16 @@ impl Delivery {
     }
 
     /// Registers an account and starts its workers and its hold prober.
-    fn add_account(self: &Arc<Self>, name: &str, account: Account, workers: usize) {
+    fn add_account(self: &Arc<Self>, account: Account, workers: usize) {
         let account = Arc::new(account);
         for _ in 0..workers {
             self.tasks.spawn(self.clone().worker(account.clone()));
         }
-        self.tasks
-            .spawn(self.clone().prober(name.to_string(), account.clone()));
+        self.tasks.spawn(self.clone().prober(account.clone()));
         self.accounts
             .write()
             .expect("accounts lock")
-            .insert(name.to_string(), account);
+            .insert(account.name.clone(), account);
     }
 
     fn account(&self, name: &str) -> Option<Arc<Account>> {
@@ -235,17 +155,18 @@ impl Delivery {
             .cloned()
     }
 
-    /// Applies a reloaded configuration's accounts. Changed ones take their
-    /// new settings (idle connections opened with the old ones are closed),
-    /// new ones start, removed ones stop (their queued mail waits until they
-    /// are configured again), and a hold is released when the account's
-    /// credentials changed. Nothing changes when an account is invalid.
-    /// `max_connections` of an existing account applies after a restart.
+    /// Applies a reloaded configuration's accounts. Existing ones take their
+    /// new settings whole (idle connections opened with the old ones are
+    /// closed), new ones start, removed ones stop (their queued mail waits
+    /// until they are configured again), and a hold is released when the
+    /// account's sign-in changed. Nothing changes when an account is
+    /// invalid. `AccountSettings::new` says what each key does.
     pub async fn reload(self: &Arc<Self>, config: &Config) -> anyhow::Result<()> {
-        let mut upstreams = Vec::new();
+        let mut snapshots = Vec::new();
         for (name, account) in &config.accounts {
-            let upstream = Upstream::new(name, account, &config.server.hostname, &self.tokens)?;
-            upstreams.push((name, upstream));
+            let settings =
+                AccountSettings::new(name, account, &config.server.hostname, &self.tokens)?;
+            snapshots.push((name, settings));
         }
         let removed: Vec<(String, Arc<Account>)> = {
             let mut accounts = self.accounts.write().expect("accounts lock");
@@ -263,24 +184,16 @@ impl Delivery {
             account.retired.cancel();
             warn!(account = %name, "account removed by a reload: its queued mail waits until it is configured again");
         }
-        for (name, upstream) in upstreams {
-            let account_config = &config.accounts[name];
+        for (name, settings) in snapshots {
             let Some(account) = self.account(name) else {
-                let account = Account::new(
-                    name,
-                    account_config,
-                    upstream,
-                    &self.spool,
-                    self.clock.now(),
-                );
-                self.add_account(name, account, account_config.max_connections);
+                let account = Account::new(name, settings, &self.spool, self.clock.now());
+                self.add_account(account, config.accounts[name].max_connections);
                 info!(account = %name, "account added by a reload");
                 continue;
             };
-            let credentials_changed = account.reconfigure(account_config, upstream);
-            if credentials_changed && account.hold().is_some() {
-                self.release_hold(name, &account, "its credentials changed")
-                    .await;
+            let sign_in_changed = account.replace(settings);
+            if sign_in_changed && account.hold().is_some() {
+                self.release_hold(&account, "its credentials changed").await;
             }
         }
         self.wake_scheduler.notify_one();
@@ -328,13 +241,6 @@ impl Delivery {
     /// after a retry requested on the status page.
     pub fn scan_now(&self) {
         self.wake_scheduler.notify_one();
-    }
-
-    async fn discard(&self, state: State, id: &str) {
-        let id = id.to_string();
-        if let Err(err) = self.io(move |spool| spool.remove(state, &id)).await {
-            error!(error = %err, "cannot remove a message from the spool");
-        }
     }
 
     /// Runs blocking spool I/O (fsync) off the async workers.

@@ -1,12 +1,13 @@
 //! The retry scheduler: the deferred index, due messages, unsaved results.
 
-use super::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
 
+use super::Delivery;
+use super::worker::queue_job;
 use crate::spool::{Envelope, FileVersion, Spool, State};
 use crate::spool_space::is_full;
 

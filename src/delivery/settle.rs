@@ -1,112 +1,357 @@
-//! What an attempt's verdict does to the message.
+//! What an attempt's verdict does to a message: [`transition`] decides it
+//! without I/O (envelope + verdict + now + settings → next state, history
+//! note, log line, metric), and [`Delivery::settle`] is the one place that
+//! carries a transition out.
 
-use super::worker::Verdict;
-use super::*;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
 
+use super::Delivery;
+use super::scheduler::Unsaved;
 use crate::config::DeliveryConfig;
-use crate::observe::metrics::{self, Event};
+use crate::observe::metrics::{self, MessageEvent};
 use crate::provider_replies::diagnose;
+use crate::reply::Reply;
 use crate::spool::{Envelope, State};
 use crate::spool_space::is_full;
-use crate::transport::Outcome;
+use crate::transport::{Deferral, Failure, Outcome};
 
-impl Delivery {
-    /// Records an attempt's verdict in the spool. With `discard`, the client
-    /// still holds the message (passthrough) and a failure deletes our copy.
-    pub(super) async fn settle(&self, envelope: &mut Envelope, verdict: &Verdict, discard: bool) {
-        let now = self.clock.now();
-        let id = envelope.id.clone();
-        let account = envelope.account.clone();
-        envelope.retry_requested_at = None;
-        let outcome = match verdict {
-            Verdict::Done(outcome) => outcome,
-            Verdict::Postponed { until, reply } => {
-                if discard {
-                    info!(id = %id, account = %account, reason = "daily_limit", "message returned to the client (passthrough): over the daily sending limit");
-                    metrics::message(&account, Event::Returned);
-                    self.discard(State::Active, &id).await;
-                    return;
-                }
-                envelope.next_attempt_at = *until;
-                envelope.last_reply = Some(reply.to_string());
-                let wait_s = until.saturating_sub(now) / 1000;
-                let hint = diagnose(&account, reply).hint.unwrap_or_else(|| {
-                    format!("the limit is accounts.{account}.daily_message_limit / daily_recipient_limit")
-                });
-                warn!(id = %id, account = %account, reason = "daily_limit", upstream_reply = %reply, resume_in_s = wait_s, hint = %hint, "message waits for the daily sending limit's window");
-                metrics::message(&account, Event::Deferred);
-                envelope.record(
-                    now,
-                    format!("deferred: daily sending limit; resumes in {wait_s}s"),
-                );
-                self.store(envelope, State::Deferred).await;
-                return;
-            }
-        };
-        let delivered = matches!(outcome, Outcome::Delivered(_));
-        if discard && !delivered {
-            info!(id = %id, account = %account, outcome = %describe(outcome), "message returned to the client (passthrough)");
-            metrics::message(&account, Event::Returned);
-            self.discard(State::Active, &id).await;
-            return;
+/// How delivering a message ended this time, over all its parts: its
+/// outcome, except that over a sending limit the message is postponed,
+/// which is not an attempt and never a reason to give it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Delivered(Reply),
+    Rejected(Failure),
+    AuthFailed(Failure),
+    Deferred(Deferral),
+    Postponed { until: u64, failure: Failure },
+}
+
+impl Verdict {
+    /// `outcome` as a verdict; over a limit, the message waits until
+    /// `resume()`.
+    pub(super) fn of(outcome: Outcome, resume: impl FnOnce() -> u64) -> Verdict {
+        match outcome {
+            Outcome::Delivered(reply) => Verdict::Delivered(reply),
+            Outcome::Rejected(failure) => Verdict::Rejected(failure),
+            Outcome::AuthFailed(failure) => Verdict::AuthFailed(failure),
+            Outcome::Deferred(deferral) => Verdict::Deferred(deferral),
+            Outcome::OverLimit(failure) => Verdict::Postponed {
+                until: resume(),
+                failure,
+            },
         }
-        let to = match outcome {
-            Outcome::Delivered(reply) if envelope.refused.is_empty() => {
-                info!(id = %id, account = %account, attempts = envelope.attempts, recipients = envelope.delivered.len(), upstream_reply = %reply, "message delivered");
-                metrics::delivered(
-                    &account,
-                    Duration::from_millis(now.saturating_sub(envelope.received_at)),
-                );
-                if let Err(err) = self.io(move |spool| spool.remove(State::Active, &id)).await {
-                    error!(id = %envelope.id, error = %err, "delivered, but cannot remove it from the spool: it may be sent again");
-                }
-                return;
-            }
-            Outcome::Delivered(_) | Outcome::Rejected(_) => {
-                let first = envelope.refused[0].reply.clone();
-                let diagnosis = diagnose(&account, &first);
-                let refused: Vec<&str> = envelope
+    }
+
+    /// Whether it counts as a delivery attempt.
+    pub(super) fn is_attempt(&self) -> bool {
+        !matches!(self, Verdict::Postponed { .. })
+    }
+}
+
+/// What a waiting client is told.
+impl From<Verdict> for Outcome {
+    fn from(verdict: Verdict) -> Outcome {
+        match verdict {
+            Verdict::Delivered(reply) => Outcome::Delivered(reply),
+            Verdict::Rejected(failure) => Outcome::Rejected(failure),
+            Verdict::AuthFailed(failure) => Outcome::AuthFailed(failure),
+            Verdict::Deferred(deferral) => Outcome::Deferred(deferral),
+            Verdict::Postponed { failure, .. } => Outcome::OverLimit(failure),
+        }
+    }
+}
+
+/// Where a message goes after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Next {
+    /// Delivered to every recipient: it leaves the spool.
+    Delivered,
+    /// Passthrough: the client was refused and keeps the message; our copy
+    /// goes.
+    Returned,
+    /// Tried again at `at` (clock millis).
+    Deferred { at: u64 },
+    /// Waits for the account's sign-in to work.
+    Held,
+    /// Waits in `rejected/` for the operator.
+    Rejected,
+}
+
+impl Next {
+    /// The state directory the envelope moves to; `None`: it is removed.
+    fn state(self) -> Option<State> {
+        match self {
+            Next::Delivered | Next::Returned => None,
+            Next::Deferred { .. } => Some(State::Deferred),
+            Next::Held => Some(State::Held),
+            Next::Rejected => Some(State::Rejected),
+        }
+    }
+
+    fn event(self) -> MessageEvent {
+        match self {
+            Next::Delivered => MessageEvent::Delivered,
+            Next::Returned => MessageEvent::Returned,
+            Next::Deferred { .. } => MessageEvent::Deferred,
+            Next::Held => MessageEvent::Held,
+            Next::Rejected => MessageEvent::Rejected,
+        }
+    }
+}
+
+/// The log line of a transition, with the fields that do not come from the
+/// envelope.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Log {
+    ReturnedOverLimit,
+    Returned {
+        outcome: String,
+    },
+    WaitsForWindow {
+        upstream_reply: String,
+        resume_in_s: u64,
+        hint: String,
+    },
+    Delivered {
+        upstream_reply: String,
+    },
+    Refused {
+        reason: &'static str,
+        refused: Vec<String>,
+        upstream_reply: String,
+        hint: String,
+    },
+    Held,
+    Expired {
+        last_reply: String,
+        hint: String,
+    },
+    Deferred {
+        retry_in_s: u64,
+        reason: &'static str,
+        last_reply: String,
+        hint: String,
+    },
+}
+
+/// What settling a verdict does, decided.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Transition {
+    pub(super) next: Next,
+    /// For the envelope, unless the message leaves the spool.
+    pub(super) last_reply: Option<String>,
+    /// For the envelope's history, likewise.
+    pub(super) note: Option<String>,
+    pub(super) log: Log,
+}
+
+/// Decides what `verdict` does to the message of `envelope` at `now`.
+/// `client_keeps_it`: a waiting passthrough client still holds the message,
+/// so anything but delivery returns it.
+pub(super) fn transition(
+    envelope: &Envelope,
+    verdict: &Verdict,
+    client_keeps_it: bool,
+    now: u64,
+    settings: &DeliveryConfig,
+) -> Transition {
+    let returned = |log| Transition {
+        next: Next::Returned,
+        last_reply: None,
+        note: None,
+        log,
+    };
+    let stays = |next: Next, last_reply: String, log| {
+        let note = match verdict {
+            Verdict::Postponed { .. } => format!(
+                "deferred: daily sending limit; resumes in {}s",
+                until_s(next, now)
+            ),
+            _ => format!(
+                "{}: {}",
+                next.state().expect("kept"),
+                Outcome::from(verdict.clone()).describe()
+            ),
+        };
+        Transition {
+            next,
+            last_reply: Some(last_reply),
+            note: Some(note),
+            log,
+        }
+    };
+    match verdict {
+        Verdict::Postponed { .. } if client_keeps_it => returned(Log::ReturnedOverLimit),
+        Verdict::Postponed { until, failure } => {
+            let next = Next::Deferred { at: *until };
+            let log = Log::WaitsForWindow {
+                upstream_reply: failure.reply.to_string(),
+                resume_in_s: until_s(next, now),
+                hint: failure.hint.clone().unwrap_or_default(),
+            };
+            stays(next, failure.reply.to_string(), log)
+        }
+        _ if client_keeps_it && !matches!(verdict, Verdict::Delivered(_)) => {
+            returned(Log::Returned {
+                outcome: Outcome::from(verdict.clone()).describe(),
+            })
+        }
+        Verdict::Delivered(reply) if envelope.refused.is_empty() => Transition {
+            next: Next::Delivered,
+            last_reply: None,
+            note: None,
+            log: Log::Delivered {
+                upstream_reply: reply.to_string(),
+            },
+        },
+        Verdict::Delivered(_) | Verdict::Rejected(_) => {
+            let first = &envelope.refused[0].reply;
+            let diagnosis = diagnose(&envelope.account, first);
+            let log = Log::Refused {
+                reason: diagnosis.reason,
+                refused: envelope
                     .refused
                     .iter()
-                    .map(|refused| refused.address.as_str())
-                    .collect();
-                warn!(id = %id, account = %account, reason = diagnosis.reason, delivered = envelope.delivered.len(), refused = ?refused, upstream_reply = %first, hint = diagnosis.hint.as_deref().unwrap_or(""), "upstream refused the message or some recipients; kept in rejected/ (`queue retry` sends to the refused recipients again)");
-                metrics::message(&account, Event::Rejected);
-                envelope.last_reply = Some(first.to_string());
-                State::Rejected
+                    .map(|refused| refused.address.clone())
+                    .collect(),
+                upstream_reply: first.to_string(),
+                hint: diagnosis.hint.unwrap_or_default(),
+            };
+            stays(Next::Rejected, first.to_string(), log)
+        }
+        Verdict::AuthFailed(failure) => stays(Next::Held, failure.reply.to_string(), Log::Held),
+        Verdict::Deferred(deferral) => {
+            let age = Duration::from_millis(now.saturating_sub(envelope.received_at));
+            let hint = deferral.hint.clone().unwrap_or_default();
+            let last_reply = deferral.what.clone();
+            if age >= settings.max_age {
+                let log = Log::Expired {
+                    last_reply: last_reply.clone(),
+                    hint,
+                };
+                stays(Next::Rejected, last_reply, log)
+            } else {
+                let delay = retry_delay(settings, envelope.attempts);
+                let log = Log::Deferred {
+                    retry_in_s: delay.as_secs(),
+                    reason: deferral.reason,
+                    last_reply: last_reply.clone(),
+                    hint,
+                };
+                let at = now + delay.as_millis() as u64;
+                stays(Next::Deferred { at }, last_reply, log)
             }
-            Outcome::AuthFailed(reply) => {
-                info!(id = %id, account = %account, "message held until the account's sign-in works");
-                metrics::message(&account, Event::Held);
-                envelope.last_reply = Some(reply.to_string());
-                State::Held
+        }
+    }
+}
+
+/// Seconds from `now` until a deferred message is due.
+fn until_s(next: Next, now: u64) -> u64 {
+    match next {
+        Next::Deferred { at } => at.saturating_sub(now) / 1000,
+        _ => 0,
+    }
+}
+
+/// `retry_initial`, doubling per attempt, at most `retry_max`.
+pub(super) fn retry_delay(settings: &DeliveryConfig, attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(30);
+    settings
+        .retry_initial
+        .saturating_mul(1 << doublings)
+        .min(settings.retry_max)
+}
+
+impl Log {
+    /// Writes the line for the message of `envelope`.
+    fn emit(&self, envelope: &Envelope) {
+        let (id, account) = (&envelope.id, &envelope.account);
+        match self {
+            Log::ReturnedOverLimit => {
+                info!(id = %id, account = %account, reason = "daily_limit", "message returned to the client (passthrough): over the daily sending limit")
             }
-            Outcome::OverLimit(_) => unreachable!("over-limit outcomes are postponed"),
-            Outcome::Deferred { reason, reply } => {
-                envelope.last_reply = Some(reason.clone());
-                let diagnosis = reply.as_ref().map(|reply| diagnose(&account, reply));
-                let code = diagnosis
-                    .as_ref()
-                    .map_or("upstream_unavailable", |d| d.reason);
-                let hint = diagnosis.and_then(|d| d.hint).unwrap_or_default();
-                let age = Duration::from_millis(now.saturating_sub(envelope.received_at));
-                if age >= self.settings.max_age {
-                    warn!(id = %id, account = %account, attempts = envelope.attempts, last_reply = %reason, reason = "expired", hint = %hint, "message given up after delivery.max_age; kept in rejected/");
-                    metrics::message(&account, Event::Rejected);
-                    State::Rejected
-                } else {
-                    let delay = retry_delay(&self.settings, envelope.attempts);
-                    envelope.next_attempt_at = now + delay.as_millis() as u64;
-                    info!(id = %id, account = %account, attempts = envelope.attempts, retry_in_s = delay.as_secs(), reason = code, last_reply = %reason, hint = %hint, "message deferred");
-                    metrics::message(&account, Event::Deferred);
-                    State::Deferred
+            Log::Returned { outcome } => {
+                info!(id = %id, account = %account, outcome = %outcome, "message returned to the client (passthrough)")
+            }
+            Log::WaitsForWindow {
+                upstream_reply,
+                resume_in_s,
+                hint,
+            } => {
+                warn!(id = %id, account = %account, reason = "daily_limit", upstream_reply = %upstream_reply, resume_in_s, hint = %hint, "message waits for the daily sending limit's window")
+            }
+            Log::Delivered { upstream_reply } => {
+                info!(id = %id, account = %account, attempts = envelope.attempts, recipients = envelope.delivered.len(), upstream_reply = %upstream_reply, "message delivered")
+            }
+            Log::Refused {
+                reason,
+                refused,
+                upstream_reply,
+                hint,
+            } => {
+                warn!(id = %id, account = %account, reason, delivered = envelope.delivered.len(), refused = ?refused, upstream_reply = %upstream_reply, hint = %hint, "upstream refused the message or some recipients; kept in rejected/ (`queue retry` sends to the refused recipients again)")
+            }
+            Log::Held => {
+                info!(id = %id, account = %account, "message held until the account's sign-in works")
+            }
+            Log::Expired { last_reply, hint } => {
+                warn!(id = %id, account = %account, attempts = envelope.attempts, last_reply = %last_reply, reason = "expired", hint = %hint, "message given up after delivery.max_age; kept in rejected/")
+            }
+            Log::Deferred {
+                retry_in_s,
+                reason,
+                last_reply,
+                hint,
+            } => {
+                info!(id = %id, account = %account, attempts = envelope.attempts, retry_in_s, reason, last_reply = %last_reply, hint = %hint, "message deferred")
+            }
+        }
+    }
+}
+
+impl Delivery {
+    /// Carries out what `verdict` does to the message: the log line, the
+    /// metric, and the envelope's move in the spool.
+    pub(super) async fn settle(
+        &self,
+        envelope: &mut Envelope,
+        verdict: &Verdict,
+        client_keeps_it: bool,
+    ) {
+        let now = self.clock.now();
+        let step = transition(envelope, verdict, client_keeps_it, now, &self.settings);
+        step.log.emit(envelope);
+        let account = &envelope.account;
+        match step.next {
+            Next::Delivered => {
+                let waited = Duration::from_millis(now.saturating_sub(envelope.received_at));
+                metrics::delivered(account, waited);
+            }
+            next => metrics::message(account, next.event()),
+        }
+        let Some(to) = step.next.state() else {
+            let id = envelope.id.clone();
+            if let Err(err) = self.io(move |spool| spool.remove(State::Active, &id)).await {
+                match step.next {
+                    Next::Delivered => {
+                        error!(id = %envelope.id, error = %err, "delivered, but cannot remove it from the spool: it may be sent again")
+                    }
+                    _ => error!(error = %err, "cannot remove a message from the spool"),
                 }
             }
+            return;
         };
-        envelope.record(now, format!("{to}: {}", describe(outcome)));
+        envelope.retry_requested_at = None;
+        envelope.last_reply = step.last_reply;
+        if let Next::Deferred { at } = step.next {
+            envelope.next_attempt_at = at;
+        }
+        if let Some(note) = step.note {
+            envelope.record(now, note);
+        }
         self.store(envelope, to).await;
     }
 
@@ -159,36 +404,210 @@ impl Delivery {
     }
 }
 
-/// `retry_initial`, doubling per attempt, at most `retry_max`.
-pub(super) fn retry_delay(settings: &DeliveryConfig, attempts: u32) -> Duration {
-    let doublings = attempts.saturating_sub(1).min(30);
-    settings
-        .retry_initial
-        .saturating_mul(1 << doublings)
-        .min(settings.retry_max)
-}
-
-pub(super) fn describe(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Delivered(reply) => format!("delivered: {reply}"),
-        Outcome::Rejected(reply) => format!("rejected: {reply}"),
-        Outcome::AuthFailed(reply) => format!("sign-in refused: {reply}"),
-        Outcome::OverLimit(reply) => format!("over the sending limit: {reply}"),
-        Outcome::Deferred { reason, .. } => format!("deferred: {reason}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::RefusedRecipient;
 
     #[test]
-    pub(super) fn retry_delay_doubles_up_to_the_cap() {
+    fn retry_delay_doubles_up_to_the_cap() {
         let settings = DeliveryConfig::default();
         let delays: Vec<u64> = (1..=8)
             .map(|n| retry_delay(&settings, n).as_secs())
             .collect();
         assert_eq!(delays, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
         assert_eq!(retry_delay(&settings, u32::MAX).as_secs(), 3600);
+    }
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn failure(code: u16, status: [u8; 3]) -> Failure {
+        Failure {
+            reply: Reply::new(code, status, "no"),
+            reason: "test",
+            hint: Some("set accounts.a.x".into()),
+        }
+    }
+
+    fn deferral() -> Deferral {
+        Deferral {
+            reply: None,
+            what: "timed out after 30s".into(),
+            reason: "upstream_unavailable",
+            hint: None,
+        }
+    }
+
+    /// An envelope received `age_ms` ago after one attempt, with the given
+    /// recipients refused.
+    fn envelope(age_ms: u64, refused: &[&str]) -> Envelope {
+        Envelope {
+            account: "a".into(),
+            received_at: NOW - age_ms,
+            attempts: 1,
+            refused: refused
+                .iter()
+                .map(|address| RefusedRecipient {
+                    address: address.to_string(),
+                    reply: Reply::new(550, [5, 1, 1], "no such user"),
+                })
+                .collect(),
+            ..Envelope::default()
+        }
+    }
+
+    #[test]
+    fn verdicts_move_messages_to_their_next_state() {
+        let settings = DeliveryConfig::default();
+        let day = 24 * 3600 * 1000;
+        let max_age = settings.max_age.as_millis() as u64;
+        let delivered = Verdict::Delivered(Reply::new(250, [2, 0, 0], "OK"));
+        let postponed = Verdict::Postponed {
+            until: NOW + 90_000,
+            failure: failure(550, [5, 4, 5]),
+        };
+        // (verdict, envelope, client keeps it, next state)
+        let table = [
+            (&delivered, envelope(0, &[]), false, Next::Delivered),
+            (&delivered, envelope(0, &["x@b"]), false, Next::Rejected),
+            (&delivered, envelope(0, &[]), true, Next::Delivered),
+            (&delivered, envelope(0, &["x@b"]), true, Next::Rejected),
+            (
+                &Verdict::Rejected(failure(550, [5, 1, 1])),
+                envelope(0, &["x@b"]),
+                false,
+                Next::Rejected,
+            ),
+            (
+                &Verdict::AuthFailed(failure(535, [5, 7, 8])),
+                envelope(0, &[]),
+                false,
+                Next::Held,
+            ),
+            (
+                &Verdict::AuthFailed(failure(535, [5, 7, 8])),
+                envelope(0, &[]),
+                true,
+                Next::Returned,
+            ),
+            (
+                &Verdict::Deferred(deferral()),
+                envelope(day, &[]),
+                false,
+                Next::Deferred { at: NOW + 60_000 },
+            ),
+            (
+                &Verdict::Deferred(deferral()),
+                envelope(max_age, &[]),
+                false,
+                Next::Rejected,
+            ),
+            (
+                &postponed,
+                envelope(max_age, &[]),
+                false,
+                Next::Deferred { at: NOW + 90_000 },
+            ),
+            (&postponed, envelope(0, &[]), true, Next::Returned),
+        ];
+        for (verdict, envelope, keeps, expected) in table {
+            let step = transition(&envelope, verdict, keeps, NOW, &settings);
+            assert_eq!(step.next, expected, "{verdict:?}, client keeps it: {keeps}");
+            let leaves = matches!(expected, Next::Delivered | Next::Returned);
+            assert_eq!(step.note.is_none(), leaves, "{verdict:?}");
+            assert_eq!(step.last_reply.is_none(), leaves, "{verdict:?}");
+        }
+    }
+
+    #[test]
+    fn transitions_name_their_metric() {
+        let table = [
+            (Next::Delivered, "Delivered"),
+            (Next::Returned, "Returned"),
+            (Next::Deferred { at: 0 }, "Deferred"),
+            (Next::Held, "Held"),
+            (Next::Rejected, "Rejected"),
+        ];
+        for (next, event) in table {
+            assert_eq!(format!("{:?}", next.event()), event);
+        }
+    }
+
+    #[test]
+    fn notes_and_log_lines_carry_the_reply_reason_and_hint() {
+        let settings = DeliveryConfig::default();
+        let deferred = Verdict::Deferred(Deferral {
+            reply: None,
+            what: "the server does not offer STARTTLS".into(),
+            reason: "upstream_unavailable",
+            hint: Some("set accounts.a.tls".into()),
+        });
+        let step = transition(&envelope(0, &[]), &deferred, false, NOW, &settings);
+        assert_eq!(
+            step.last_reply.as_deref(),
+            Some("the server does not offer STARTTLS"),
+            "the hint is a field of its own"
+        );
+        assert_eq!(
+            step.note.as_deref(),
+            Some("deferred: deferred: the server does not offer STARTTLS")
+        );
+        assert_eq!(
+            step.log,
+            Log::Deferred {
+                retry_in_s: 60,
+                reason: "upstream_unavailable",
+                last_reply: "the server does not offer STARTTLS".into(),
+                hint: "set accounts.a.tls".into(),
+            }
+        );
+
+        let postponed = Verdict::Postponed {
+            until: NOW + 90_500,
+            failure: failure(451, [4, 7, 0]),
+        };
+        let step = transition(&envelope(0, &[]), &postponed, false, NOW, &settings);
+        assert_eq!(
+            step.note.as_deref(),
+            Some("deferred: daily sending limit; resumes in 90s")
+        );
+        assert_eq!(
+            step.log,
+            Log::WaitsForWindow {
+                upstream_reply: "451 4.7.0 no".into(),
+                resume_in_s: 90,
+                hint: "set accounts.a.x".into(),
+            }
+        );
+
+        let refused = Verdict::Delivered(Reply::new(250, [2, 0, 0], "OK"));
+        let step = transition(&envelope(0, &["x@b"]), &refused, false, NOW, &settings);
+        let Log::Refused {
+            refused,
+            upstream_reply,
+            ..
+        } = step.log
+        else {
+            panic!("partly refused: {:?}", step.log);
+        };
+        assert_eq!(refused, ["x@b"]);
+        assert_eq!(upstream_reply, "550 5.1.1 no such user");
+    }
+
+    #[test]
+    fn over_a_limit_the_message_is_postponed_not_attempted() {
+        let over = Outcome::OverLimit(failure(550, [5, 4, 5]));
+        let verdict = Verdict::of(over.clone(), || 42);
+        assert!(!verdict.is_attempt());
+        assert_eq!(
+            verdict,
+            Verdict::Postponed {
+                until: 42,
+                failure: failure(550, [5, 4, 5])
+            }
+        );
+        assert_eq!(Outcome::from(verdict), over, "the client hears the limit");
+        let deferred = Verdict::of(Outcome::Deferred(deferral()), || unreachable!());
+        assert!(deferred.is_attempt());
     }
 }

@@ -1,20 +1,19 @@
 //! The client's answer per delivery mode: spool first, then, per mode, wait
 //! for the first attempt.
 
-use super::*;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
+use super::Delivery;
+use super::worker::Job;
 use crate::config::DeliveryMode;
-use crate::observe::metrics::{self, Event};
-use crate::provider_replies::diagnose;
+use crate::observe::metrics::{self, MessageEvent};
 use crate::reply::{Refusal, Reply};
 use crate::spool::{Envelope, State};
 use crate::spool_space::is_full;
-use crate::transport::Outcome;
-use crate::transport::smtp::Upstream;
+use crate::transport::{Deferral, Outcome};
 
 impl Delivery {
     /// Stores a message and answers the client per the delivery mode.
@@ -28,8 +27,8 @@ impl Delivery {
         let hold = account.hold();
         if let (Some(hold), DeliveryMode::Passthrough) = (&hold, self.settings.mode) {
             // The client keeps the message; no need to store it first.
-            let outcome = Outcome::AuthFailed(hold.reply.clone());
-            return Submitted::from_outcome(&account.upstream(), None, &outcome);
+            let outcome = Outcome::AuthFailed(hold.failure.clone());
+            return Submitted::from_outcome(&account.name, None, &outcome);
         }
         let state = if hold.is_some() {
             State::Held
@@ -92,9 +91,9 @@ impl Delivery {
         };
         let id = envelope.id.clone();
         info!(id = %id, account = %envelope.account, state = %state, recipients = envelope.recipients.len(), size = envelope.size, "message spooled");
-        metrics::message(&envelope.account, Event::Accepted);
+        metrics::message(&envelope.account, MessageEvent::Accepted);
         if state == State::Held {
-            metrics::message(&envelope.account, Event::Held);
+            metrics::message(&envelope.account, MessageEvent::Held);
         }
         let queued = Submitted {
             reply: Reply::new(250, [2, 0, 0], format!("OK queued as {id}")),
@@ -128,14 +127,14 @@ impl Delivery {
             DeliveryMode::Hybrid => {
                 match tokio::time::timeout(self.settings.sync_timeout, outcome).await {
                     Ok(Ok(rejected @ Outcome::Rejected(_))) => {
-                        Submitted::from_outcome(&account.upstream(), id, &rejected)
+                        Submitted::from_outcome(&account.name, id, &rejected)
                     }
                     _ => queued,
                 }
             }
             DeliveryMode::Passthrough => match outcome.await {
                 Ok(Outcome::Delivered(_)) => queued,
-                Ok(other) => Submitted::from_outcome(&account.upstream(), id, &other),
+                Ok(other) => Submitted::from_outcome(&account.name, id, &other),
                 Err(_) => {
                     let reply = Reply::new(451, [4, 3, 0], "Delivery interrupted, try again later");
                     Submitted::refused(reply, id, Refusal::new("internal", "the relay is stopping"))
@@ -168,55 +167,61 @@ impl Submitted {
     /// What a client hears when the upstream's verdict is its answer:
     /// verdicts on the message pass through; an upstream sign-in failure
     /// never looks like the client's own login failing.
-    pub(super) fn from_outcome(upstream: &Upstream, id: Option<String>, outcome: &Outcome) -> Self {
-        let account = upstream.name();
-        let diagnosed = |reply: &Reply| {
-            let diagnosis = diagnose(account, reply);
-            Refusal {
-                reason: diagnosis.reason,
-                hint: diagnosis.hint,
-            }
+    pub(super) fn from_outcome(account: &str, id: Option<String>, outcome: &Outcome) -> Self {
+        let refusal = |reason, hint: &Option<String>| {
+            Some(Refusal {
+                reason,
+                hint: hint.clone(),
+            })
         };
         let (reply, refusal) = match outcome {
             Outcome::Delivered(reply) => (reply.clone(), None),
-            Outcome::Rejected(reply) => (reply.clone(), Some(diagnosed(reply))),
-            Outcome::AuthFailed(reply) => {
-                let hint = upstream.sign_in_hint(reply);
+            Outcome::Rejected(failure) => (
+                failure.reply.clone(),
+                refusal(failure.reason, &failure.hint),
+            ),
+            Outcome::AuthFailed(failure) => {
+                let reply = &failure.reply;
+                let hint = failure.hint.as_deref().unwrap_or_default();
                 let text =
                     format!("Upstream account {account} refused the sign-in ({reply}); {hint}");
-                let refusal = Refusal::new("upstream_auth", hint);
-                (Reply::new(454, [4, 7, 0], text), Some(refusal))
+                (
+                    Reply::new(454, [4, 7, 0], text),
+                    refusal(failure.reason, &failure.hint),
+                )
             }
-            Outcome::OverLimit(reply) => {
+            Outcome::OverLimit(failure) => {
                 let text = format!(
-                    "Upstream account {account} is over its daily sending limit ({reply}); try again later"
+                    "Upstream account {account} is over its daily sending limit ({}); try again later",
+                    failure.reply
                 );
-                (Reply::new(451, [4, 7, 0], text), Some(diagnosed(reply)))
+                (
+                    Reply::new(451, [4, 7, 0], text),
+                    refusal(failure.reason, &failure.hint),
+                )
             }
             // 421 would tell the client that *we* are closing the connection.
-            Outcome::Deferred {
-                reply: Some(reply), ..
-            } => {
+            Outcome::Deferred(Deferral {
+                reply: Some(reply),
+                reason,
+                hint,
+                ..
+            }) => {
                 let code = if reply.code == 421 { 451 } else { reply.code };
-                let refusal = diagnosed(reply);
                 (
                     Reply {
                         code,
                         ..reply.clone()
                     },
-                    Some(refusal),
+                    refusal(reason, hint),
                 )
             }
-            Outcome::Deferred {
-                reply: None,
-                reason,
-            } => {
-                let text = format!("Upstream unavailable: {reason}");
-                let refusal = Refusal {
-                    reason: "upstream_unavailable",
-                    hint: None,
-                };
-                (Reply::new(451, [4, 4, 1], text), Some(refusal))
+            Outcome::Deferred(deferral @ Deferral { reply: None, .. }) => {
+                let text = format!("Upstream unavailable: {}", deferral.explained());
+                (
+                    Reply::new(451, [4, 4, 1], text),
+                    refusal(deferral.reason, &deferral.hint),
+                )
             }
         };
         Submitted { reply, id, refusal }

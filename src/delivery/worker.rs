@@ -1,18 +1,18 @@
 //! Worker loops: connection reuse, and sending in parts within the daily
 //! sending window.
 
-use super::*;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio::sync::oneshot;
 use tracing::warn;
 
+use super::Delivery;
+use super::account::{Account, AccountSettings};
+use super::settle::Verdict;
 use crate::config::DeliveryMode;
 use crate::reply::Reply;
 use crate::spool::{Envelope, RefusedRecipient};
-use crate::transport::smtp::Connection;
-use crate::transport::{BodyFlags, Outcome, Sent};
+use crate::transport::{BodyFlags, Connection, Failure, Outcome, Sent, Transport};
 
 /// A message for a worker, moved to `active/` by whoever queued it, with the
 /// envelope as just written. `message` is the bytes when the session still
@@ -26,7 +26,7 @@ pub(super) struct Job {
 impl Delivery {
     pub(super) async fn worker(self: Arc<Self>, account: Arc<Account>) {
         let mut connection: Option<Connection> = None;
-        let mut generation = account.generation();
+        let mut settings = account.settings();
         loop {
             let next_job = async { account.queue.lock().await.recv().await };
             let job = tokio::select! {
@@ -39,14 +39,16 @@ impl Delivery {
                 _ = account.retired.cancelled() => None,
             };
             let Some(job) = job else { break };
-            if account.generation() != generation {
+            let current = account.settings();
+            if !Arc::ptr_eq(&current, &settings) {
                 // Opened with settings a reload replaced.
                 if let Some(old) = connection.take() {
                     old.quit().await;
                 }
-                generation = account.generation();
+                settings = current;
             }
-            self.deliver(&account, job, &mut connection).await;
+            self.deliver(&account, &settings, job, &mut connection)
+                .await;
         }
         if let Some(connection) = connection {
             connection.quit().await;
@@ -56,6 +58,7 @@ impl Delivery {
     pub(super) async fn deliver(
         &self,
         account: &Account,
+        settings: &AccountSettings,
         job: Job,
         connection: &mut Option<Connection>,
     ) {
@@ -65,13 +68,10 @@ impl Delivery {
             job.verdict.is_some() && self.settings.mode == DeliveryMode::Passthrough;
         let mut envelope = job.envelope;
         if let Some(hold) = account.hold() {
-            let operator_retry = envelope
-                .retry_requested_at
-                .is_some_and(|at| hold.since.is_none_or(|since| at >= since));
-            if !operator_retry {
-                let verdict = Verdict::Done(Outcome::AuthFailed(hold.reply.clone()));
+            if !hold.lets_through(envelope.retry_requested_at) {
+                let verdict = Verdict::AuthFailed(hold.failure);
                 self.settle(&mut envelope, &verdict, client_keeps_it).await;
-                notify(job.verdict, Outcome::AuthFailed(hold.reply));
+                notify(job.verdict, verdict.into());
                 return;
             }
         }
@@ -90,29 +90,21 @@ impl Delivery {
             }
         };
         let verdict = self
-            .attempt(account, connection, &mut envelope, &message)
+            .attempt(account, settings, connection, &mut envelope, &message)
             .await;
-        if !matches!(verdict, Verdict::Postponed { .. }) {
+        if verdict.is_attempt() {
             envelope.attempts += 1;
         }
         self.settle(&mut envelope, &verdict, client_keeps_it).await;
-        let outcome = match verdict {
-            Verdict::Done(outcome) => outcome,
-            Verdict::Postponed { reply, .. } => Outcome::OverLimit(reply),
-        };
-        match &outcome {
-            Outcome::AuthFailed(reply) => self.start_hold(&envelope.account, account, reply),
-            Outcome::Delivered(_) if account.hold().is_some() => {
-                self.release_hold(
-                    &envelope.account,
-                    account,
-                    "a retried message was delivered",
-                )
-                .await;
+        match &verdict {
+            Verdict::AuthFailed(failure) => self.start_hold(account, failure),
+            Verdict::Delivered(_) if account.hold().is_some() => {
+                self.release_hold(account, "a retried message was delivered")
+                    .await;
             }
             _ => {}
         }
-        notify(job.verdict, outcome);
+        notify(job.verdict, verdict.into());
     }
 
     /// Sends the message to its pending recipients in parts of at most the
@@ -123,6 +115,7 @@ impl Delivery {
     pub(super) async fn attempt(
         &self,
         account: &Account,
+        settings: &AccountSettings,
         connection: &mut Option<Connection>,
         envelope: &mut Envelope,
         message: &[u8],
@@ -130,7 +123,7 @@ impl Delivery {
         let pending = envelope.pending();
         let mut last_delivered = None;
         let mut problem = None;
-        let mut parts = pending.chunks(account.recipients_per_message.load(Ordering::Acquire));
+        let mut parts = pending.chunks(settings.recipients_per_message);
         for part in parts.by_ref() {
             let admitted = account
                 .window
@@ -140,14 +133,18 @@ impl Delivery {
             let send = match admitted {
                 Ok(send) => send,
                 Err(until) => {
-                    let reply =
-                        Reply::new(451, [4, 7, 0], "over the account's daily sending limit");
-                    return Verdict::Postponed { until, reply };
+                    let failure = over_window(&account.name);
+                    return Verdict::Postponed { until, failure };
                 }
             };
-            let sent = self
-                .send_part(account, connection, part, envelope.flags, message)
-                .await;
+            let sent = send_part(
+                &settings.transport,
+                connection,
+                part,
+                envelope.flags,
+                message,
+            )
+            .await;
             for (address, outcome) in &sent.refused {
                 record_recipient(envelope, address, outcome, &mut problem);
             }
@@ -168,82 +165,82 @@ impl Delivery {
                 window.cancel(send);
                 // The verdict was on the message or the connection: the
                 // remaining parts would fare the same.
-                if let Outcome::Rejected(reply) = &outcome {
+                if let Outcome::Rejected(_) = &outcome {
                     for address in parts.flatten() {
-                        record_recipient(
-                            envelope,
-                            address,
-                            &Outcome::Rejected(reply.clone()),
-                            &mut problem,
-                        );
+                        record_recipient(envelope, address, &outcome, &mut problem);
                     }
                 }
                 break;
             }
         }
-        if let Some(Outcome::OverLimit(reply)) = problem {
-            let until = account
-                .window
-                .lock()
-                .expect("window lock")
-                .pause(self.clock.now());
-            return Verdict::Postponed { until, reply };
-        }
+        // Over the provider's limit, recipients stay pending: unfinished.
         let unfinished = !envelope.pending().is_empty();
-        match (problem, last_delivered) {
-            (Some(problem), _) if unfinished => Verdict::Done(problem),
+        let outcome = match (problem, last_delivered) {
+            (Some(problem), _) if unfinished => problem,
             // Delivered, to everyone or to all but refused recipients.
-            (_, Some(reply)) => Verdict::Done(Outcome::Delivered(reply)),
+            (_, Some(reply)) => Outcome::Delivered(reply),
             // Every recipient refused.
-            (Some(problem), None) => Verdict::Done(problem),
-            (None, None) => Verdict::Done(Outcome::Delivered(Reply::new(
+            (Some(problem), None) => problem,
+            (None, None) => Outcome::Delivered(Reply::new(
                 250,
                 [2, 0, 0],
                 "already delivered to every recipient",
-            ))),
-        }
+            )),
+        };
+        Verdict::of(outcome, || {
+            let mut window = account.window.lock().expect("window lock");
+            window.pause(self.clock.now())
+        })
     }
-
-    /// One upstream transaction over a reused or new connection. A reused
-    /// connection the server closed meanwhile is replaced once.
-    pub(super) async fn send_part(
-        &self,
-        account: &Account,
-        connection: &mut Option<Connection>,
-        recipients: &[String],
-        flags: BodyFlags,
-        message: &[u8],
-    ) -> Sent {
-        let upstream = account.upstream();
-        for _ in 0..2 {
-            let reused = connection.is_some();
-            let mut current = match connection.take() {
-                Some(current) => current,
-                None => match upstream.connect().await {
-                    Ok(current) => current,
-                    Err(outcome) => {
-                        return Sent {
-                            refused: Vec::new(),
-                            outcome: Some(outcome),
-                        };
-                    }
-                },
-            };
-            let sent = upstream
-                .send(&mut current, recipients, flags, message)
-                .await;
-            match &sent.outcome {
-                Some(Outcome::Deferred { reply: None, .. }) if reused => continue,
-                // The connection is still in step after a verdict on the message.
-                None
-                | Some(Outcome::Delivered(_) | Outcome::Rejected(_) | Outcome::OverLimit(_)) => {
-                    *connection = Some(current)
+}
+/// One transaction over a reused or new connection. A reused connection the
+/// server closed meanwhile is replaced once.
+async fn send_part(
+    transport: &Transport,
+    connection: &mut Option<Connection>,
+    recipients: &[String],
+    flags: BodyFlags,
+    message: &[u8],
+) -> Sent {
+    for _ in 0..2 {
+        let reused = connection.is_some();
+        let mut current = match connection.take() {
+            Some(current) => current,
+            None => match transport.connect().await {
+                Ok(current) => current,
+                Err(outcome) => {
+                    return Sent {
+                        refused: Vec::new(),
+                        outcome: Some(outcome),
+                    };
                 }
-                _ => {}
+            },
+        };
+        let sent = transport
+            .send(&mut current, recipients, flags, message)
+            .await;
+        match &sent.outcome {
+            Some(Outcome::Deferred(deferral)) if deferral.reply.is_none() && reused => continue,
+            // The connection is still in step after a verdict on the message.
+            None | Some(Outcome::Delivered(_) | Outcome::Rejected(_) | Outcome::OverLimit(_)) => {
+                *connection = Some(current)
             }
-            return sent;
+            _ => {}
         }
-        unreachable!("the second attempt uses a new connection and returns")
+        return sent;
+    }
+    unreachable!("the second attempt uses a new connection and returns")
+}
+
+/// Our own sending window is full: the message waits, as over the
+/// provider's limit.
+fn over_window(account: &str) -> Failure {
+    Failure {
+        reply: Reply::new(451, [4, 7, 0], "over the account's daily sending limit"),
+        reason: "daily_limit",
+        hint: Some(format!(
+            "the limit is accounts.{account}.daily_message_limit / daily_recipient_limit"
+        )),
     }
 }
 
@@ -256,17 +253,6 @@ pub(super) fn queue_job(account: &Account, envelope: Envelope) {
     });
 }
 
-/// How delivering a message ended this time, over all its parts.
-pub(super) enum Verdict {
-    Done(Outcome),
-    /// Over a sending limit: the rest waits until `until`. Not an attempt,
-    /// and never a reason to give the message up.
-    Postponed {
-        until: u64,
-        reply: Reply,
-    },
-}
-
 /// Notes one recipient's result in the envelope, and keeps in `problem`
 /// the most pressing reason the message is not done.
 fn record_recipient(
@@ -277,16 +263,16 @@ fn record_recipient(
 ) {
     match outcome {
         Outcome::Delivered(_) => envelope.delivered.push(address.to_string()),
-        Outcome::Rejected(reply) => envelope.refused.push(RefusedRecipient {
+        Outcome::Rejected(failure) => envelope.refused.push(RefusedRecipient {
             address: address.to_string(),
-            reply: reply.clone(),
+            reply: failure.reply.clone(),
         }),
         _ => {}
     }
     let urgency = |outcome: &Outcome| match outcome {
         Outcome::Delivered(_) => 0,
         Outcome::Rejected(_) => 1,
-        Outcome::Deferred { .. } => 2,
+        Outcome::Deferred(_) => 2,
         Outcome::OverLimit(_) => 3,
         Outcome::AuthFailed(_) => 4,
     };

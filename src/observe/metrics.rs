@@ -32,7 +32,7 @@ const DELIVERY_BUCKETS: [f64; 12] = [
 /// What happened to a message: the `outcome` label of
 /// `sendbridge_messages_total`.
 #[derive(Debug, Clone, Copy)]
-pub enum Event {
+pub enum MessageEvent {
     /// Stored in the spool: the client heard (or will hear) 250.
     Accepted,
     Delivered,
@@ -46,15 +46,15 @@ pub enum Event {
     Returned,
 }
 
-impl Event {
+impl MessageEvent {
     fn label(self) -> &'static str {
         match self {
-            Event::Accepted => "accepted",
-            Event::Delivered => "delivered",
-            Event::Deferred => "deferred",
-            Event::Rejected => "rejected",
-            Event::Held => "held",
-            Event::Returned => "returned",
+            MessageEvent::Accepted => "accepted",
+            MessageEvent::Delivered => "delivered",
+            MessageEvent::Deferred => "deferred",
+            MessageEvent::Rejected => "rejected",
+            MessageEvent::Held => "held",
+            MessageEvent::Returned => "returned",
         }
     }
 }
@@ -132,13 +132,13 @@ pub fn spool_full(full: bool) {
     gauge!(SPOOL_FULL).set(if full { 1.0 } else { 0.0 });
 }
 
-pub fn message(account: &str, event: Event) {
+pub fn message(account: &str, event: MessageEvent) {
     counter!(MESSAGES, "account" => account.to_string(), "outcome" => event.label()).increment(1);
 }
 
 /// A delivered message and how long it waited since it was spooled.
 pub fn delivered(account: &str, waited: Duration) {
-    message(account, Event::Delivered);
+    message(account, MessageEvent::Delivered);
     histogram!(DELIVERY_SECONDS, "account" => account.to_string()).record(waited.as_secs_f64());
 }
 

@@ -1,40 +1,136 @@
-//! What every transport returns: how an attempt ended, per recipient and
-//! for the message (DESIGN.md, "Outcome classes").
+//! How messages leave the relay: what every transport returns (an
+//! [`Outcome`] per attempt, per recipient) and the seam the delivery engine
+//! calls ([`Transport`], [`Connection`]). A new transport (an HTTP API such
+//! as Microsoft Graph sendMail or the Gmail API) is a module beside `smtp`
+//! and one variant of each enum here; delivery does not change.
 
 pub mod smtp;
 
+use rustls::ProtocolVersion;
+
+use crate::access_tokens::TokenSource;
+use crate::config::AccountConfig;
+use crate::provider_replies::{Class, Diagnosis, diagnose};
 use crate::reply::Reply;
 
-/// How one attempt to hand a message to the upstream ended (DESIGN.md,
+/// How one attempt to hand a message to the provider ended (DESIGN.md,
 /// "Outcome classes").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The upstream accepted the message (its 2xx reply).
+    /// The provider accepted the message (its 2xx reply).
     Delivered(Reply),
     /// A permanent rejection of the message or a recipient.
-    Rejected(Reply),
-    /// The upstream refused our sign-in: the account's secret needs fixing.
-    AuthFailed(Reply),
+    Rejected(Failure),
+    /// The provider refused our sign-in: the account's secret needs fixing.
+    AuthFailed(Failure),
     /// The provider's sending limit (Gmail 550 5.4.5): wait for its window;
     /// never a bounce.
-    OverLimit(Reply),
-    /// Worth retrying: a 4xx reply, or no reply at all (`reason` says why).
-    Deferred {
-        reply: Option<Reply>,
-        reason: String,
-    },
+    OverLimit(Failure),
+    /// Worth retrying: a 4xx reply, or no reply at all.
+    Deferred(Deferral),
 }
 
+/// A provider's answer that did not deliver, with the stable reason code for
+/// logs and what to change, as fields of their own (never inside the reply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reply: Reply,
+    pub reason: &'static str,
+    pub hint: Option<String>,
+}
+
+/// A temporary failure, with the provider's reply or without one
+/// (unreachable server, TLS failure, timeout, no access token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deferral {
+    pub reply: Option<Reply>,
+    /// What went wrong: the reply, or what failed when there was none.
+    pub what: String,
+    pub reason: &'static str,
+    pub hint: Option<String>,
+}
+
+/// The reason code of a failure without a reply.
+const UNAVAILABLE: &str = "upstream_unavailable";
+
 impl Outcome {
-    /// The upstream's reply, unless there was none (unreachable server, TLS
-    /// failure, timeout).
+    /// Sorts a provider's reply into the classes of DESIGN.md, known
+    /// provider replies first, with their reason code and hint for
+    /// `account`.
+    pub fn from_reply(account: &str, reply: Reply) -> Outcome {
+        if (200..300).contains(&reply.code) {
+            return Outcome::Delivered(reply);
+        }
+        let Diagnosis {
+            class,
+            reason,
+            hint,
+        } = diagnose(account, &reply);
+        match class {
+            Class::AuthFailed => Outcome::AuthFailed(Failure {
+                reply,
+                reason,
+                hint,
+            }),
+            Class::Rejected => Outcome::Rejected(Failure {
+                reply,
+                reason,
+                hint,
+            }),
+            Class::OverLimit => Outcome::OverLimit(Failure {
+                reply,
+                reason,
+                hint,
+            }),
+            Class::Deferred => Outcome::Deferred(Deferral {
+                what: reply.to_string(),
+                reply: Some(reply),
+                reason,
+                hint,
+            }),
+        }
+    }
+
+    /// No reply: `what` failed, and `hint` says what may fix it.
+    pub fn unavailable(what: impl Into<String>, hint: Option<String>) -> Outcome {
+        Outcome::Deferred(Deferral {
+            reply: None,
+            what: what.into(),
+            reason: UNAVAILABLE,
+            hint,
+        })
+    }
+
+    /// The provider's reply, unless there was none.
     pub fn reply(&self) -> Option<&Reply> {
         match self {
-            Outcome::Delivered(reply)
-            | Outcome::Rejected(reply)
-            | Outcome::AuthFailed(reply)
-            | Outcome::OverLimit(reply) => Some(reply),
-            Outcome::Deferred { reply, .. } => reply.as_ref(),
+            Outcome::Delivered(reply) => Some(reply),
+            Outcome::Rejected(failure)
+            | Outcome::AuthFailed(failure)
+            | Outcome::OverLimit(failure) => Some(&failure.reply),
+            Outcome::Deferred(deferral) => deferral.reply.as_ref(),
+        }
+    }
+
+    /// One line for the log and the envelope's history.
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Delivered(reply) => format!("delivered: {reply}"),
+            Outcome::Rejected(failure) => format!("rejected: {}", failure.reply),
+            Outcome::AuthFailed(failure) => format!("sign-in refused: {}", failure.reply),
+            Outcome::OverLimit(failure) => format!("over the sending limit: {}", failure.reply),
+            Outcome::Deferred(deferral) => format!("deferred: {}", deferral.what),
+        }
+    }
+}
+
+impl Deferral {
+    /// What went wrong and, when known, what to change, in one sentence:
+    /// for someone who sees no separate hint (an SMTP client, a table cell).
+    pub fn explained(&self) -> String {
+        match &self.hint {
+            Some(hint) => format!("{}; {hint}", self.what),
+            None => self.what.clone(),
         }
     }
 }
@@ -46,12 +142,162 @@ pub struct BodyFlags {
     pub smtputf8: bool,
 }
 
-/// What one upstream transaction did.
+/// What one transaction did.
 #[derive(Debug)]
 pub struct Sent {
-    /// Recipients refused at RCPT, each with its own outcome.
+    /// Recipients refused one by one, each with its own outcome.
     pub refused: Vec<(String, Outcome)>,
-    /// The verdict for the other recipients: the DATA reply, or what ended
-    /// the transaction. `None` when every recipient was refused.
+    /// The verdict for the other recipients: the reply to the message, or
+    /// what ended the transaction. `None` when every recipient was refused.
     pub outcome: Option<Outcome>,
+}
+
+/// One configured account's way to the provider, ready to open connections.
+pub enum Transport {
+    Smtp(smtp::SmtpTransport),
+}
+
+/// An open, signed-in connection of a [`Transport`], reusable for several
+/// messages.
+pub enum Connection {
+    Smtp(smtp::SmtpConnection),
+}
+
+impl Transport {
+    /// The transport `account` is configured for. `tokens` is asked for the
+    /// token source of an `auth = "oauth2"` account only.
+    pub fn new(
+        name: &str,
+        account: &AccountConfig,
+        helo_name: &str,
+        tokens: &TokenSource,
+    ) -> anyhow::Result<Self> {
+        smtp::SmtpTransport::new(name, account, helo_name, tokens).map(Transport::Smtp)
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Transport::Smtp(smtp) => smtp.name(),
+        }
+    }
+
+    /// Connects and signs in. The error is the attempt's outcome.
+    pub async fn connect(&self) -> Result<Connection, Outcome> {
+        match self {
+            Transport::Smtp(smtp) => smtp.connect(&mut None).await.map(Connection::Smtp),
+        }
+    }
+
+    /// Sends one message over `connection` (opened by this transport) to
+    /// `recipients`, at most the provider's per-message limit. `message` is
+    /// the content as spooled, ending in CRLF.
+    pub async fn send(
+        &self,
+        connection: &mut Connection,
+        recipients: &[String],
+        flags: BodyFlags,
+        message: &[u8],
+    ) -> Sent {
+        match (self, connection) {
+            (Transport::Smtp(smtp), Connection::Smtp(connection)) => {
+                smtp.send(connection, recipients, flags, message).await
+            }
+        }
+    }
+
+    /// Checks that signing in works (for an account on hold, and `sendbridge
+    /// check`), and notes in `tls_version` the TLS version as soon as it is
+    /// negotiated, so that a refused sign-in still shows it.
+    pub async fn probe(&self, tls_version: &mut Option<ProtocolVersion>) -> Result<(), Outcome> {
+        self.connect_noting(tls_version).await?.quit().await;
+        Ok(())
+    }
+
+    async fn connect_noting(
+        &self,
+        tls_version: &mut Option<ProtocolVersion>,
+    ) -> Result<Connection, Outcome> {
+        match self {
+            Transport::Smtp(smtp) => smtp.connect(tls_version).await.map(Connection::Smtp),
+        }
+    }
+
+    /// A refused sign-in with `reply`, with the hint that fits this account
+    /// (for a hold carried over from the previous run).
+    pub fn sign_in_refused(&self, reply: Reply) -> Failure {
+        match self {
+            Transport::Smtp(smtp) => smtp.sign_in_refused(reply),
+        }
+    }
+}
+
+impl Connection {
+    /// Says goodbye; the connection is gone either way.
+    pub async fn quit(self) {
+        match self {
+            Connection::Smtp(connection) => connection.quit().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(code: u16, status: [u8; 3]) -> Outcome {
+        Outcome::from_reply("gmail", Reply::new(code, status, "text"))
+    }
+
+    #[test]
+    fn replies_sort_into_outcome_classes() {
+        assert!(matches!(outcome(250, [2, 0, 0]), Outcome::Delivered(_)));
+        assert!(matches!(outcome(535, [5, 7, 8]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(534, [5, 7, 9]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(530, [5, 7, 0]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(535, [5, 7, 139]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(550, [5, 7, 30]), Outcome::AuthFailed(_)));
+        assert!(matches!(outcome(550, [5, 7, 1]), Outcome::Rejected(_)));
+        assert!(matches!(outcome(550, [5, 1, 1]), Outcome::Rejected(_)));
+        assert!(matches!(outcome(550, [5, 4, 5]), Outcome::OverLimit(_)));
+        assert!(matches!(
+            outcome(421, [4, 7, 0]),
+            Outcome::Deferred(Deferral { reply: Some(_), .. })
+        ));
+    }
+
+    #[test]
+    fn outcomes_carry_reason_and_hint_as_fields() {
+        let Outcome::OverLimit(failure) = outcome(550, [5, 4, 5]) else {
+            panic!("Gmail's daily limit");
+        };
+        assert_eq!(failure.reason, "daily_limit");
+        assert!(
+            failure
+                .hint
+                .unwrap()
+                .contains("accounts.gmail.daily_message_limit")
+        );
+        assert_eq!(failure.reply.text, "text", "the reply stays the provider's");
+    }
+
+    #[test]
+    fn a_deferral_explains_itself_with_its_hint() {
+        // (what, hint, explained)
+        let table = [
+            ("timed out after 30s", None, "timed out after 30s"),
+            (
+                "the server does not offer STARTTLS",
+                Some("set accounts.a.tls"),
+                "the server does not offer STARTTLS; set accounts.a.tls",
+            ),
+        ];
+        for (what, hint, explained) in table {
+            let Outcome::Deferred(deferral) = Outcome::unavailable(what, hint.map(String::from))
+            else {
+                panic!("no reply defers");
+            };
+            assert_eq!(deferral.reason, "upstream_unavailable");
+            assert_eq!(deferral.explained(), explained);
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! Delivery to an upstream submission server (Gmail, Microsoft 365, …) with
+//! The SMTP transport: delivery to an upstream submission server (Gmail, Microsoft 365, …) with
 //! mail-send: TLS always verified, AUTH with the account's app password or an
 //! OAuth 2.0 access token (XOAUTH2), and every result turned into an
 //! [`Outcome`].
@@ -20,11 +20,11 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::warn;
 
-use super::{BodyFlags, Outcome, Sent};
+use super::{BodyFlags, Failure, Outcome, Sent};
 use crate::access_tokens::{AccessTokens, TokenFailure, TokenSource};
-use crate::config::{AccountConfig, AuthMethod, OAuth2Config, UpstreamTls};
+use crate::config::{AccountConfig, AuthMethod, UpstreamTls};
 use crate::observe::metrics;
-use crate::provider_replies::{Class, diagnose};
+use crate::provider_replies::diagnose;
 use crate::reply::Reply;
 use crate::secret::Secret;
 
@@ -39,11 +39,9 @@ fn count_reply(account: &str, outcome: &Outcome) {
 enum SignIn {
     /// AUTH PLAIN or LOGIN with the app password.
     Password(Credentials<String>),
-    /// AUTH XOAUTH2 with an access token from `tokens`; `settings` tell
-    /// whether a reload changed the sign-in.
+    /// AUTH XOAUTH2 with an access token from `tokens`.
     OAuth2 {
         username: String,
-        settings: OAuth2Config,
         tokens: Arc<dyn AccessTokens>,
     },
 }
@@ -58,7 +56,7 @@ enum Auth<'a> {
 }
 
 /// One configured upstream account, ready to open connections.
-pub struct Upstream {
+pub struct SmtpTransport {
     name: String,
     host: String,
     port: u16,
@@ -76,19 +74,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// A signed-in upstream connection, reusable for several messages: a TLS
 /// handshake plus AUTH per message is the main cost of a relay.
-pub struct Connection {
+pub struct SmtpConnection {
     client: SmtpClient<Box<dyn Stream>>,
     messages: usize,
 }
 
-impl Connection {
+impl SmtpConnection {
     /// Says goodbye; the connection is gone either way.
     pub async fn quit(mut self) {
         let _ = self.client.cmd(b"QUIT\r\n").await;
     }
 }
 
-impl Upstream {
+impl SmtpTransport {
     /// `tokens` is asked for the token source of an `auth = "oauth2"`
     /// account only.
     pub fn new(
@@ -112,14 +110,10 @@ impl Upstream {
             }
             AuthMethod::Oauth2 => SignIn::OAuth2 {
                 username: account.username.clone(),
-                settings: account
-                    .oauth2
-                    .clone()
-                    .expect("config validation requires [oauth2]"),
                 tokens: tokens(name, account)?,
             },
         };
-        Ok(Upstream {
+        Ok(SmtpTransport {
             name: name.to_string(),
             host: account.host.clone(),
             port: account.port,
@@ -136,53 +130,22 @@ impl Upstream {
         &self.name
     }
 
-    /// Whether both sign in the same way: the same user name and password,
-    /// or the same user name and OAuth 2.0 settings.
-    pub fn same_sign_in(&self, other: &Upstream) -> bool {
-        match (&self.sign_in, &other.sign_in) {
-            (SignIn::Password(a), SignIn::Password(b)) => a == b,
-            (
-                SignIn::OAuth2 {
-                    username: a,
-                    settings: a_settings,
-                    ..
-                },
-                SignIn::OAuth2 {
-                    username: b,
-                    settings: b_settings,
-                    ..
-                },
-            ) => a == b && a_settings == b_settings,
-            _ => false,
-        }
-    }
-
-    /// What to do about this account's refused sign-in. An OAuth 2.0
-    /// account whose token the provider refused (535/534) was refused a
+    /// A refused sign-in with `reply`, with what to do about it. An OAuth
+    /// 2.0 account whose token the provider refused (535/534) was refused a
     /// freshly refreshed one too: the password hints do not apply.
-    pub fn sign_in_hint(&self, reply: &Reply) -> String {
-        let token_refused = matches!(reply.code, 534 | 535) && !is_sign_in_needed(reply);
-        match self.sign_in {
-            SignIn::OAuth2 { .. } if token_refused => format!(
-                "the provider refused a freshly refreshed OAuth 2.0 access token: accounts.{name}.username must be the mailbox that signed in (`sendbridge oauth login {name}`), the app needs the mail scope (Gmail https://mail.google.com/, Microsoft SMTP.Send), and Microsoft 365 needs Authenticated SMTP enabled for the mailbox",
-                name = self.name
-            ),
-            _ => sign_in_hint(&self.name, reply),
-        }
+    pub fn sign_in_refused(&self, reply: Reply) -> Failure {
+        let oauth2 = matches!(self.sign_in, SignIn::OAuth2 { .. });
+        sign_in_refused(&self.name, oauth2, reply)
     }
 
-    /// Connects, secures and signs in. The error is the attempt's outcome.
-    pub async fn connect(&self) -> Result<Connection, Outcome> {
-        self.connect_noting_tls(&mut None).await
-    }
-
-    /// Like `connect`, and notes in `tls_version` the TLS version as soon
-    /// as it is negotiated, so that a failed sign-in still shows it. It
-    /// stays `None` without TLS (`tls = "none"`, or failed before).
-    pub async fn connect_noting_tls(
+    /// Connects, secures and signs in; the error is the attempt's outcome.
+    /// Notes in `tls_version` the TLS version as soon as it is negotiated,
+    /// so that a failed sign-in still shows it. It stays `None` without TLS
+    /// (`tls = "none"`, or failed before).
+    pub async fn connect(
         &self,
         tls_version: &mut Option<ProtocolVersion>,
-    ) -> Result<Connection, Outcome> {
+    ) -> Result<SmtpConnection, Outcome> {
         match &self.sign_in {
             SignIn::Password(credentials) => {
                 self.connect_with(Auth::Password(credentials), tls_version)
@@ -205,7 +168,7 @@ impl Upstream {
         username: &str,
         tokens: &dyn AccessTokens,
         tls_version: &mut Option<ProtocolVersion>,
-    ) -> Result<Connection, Outcome> {
+    ) -> Result<SmtpConnection, Outcome> {
         let mut refusal = None;
         for _ in 0..2 {
             let token = self.access_token(tokens).await?;
@@ -244,7 +207,7 @@ impl Upstream {
         &self,
         auth: Auth<'_>,
         tls_version: &mut Option<ProtocolVersion>,
-    ) -> Result<Connection, Outcome> {
+    ) -> Result<SmtpConnection, Outcome> {
         let opening = self.open(auth, tls_version);
         let outcome = match tokio::time::timeout(self.timeout, opening).await {
             Ok(Ok(connection)) => return Ok(connection),
@@ -262,7 +225,7 @@ impl Upstream {
         &self,
         auth: Auth<'_>,
         tls_version: &mut Option<ProtocolVersion>,
-    ) -> mail_send::Result<Connection> {
+    ) -> mail_send::Result<SmtpConnection> {
         let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
         stream.set_nodelay(true)?;
         let mut client = SmtpClient {
@@ -304,7 +267,7 @@ impl Upstream {
                     .await?
             }
         }
-        Ok(Connection {
+        Ok(SmtpConnection {
             client,
             messages: 0,
         })
@@ -357,18 +320,12 @@ impl Upstream {
         );
     }
 
-    /// Checks that sign-in works again, for an account on hold.
-    pub async fn probe(&self) -> Result<(), Outcome> {
-        self.connect().await?.quit().await;
-        Ok(())
-    }
-
     /// Sends one message over `connection` to `recipients` (at most the
     /// provider's per-message limit). `message` is the content as spooled,
     /// ending in CRLF.
     pub async fn send(
         &self,
-        connection: &mut Connection,
+        connection: &mut SmtpConnection,
         recipients: &[String],
         flags: BodyFlags,
         message: &[u8],
@@ -393,7 +350,7 @@ impl Upstream {
     /// DATA when anyone was accepted: `Ok(None)` when no one was.
     async fn transaction(
         &self,
-        connection: &mut Connection,
+        connection: &mut SmtpConnection,
         recipients: &[String],
         flags: BodyFlags,
         message: &[u8],
@@ -417,7 +374,7 @@ impl Upstream {
             match client.rcpt_to(recipient, &Parameters::new()).await {
                 Ok(()) => {}
                 Err(mail_send::Error::UnexpectedReply(reply)) => {
-                    refused.push((recipient.clone(), classify_reply(reply.into())));
+                    refused.push((recipient.clone(), self.outcome(reply.into())));
                 }
                 Err(err) => return Err(err),
             }
@@ -428,61 +385,78 @@ impl Upstream {
         client.data(wire_content(message)).await.map(Some)
     }
 
+    /// A reply's outcome; a refused sign-in gets this account's hint.
+    fn outcome(&self, reply: Reply) -> Outcome {
+        match Outcome::from_reply(&self.name, reply) {
+            Outcome::AuthFailed(failure) => {
+                Outcome::AuthFailed(self.sign_in_refused(failure.reply))
+            }
+            other => other,
+        }
+    }
+
     fn classify(&self, err: mail_send::Error) -> Outcome {
         use mail_send::Error;
-        let deferred = |reason: String| Outcome::Deferred {
-            reply: None,
-            reason,
-        };
+        let unavailable = |what: String| Outcome::unavailable(what, None);
         match err {
             // Any permanent refusal of AUTH is a sign-in problem; a temporary
             // one (Gmail's 454 "too many login attempts") is retried.
-            Error::AuthenticationFailed(reply) => match classify_reply(reply.into()) {
-                Outcome::Rejected(reply) => Outcome::AuthFailed(reply),
+            Error::AuthenticationFailed(reply) => match self.outcome(reply.into()) {
+                Outcome::Rejected(failure) => {
+                    Outcome::AuthFailed(self.sign_in_refused(failure.reply))
+                }
                 other => other,
             },
-            Error::UnexpectedReply(reply) => classify_reply(reply.into()),
-            Error::Timeout => deferred(format!("timed out after {}s", self.timeout.as_secs())),
-            Error::Io(err) => deferred(self.describe_io(&err)),
-            Error::Tls(err) => deferred(self.describe_tls(&err)),
-            Error::MissingStartTls => deferred(format!(
-                "the server does not offer STARTTLS; if it expects TLS from the start, set accounts.{}.tls = \"implicit\"",
-                self.name
-            )),
-            Error::UnsupportedAuthMechanism => deferred(match self.sign_in {
-                SignIn::Password(_) => {
-                    "the server offers no sign-in method sendbridge supports (PLAIN, LOGIN)"
-                        .to_string()
-                }
-                SignIn::OAuth2 { .. } => format!(
-                    "the server does not offer AUTH XOAUTH2; check accounts.{}.host, or sign in with an app password (auth = \"password\")",
+            Error::UnexpectedReply(reply) => self.outcome(reply.into()),
+            Error::Timeout => unavailable(format!("timed out after {}s", self.timeout.as_secs())),
+            Error::Io(err) => self
+                .tls_failure(&err)
+                .unwrap_or_else(|| unavailable(err.to_string())),
+            Error::Tls(err) => self.describe_tls(&err),
+            Error::MissingStartTls => Outcome::unavailable(
+                "the server does not offer STARTTLS",
+                Some(format!(
+                    "if it expects TLS from the start, set accounts.{}.tls = \"implicit\"",
                     self.name
-                ),
-            }),
-            Error::UnparseableReply => {
-                deferred("the connection closed or the server's reply was not SMTP".to_string())
-            }
-            other => deferred(other.to_string()),
-        }
-    }
-
-    fn describe_io(&self, err: &std::io::Error) -> String {
-        match err
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            Some(tls) => self.describe_tls(tls),
-            None => err.to_string(),
-        }
-    }
-
-    fn describe_tls(&self, err: &rustls::Error) -> String {
-        match err {
-            rustls::Error::InvalidCertificate(reason) => format!(
-                "the server's TLS certificate is not trusted ({reason:?}); if it uses a private CA, set accounts.{}.ca_file",
-                self.name
+                )),
             ),
-            other => format!("TLS failed: {other}"),
+            Error::UnsupportedAuthMechanism => match self.sign_in {
+                SignIn::Password(_) => unavailable(
+                    "the server offers no sign-in method sendbridge supports (PLAIN, LOGIN)"
+                        .to_string(),
+                ),
+                SignIn::OAuth2 { .. } => Outcome::unavailable(
+                    "the server does not offer AUTH XOAUTH2",
+                    Some(format!(
+                        "check accounts.{}.host, or sign in with an app password (auth = \"password\")",
+                        self.name
+                    )),
+                ),
+            },
+            Error::UnparseableReply => {
+                unavailable("the connection closed or the server's reply was not SMTP".to_string())
+            }
+            other => unavailable(other.to_string()),
+        }
+    }
+
+    /// A TLS failure that an I/O error wraps.
+    fn tls_failure(&self, err: &std::io::Error) -> Option<Outcome> {
+        err.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(|tls| self.describe_tls(tls))
+    }
+
+    fn describe_tls(&self, err: &rustls::Error) -> Outcome {
+        match err {
+            rustls::Error::InvalidCertificate(reason) => Outcome::unavailable(
+                format!("the server's TLS certificate is not trusted ({reason:?})"),
+                Some(format!(
+                    "if it uses a private CA, set accounts.{}.ca_file",
+                    self.name
+                )),
+            ),
+            other => Outcome::unavailable(format!("TLS failed: {other}"), None),
         }
     }
 }
@@ -503,60 +477,47 @@ fn boxed_tls(
     boxed(client)
 }
 
-/// Sorts a reply by the classes in DESIGN.md, known provider replies first.
-pub fn classify_reply(reply: Reply) -> Outcome {
-    if (200..300).contains(&reply.code) {
-        return Outcome::Delivered(reply);
-    }
-    // The class does not depend on the account; only the hint does.
-    match diagnose("", &reply).class {
-        Class::AuthFailed => Outcome::AuthFailed(reply),
-        Class::Rejected => Outcome::Rejected(reply),
-        Class::OverLimit => Outcome::OverLimit(reply),
-        Class::Deferred => Outcome::Deferred {
-            reason: reply.to_string(),
-            reply: Some(reply),
-        },
-    }
-}
-
-/// Begins the reply that stands for [`TokenFailure::SignInNeeded`].
-const SIGN_IN_NEEDED: &str = "OAuth 2.0 sign-in needed: ";
-
 /// No access token: a person must sign in again (the account goes on hold,
 /// with the token service's hint), or the token service is unreachable for
 /// now (retried).
 fn token_failure(failure: TokenFailure) -> Outcome {
     match failure {
-        // The hint travels as the reply's second line; see `sign_in_hint`.
-        TokenFailure::SignInNeeded { reason, hint } => Outcome::AuthFailed(Reply::new(
-            535,
-            [5, 7, 8],
-            format!("{SIGN_IN_NEEDED}{reason}\n{hint}"),
-        )),
-        TokenFailure::Unavailable { reason } => Outcome::Deferred {
-            reply: None,
-            reason: format!("no OAuth 2.0 access token: {reason}"),
-        },
-    }
-}
-
-fn is_sign_in_needed(reply: &Reply) -> bool {
-    reply.first_line().starts_with(SIGN_IN_NEEDED)
-}
-
-/// What to do about a refused sign-in: the token service's hint when an
-/// OAuth 2.0 sign-in is needed, the provider-specific hint, or where the
-/// credentials are configured.
-fn sign_in_hint(account: &str, reply: &Reply) -> String {
-    if is_sign_in_needed(reply) {
-        if let Some((_, hint)) = reply.text.split_once('\n') {
-            return hint.to_string();
+        TokenFailure::SignInNeeded { reason, hint } => Outcome::AuthFailed(Failure {
+            reply: Reply::new(
+                535,
+                [5, 7, 8],
+                format!("OAuth 2.0 sign-in needed: {reason}"),
+            ),
+            reason: SIGN_IN_REFUSED,
+            hint: Some(hint),
+        }),
+        TokenFailure::Unavailable { reason } => {
+            Outcome::unavailable(format!("no OAuth 2.0 access token: {reason}"), None)
         }
     }
-    diagnose(account, reply).hint.unwrap_or_else(|| {
-        format!("check accounts.{account}.username and accounts.{account}.password")
-    })
+}
+
+/// The reason code of every refused sign-in.
+const SIGN_IN_REFUSED: &str = "upstream_auth";
+
+/// A refused sign-in and what to do about it: for a refused OAuth 2.0
+/// token, what the provider requires of the token; otherwise the
+/// provider-specific hint, or where the credentials are configured.
+fn sign_in_refused(account: &str, oauth2: bool, reply: Reply) -> Failure {
+    let hint = if oauth2 && matches!(reply.code, 534 | 535) {
+        format!(
+            "the provider refused a freshly refreshed OAuth 2.0 access token: accounts.{account}.username must be the mailbox that signed in (`sendbridge oauth login {account}`), the app needs the mail scope (Gmail https://mail.google.com/, Microsoft SMTP.Send), and Microsoft 365 needs Authenticated SMTP enabled for the mailbox"
+        )
+    } else {
+        diagnose(account, &reply).hint.unwrap_or_else(|| {
+            format!("check accounts.{account}.username and accounts.{account}.password")
+        })
+    };
+    Failure {
+        reply,
+        reason: SIGN_IN_REFUSED,
+        hint: Some(hint),
+    }
 }
 
 /// The content as mail-send's `data()` needs it. It appends CRLF "." CRLF
@@ -576,34 +537,27 @@ fn wire_content(message: &[u8]) -> Cow<'_, [u8]> {
 mod tests {
     use super::*;
 
-    fn outcome(code: u16, status: [u8; 3]) -> Outcome {
-        classify_reply(Reply::new(code, status, "text"))
-    }
-
     #[test]
-    fn replies_sort_into_outcome_classes() {
-        assert!(matches!(outcome(250, [2, 0, 0]), Outcome::Delivered(_)));
-        assert!(matches!(outcome(535, [5, 7, 8]), Outcome::AuthFailed(_)));
-        assert!(matches!(outcome(534, [5, 7, 9]), Outcome::AuthFailed(_)));
-        assert!(matches!(outcome(530, [5, 7, 0]), Outcome::AuthFailed(_)));
-        assert!(matches!(outcome(535, [5, 7, 139]), Outcome::AuthFailed(_)));
-        assert!(matches!(outcome(550, [5, 7, 30]), Outcome::AuthFailed(_)));
-        assert!(matches!(outcome(550, [5, 7, 1]), Outcome::Rejected(_)));
-        assert!(matches!(outcome(550, [5, 1, 1]), Outcome::Rejected(_)));
-        assert!(matches!(outcome(550, [5, 4, 5]), Outcome::OverLimit(_)));
-        assert!(matches!(
-            outcome(421, [4, 7, 0]),
-            Outcome::Deferred { reply: Some(_), .. }
-        ));
-    }
-
-    #[test]
-    fn app_password_hint_names_the_key() {
-        let hint = sign_in_hint(
-            "gmail",
-            &Reply::new(534, [5, 7, 9], "Application-specific password required."),
-        );
-        assert!(hint.contains("app password") && hint.contains("accounts.gmail.password"));
+    fn refused_sign_ins_get_the_hint_that_fits_the_account() {
+        // (OAuth 2.0 account, code, status, the hint contains)
+        let table = [
+            (false, 534, [5, 7, 9], "accounts.gmail.password"),
+            (false, 535, [5, 7, 3], "check accounts.gmail.username"),
+            (
+                true,
+                535,
+                [5, 7, 8],
+                "freshly refreshed OAuth 2.0 access token",
+            ),
+            (true, 530, [5, 7, 0], "accounts.gmail.password"),
+        ];
+        for (oauth2, code, status, expected) in table {
+            let reply = Reply::new(code, status, "Application-specific password required.");
+            let failure = sign_in_refused("gmail", oauth2, reply);
+            assert_eq!(failure.reason, "upstream_auth");
+            let hint = failure.hint.unwrap();
+            assert!(hint.contains(expected), "{code}: {hint}");
+        }
     }
 
     #[test]
@@ -612,16 +566,16 @@ mod tests {
             reason: "invalid_grant".into(),
             hint: "run `sendbridge oauth login gmail`".into(),
         };
-        let Outcome::AuthFailed(reply) = token_failure(failure) else {
+        let Outcome::AuthFailed(failure) = token_failure(failure) else {
             panic!("a needed sign-in is a refused sign-in");
         };
         assert_eq!(
-            reply.to_string(),
+            failure.reply.to_string(),
             "535 5.7.8 OAuth 2.0 sign-in needed: invalid_grant"
         );
         assert_eq!(
-            sign_in_hint("gmail", &reply),
-            "run `sendbridge oauth login gmail`"
+            failure.hint.as_deref(),
+            Some("run `sendbridge oauth login gmail`")
         );
     }
 
@@ -632,10 +586,7 @@ mod tests {
         };
         assert_eq!(
             token_failure(failure),
-            Outcome::Deferred {
-                reply: None,
-                reason: "no OAuth 2.0 access token: timeout".into()
-            }
+            Outcome::unavailable("no OAuth 2.0 access token: timeout", None)
         );
     }
 
