@@ -22,7 +22,7 @@ impl Unsaved {
     /// Whether to attempt it again as it is, without waiting for the write:
     /// a deferred message at its time, a held one when its account's hold
     /// was lifted. A rejected one waits for the operator anyway.
-    pub(super) fn is_due(&self, account_on_hold: bool, now: u64) -> bool {
+    fn is_due(&self, account_on_hold: bool, now: u64) -> bool {
         match self.to {
             State::Deferred => self.envelope.next_attempt_at <= now,
             State::Held => !account_on_hold,
@@ -35,7 +35,7 @@ impl Delivery {
     /// Hands the unsaved messages that are due again (their hold lifted, for
     /// held ones) to the workers as they are, and writes the others (see
     /// `store`). Returns when the next one is due.
-    pub(super) async fn resume_unsaved(&self, now: u64) -> Option<u64> {
+    async fn resume_unsaved(&self, now: u64) -> Option<u64> {
         let mut next = None;
         let mut due = Vec::new();
         let pending: Vec<(Envelope, State)> = {
@@ -176,7 +176,7 @@ struct Indexed {
 impl DeferredIndex {
     /// Brings the index up to date and moves the messages due at `now` to
     /// `active/`, oldest first. Returns them and the next due time.
-    pub(super) fn scan(
+    fn scan(
         mut self,
         spool: &Spool,
         configured: &[String],
@@ -257,7 +257,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn unsaved_results_are_due_again_without_their_write() {
+    fn unsaved_results_are_due_again_without_their_write() {
         let at = |next_attempt_at| Envelope {
             next_attempt_at,
             ..Envelope::default()
@@ -285,7 +285,7 @@ mod tests {
     }
 
     /// A deferred message in `spool` for `account`, due at `next_attempt_at`.
-    pub(super) fn deferred(spool: &Spool, account: &str, next_attempt_at: u64) -> Envelope {
+    fn deferred(spool: &Spool, account: &str, next_attempt_at: u64) -> Envelope {
         let mut envelope = Envelope {
             account: account.into(),
             recipients: vec!["a@example.com".into()],
@@ -299,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn the_deferred_index_sees_changes_made_from_outside() {
+    fn the_deferred_index_sees_changes_made_from_outside() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let later = deferred(&spool, "gmail", 10_000);

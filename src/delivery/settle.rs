@@ -365,7 +365,7 @@ impl Delivery {
     /// retry, and the recipients this attempt delivered to never get the
     /// message again while the relay runs; a restart before the write may
     /// repeat them, as a crash before any update may (at-least-once).
-    pub(super) async fn store(&self, envelope: &Envelope, to: State) {
+    async fn store(&self, envelope: &Envelope, to: State) {
         let updated = envelope.clone();
         let stored = self
             .io(move |spool| spool.update(&updated, State::Active, to))

@@ -156,7 +156,7 @@ pub struct Submitted {
 }
 
 impl Submitted {
-    pub(super) fn refused(reply: Reply, id: Option<String>, refusal: Refusal) -> Self {
+    fn refused(reply: Reply, id: Option<String>, refusal: Refusal) -> Self {
         Submitted {
             reply,
             id,
@@ -167,7 +167,7 @@ impl Submitted {
     /// What a client hears when the upstream's verdict is its answer:
     /// verdicts on the message pass through; an upstream sign-in failure
     /// never looks like the client's own login failing.
-    pub(super) fn from_outcome(account: &str, id: Option<String>, outcome: &Outcome) -> Self {
+    fn from_outcome(account: &str, id: Option<String>, outcome: &Outcome) -> Self {
         let refusal = |reason, hint: &Option<String>| {
             Some(Refusal {
                 reason,

@@ -55,7 +55,7 @@ impl Delivery {
         }
     }
 
-    pub(super) async fn deliver(
+    async fn deliver(
         &self,
         account: &Account,
         settings: &AccountSettings,
@@ -112,7 +112,7 @@ impl Delivery {
     /// Each recipient's result is recorded in the envelope, which is stored
     /// when the attempt settles, so a retry never sends to anyone twice (a
     /// crash before that may: delivery is at-least-once).
-    pub(super) async fn attempt(
+    async fn attempt(
         &self,
         account: &Account,
         settings: &AccountSettings,
