@@ -1,11 +1,11 @@
 //! The inbound SMTP session, generic over the stream so tests can drive it
 //! in memory and STARTTLS can restart it over TLS.
 
-mod auth;
 mod data;
 mod input;
 mod memory;
 mod record;
+mod sasl;
 mod sign_in;
 mod throttle;
 mod transcript;
@@ -26,7 +26,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-pub use auth::{SignedIn, Users, hash_password};
 pub use record::SessionRecord;
 pub use transcript::clean as clean_transcripts;
 
@@ -38,6 +37,7 @@ use crate::reply::{Refusal, Reply};
 use crate::rewrite::{RewriteError, RewritePolicy, Trace, rewrite};
 use crate::spool::Envelope;
 use crate::upstream::BodyFlags;
+use crate::users::{SignedIn, Users};
 use data::DataEnd;
 use input::Line;
 use memory::MemoryBudget;

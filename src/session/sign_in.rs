@@ -8,12 +8,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::auth::{self, SaslError, SignedIn};
 use super::input::Line;
+use super::sasl::{self, SaslError};
 use super::throttle::{Budget, SignInThrottle, Verdict};
 use super::{Flow, MAX_AUTH_FAILURES, Session, Stop};
 use crate::reply::{Refusal, Reply};
 use crate::secret::Secret;
+use crate::users::SignedIn;
 
 /// A user name and password from a SASL exchange.
 type Credentials = (String, Secret);
@@ -229,7 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             initial
         };
-        Ok(auth::decode_response(&response).and_then(|decoded| auth::parse_plain(&decoded)))
+        Ok(sasl::decode_response(&response).and_then(|decoded| sasl::parse_plain(&decoded)))
     }
 
     async fn sasl_login(
@@ -237,7 +238,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         initial: String,
     ) -> Result<Result<Credentials, SaslError>, Stop> {
         let username = if initial.is_empty() {
-            self.reply(Reply::bare(334, auth::LOGIN_USERNAME_CHALLENGE));
+            self.reply(Reply::bare(334, sasl::LOGIN_USERNAME_CHALLENGE));
             match self.read_auth_line().await? {
                 Ok(line) => line,
                 Err(err) => return Ok(Err(err)),
@@ -245,14 +246,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             initial
         };
-        let username = match auth::decode_response(&username).and_then(auth::parse_login_field) {
+        let username = match sasl::decode_response(&username).and_then(sasl::parse_login_field) {
             Ok(username) => username,
             Err(err) => return Ok(Err(err)),
         };
-        self.reply(Reply::bare(334, auth::LOGIN_PASSWORD_CHALLENGE));
+        self.reply(Reply::bare(334, sasl::LOGIN_PASSWORD_CHALLENGE));
         Ok(self.read_auth_line().await?.and_then(|password| {
-            auth::decode_response(&password)
-                .and_then(auth::parse_login_field)
+            sasl::decode_response(&password)
+                .and_then(sasl::parse_login_field)
                 .map(|password| (username, Secret::new(password)))
         }))
     }
