@@ -1,6 +1,6 @@
-//! Receiving the message after DATA: dot-unstuffing and end detection,
-//! with the size limit, the memory budget and the total deadline enforced
-//! while reading.
+//! DATA: receiving the message (dot-unstuffing and end detection, with the
+//! size limit, the memory budget and the total deadline enforced while
+//! reading), then rewriting, storing and answering it.
 //!
 //! The end is CRLF "." CRLF. For a client whose DATA command itself ended in
 //! a bare LF (an old device that writes LF everywhere), a "." line ended or
@@ -12,9 +12,13 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
+use tracing::info;
 
 use super::memory::Reservation;
-use super::{Session, Stop};
+use super::{Flow, Session, Stop};
+use crate::reply::{Refusal, Reply};
+use crate::rewrite::{RewriteError, Trace, rewrite};
+use crate::spool::Envelope;
 
 pub(super) enum DataEnd {
     /// The content, ending in the line end before the terminating dot;
@@ -153,6 +157,161 @@ impl DotReader {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub(super) async fn data(&mut self) -> Result<Flow, Stop> {
+        match &self.transaction {
+            None => {
+                self.error(Reply::new(503, [5, 5, 1], "Send MAIL first"));
+                return Ok(Flow::Continue);
+            }
+            Some(transaction) if transaction.recipients.is_empty() => {
+                self.error(Reply::new(503, [5, 5, 1], "Send RCPT first"));
+                return Ok(Flow::Continue);
+            }
+            Some(_) => {}
+        }
+        self.reply(Reply::bare(354, "Start mail input; end with <CRLF>.<CRLF>"));
+        let command_end_bare = !self.line.ends_with(b"\r\n");
+        let received = self.receive_message(command_end_bare).await?;
+        let transaction = self.transaction.take().expect("checked above");
+        // `_memory` is held until the message is stored.
+        let (message, bare_end, _memory) = match received {
+            DataEnd::Complete {
+                message,
+                bare_end,
+                memory,
+            } => (message, bare_end, memory),
+            DataEnd::NoMemory => {
+                self.record
+                    .note("message over server.message_memory_budget, not kept");
+                let reply = Reply::new(
+                    452,
+                    [4, 3, 1],
+                    "Insufficient system resources, try again later",
+                );
+                let budget = self.settings.server.message_memory_budget;
+                let hint = format!(
+                    "messages being received at once exceeded server.message_memory_budget ({budget} bytes); the client retries later, or raise the budget"
+                );
+                self.rejected(&reply, Refusal::new("memory_budget", hint), None);
+                self.reply(reply);
+                return Ok(Flow::Continue);
+            }
+            DataEnd::TooLarge => {
+                self.record
+                    .note("message over server.max_message_size, not kept");
+                let (reply, refusal) = self.too_large();
+                self.rejected(&reply, refusal, None);
+                self.reply(reply);
+                return Ok(Flow::Continue);
+            }
+        };
+        self.record.message(&message);
+        let account = transaction.account.clone();
+        let Some(policy) = self.settings.rewrites.get(&account) else {
+            // The account was removed by a reload during the transaction.
+            let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
+            let hint = format!("add [accounts.{account}] to the configuration");
+            self.rejected(&reply, Refusal::new("no_account", hint), None);
+            self.reply(reply);
+            return Ok(Flow::Continue);
+        };
+        let rewritten = match rewrite(message, policy, &self.trace()) {
+            Ok(mut rewritten) => {
+                if bare_end {
+                    rewritten
+                        .changes
+                        .push("accepted <LF>.<LF> as the end of the message".to_string());
+                }
+                rewritten
+            }
+            Err(RewriteError::LineTooLong { line, length }) => {
+                let reply = Reply::new(
+                    550,
+                    [5, 6, 0],
+                    format!(
+                        "Line {line} is {length} octets long; at most 998 are allowed (RFC 5322)"
+                    ),
+                );
+                let hint = format!(
+                    "the program sends lines over 998 octets; set accounts.{account}.long_lines = \"wrap\" to wrap them instead"
+                );
+                self.rejected(&reply, Refusal::new("long_lines", hint), None);
+                self.reply(reply);
+                return Ok(Flow::Continue);
+            }
+        };
+        let envelope = Envelope {
+            session_id: self.id.clone(),
+            client: self.peer.to_string(),
+            user: self.signed_in.as_ref().map(|s| s.user.clone()),
+            account: transaction.account,
+            mail_from: transaction.mail_from,
+            recipients: transaction.recipients,
+            flags: transaction.flags,
+            ..Envelope::default()
+        };
+        let (user, from, recipients, size) = (
+            envelope.user.clone(),
+            envelope.mail_from.clone(),
+            envelope.recipients.len(),
+            rewritten.message.len(),
+        );
+        // The client hears nothing until the message is stored (and, per the
+        // delivery mode, attempted): flush what we owe it now.
+        self.flush().await.map_err(Stop::Io)?;
+        let started = Instant::now();
+        let submitted = self.ctx.delivery.submit(envelope, rewritten.message).await;
+        info!(
+            id = submitted.id.as_deref().unwrap_or("-"),
+            user = user.as_deref().unwrap_or("-"),
+            account = %account,
+            from = ?from,
+            recipients,
+            size,
+            rewrites = ?rewritten.changes,
+            reply = %submitted.reply,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "message received"
+        );
+        match submitted.refusal {
+            Some(refusal) => self.rejected(&submitted.reply, refusal, submitted.id),
+            None => self.record.accepted(),
+        }
+        self.reply(submitted.reply);
+        Ok(Flow::Continue)
+    }
+
+    pub(super) fn too_large(&self) -> (Reply, Refusal) {
+        let max = self.settings.server.max_message_size;
+        let reply = Reply::new(
+            552,
+            [5, 3, 4],
+            format!("Message size exceeds fixed maximum message size ({max} bytes)"),
+        );
+        let hint = format!(
+            "the message is larger than server.max_message_size ({max} bytes); the provider's own limit (Gmail: 25 MB) applies too"
+        );
+        (reply, Refusal::new("too_large", hint))
+    }
+
+    /// Where the message came from, for the Received field.
+    fn trace(&self) -> Trace {
+        let protocol = match (self.extended, self.tls, self.signed_in.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, false, true) => "ESMTPA",
+            (true, true, false) => "ESMTPS",
+            (true, true, true) => "ESMTPSA",
+        };
+        Trace {
+            helo: self.helo.clone().unwrap_or_default(),
+            client_ip: self.peer.ip(),
+            protocol,
+            session_id: self.id.clone(),
+            now_unix: crate::spool::unix_millis() as i64 / 1000,
+        }
+    }
+
     pub(super) async fn receive_message(
         &mut self,
         command_end_bare: bool,

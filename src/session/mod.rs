@@ -2,7 +2,9 @@
 //! in memory and STARTTLS can restart it over TLS.
 
 mod data;
+mod ehlo;
 mod input;
+mod mail;
 mod memory;
 mod record;
 mod sasl;
@@ -14,31 +16,23 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
 
-use smtp_proto::{
-    AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_AUTH, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING,
-    EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME,
-    MAIL_SMTPUTF8, Request,
-};
+use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::debug;
 
 pub use record::SessionRecord;
 pub use transcript::clean as clean_transcripts;
 
-use crate::address::{AddressError, Role, parse_command_path};
 use crate::config::{Config, ServerConfig, Transcripts};
 use crate::delivery::Delivery;
 use crate::policy::Policy;
 use crate::reply::{Refusal, Reply};
-use crate::rewrite::{RewriteError, RewritePolicy, Trace, rewrite};
-use crate::spool::Envelope;
+use crate::rewrite::RewritePolicy;
 use crate::upstream::BodyFlags;
 use crate::users::{SignedIn, Users};
-use data::DataEnd;
 use input::Line;
 use memory::MemoryBudget;
 use throttle::SignInThrottle;
@@ -307,10 +301,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Mail { from } => self.mail(from),
             Request::Rcpt { .. } => self.rcpt(),
             Request::Data => return self.data().await,
-            Request::Rset => {
-                self.transaction = None;
-                self.reply(Reply::new(250, [2, 0, 0], "Reset"));
-            }
+            Request::Rset => self.rset(),
             Request::Noop { .. } => self.reply(Reply::new(250, [2, 0, 0], "OK")),
             Request::Vrfy { .. } => self.reply(Reply::new(
                 252,
@@ -336,310 +327,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         Ok(Flow::Continue)
-    }
-
-    fn ehlo(&mut self, host: String, extended: bool) {
-        self.transaction = None;
-        self.helo = Some(host);
-        self.extended = extended;
-        let hostname = &self.settings.server.hostname;
-        if !extended {
-            self.reply(Reply::bare(250, hostname.clone()));
-            return;
-        }
-        let mut ehlo = EhloResponse::new(hostname.as_str());
-        ehlo.capabilities =
-            EXT_PIPELINING | EXT_SIZE | EXT_8BIT_MIME | EXT_ENHANCED_STATUS_CODES | EXT_SMTP_UTF8;
-        ehlo.size = self.settings.server.max_message_size;
-        if self.auth_allowed() && self.signed_in.is_none() {
-            ehlo.capabilities |= EXT_AUTH;
-            ehlo.auth_mechanisms = AUTH_PLAIN | AUTH_LOGIN;
-        }
-        if !self.tls && self.ctx.tls.is_some() {
-            ehlo.capabilities |= EXT_START_TLS;
-        }
-        // smtp-proto's first line carries a joke; operators grep for ours.
-        let mut lines = Vec::new();
-        let _ = ehlo.write(&mut lines);
-        let first_line_end = lines.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
-        self.output
-            .extend_from_slice(format!("250-{hostname} at your service\r\n").as_bytes());
-        self.output.extend_from_slice(&lines[first_line_end..]);
-    }
-
-    fn starttls(&mut self) -> Flow {
-        if self.tls {
-            self.error(Reply::new(503, [5, 5, 1], "Already running TLS"));
-            return Flow::Continue;
-        }
-        if self.ctx.tls.is_none() {
-            self.error(Reply::new(502, [5, 5, 1], "STARTTLS not available"));
-            return Flow::Continue;
-        }
-        self.reply(Reply::new(220, [2, 0, 0], "Ready to start TLS"));
-        // Anything pipelined after STARTTLS arrived in plaintext and must not
-        // be executed inside the TLS session (CVE-2011-0411).
-        self.start = self.end;
-        Flow::StartTls
-    }
-
-    /// AUTH on unencrypted connections is allowed unless configured
-    /// otherwise; loopback clients never cross a network.
-    fn auth_allowed(&self) -> bool {
-        self.tls || !self.settings.server.require_tls_for_auth || self.peer.ip().is_loopback()
-    }
-
-    fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
-        if self.helo.is_none() {
-            return self.error(Reply::new(503, [5, 5, 1], "Send HELO or EHLO first"));
-        }
-        if self.transaction.is_some() {
-            return self.error(Reply::new(503, [5, 5, 1], "Nested MAIL command"));
-        }
-        let user_account = self.signed_in.as_ref().map(|s| s.account.as_str());
-        let account = match self
-            .settings
-            .policy
-            .account_for(user_account, self.peer.ip())
-        {
-            Ok(account) => account,
-            Err(reply) => {
-                let hint = "the client neither signed in nor is in server.trusted_networks: set the SMTP user and password from [users] in the sending program, or add its network to server.trusted_networks";
-                self.rejected(&reply, Refusal::new("relay_denied", hint), None);
-                return self.error(reply);
-            }
-        };
-        if from.flags & MAIL_BODY_BINARYMIME != 0 {
-            return self.error(Reply::new(
-                555,
-                [5, 5, 4],
-                "BODY=BINARYMIME is not supported",
-            ));
-        }
-        if from.size > self.settings.server.max_message_size {
-            let (reply, refusal) = self.too_large();
-            self.rejected(&reply, refusal, None);
-            return self.error(reply);
-        }
-        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
-        let mail_from = match parse_command_path(&self.line, Role::Sender, smtputf8) {
-            Ok(address) => address,
-            Err(error) => return self.bad_address(error, Role::Sender),
-        };
-        self.transaction = Some(Transaction {
-            account,
-            mail_from,
-            recipients: Vec::new(),
-            flags: BodyFlags {
-                eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
-                smtputf8,
-            },
-        });
-        self.reply(Reply::new(250, [2, 1, 0], "Sender OK"));
-    }
-
-    fn rcpt(&mut self) {
-        let max = self.settings.server.max_recipients;
-        let Some(transaction) = self.transaction.as_mut() else {
-            return self.error(Reply::new(503, [5, 5, 1], "Send MAIL first"));
-        };
-        let smtputf8 = transaction.flags.smtputf8;
-        let address = match parse_command_path(&self.line, Role::Recipient, smtputf8) {
-            Ok(address) => address,
-            Err(error) => return self.bad_address(error, Role::Recipient),
-        };
-        let transaction = self.transaction.as_mut().expect("checked above");
-        if transaction.recipients.len() >= max {
-            let reply = Reply::new(
-                452,
-                [4, 5, 3],
-                format!("Too many recipients (at most {max})"),
-            );
-            let hint = format!(
-                "the client sent more than server.max_recipients ({max}) recipients; raise it (messages over the provider's limit are sent in parts)"
-            );
-            self.rejected(&reply, Refusal::new("too_many_recipients", hint), None);
-            return self.reply(reply);
-        }
-        transaction.recipients.push(address);
-        self.reply(Reply::new(250, [2, 1, 5], "Recipient OK"));
-    }
-
-    /// Refuses an address smtp-proto let through but RFC 5321 does not.
-    fn bad_address(&mut self, error: AddressError, role: Role) {
-        let status = match role {
-            Role::Sender => [5, 1, 7],
-            Role::Recipient => [5, 1, 3],
-        };
-        let reply = match error {
-            AddressError::Syntax => Reply::new(501, status, "Invalid address syntax (RFC 5321)"),
-            AddressError::ControlCharacter => Reply::new(
-                501,
-                status,
-                "Control characters are not allowed in addresses",
-            ),
-            AddressError::NeedsSmtpUtf8 => Reply::new(
-                553,
-                [5, 6, 7],
-                "Non-ASCII address without SMTPUTF8: declare it on MAIL FROM (RFC 6531)",
-            ),
-        };
-        self.error(reply);
-    }
-
-    async fn data(&mut self) -> Result<Flow, Stop> {
-        match &self.transaction {
-            None => {
-                self.error(Reply::new(503, [5, 5, 1], "Send MAIL first"));
-                return Ok(Flow::Continue);
-            }
-            Some(transaction) if transaction.recipients.is_empty() => {
-                self.error(Reply::new(503, [5, 5, 1], "Send RCPT first"));
-                return Ok(Flow::Continue);
-            }
-            Some(_) => {}
-        }
-        self.reply(Reply::bare(354, "Start mail input; end with <CRLF>.<CRLF>"));
-        let command_end_bare = !self.line.ends_with(b"\r\n");
-        let received = self.receive_message(command_end_bare).await?;
-        let transaction = self.transaction.take().expect("checked above");
-        // `_memory` is held until the message is stored.
-        let (message, bare_end, _memory) = match received {
-            DataEnd::Complete {
-                message,
-                bare_end,
-                memory,
-            } => (message, bare_end, memory),
-            DataEnd::NoMemory => {
-                self.record
-                    .note("message over server.message_memory_budget, not kept");
-                let reply = Reply::new(
-                    452,
-                    [4, 3, 1],
-                    "Insufficient system resources, try again later",
-                );
-                let budget = self.settings.server.message_memory_budget;
-                let hint = format!(
-                    "messages being received at once exceeded server.message_memory_budget ({budget} bytes); the client retries later, or raise the budget"
-                );
-                self.rejected(&reply, Refusal::new("memory_budget", hint), None);
-                self.reply(reply);
-                return Ok(Flow::Continue);
-            }
-            DataEnd::TooLarge => {
-                self.record
-                    .note("message over server.max_message_size, not kept");
-                let (reply, refusal) = self.too_large();
-                self.rejected(&reply, refusal, None);
-                self.reply(reply);
-                return Ok(Flow::Continue);
-            }
-        };
-        self.record.message(&message);
-        let account = transaction.account.clone();
-        let Some(policy) = self.settings.rewrites.get(&account) else {
-            // The account was removed by a reload during the transaction.
-            let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
-            let hint = format!("add [accounts.{account}] to the configuration");
-            self.rejected(&reply, Refusal::new("no_account", hint), None);
-            self.reply(reply);
-            return Ok(Flow::Continue);
-        };
-        let rewritten = match rewrite(message, policy, &self.trace()) {
-            Ok(mut rewritten) => {
-                if bare_end {
-                    rewritten
-                        .changes
-                        .push("accepted <LF>.<LF> as the end of the message".to_string());
-                }
-                rewritten
-            }
-            Err(RewriteError::LineTooLong { line, length }) => {
-                let reply = Reply::new(
-                    550,
-                    [5, 6, 0],
-                    format!(
-                        "Line {line} is {length} octets long; at most 998 are allowed (RFC 5322)"
-                    ),
-                );
-                let hint = format!(
-                    "the program sends lines over 998 octets; set accounts.{account}.long_lines = \"wrap\" to wrap them instead"
-                );
-                self.rejected(&reply, Refusal::new("long_lines", hint), None);
-                self.reply(reply);
-                return Ok(Flow::Continue);
-            }
-        };
-        let envelope = Envelope {
-            session_id: self.id.clone(),
-            client: self.peer.to_string(),
-            user: self.signed_in.as_ref().map(|s| s.user.clone()),
-            account: transaction.account,
-            mail_from: transaction.mail_from,
-            recipients: transaction.recipients,
-            flags: transaction.flags,
-            ..Envelope::default()
-        };
-        let (user, from, recipients, size) = (
-            envelope.user.clone(),
-            envelope.mail_from.clone(),
-            envelope.recipients.len(),
-            rewritten.message.len(),
-        );
-        // The client hears nothing until the message is stored (and, per the
-        // delivery mode, attempted): flush what we owe it now.
-        self.flush().await.map_err(Stop::Io)?;
-        let started = Instant::now();
-        let submitted = self.ctx.delivery.submit(envelope, rewritten.message).await;
-        info!(
-            id = submitted.id.as_deref().unwrap_or("-"),
-            user = user.as_deref().unwrap_or("-"),
-            account = %account,
-            from = ?from,
-            recipients,
-            size,
-            rewrites = ?rewritten.changes,
-            reply = %submitted.reply,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "message received"
-        );
-        match submitted.refusal {
-            Some(refusal) => self.rejected(&submitted.reply, refusal, submitted.id),
-            None => self.record.accepted(),
-        }
-        self.reply(submitted.reply);
-        Ok(Flow::Continue)
-    }
-
-    fn too_large(&self) -> (Reply, Refusal) {
-        let max = self.settings.server.max_message_size;
-        let reply = Reply::new(
-            552,
-            [5, 3, 4],
-            format!("Message size exceeds fixed maximum message size ({max} bytes)"),
-        );
-        let hint = format!(
-            "the message is larger than server.max_message_size ({max} bytes); the provider's own limit (Gmail: 25 MB) applies too"
-        );
-        (reply, Refusal::new("too_large", hint))
-    }
-
-    /// Where the message came from, for the Received field.
-    fn trace(&self) -> Trace {
-        let protocol = match (self.extended, self.tls, self.signed_in.is_some()) {
-            (false, _, _) => "SMTP",
-            (true, false, false) => "ESMTP",
-            (true, false, true) => "ESMTPA",
-            (true, true, false) => "ESMTPS",
-            (true, true, true) => "ESMTPSA",
-        };
-        Trace {
-            helo: self.helo.clone().unwrap_or_default(),
-            client_ip: self.peer.ip(),
-            protocol,
-            session_id: self.id.clone(),
-            now_unix: crate::spool::unix_millis() as i64 / 1000,
-        }
     }
 
     /// Notes a refusal for the session's closing log line and transcript.

@@ -184,6 +184,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Flow::Quit
     }
 
+    /// AUTH on unencrypted connections is allowed unless configured
+    /// otherwise; loopback clients never cross a network.
+    pub(super) fn auth_allowed(&self) -> bool {
+        self.tls || !self.settings.server.require_tls_for_auth || self.peer.ip().is_loopback()
+    }
+
     fn throttle(&self) -> MutexGuard<'_, SignInThrottle> {
         self.ctx.sign_in_throttle.lock().expect("throttle lock")
     }
