@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::info;
 
+use super::connection::{READ_BUFFER, Reader, Recorded};
 use super::memory::Reservation;
 use super::{Flow, Session, Stop};
 use crate::reply::{Refusal, Reply};
@@ -156,6 +157,44 @@ impl DotReader {
     }
 }
 
+/// The rest of a message that is not kept: read up to its end and dropped.
+impl Reader for DotReader {
+    type Output = ();
+
+    fn take(&mut self, input: &[u8]) -> (usize, Option<()>) {
+        (self.read(input, None), self.finished().map(drop))
+    }
+}
+
+/// A message being received, within its size limit and the memory budget.
+struct Receiving {
+    dots: DotReader,
+    message: Vec<u8>,
+    /// Covers `message` and the next read.
+    memory: Reservation,
+    max: usize,
+}
+
+impl Reader for Receiving {
+    /// Whether a bare LF ended the message, or why it is not kept.
+    type Output = Result<bool, DataEnd>;
+
+    fn take(&mut self, input: &[u8]) -> (usize, Option<Self::Output>) {
+        let used = self.dots.read(input, Some(&mut self.message));
+        if let Some(bare_end) = self.dots.finished() {
+            return (used, Some(Ok(bare_end)));
+        }
+        // `message` exceeds the limit by at most one read buffer.
+        let too_large = self.message.len() > self.max;
+        (used, too_large.then_some(Err(DataEnd::TooLarge)))
+    }
+
+    async fn before_reading_more(&mut self) -> Option<Self::Output> {
+        let covered = self.memory.cover(self.message.len() + READ_BUFFER).await;
+        (!covered).then_some(Err(DataEnd::NoMemory))
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn data(&mut self) -> Result<Flow, Stop> {
         match &self.transaction {
@@ -170,7 +209,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(_) => {}
         }
         self.reply(Reply::bare(354, "Start mail input; end with <CRLF>.<CRLF>"));
-        let command_end_bare = !self.line.ends_with(b"\r\n");
+        let command_end_bare = !self.conn.line().ends_with(b"\r\n");
         let received = self.receive_message(command_end_bare).await?;
         let transaction = self.transaction.take().expect("checked above");
         // `_memory` is held until the message is stored.
@@ -181,7 +220,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 memory,
             } => (message, bare_end, memory),
             DataEnd::NoMemory => {
-                self.record
+                self.conn
+                    .record
                     .note("message over server.message_memory_budget, not kept");
                 let reply = Reply::new(
                     452,
@@ -197,7 +237,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Flow::Continue);
             }
             DataEnd::TooLarge => {
-                self.record
+                self.conn
+                    .record
                     .note("message over server.max_message_size, not kept");
                 let (reply, refusal) = self.too_large();
                 self.rejected(&reply, refusal, None);
@@ -205,7 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Flow::Continue);
             }
         };
-        self.record.message(&message);
+        self.conn.record.message(&message);
         let account = transaction.account.clone();
         let Some(policy) = self.settings.rewrites.get(&account) else {
             // The account was removed by a reload during the transaction.
@@ -258,7 +299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         );
         // The client hears nothing until the message is stored (and, per the
         // delivery mode, attempted): flush what we owe it now.
-        self.flush().await.map_err(Stop::Io)?;
+        self.conn.flush().await.map_err(Stop::Io)?;
         let started = Instant::now();
         let submitted = self.ctx.delivery.submit(envelope, rewritten.message).await;
         info!(
@@ -275,7 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         );
         match submitted.refusal {
             Some(refusal) => self.rejected(&submitted.reply, refusal, submitted.id),
-            None => self.record.accepted(),
+            None => self.conn.record.accepted(),
         }
         self.reply(submitted.reply);
         Ok(Flow::Continue)
@@ -316,41 +357,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         &mut self,
         command_end_bare: bool,
     ) -> Result<DataEnd, Stop> {
-        let max = self.settings.server.max_message_size;
-        let idle = self.settings.server.data_timeout;
-        let deadline = Instant::now() + self.settings.server.data_deadline;
-        let mut reader = DotReader::new(command_end_bare);
-        let mut memory = self.ctx.memory.reservation();
-        let mut message = Vec::new();
-        let over = loop {
-            let used = reader.read(&self.input[self.start..self.end], Some(&mut message));
-            self.start += used;
-            if let Some(bare_end) = reader.finished() {
+        let server = &self.settings.server;
+        let idle = server.data_timeout;
+        let deadline = Instant::now() + server.data_deadline;
+        let mut receiving = Receiving {
+            dots: DotReader::new(command_end_bare),
+            message: Vec::new(),
+            memory: self.ctx.memory.reservation(),
+            max: server.max_message_size,
+        };
+        let end = self
+            .conn
+            .read_with(idle, deadline, Recorded::NotHere, &mut receiving)
+            .await?;
+        let Receiving {
+            mut dots,
+            message,
+            memory,
+            ..
+        } = receiving;
+        let over = match end {
+            Ok(bare_end) => {
                 return Ok(DataEnd::Complete {
                     message,
                     bare_end,
                     memory,
                 });
             }
-            // `message` exceeds the limit by at most one read buffer.
-            if message.len() > max {
-                break DataEnd::TooLarge;
-            }
-            if !memory.cover(message.len() + self.input.len()).await {
-                break DataEnd::NoMemory;
-            }
-            self.read_more_until(idle, deadline).await?;
+            Err(over) => over,
         };
         // Drain the rest so the connection stays usable, without keeping it.
         drop((message, memory));
-        loop {
-            let used = reader.read(&self.input[self.start..self.end], None);
-            self.start += used;
-            if reader.finished().is_some() {
-                return Ok(over);
-            }
-            self.read_more_until(idle, deadline).await?;
-        }
+        self.conn
+            .read_with(idle, deadline, Recorded::NotHere, &mut dots)
+            .await?;
+        Ok(over)
     }
 }
 

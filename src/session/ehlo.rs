@@ -34,9 +34,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut lines = Vec::new();
         let _ = ehlo.write(&mut lines);
         let first_line_end = lines.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
-        self.output
-            .extend_from_slice(format!("250-{hostname} at your service\r\n").as_bytes());
-        self.output.extend_from_slice(&lines[first_line_end..]);
+        let first_line = format!("250-{hostname} at your service\r\n");
+        self.conn.write(first_line.as_bytes());
+        self.conn.write(&lines[first_line_end..]);
     }
 
     pub(super) fn starttls(&mut self) -> Flow {
@@ -49,9 +49,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Flow::Continue;
         }
         self.reply(Reply::new(220, [2, 0, 0], "Ready to start TLS"));
-        // Anything pipelined after STARTTLS arrived in plaintext and must not
-        // be executed inside the TLS session (CVE-2011-0411).
-        self.start = self.end;
+        // Anything pipelined after STARTTLS is dropped with the connection's
+        // buffers when the run loop hands the stream over for TLS.
         Flow::StartTls
     }
 }

@@ -43,7 +43,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(reply);
         }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
-        let mail_from = match parse_command_path(&self.line, Role::Sender, smtputf8) {
+        let mail_from = match parse_command_path(self.conn.line(), Role::Sender, smtputf8) {
             Ok(address) => address,
             Err(error) => return self.bad_address(error, Role::Sender),
         };
@@ -65,7 +65,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(Reply::new(503, [5, 5, 1], "Send MAIL first"));
         };
         let smtputf8 = transaction.flags.smtputf8;
-        let address = match parse_command_path(&self.line, Role::Recipient, smtputf8) {
+        let address = match parse_command_path(self.conn.line(), Role::Recipient, smtputf8) {
             Ok(address) => address,
             Err(error) => return self.bad_address(error, Role::Recipient),
         };

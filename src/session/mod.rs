@@ -1,9 +1,9 @@
 //! The inbound SMTP session, generic over the stream so tests can drive it
 //! in memory and STARTTLS can restart it over TLS.
 
+mod connection;
 mod data;
 mod ehlo;
-mod input;
 mod mail;
 mod memory;
 mod record;
@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use smtp_proto::Request;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -33,12 +33,10 @@ use crate::reply::{Refusal, Reply};
 use crate::rewrite::RewritePolicy;
 use crate::upstream::BodyFlags;
 use crate::users::{SignedIn, Users};
-use input::Line;
+use connection::{Connection, Line, Stop};
 use memory::MemoryBudget;
 use throttle::SignInThrottle;
 
-/// Read buffer per connection: small, so idle connections stay cheap.
-const READ_BUFFER: usize = 8 * 1024;
 /// Like Postfix's `smtpd_hard_error_limit`: a client this confused is dropped.
 const MAX_ERRORS: u32 = 20;
 const MAX_AUTH_FAILURES: u32 = 3;
@@ -48,7 +46,9 @@ pub struct SessionContext {
     settings: RwLock<Arc<Settings>>,
     pub delivery: Arc<Delivery>,
     pub tls: Option<TlsAcceptor>,
-    pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: open sessions
+    /// answer `421` and close.
+    pub close_sessions: CancellationToken,
     pub transcripts_dir: PathBuf,
     /// Shared by every session: `server.message_memory_budget`.
     memory: MemoryBudget,
@@ -93,7 +93,7 @@ impl SessionContext {
         settings: Settings,
         delivery: Arc<Delivery>,
         tls: Option<TlsAcceptor>,
-        shutdown: CancellationToken,
+        close_sessions: CancellationToken,
     ) -> Self {
         SessionContext {
             memory: MemoryBudget::new(
@@ -104,7 +104,7 @@ impl SessionContext {
             transcripts_dir: delivery.spool().transcripts_dir(),
             delivery,
             tls,
-            shutdown,
+            close_sessions,
             sign_in_throttle: Mutex::default(),
         }
     }
@@ -128,16 +128,6 @@ pub enum SessionEnd<S> {
     StartTls(S, SessionRecord),
 }
 
-/// Why the session stopped reading.
-enum Stop {
-    Eof,
-    Timeout,
-    Shutdown,
-    /// The first bytes were a TLS handshake on the plain port.
-    TlsOnPlainPort,
-    Io(std::io::Error),
-}
-
 struct Transaction {
     account: String,
     mail_from: String,
@@ -148,18 +138,10 @@ struct Transaction {
 pub struct Session<S> {
     ctx: Arc<SessionContext>,
     settings: Arc<Settings>,
-    stream: S,
+    conn: Connection<S>,
     id: String,
     peer: SocketAddr,
     tls: bool,
-    input: Box<[u8]>,
-    /// Unconsumed bytes are `input[start..end]`.
-    start: usize,
-    end: usize,
-    output: Vec<u8>,
-    /// The command line being read, kept while it is handled.
-    line: Vec<u8>,
-    lines_read: u64,
     helo: Option<String>,
     /// EHLO rather than HELO, for the Received field.
     extended: bool,
@@ -167,7 +149,6 @@ pub struct Session<S> {
     transaction: Option<Transaction>,
     errors: u32,
     auth_failures: u32,
-    record: SessionRecord,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -179,26 +160,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         tls: bool,
         record: SessionRecord,
     ) -> Self {
-        Session {
-            settings: ctx.settings(),
-            ctx,
+        let settings = ctx.settings();
+        let conn = Connection::new(
             stream,
+            !tls,
+            settings.server.command_timeout,
+            ctx.close_sessions.clone(),
+            record,
+        );
+        Session {
+            settings,
+            ctx,
+            conn,
             id,
             peer,
             tls,
-            input: vec![0; READ_BUFFER].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            output: Vec::new(),
-            line: Vec::new(),
-            lines_read: 0,
             helo: None,
             extended: false,
             signed_in: None,
             transaction: None,
             errors: 0,
             auth_failures: 0,
-            record,
         }
     }
 
@@ -214,16 +196,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let stop = loop {
             self.settings = self.ctx.settings();
+            self.conn
+                .set_command_timeout(self.settings.server.command_timeout);
             match self.next_request().await {
                 Ok(Some(request)) => match self.handle(request).await {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Quit) => break None,
                     Ok(Flow::StartTls) => {
-                        if self.flush().await.is_err() {
-                            return SessionEnd::Closed(self.record);
-                        }
-                        self.record.note("TLS started");
-                        return SessionEnd::StartTls(self.stream, self.record);
+                        return match self.conn.start_tls().await {
+                            Ok((stream, mut record)) => {
+                                record.note("TLS started");
+                                SessionEnd::StartTls(stream, record)
+                            }
+                            Err(record) => SessionEnd::Closed(record),
+                        };
                     }
                     Err(stop) => break Some(stop),
                 },
@@ -268,19 +254,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(Stop::Io(err)) => tracing::debug!(error = %err, "connection failed"),
             Some(Stop::Eof) | None => {}
         }
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
-        SessionEnd::Closed(self.record)
+        SessionEnd::Closed(self.conn.close().await)
     }
 
     /// Reads and parses the next command; `Ok(None)` when an error was
     /// answered.
     async fn next_request(&mut self) -> Result<Option<Request<String>>, Stop> {
-        if let Line::TooLong = self.read_line().await? {
+        if let Line::TooLong = self.conn.read_line().await? {
             self.error(Reply::new(500, [5, 5, 2], "Line too long"));
             return Ok(None);
         }
-        match Request::parse(&mut self.line.iter()) {
+        match Request::parse(&mut self.conn.line().iter()) {
             Ok(request) => Ok(Some(request.into_owned())),
             Err(error) => {
                 self.error(parse_error_reply(error));
@@ -332,33 +316,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Notes a refusal for the session's closing log line and transcript.
     fn rejected(&mut self, reply: &Reply, refusal: Refusal, message_id: Option<String>) {
         debug!(reason = refusal.reason, reply = %reply, "refused");
-        self.record.rejected(reply, refusal, message_id);
+        self.conn.record.rejected(reply, refusal, message_id);
     }
 
     fn reply(&mut self, reply: Reply) {
-        reply.write_to(&mut self.output);
+        self.conn.reply(&reply);
     }
 
     fn error(&mut self, reply: Reply) {
         self.errors += 1;
         self.reply(reply);
-    }
-
-    async fn flush(&mut self) -> std::io::Result<()> {
-        if self.output.is_empty() {
-            return Ok(());
-        }
-        self.record.server(&self.output);
-        let write = async {
-            self.stream.write_all(&self.output).await?;
-            self.stream.flush().await
-        };
-        match tokio::time::timeout(self.settings.server.command_timeout, write).await {
-            Ok(result) => result?,
-            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-        }
-        self.output.clear();
-        Ok(())
     }
 }
 
@@ -392,7 +359,7 @@ enum Flow {
 mod tests {
     use super::*;
     use std::time::Duration;
-    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
 
     /// The context and the spool directory it uses (removed when dropped).
     pub(super) fn context(toml: &str) -> (Arc<SessionContext>, tempfile::TempDir) {
