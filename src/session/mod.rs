@@ -3,6 +3,7 @@
 
 mod connection;
 mod data;
+mod dot_reader;
 mod ehlo;
 mod mail;
 mod memory;
