@@ -13,11 +13,11 @@ use crate::config::{AccountConfig, Config, UpstreamTls};
 use crate::oauth::token_service;
 use crate::policy::open_relay_warnings;
 use crate::secret::Secret;
-use crate::session::hash_password;
 use crate::spool::operations::locate;
 use crate::spool::{Spool, State, unix_millis};
 use crate::terminal::{format_time, table};
 use crate::transport::{Deferral, Outcome, Transport};
+use crate::users::hash_password;
 use crate::{out, outln};
 
 /// `health` runs as a container health check: it must answer quickly.

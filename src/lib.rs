@@ -25,3 +25,4 @@ pub mod spool_space;
 pub mod terminal;
 pub mod tls;
 pub mod transport;
+pub mod users;

@@ -171,7 +171,7 @@ impl Server {
                 open = sessions.len(),
                 "shutdown grace period over: closing open sessions with 421"
             );
-            ctx.shutdown.cancel();
+            ctx.close_sessions.cancel();
             if tokio::time::timeout(SESSION_CLOSE_BOUND, sessions.wait())
                 .await
                 .is_err()

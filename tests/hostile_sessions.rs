@@ -355,5 +355,9 @@ async fn parallel_large_messages_stay_within_the_memory_budget_and_memory_return
         "{codes:?}"
     );
     assert!(grown_mib(peak) < 40.0, "peak +{:.1} MiB", grown_mib(peak));
-    assert!(grown_mib(after) < 16.0, "after +{:.1} MiB", grown_mib(after));
+    assert!(
+        grown_mib(after) < 16.0,
+        "after +{:.1} MiB",
+        grown_mib(after)
+    );
 }

@@ -1,11 +1,14 @@
 //! The inbound SMTP session, generic over the stream so tests can drive it
 //! in memory and STARTTLS can restart it over TLS.
 
-mod auth;
+mod connection;
 mod data;
-mod input;
+mod dot_reader;
+mod ehlo;
+mod mail;
 mod memory;
 mod record;
+mod sasl;
 mod sign_in;
 mod throttle;
 mod transcript;
@@ -14,37 +17,27 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
 
-use smtp_proto::{
-    AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_AUTH, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING,
-    EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME,
-    MAIL_SMTPUTF8, Request,
-};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use smtp_proto::Request;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::debug;
 
-pub use auth::{SignedIn, Users, hash_password};
 pub use record::SessionRecord;
 pub use transcript::clean as clean_transcripts;
 
-use crate::address::{AddressError, Role, parse_command_path};
 use crate::config::{Config, ServerConfig, Transcripts};
 use crate::delivery::Delivery;
 use crate::policy::Policy;
 use crate::reply::{Refusal, Reply};
-use crate::rewrite::{RewriteError, RewritePolicy, Trace, rewrite};
-use crate::spool::Envelope;
+use crate::rewrite::RewritePolicy;
 use crate::transport::BodyFlags;
-use data::DataEnd;
-use input::Line;
+use crate::users::{SignedIn, Users};
+use connection::{Connection, Line, Stop};
 use memory::MemoryBudget;
 use throttle::SignInThrottle;
 
-/// Read buffer per connection: small, so idle connections stay cheap.
-const READ_BUFFER: usize = 8 * 1024;
 /// Like Postfix's `smtpd_hard_error_limit`: a client this confused is dropped.
 const MAX_ERRORS: u32 = 20;
 const MAX_AUTH_FAILURES: u32 = 3;
@@ -54,7 +47,9 @@ pub struct SessionContext {
     settings: RwLock<Arc<Settings>>,
     pub delivery: Arc<Delivery>,
     pub tls: Option<TlsAcceptor>,
-    pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: open sessions
+    /// answer `421` and close.
+    pub close_sessions: CancellationToken,
     pub transcripts_dir: PathBuf,
     /// Shared by every session: `server.message_memory_budget`.
     memory: MemoryBudget,
@@ -99,7 +94,7 @@ impl SessionContext {
         settings: Settings,
         delivery: Arc<Delivery>,
         tls: Option<TlsAcceptor>,
-        shutdown: CancellationToken,
+        close_sessions: CancellationToken,
     ) -> Self {
         SessionContext {
             memory: MemoryBudget::new(
@@ -110,7 +105,7 @@ impl SessionContext {
             transcripts_dir: delivery.spool().transcripts_dir(),
             delivery,
             tls,
-            shutdown,
+            close_sessions,
             sign_in_throttle: Mutex::default(),
         }
     }
@@ -134,16 +129,6 @@ pub enum SessionEnd<S> {
     StartTls(S, SessionRecord),
 }
 
-/// Why the session stopped reading.
-enum Stop {
-    Eof,
-    Timeout,
-    Shutdown,
-    /// The first bytes were a TLS handshake on the plain port.
-    TlsOnPlainPort,
-    Io(std::io::Error),
-}
-
 struct Transaction {
     account: String,
     mail_from: String,
@@ -154,18 +139,10 @@ struct Transaction {
 pub struct Session<S> {
     ctx: Arc<SessionContext>,
     settings: Arc<Settings>,
-    stream: S,
+    conn: Connection<S>,
     id: String,
     peer: SocketAddr,
     tls: bool,
-    input: Box<[u8]>,
-    /// Unconsumed bytes are `input[start..end]`.
-    start: usize,
-    end: usize,
-    output: Vec<u8>,
-    /// The command line being read, kept while it is handled.
-    line: Vec<u8>,
-    lines_read: u64,
     helo: Option<String>,
     /// EHLO rather than HELO, for the Received field.
     extended: bool,
@@ -173,7 +150,6 @@ pub struct Session<S> {
     transaction: Option<Transaction>,
     errors: u32,
     auth_failures: u32,
-    record: SessionRecord,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -185,26 +161,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         tls: bool,
         record: SessionRecord,
     ) -> Self {
-        Session {
-            settings: ctx.settings(),
-            ctx,
+        let settings = ctx.settings();
+        let conn = Connection::new(
             stream,
+            !tls,
+            settings.server.command_timeout,
+            ctx.close_sessions.clone(),
+            record,
+        );
+        Session {
+            settings,
+            ctx,
+            conn,
             id,
             peer,
             tls,
-            input: vec![0; READ_BUFFER].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            output: Vec::new(),
-            line: Vec::new(),
-            lines_read: 0,
             helo: None,
             extended: false,
             signed_in: None,
             transaction: None,
             errors: 0,
             auth_failures: 0,
-            record,
         }
     }
 
@@ -220,16 +197,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let stop = loop {
             self.settings = self.ctx.settings();
+            self.conn
+                .set_command_timeout(self.settings.server.command_timeout);
             match self.next_request().await {
                 Ok(Some(request)) => match self.handle(request).await {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Quit) => break None,
                     Ok(Flow::StartTls) => {
-                        if self.flush().await.is_err() {
-                            return SessionEnd::Closed(self.record);
-                        }
-                        self.record.note("TLS started");
-                        return SessionEnd::StartTls(self.stream, self.record);
+                        return match self.conn.start_tls().await {
+                            Ok((stream, mut record)) => {
+                                record.note("TLS started");
+                                SessionEnd::StartTls(stream, record)
+                            }
+                            Err(record) => SessionEnd::Closed(record),
+                        };
                     }
                     Err(stop) => break Some(stop),
                 },
@@ -274,19 +255,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(Stop::Io(err)) => tracing::debug!(error = %err, "connection failed"),
             Some(Stop::Eof) | None => {}
         }
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
-        SessionEnd::Closed(self.record)
+        SessionEnd::Closed(self.conn.close().await)
     }
 
     /// Reads and parses the next command; `Ok(None)` when an error was
     /// answered.
     async fn next_request(&mut self) -> Result<Option<Request<String>>, Stop> {
-        if let Line::TooLong = self.read_line().await? {
+        if let Line::TooLong = self.conn.read_line().await? {
             self.error(Reply::new(500, [5, 5, 2], "Line too long"));
             return Ok(None);
         }
-        match Request::parse(&mut self.line.iter()) {
+        match Request::parse(&mut self.conn.line().iter()) {
             Ok(request) => Ok(Some(request.into_owned())),
             Err(error) => {
                 self.error(parse_error_reply(error));
@@ -307,10 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Mail { from } => self.mail(from),
             Request::Rcpt { .. } => self.rcpt(),
             Request::Data => return self.data().await,
-            Request::Rset => {
-                self.transaction = None;
-                self.reply(Reply::new(250, [2, 0, 0], "Reset"));
-            }
+            Request::Rset => self.rset(),
             Request::Noop { .. } => self.reply(Reply::new(250, [2, 0, 0], "OK")),
             Request::Vrfy { .. } => self.reply(Reply::new(
                 252,
@@ -338,340 +314,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(Flow::Continue)
     }
 
-    fn ehlo(&mut self, host: String, extended: bool) {
-        self.transaction = None;
-        self.helo = Some(host);
-        self.extended = extended;
-        let hostname = &self.settings.server.hostname;
-        if !extended {
-            self.reply(Reply::bare(250, hostname.clone()));
-            return;
-        }
-        let mut ehlo = EhloResponse::new(hostname.as_str());
-        ehlo.capabilities =
-            EXT_PIPELINING | EXT_SIZE | EXT_8BIT_MIME | EXT_ENHANCED_STATUS_CODES | EXT_SMTP_UTF8;
-        ehlo.size = self.settings.server.max_message_size;
-        if self.auth_allowed() && self.signed_in.is_none() {
-            ehlo.capabilities |= EXT_AUTH;
-            ehlo.auth_mechanisms = AUTH_PLAIN | AUTH_LOGIN;
-        }
-        if !self.tls && self.ctx.tls.is_some() {
-            ehlo.capabilities |= EXT_START_TLS;
-        }
-        // smtp-proto's first line carries a joke; operators grep for ours.
-        let mut lines = Vec::new();
-        let _ = ehlo.write(&mut lines);
-        let first_line_end = lines.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
-        self.output
-            .extend_from_slice(format!("250-{hostname} at your service\r\n").as_bytes());
-        self.output.extend_from_slice(&lines[first_line_end..]);
-    }
-
-    fn starttls(&mut self) -> Flow {
-        if self.tls {
-            self.error(Reply::new(503, [5, 5, 1], "Already running TLS"));
-            return Flow::Continue;
-        }
-        if self.ctx.tls.is_none() {
-            self.error(Reply::new(502, [5, 5, 1], "STARTTLS not available"));
-            return Flow::Continue;
-        }
-        self.reply(Reply::new(220, [2, 0, 0], "Ready to start TLS"));
-        // Anything pipelined after STARTTLS arrived in plaintext and must not
-        // be executed inside the TLS session (CVE-2011-0411).
-        self.start = self.end;
-        Flow::StartTls
-    }
-
-    /// AUTH on unencrypted connections is allowed unless configured
-    /// otherwise; loopback clients never cross a network.
-    fn auth_allowed(&self) -> bool {
-        self.tls || !self.settings.server.require_tls_for_auth || self.peer.ip().is_loopback()
-    }
-
-    fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
-        if self.helo.is_none() {
-            return self.error(Reply::new(503, [5, 5, 1], "Send HELO or EHLO first"));
-        }
-        if self.transaction.is_some() {
-            return self.error(Reply::new(503, [5, 5, 1], "Nested MAIL command"));
-        }
-        let user_account = self.signed_in.as_ref().map(|s| s.account.as_str());
-        let account = match self
-            .settings
-            .policy
-            .account_for(user_account, self.peer.ip())
-        {
-            Ok(account) => account,
-            Err(reply) => {
-                let hint = "the client neither signed in nor is in server.trusted_networks: set the SMTP user and password from [users] in the sending program, or add its network to server.trusted_networks";
-                self.rejected(&reply, Refusal::new("relay_denied", hint), None);
-                return self.error(reply);
-            }
-        };
-        if from.flags & MAIL_BODY_BINARYMIME != 0 {
-            return self.error(Reply::new(
-                555,
-                [5, 5, 4],
-                "BODY=BINARYMIME is not supported",
-            ));
-        }
-        if from.size > self.settings.server.max_message_size {
-            let (reply, refusal) = self.too_large();
-            self.rejected(&reply, refusal, None);
-            return self.error(reply);
-        }
-        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
-        let mail_from = match parse_command_path(&self.line, Role::Sender, smtputf8) {
-            Ok(address) => address,
-            Err(error) => return self.bad_address(error, Role::Sender),
-        };
-        self.transaction = Some(Transaction {
-            account,
-            mail_from,
-            recipients: Vec::new(),
-            flags: BodyFlags {
-                eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
-                smtputf8,
-            },
-        });
-        self.reply(Reply::new(250, [2, 1, 0], "Sender OK"));
-    }
-
-    fn rcpt(&mut self) {
-        let max = self.settings.server.max_recipients;
-        let Some(transaction) = self.transaction.as_mut() else {
-            return self.error(Reply::new(503, [5, 5, 1], "Send MAIL first"));
-        };
-        let smtputf8 = transaction.flags.smtputf8;
-        let address = match parse_command_path(&self.line, Role::Recipient, smtputf8) {
-            Ok(address) => address,
-            Err(error) => return self.bad_address(error, Role::Recipient),
-        };
-        let transaction = self.transaction.as_mut().expect("checked above");
-        if transaction.recipients.len() >= max {
-            let reply = Reply::new(
-                452,
-                [4, 5, 3],
-                format!("Too many recipients (at most {max})"),
-            );
-            let hint = format!(
-                "the client sent more than server.max_recipients ({max}) recipients; raise it (messages over the provider's limit are sent in parts)"
-            );
-            self.rejected(&reply, Refusal::new("too_many_recipients", hint), None);
-            return self.reply(reply);
-        }
-        transaction.recipients.push(address);
-        self.reply(Reply::new(250, [2, 1, 5], "Recipient OK"));
-    }
-
-    /// Refuses an address smtp-proto let through but RFC 5321 does not.
-    fn bad_address(&mut self, error: AddressError, role: Role) {
-        let status = match role {
-            Role::Sender => [5, 1, 7],
-            Role::Recipient => [5, 1, 3],
-        };
-        let reply = match error {
-            AddressError::Syntax => Reply::new(501, status, "Invalid address syntax (RFC 5321)"),
-            AddressError::ControlCharacter => Reply::new(
-                501,
-                status,
-                "Control characters are not allowed in addresses",
-            ),
-            AddressError::NeedsSmtpUtf8 => Reply::new(
-                553,
-                [5, 6, 7],
-                "Non-ASCII address without SMTPUTF8: declare it on MAIL FROM (RFC 6531)",
-            ),
-        };
-        self.error(reply);
-    }
-
-    async fn data(&mut self) -> Result<Flow, Stop> {
-        match &self.transaction {
-            None => {
-                self.error(Reply::new(503, [5, 5, 1], "Send MAIL first"));
-                return Ok(Flow::Continue);
-            }
-            Some(transaction) if transaction.recipients.is_empty() => {
-                self.error(Reply::new(503, [5, 5, 1], "Send RCPT first"));
-                return Ok(Flow::Continue);
-            }
-            Some(_) => {}
-        }
-        self.reply(Reply::bare(354, "Start mail input; end with <CRLF>.<CRLF>"));
-        let command_end_bare = !self.line.ends_with(b"\r\n");
-        let received = self.receive_message(command_end_bare).await?;
-        let transaction = self.transaction.take().expect("checked above");
-        // `_memory` is held until the message is stored.
-        let (message, bare_end, _memory) = match received {
-            DataEnd::Complete {
-                message,
-                bare_end,
-                memory,
-            } => (message, bare_end, memory),
-            DataEnd::NoMemory => {
-                self.record
-                    .note("message over server.message_memory_budget, not kept");
-                let reply = Reply::new(
-                    452,
-                    [4, 3, 1],
-                    "Insufficient system resources, try again later",
-                );
-                let budget = self.settings.server.message_memory_budget;
-                let hint = format!(
-                    "messages being received at once exceeded server.message_memory_budget ({budget} bytes); the client retries later, or raise the budget"
-                );
-                self.rejected(&reply, Refusal::new("memory_budget", hint), None);
-                self.reply(reply);
-                return Ok(Flow::Continue);
-            }
-            DataEnd::TooLarge => {
-                self.record
-                    .note("message over server.max_message_size, not kept");
-                let (reply, refusal) = self.too_large();
-                self.rejected(&reply, refusal, None);
-                self.reply(reply);
-                return Ok(Flow::Continue);
-            }
-        };
-        self.record.message(&message);
-        let account = transaction.account.clone();
-        let Some(policy) = self.settings.rewrites.get(&account) else {
-            // The account was removed by a reload during the transaction.
-            let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
-            let hint = format!("add [accounts.{account}] to the configuration");
-            self.rejected(&reply, Refusal::new("no_account", hint), None);
-            self.reply(reply);
-            return Ok(Flow::Continue);
-        };
-        let rewritten = match rewrite(message, policy, &self.trace()) {
-            Ok(mut rewritten) => {
-                if bare_end {
-                    rewritten
-                        .changes
-                        .push("accepted <LF>.<LF> as the end of the message".to_string());
-                }
-                rewritten
-            }
-            Err(RewriteError::LineTooLong { line, length }) => {
-                let reply = Reply::new(
-                    550,
-                    [5, 6, 0],
-                    format!(
-                        "Line {line} is {length} octets long; at most 998 are allowed (RFC 5322)"
-                    ),
-                );
-                let hint = format!(
-                    "the program sends lines over 998 octets; set accounts.{account}.long_lines = \"wrap\" to wrap them instead"
-                );
-                self.rejected(&reply, Refusal::new("long_lines", hint), None);
-                self.reply(reply);
-                return Ok(Flow::Continue);
-            }
-        };
-        let envelope = Envelope {
-            session_id: self.id.clone(),
-            client: self.peer.to_string(),
-            user: self.signed_in.as_ref().map(|s| s.user.clone()),
-            account: transaction.account,
-            mail_from: transaction.mail_from,
-            recipients: transaction.recipients,
-            flags: transaction.flags,
-            ..Envelope::default()
-        };
-        let (user, from, recipients, size) = (
-            envelope.user.clone(),
-            envelope.mail_from.clone(),
-            envelope.recipients.len(),
-            rewritten.message.len(),
-        );
-        // The client hears nothing until the message is stored (and, per the
-        // delivery mode, attempted): flush what we owe it now.
-        self.flush().await.map_err(Stop::Io)?;
-        let started = Instant::now();
-        let submitted = self.ctx.delivery.submit(envelope, rewritten.message).await;
-        info!(
-            id = submitted.id.as_deref().unwrap_or("-"),
-            user = user.as_deref().unwrap_or("-"),
-            account = %account,
-            from = ?from,
-            recipients,
-            size,
-            rewrites = ?rewritten.changes,
-            reply = %submitted.reply,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "message received"
-        );
-        match submitted.refusal {
-            Some(refusal) => self.rejected(&submitted.reply, refusal, submitted.id),
-            None => self.record.accepted(),
-        }
-        self.reply(submitted.reply);
-        Ok(Flow::Continue)
-    }
-
-    fn too_large(&self) -> (Reply, Refusal) {
-        let max = self.settings.server.max_message_size;
-        let reply = Reply::new(
-            552,
-            [5, 3, 4],
-            format!("Message size exceeds fixed maximum message size ({max} bytes)"),
-        );
-        let hint = format!(
-            "the message is larger than server.max_message_size ({max} bytes); the provider's own limit (Gmail: 25 MB) applies too"
-        );
-        (reply, Refusal::new("too_large", hint))
-    }
-
-    /// Where the message came from, for the Received field.
-    fn trace(&self) -> Trace {
-        let protocol = match (self.extended, self.tls, self.signed_in.is_some()) {
-            (false, _, _) => "SMTP",
-            (true, false, false) => "ESMTP",
-            (true, false, true) => "ESMTPA",
-            (true, true, false) => "ESMTPS",
-            (true, true, true) => "ESMTPSA",
-        };
-        Trace {
-            helo: self.helo.clone().unwrap_or_default(),
-            client_ip: self.peer.ip(),
-            protocol,
-            session_id: self.id.clone(),
-            now_unix: crate::spool::unix_millis() as i64 / 1000,
-        }
-    }
-
     /// Notes a refusal for the session's closing log line and transcript.
     fn rejected(&mut self, reply: &Reply, refusal: Refusal, message_id: Option<String>) {
         debug!(reason = refusal.reason, reply = %reply, "refused");
-        self.record.rejected(reply, refusal, message_id);
+        self.conn.record.rejected(reply, refusal, message_id);
     }
 
     fn reply(&mut self, reply: Reply) {
-        reply.write_to(&mut self.output);
+        self.conn.reply(&reply);
     }
 
     fn error(&mut self, reply: Reply) {
         self.errors += 1;
         self.reply(reply);
-    }
-
-    async fn flush(&mut self) -> std::io::Result<()> {
-        if self.output.is_empty() {
-            return Ok(());
-        }
-        self.record.server(&self.output);
-        let write = async {
-            self.stream.write_all(&self.output).await?;
-            self.stream.flush().await
-        };
-        match tokio::time::timeout(self.settings.server.command_timeout, write).await {
-            Ok(result) => result?,
-            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-        }
-        self.output.clear();
-        Ok(())
     }
 }
 
@@ -705,7 +360,7 @@ enum Flow {
 mod tests {
     use super::*;
     use std::time::Duration;
-    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
 
     /// The context and the spool directory it uses (removed when dropped).
     pub(super) fn context(toml: &str) -> (Arc<SessionContext>, tempfile::TempDir) {

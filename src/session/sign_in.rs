@@ -4,16 +4,17 @@
 use std::sync::MutexGuard;
 
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::auth::{self, SaslError, SignedIn};
-use super::input::Line;
+use super::connection::{Line, Stop};
+use super::sasl::{self, SaslError};
 use super::throttle::{Budget, SignInThrottle, Verdict};
-use super::{Flow, MAX_AUTH_FAILURES, Session, Stop};
+use super::{Flow, MAX_AUTH_FAILURES, Session};
 use crate::reply::{Refusal, Reply};
 use crate::secret::Secret;
+use crate::users::SignedIn;
 
 /// A user name and password from a SASL exchange.
 type Credentials = (String, Secret);
@@ -87,7 +88,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             PasswordCheck::NotRun => return Ok(Flow::Continue),
         };
         info!(user = %signed_in.user, account = %signed_in.account, "client signed in");
-        self.record.signed_in(&signed_in.user);
+        self.conn.record.signed_in(&signed_in.user);
         self.signed_in = Some(signed_in);
         self.reply(Reply::new(235, [2, 7, 0], "Authentication successful"));
         Ok(Flow::Continue)
@@ -128,7 +129,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     remaining_s = remaining.as_secs(),
                     "sign-in refused: address over its budget"
                 );
-                self.record
+                self.conn
+                    .record
                     .note("sign-in refused without a check: too many failures from this address");
                 self.error(Reply::new(
                     454,
@@ -139,7 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         if !delay.is_zero() {
-            self.unless_hung_up(tokio::time::sleep(delay)).await?;
+            self.conn.unless_hung_up(tokio::time::sleep(delay)).await?;
         }
         let Ok(check) = self.settings.users.check(username, password) else {
             self.throttle().not_checked(address);
@@ -153,7 +155,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(reply);
             return Ok(PasswordCheck::NotRun);
         };
-        let Some(signed_in) = self.unless_hung_up(check.outcome()).await? else {
+        let Some(signed_in) = self.conn.unless_hung_up(check.outcome()).await? else {
             return Ok(PasswordCheck::Wrong);
         };
         self.throttle().succeeded(address);
@@ -183,37 +185,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Flow::Quit
     }
 
-    fn throttle(&self) -> MutexGuard<'_, SignInThrottle> {
-        self.ctx.sign_in_throttle.lock().expect("throttle lock")
+    /// AUTH on unencrypted connections is allowed unless configured
+    /// otherwise; loopback clients never cross a network.
+    pub(super) fn auth_allowed(&self) -> bool {
+        self.tls || !self.settings.server.require_tls_for_auth || self.peer.ip().is_loopback()
     }
 
-    /// Waits for `wanted` (a password check, or the delay before one) while
-    /// watching the client: when it hangs up, the wait is dropped and the
-    /// session ends. Bytes it pipelines meanwhile are kept in the spare part
-    /// of the input buffer for the next command; with no spare room left,
-    /// only `wanted` is awaited.
-    async fn unless_hung_up<T>(&mut self, wanted: impl Future<Output = T>) -> Result<T, Stop> {
-        self.flush().await.map_err(Stop::Io)?;
-        let timeout = self.settings.server.command_timeout;
-        let shutdown = self.ctx.shutdown.clone();
-        let watched = async {
-            tokio::pin!(wanted);
-            loop {
-                let spare = self.end < self.input.len();
-                tokio::select! {
-                    value = &mut wanted => return Ok(value),
-                    read = self.stream.read(&mut self.input[self.end..]), if spare => match read {
-                        Ok(0) => return Err(Stop::Eof),
-                        Ok(n) => self.end += n,
-                        Err(err) => return Err(Stop::Io(err)),
-                    },
-                }
-            }
-        };
-        tokio::select! {
-            watched = tokio::time::timeout(timeout, watched) => watched.unwrap_or(Err(Stop::Timeout)),
-            _ = shutdown.cancelled() => Err(Stop::Shutdown),
-        }
+    fn throttle(&self) -> MutexGuard<'_, SignInThrottle> {
+        self.ctx.sign_in_throttle.lock().expect("throttle lock")
     }
 
     async fn sasl_plain(
@@ -229,7 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             initial
         };
-        Ok(auth::decode_response(&response).and_then(|decoded| auth::parse_plain(&decoded)))
+        Ok(sasl::decode_response(&response).and_then(|decoded| sasl::parse_plain(&decoded)))
     }
 
     async fn sasl_login(
@@ -237,7 +216,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         initial: String,
     ) -> Result<Result<Credentials, SaslError>, Stop> {
         let username = if initial.is_empty() {
-            self.reply(Reply::bare(334, auth::LOGIN_USERNAME_CHALLENGE));
+            self.reply(Reply::bare(334, sasl::LOGIN_USERNAME_CHALLENGE));
             match self.read_auth_line().await? {
                 Ok(line) => line,
                 Err(err) => return Ok(Err(err)),
@@ -245,14 +224,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             initial
         };
-        let username = match auth::decode_response(&username).and_then(auth::parse_login_field) {
+        let username = match sasl::decode_response(&username).and_then(sasl::parse_login_field) {
             Ok(username) => username,
             Err(err) => return Ok(Err(err)),
         };
-        self.reply(Reply::bare(334, auth::LOGIN_PASSWORD_CHALLENGE));
+        self.reply(Reply::bare(334, sasl::LOGIN_PASSWORD_CHALLENGE));
         Ok(self.read_auth_line().await?.and_then(|password| {
-            auth::decode_response(&password)
-                .and_then(auth::parse_login_field)
+            sasl::decode_response(&password)
+                .and_then(sasl::parse_login_field)
                 .map(|password| (username, Secret::new(password)))
         }))
     }
@@ -261,8 +240,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// secret: never log it. A line too long to be one is answered as
     /// undecodable.
     async fn read_auth_line(&mut self) -> Result<Result<String, SaslError>, Stop> {
-        Ok(match self.read_secret_line().await? {
-            Line::Complete => Ok(String::from_utf8_lossy(&self.line).trim_end().to_string()),
+        Ok(match self.conn.read_secret_line().await? {
+            Line::Complete => Ok(String::from_utf8_lossy(self.conn.line())
+                .trim_end()
+                .to_string()),
             Line::TooLong => Err(SaslError::Malformed),
         })
     }

@@ -1,0 +1,82 @@
+//! SASL PLAIN and LOGIN (RFC 4616, RFC 4954): decoding the client's
+//! responses into a user name and password for the AUTH phase.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use crate::secret::Secret;
+
+/// Why a SASL exchange did not yield credentials.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SaslError {
+    /// The client sent `*`.
+    Cancelled,
+    /// Not base64, or not the mechanism's format.
+    Malformed,
+}
+
+/// A client's answer to a 334 challenge.
+pub fn decode_response(line: &str) -> Result<Vec<u8>, SaslError> {
+    match line.trim() {
+        "*" => Err(SaslError::Cancelled),
+        // RFC 4954: "=" is an empty initial response.
+        "=" => Ok(Vec::new()),
+        text => BASE64.decode(text).map_err(|_| SaslError::Malformed),
+    }
+}
+
+/// PLAIN (RFC 4616): `authzid NUL authcid NUL password`. We sign in as
+/// authcid; an authzid naming someone else is refused rather than ignored.
+pub fn parse_plain(decoded: &[u8]) -> Result<(String, Secret), SaslError> {
+    let mut parts = decoded.split(|&b| b == 0);
+    let (Some(authzid), Some(authcid), Some(password), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(SaslError::Malformed);
+    };
+    let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).map_err(|_| SaslError::Malformed);
+    let (authzid, authcid) = (text(authzid)?, text(authcid)?);
+    if authcid.is_empty() || (!authzid.is_empty() && authzid != authcid) {
+        return Err(SaslError::Malformed);
+    }
+    Ok((authcid, Secret::new(text(password)?)))
+}
+
+/// One LOGIN field (user name or password): base64 of UTF-8 text.
+pub fn parse_login_field(decoded: Vec<u8>) -> Result<String, SaslError> {
+    String::from_utf8(decoded).map_err(|_| SaslError::Malformed)
+}
+
+pub const LOGIN_USERNAME_CHALLENGE: &str = "VXNlcm5hbWU6"; // "Username:"
+pub const LOGIN_PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6"; // "Password:"
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_splits_on_nul() {
+        let (user, password) = parse_plain(b"\0invoices\0old-password").unwrap();
+        assert_eq!(
+            (user.as_str(), password.expose()),
+            ("invoices", "old-password")
+        );
+        assert!(parse_plain(b"invoices\0invoices\0pw").is_ok());
+        assert_eq!(
+            parse_plain(b"admin\0invoices\0pw").unwrap_err(),
+            SaslError::Malformed
+        );
+        assert_eq!(
+            parse_plain(b"no-separators").unwrap_err(),
+            SaslError::Malformed
+        );
+    }
+
+    #[test]
+    fn responses_decode_cancel_and_empty() {
+        assert_eq!(decode_response("*"), Err(SaslError::Cancelled));
+        assert_eq!(decode_response("="), Ok(Vec::new()));
+        assert_eq!(decode_response("aGk="), Ok(b"hi".to_vec()));
+        assert_eq!(decode_response("not base64!"), Err(SaslError::Malformed));
+    }
+}
