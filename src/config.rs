@@ -11,9 +11,13 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::secret::Secret;
+
+mod startup;
+
+pub use startup::Startup;
 
 const GMAIL_HOST: &str = "smtp.gmail.com";
 const MICROSOFT_HOST: &str = "smtp.office365.com";
@@ -69,7 +73,7 @@ impl Default for SpoolConfig {
 }
 
 /// When the client hears back (DESIGN.md, "Delivery model").
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryMode {
     /// Spool, then wait up to `sync_timeout` for the first attempt.
@@ -81,7 +85,7 @@ pub enum DeliveryMode {
     Passthrough,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
     pub mode: DeliveryMode,
@@ -190,7 +194,7 @@ fn default_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
@@ -389,7 +393,7 @@ impl AccountConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
