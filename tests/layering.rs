@@ -99,7 +99,8 @@ fn violations_name_consumers_called_from_below_leaves_on_the_path_and_cycles() {
         graph
     };
     // (edges, violations)
-    let cases: [(&[(&str, &str)], &[&str]); 7] = [
+    type Edges<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Edges, &[&str]); 7] = [
         (
             &[
                 ("relay", "admin"),
