@@ -27,7 +27,7 @@ pub struct Relay {
     pub cert: PathBuf,
     pub spool: PathBuf,
     reloader: Reloader,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     dir: Option<tempfile::TempDir>,
 }
@@ -156,9 +156,9 @@ impl Relay {
         config.tls.cert = dir.path().join("relay.crt");
         config.tls.key = dir.path().join("relay.key");
         config.spool.dir = spool.unwrap_or_else(|| dir.path().join("spool"));
-        let shutdown = CancellationToken::new();
+        let stop = CancellationToken::new();
         let tokens = tokens.unwrap_or_else(|| token_service(&config.spool.dir));
-        let relay = sendbridge::relay::Relay::start(&config, shutdown.clone(), tokens)
+        let relay = sendbridge::relay::Relay::start(&config, stop.clone(), tokens)
             .await
             .expect("relay starts");
         let reloader = relay.reloader(config.clone());
@@ -169,7 +169,7 @@ impl Relay {
             cert: config.tls.cert.clone(),
             spool: config.spool.dir.clone(),
             reloader,
-            shutdown,
+            stop,
             task: Some(tokio::spawn(relay.run())),
             dir: Some(dir),
         }
@@ -199,7 +199,7 @@ impl Relay {
     /// Stops accepting, lets sessions end, and waits for the relay to
     /// return. The directory with the spool lives as long as the result.
     pub async fn stop(mut self) -> tempfile::TempDir {
-        self.shutdown.cancel();
+        self.stop.cancel();
         if let Some(task) = self.task.take() {
             task.await.expect("relay task ends cleanly");
         }
@@ -209,6 +209,6 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.stop.cancel();
     }
 }
