@@ -467,7 +467,7 @@ impl Default for AdminConfig {
 mod tests {
     use super::*;
 
-    const GMAIL: &str = r#"
+    pub(super) const GMAIL: &str = r#"
         [accounts.gmail]
         username = "me@gmail.com"
         password = "abcdabcdabcdabcd"

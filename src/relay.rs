@@ -144,25 +144,16 @@ impl Relay {
             admin = %self.admin_addr().map_or("off".to_string(), |addr| addr.to_string()),
             "sendbridge is accepting connections"
         );
-        let Relay {
-            server,
-            admin,
-            delivery,
-            ctx,
-            stop,
-            stop_delivery,
-            shutdown_grace,
-            transcript_limits,
-        } = self;
-        let admin = async {
-            if let Some(admin) = &admin {
+        let admin = self.admin.as_ref();
+        let admin = async move {
+            if let Some(admin) = admin {
                 admin.serve().await;
             }
         };
-        let cleaning = keep_transcripts_clean(&ctx, transcript_limits, &stop);
-        tokio::join!(server.run(), admin, cleaning);
-        stop_delivery.cancel();
-        delivery.stopped(shutdown_grace).await;
+        let cleaning = keep_transcripts_clean(&self.ctx, self.transcript_limits, &self.stop);
+        tokio::join!(self.server.run(), admin, cleaning);
+        self.stop_delivery.cancel();
+        self.delivery.stopped(self.shutdown_grace).await;
         info!("sendbridge stopped");
     }
 }

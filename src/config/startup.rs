@@ -163,15 +163,9 @@ fn fingerprint<S: Serializer>(secret: &Option<Secret>, serializer: S) -> Result<
 
 #[cfg(test)]
 mod tests {
+    // One account and one user.
+    use super::super::tests::GMAIL as RUNNING;
     use super::*;
-
-    const RUNNING: &str = r#"
-        [accounts.gmail]
-        username = "me@gmail.com"
-        password = "abcdabcdabcdabcd"
-        [users.invoices]
-        password = "old-password"
-    "#;
 
     fn needs_restart(running: &Config, new: &Config) -> Vec<String> {
         running.startup().changed_keys(&new.startup())
