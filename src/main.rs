@@ -3,7 +3,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 use sendbridge::config::Config;
 use sendbridge::outln;
@@ -127,9 +126,9 @@ fn main() -> ExitCode {
             sendbridge::observe::init_tracing(&config.log);
             sendbridge::observe::metrics::install(&config.admin);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            report(runtime.block_on(run(config, cli.config)))
+            report(runtime.block_on(sendbridge::relay::run(config, cli.config)))
         }
-        Command::Reload => report(sendbridge::lifecycle::signal_reload(&config)),
+        Command::Reload => report(sendbridge::relay::signal_reload(&config)),
         Command::Health { ready } => report(sendbridge::cli::health(&config, ready)),
         Command::Status => report(sendbridge::cli::status(&config)),
         Command::Queue { action } => report(queue(&config, action)),
@@ -192,25 +191,6 @@ async fn oauth(config: &Config, action: OauthAction) -> anyhow::Result<()> {
         }
         OauthAction::Status { check } => sendbridge::oauth::status(config, check).await,
     }
-}
-
-async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    sendbridge::lifecycle::raise_descriptor_limit(&config);
-    sendbridge::lifecycle::return_large_buffers_to_the_system();
-    let stop = CancellationToken::new();
-    let tokens = sendbridge::oauth::token_service(&config.spool.dir);
-    let server = sendbridge::server::Server::bind(&config, stop.clone(), tokens).await?;
-    if config.accounts.is_empty() {
-        tracing::warn!(
-            "no upstream account configured: set [accounts.<name>] username and password in config/sendbridge.toml, or e.g. SENDBRIDGE_ACCOUNTS__GMAIL__USERNAME and SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD (a Gmail app password), plus a local login SENDBRIDGE_USERS__<NAME>__PASSWORD"
-        );
-    }
-    let pid_file = sendbridge::lifecycle::PidFile::create(&config.spool.dir)?;
-    let reloader = server.reloader(config);
-    tokio::spawn(sendbridge::lifecycle::handle_signals(stop, reloader, path));
-    server.run().await;
-    drop(pid_file);
-    Ok(())
 }
 
 /// What a shell reports for a program that SIGPIPE ended, as it ends

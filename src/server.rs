@@ -1,5 +1,6 @@
 //! Listeners, the accept loop with its connection limit, TLS wrapping, and
-//! graceful shutdown.
+//! graceful shutdown of the sessions. What the sessions hand messages to
+//! is built by the composition root (`relay`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,17 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
-use crate::access_tokens::TokenSource;
-use crate::admin::Admin;
-use crate::config::Config;
-use crate::delivery::Delivery;
-use crate::session::{
-    Session, SessionContext, SessionEnd, SessionRecord, Settings, clean_transcripts,
-};
+use crate::config::ServerConfig;
+use crate::session::{Session, SessionContext, SessionEnd, SessionRecord};
 
 /// After the grace period, how long sessions get to say 421 and close.
 const SESSION_CLOSE_BOUND: Duration = Duration::from_secs(5);
-const TRANSCRIPT_CLEANING_INTERVAL: Duration = Duration::from_secs(3600);
 /// After a failed accept the listener rests this long, doubling up to
 /// `ACCEPT_PAUSE_MAX` while accepts keep failing (as Go's net/http does).
 const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
@@ -32,39 +27,24 @@ const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// At most one "accept failed" line per this interval.
 const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
-pub struct Server {
+/// The relay's SMTP listeners, bound before anything else starts so that a
+/// second relay on the same address stops before it touches the spool.
+pub struct Listeners {
     plain: TcpListener,
     implicit_tls: Option<TcpListener>,
-    ctx: Arc<SessionContext>,
-    connections: Arc<Semaphore>,
-    max_connections: usize,
-    transcript_limits: (Duration, u64),
-    shutdown_grace: Duration,
-    /// Cancelled from outside: stop accepting and begin shutting down.
-    stop: CancellationToken,
-    /// Cancelled by `run` once the sessions are done.
-    stop_delivery: CancellationToken,
-    admin: Option<Admin>,
 }
 
-impl Server {
-    /// Builds everything the relay needs and binds its listeners. Errors
-    /// name what to fix. Cancelling `stop` begins a graceful shutdown.
-    /// `tokens` gives `auth = "oauth2"` accounts their access tokens.
-    pub async fn bind(
-        config: &Config,
-        stop: CancellationToken,
-        tokens: TokenSource,
-    ) -> anyhow::Result<Server> {
-        let tls =
-            crate::tls::inbound_acceptor(&config.tls, &config.server.hostname, &config.spool.dir)?;
-        let listen = config.server.listen;
+impl Listeners {
+    /// Binds `server.listen` and, when set, `server.listen_tls`, which needs
+    /// a certificate. Errors name the key.
+    pub async fn bind(config: &ServerConfig, has_certificate: bool) -> anyhow::Result<Listeners> {
+        let listen = config.listen;
         let plain = TcpListener::bind(listen)
             .await
             .with_context(|| format!("server.listen: cannot listen on {listen}"))?;
-        let implicit_tls = match config.server.listen_tls {
+        let implicit_tls = match config.listen_tls {
             None => None,
-            Some(_) if tls.is_none() => {
+            Some(_) if !has_certificate => {
                 anyhow::bail!("server.listen_tls: needs a certificate (tls.cert and tls.key)")
             }
             Some(addr) => Some(
@@ -73,38 +53,47 @@ impl Server {
                     .with_context(|| format!("server.listen_tls: cannot listen on {addr}"))?,
             ),
         };
-        let admin_listener = crate::admin::bind(&config.admin).await?;
-        let stop_delivery = CancellationToken::new();
-        let delivery = Delivery::start(config, stop_delivery.clone(), tokens)?;
-        // The admin interface stops when shutdown begins.
-        let admin = admin_listener
-            .map(|listener| Admin::new(listener, &config.admin, delivery.clone(), stop.clone()));
-        // Cancelled when the grace period for open sessions is over.
-        let close_sessions = CancellationToken::new();
-        let settings = Settings::new(config)?;
-        let ctx = SessionContext::new(settings, delivery, tls, close_sessions);
-        Ok(Server {
+        Ok(Listeners {
             plain,
             implicit_tls,
-            connections: Arc::new(Semaphore::new(config.server.max_connections)),
-            max_connections: config.server.max_connections,
-            transcript_limits: (
-                config.log.transcript_max_age,
-                config.log.transcript_max_bytes,
-            ),
-            ctx: Arc::new(ctx),
-            shutdown_grace: config.server.shutdown_grace,
-            stop,
-            stop_delivery,
-            admin,
         })
     }
+}
 
-    /// Applies reloaded configurations to this server while it runs.
-    pub fn reloader(&self, running: Config) -> Reloader {
-        Reloader {
-            ctx: self.ctx.clone(),
-            running: tokio::sync::Mutex::new(running),
+pub struct Server {
+    plain: TcpListener,
+    implicit_tls: Option<TcpListener>,
+    ctx: Arc<SessionContext>,
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    shutdown_grace: Duration,
+    /// Cancelled from outside: stop accepting and begin shutting down.
+    stop: CancellationToken,
+    /// Cancelled by `run` when the grace period for open sessions is over;
+    /// the sessions of `ctx` watch it.
+    close_sessions: CancellationToken,
+}
+
+impl Server {
+    /// Serves sessions of `ctx` on `listeners`; `close_sessions` is the
+    /// token `ctx` was made with. Cancelling `stop` begins a graceful
+    /// shutdown.
+    pub fn new(
+        listeners: Listeners,
+        ctx: Arc<SessionContext>,
+        config: &ServerConfig,
+        stop: CancellationToken,
+        close_sessions: CancellationToken,
+    ) -> Server {
+        Server {
+            plain: listeners.plain,
+            implicit_tls: listeners.implicit_tls,
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            max_connections: config.max_connections,
+            ctx,
+            shutdown_grace: config.shutdown_grace,
+            stop,
+            close_sessions,
         }
     }
 
@@ -112,11 +101,6 @@ impl Server {
         self.plain
             .local_addr()
             .expect("a bound listener has an address")
-    }
-
-    /// The admin interface's address, unless it is off.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(Admin::local_addr)
     }
 
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
@@ -129,30 +113,16 @@ impl Server {
 
     /// Serves until `stop` is cancelled. Then: no new connections; open
     /// sessions may finish for `server.shutdown_grace`, after which they are
-    /// told `421 4.3.0` and closed; in-flight deliveries finish or return to
-    /// the queue.
+    /// told `421 4.3.0` and closed (bounded). Returns when they are done.
     pub async fn run(self) {
         let sessions = TaskTracker::new();
-        let ctx = &self.ctx;
-        info!(
-            listen = %self.local_addr(),
-            listen_tls = ?self.tls_local_addr(),
-            starttls = ctx.tls.is_some(),
-            admin = %self.admin_addr().map_or("off".to_string(), |addr| addr.to_string()),
-            "sendbridge is accepting connections"
-        );
         let plain = self.accept_loop(&self.plain, false, &sessions);
         let implicit_tls = async {
             if let Some(listener) = &self.implicit_tls {
                 self.accept_loop(listener, true, &sessions).await;
             }
         };
-        let admin = async {
-            if let Some(admin) = &self.admin {
-                admin.serve().await;
-            }
-        };
-        tokio::join!(plain, implicit_tls, admin, self.clean_transcripts());
+        tokio::join!(plain, implicit_tls);
         // New connections are refused from here on.
         drop((self.plain, self.implicit_tls));
         sessions.close();
@@ -171,7 +141,7 @@ impl Server {
                 open = sessions.len(),
                 "shutdown grace period over: closing open sessions with 421"
             );
-            ctx.close_sessions.cancel();
+            self.close_sessions.cancel();
             if tokio::time::timeout(SESSION_CLOSE_BOUND, sessions.wait())
                 .await
                 .is_err()
@@ -180,29 +150,6 @@ impl Server {
                     open = sessions.len(),
                     "sessions still open after being told to close"
                 );
-            }
-        }
-        self.stop_delivery.cancel();
-        ctx.delivery.stopped(self.shutdown_grace).await;
-        info!("sendbridge stopped");
-    }
-
-    /// Keeps the transcripts directory within its age and size bounds.
-    async fn clean_transcripts(&self) {
-        let (max_age, max_bytes) = self.transcript_limits;
-        loop {
-            let dir = self.ctx.transcripts_dir.clone();
-            let cleaned =
-                tokio::task::spawn_blocking(move || clean_transcripts(&dir, max_age, max_bytes))
-                    .await;
-            match cleaned {
-                Ok(Ok(0)) | Err(_) => {}
-                Ok(Ok(deleted)) => info!(deleted, "old session transcripts deleted"),
-                Ok(Err(err)) => warn!(error = %err, "cannot clean the transcripts directory"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(TRANSCRIPT_CLEANING_INTERVAL) => {}
-                _ = self.stop.cancelled() => return,
             }
         }
     }
@@ -389,87 +336,9 @@ fn new_session_id() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
-/// Replaces users, accounts and session settings without dropping
-/// connections (SIGHUP, `sendbridge reload`).
-pub struct Reloader {
-    ctx: Arc<SessionContext>,
-    running: tokio::sync::Mutex<Config>,
-}
-
-impl Reloader {
-    /// Applies `config`, or nothing when any of it cannot be applied.
-    pub async fn reload(&self, config: Config) -> anyhow::Result<()> {
-        let mut running = self.running.lock().await;
-        let config = Arc::new(config);
-        let settings = {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || Settings::new(&config)).await??
-        };
-        self.ctx.delivery.reload(&config).await?;
-        self.ctx.replace_settings(settings);
-        let needs_restart = needs_restart(&running, &config);
-        if !needs_restart.is_empty() {
-            warn!(keys = ?needs_restart, "these changes take effect at the next restart");
-        }
-        *running = Arc::unwrap_or_clone(config);
-        Ok(())
-    }
-}
-
-/// Keys a running relay cannot change: listeners, certificates, the spool,
-/// the delivery engine and logging are set up once.
-fn needs_restart(running: &Config, new: &Config) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut check = |key: &str, changed: bool| {
-        if changed {
-            keys.push(key.to_string());
-        }
-    };
-    check("server.listen", running.server.listen != new.server.listen);
-    check(
-        "server.listen_tls",
-        running.server.listen_tls != new.server.listen_tls,
-    );
-    check(
-        "server.max_connections",
-        running.server.max_connections != new.server.max_connections,
-    );
-    check(
-        "server.shutdown_grace",
-        running.server.shutdown_grace != new.server.shutdown_grace,
-    );
-    check(
-        "tls",
-        running.tls.cert != new.tls.cert || running.tls.key != new.tls.key,
-    );
-    check("spool.dir", running.spool.dir != new.spool.dir);
-    check("delivery", running.delivery != new.delivery);
-    check(
-        "log",
-        running.log.level != new.log.level || running.log.format != new.log.format,
-    );
-    for (name, account) in &new.accounts {
-        if let Some(old) = running.accounts.get(name) {
-            check(
-                &format!("accounts.{name}.max_connections"),
-                old.max_connections != account.max_connections,
-            );
-        }
-    }
-    keys
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const RUNNING: &str = r#"
-        [accounts.gmail]
-        username = "me@gmail.com"
-        password = "abcdabcdabcdabcd"
-        [users.invoices]
-        password = "old-password"
-    "#;
 
     #[test]
     fn failed_accepts_rest_longer_each_time_and_are_logged_once_per_interval() {
@@ -497,20 +366,5 @@ mod tests {
         failures.succeeded();
         let later = start + Duration::from_secs(12);
         assert_eq!(failures.next(later), (ms(10), Some(0)), "a new run");
-    }
-
-    #[test]
-    fn a_reload_names_what_waits_for_a_restart() {
-        let running = Config::from_toml(RUNNING).unwrap();
-        let reloaded = Config::from_toml(&format!(
-            "{RUNNING}\n[users.scanner]\npassword = \"x\"\n[server]\nlisten = \"127.0.0.1:2526\"\n[delivery]\nmode = \"queue\""
-        ))
-        .unwrap();
-
-        assert_eq!(
-            needs_restart(&running, &reloaded),
-            ["server.listen", "delivery"]
-        );
-        assert!(needs_restart(&running, &running).is_empty());
     }
 }

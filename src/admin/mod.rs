@@ -70,7 +70,7 @@ pub async fn bind(config: &AdminConfig) -> anyhow::Result<Option<TcpListener>> {
 pub struct Admin {
     listener: TcpListener,
     router: Router,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 }
 
 /// What the handlers share.
@@ -78,15 +78,17 @@ struct Shared {
     delivery: Arc<Delivery>,
     access: Access,
     form_token: FormToken,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 }
 
 impl Admin {
+    /// The interface on `listener`; it stops accepting when `stop` (the
+    /// relay's shutdown) is cancelled.
     pub fn new(
         listener: TcpListener,
         config: &AdminConfig,
         delivery: Arc<Delivery>,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) -> Admin {
         let listen = listener.local_addr().ok();
         if config.token.is_none() && listen.is_some_and(|addr| !addr.ip().is_loopback()) {
@@ -99,7 +101,7 @@ impl Admin {
             delivery,
             access: Access::new(config.token.clone()),
             form_token: FormToken::random(),
-            shutdown: shutdown.clone(),
+            stop: stop.clone(),
         });
         let router = Router::new()
             .route("/healthz", get(healthz))
@@ -114,7 +116,7 @@ impl Admin {
         Admin {
             listener,
             router,
-            shutdown,
+            stop,
         }
     }
 
@@ -141,7 +143,7 @@ impl Admin {
                 (permit, self.listener.accept().await)
             };
             let (permit, accepted) = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.stop.cancelled() => return,
                 next = next => next,
             };
             let (stream, client) = match accepted {
@@ -166,7 +168,7 @@ impl Admin {
         loop {
             tokio::select! {
                 _ = interval.tick() => metrics::upkeep(),
-                _ = self.shutdown.cancelled() => return,
+                _ = self.stop.cancelled() => return,
             }
         }
     }
@@ -221,7 +223,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let readiness = blocking(&shared, |shared| {
         Ok(Readiness::check(
             &shared.delivery,
-            shared.shutdown.is_cancelled(),
+            shared.stop.is_cancelled(),
         ))
     })
     .await;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use sendbridge::access_tokens::TokenSource;
 use sendbridge::config::Config;
 use sendbridge::oauth::token_service;
-use sendbridge::server::{Reloader, Server};
+use sendbridge::relay::Reloader;
 use tokio_util::sync::CancellationToken;
 
 use super::fake_upstream::{FakeUpstream, UpstreamTls};
@@ -27,8 +27,8 @@ pub struct Relay {
     pub cert: PathBuf,
     pub spool: PathBuf,
     reloader: Reloader,
-    shutdown: CancellationToken,
-    server: Option<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -156,21 +156,21 @@ impl Relay {
         config.tls.cert = dir.path().join("relay.crt");
         config.tls.key = dir.path().join("relay.key");
         config.spool.dir = spool.unwrap_or_else(|| dir.path().join("spool"));
-        let shutdown = CancellationToken::new();
+        let stop = CancellationToken::new();
         let tokens = tokens.unwrap_or_else(|| token_service(&config.spool.dir));
-        let server = Server::bind(&config, shutdown.clone(), tokens)
+        let relay = sendbridge::relay::Relay::start(&config, stop.clone(), tokens)
             .await
             .expect("relay starts");
-        let reloader = server.reloader(config.clone());
+        let reloader = relay.reloader(config.clone());
         Relay {
-            addr: server.local_addr(),
-            tls_addr: server.tls_local_addr(),
-            admin_addr: server.admin_addr(),
+            addr: relay.local_addr(),
+            tls_addr: relay.tls_local_addr(),
+            admin_addr: relay.admin_addr(),
             cert: config.tls.cert.clone(),
             spool: config.spool.dir.clone(),
             reloader,
-            shutdown,
-            server: Some(tokio::spawn(server.run())),
+            stop,
+            task: Some(tokio::spawn(relay.run())),
             dir: Some(dir),
         }
     }
@@ -196,12 +196,12 @@ impl Relay {
         client
     }
 
-    /// Stops accepting, lets sessions end, and waits for the server to
+    /// Stops accepting, lets sessions end, and waits for the relay to
     /// return. The directory with the spool lives as long as the result.
     pub async fn stop(mut self) -> tempfile::TempDir {
-        self.shutdown.cancel();
-        if let Some(server) = self.server.take() {
-            server.await.expect("relay task ends cleanly");
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("relay task ends cleanly");
         }
         self.dir.take().expect("stopped once")
     }
@@ -209,6 +209,6 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.stop.cancel();
     }
 }

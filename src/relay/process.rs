@@ -1,7 +1,8 @@
-//! Signals a running relay answers: SIGTERM/SIGINT shut it down gracefully,
-//! SIGHUP reloads its configuration. `sendbridge reload` finds the relay
-//! through a pid file in the spool directory and sends it SIGHUP.
-//! At start, the relay takes as many file descriptors as it may.
+//! The relay as a Unix process. Signals it answers: SIGTERM/SIGINT shut it
+//! down gracefully, SIGHUP reloads its configuration. `sendbridge reload`
+//! finds the relay through a pid file in the spool directory and sends it
+//! SIGHUP. At start, the relay takes as many file descriptors as it may and
+//! tunes the allocator.
 
 use std::fs;
 use std::io;
@@ -12,10 +13,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::Reloader;
 use crate::config::Config;
 use crate::outln;
 use crate::private_files;
-use crate::server::Reloader;
 
 const PID_FILE: &str = "sendbridge.pid";
 /// Descriptors besides one per client and upstream connection: listeners,

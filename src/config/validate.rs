@@ -1,0 +1,305 @@
+//! Checks a loaded configuration: values in range, references between
+//! sections, and secrets read from their `*_file` keys (trimmed), so the
+//! rest of the relay only sees `Secret`s.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::{
+    AccountConfig, AdminConfig, AuthMethod, Config, ConfigError, GMAIL_HOST, MICROSOFT_HOST,
+    OAuth2Config, OAuthFlow, OAuthProvider, UserConfig,
+};
+use crate::secret::Secret;
+
+impl Config {
+    /// Checks references between sections and reads secret files.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.server.hostname.trim().is_empty() {
+            return Err(ConfigError::new("server.hostname", "must not be empty"));
+        }
+        if self.server.max_connections == 0 {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.server.message_memory_budget < self.server.max_message_size {
+            return Err(ConfigError::new(
+                "server.message_memory_budget",
+                format!(
+                    "must be at least server.max_message_size ({} bytes), or no message of that size could be received",
+                    self.server.max_message_size
+                ),
+            ));
+        }
+        if self.server.auth_failure_limit == 0 {
+            return Err(ConfigError::new(
+                "server.auth_failure_limit",
+                "must be at least 1",
+            ));
+        }
+        if self.server.auth_failure_window.is_zero() {
+            return Err(ConfigError::new(
+                "server.auth_failure_window",
+                "must be longer than zero",
+            ));
+        }
+        if self.server.max_recipients == 0 {
+            return Err(ConfigError::new(
+                "server.max_recipients",
+                "must be at least 1",
+            ));
+        }
+        for (name, account) in &mut self.accounts {
+            account.validate(name)?;
+        }
+        if let Some(default) = &self.server.default_account {
+            if !self.accounts.contains_key(default) {
+                return Err(ConfigError::new(
+                    "server.default_account",
+                    format!("no account named \"{default}\" in [accounts]"),
+                ));
+            }
+        }
+        let fallback_account = self.fallback_account().map(str::to_string);
+        for (name, user) in &mut self.users {
+            user.validate(name, fallback_account.as_deref(), &self.accounts)?;
+        }
+        self.admin.validate()
+    }
+
+    /// The account for logins that name none: `server.default_account`, or
+    /// the only account when there is exactly one.
+    fn fallback_account(&self) -> Option<&str> {
+        match (&self.server.default_account, self.accounts.len()) {
+            (Some(name), _) => Some(name),
+            (None, 1) => self.accounts.keys().next().map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        self.token = resolve_secret("admin.token", self.token.take(), &self.token_file)?;
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        // It travels in URLs (the status page's links) and headers as is.
+        let url_safe = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+        if token.expose().len() < 16 || !token.expose().bytes().all(url_safe) {
+            return Err(ConfigError::new(
+                "admin.token",
+                "use at least 16 letters, digits or -._~ (e.g. the output of `openssl rand -hex 32`)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AccountConfig {
+    fn validate(&mut self, name: &str) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("accounts.{name}.{field}");
+        // The name also names files in the spool.
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::new(
+                format!("accounts.{name}"),
+                "account names may use letters, digits, - and _ only",
+            ));
+        }
+        if self.host.trim().is_empty() {
+            return Err(ConfigError::new(key("host"), "must not be empty"));
+        }
+        if self.port == 0 {
+            return Err(ConfigError::new(key("port"), "must not be 0"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::new(
+                key("max_connections"),
+                "must be at least 1",
+            ));
+        }
+        if self.max_recipients_per_message == 0 {
+            return Err(ConfigError::new(
+                key("max_recipients_per_message"),
+                "must be at least 1",
+            ));
+        }
+        if let Some(entry) = self.allowed_from.iter().find(|entry| !entry.contains('@')) {
+            return Err(ConfigError::new(
+                key("allowed_from"),
+                format!("\"{entry}\" is neither an address nor @domain"),
+            ));
+        }
+        let is_field_name = |name: &String| {
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+        };
+        if let Some(name) = self.remove_headers.iter().find(|name| !is_field_name(name)) {
+            return Err(ConfigError::new(
+                key("remove_headers"),
+                format!("\"{name}\" is not a header field name"),
+            ));
+        }
+        if self.username.trim().is_empty() {
+            return Err(ConfigError::new(
+                key("username"),
+                "missing: set it to the mailbox address, e.g. me@gmail.com",
+            ));
+        }
+        let password = resolve_secret(&key("password"), self.password.take(), &self.password_file)?;
+        match (self.auth, password, &mut self.oauth2) {
+            (AuthMethod::Password, Some(password), _) => self.password = Some(password),
+            (AuthMethod::Password, None, _) => {
+                return Err(ConfigError::new(
+                    key("password"),
+                    "missing: set password or password_file (for Gmail a 16-character app password)",
+                ));
+            }
+            (AuthMethod::Oauth2, _, None) => {
+                return Err(ConfigError::new(
+                    key("oauth2"),
+                    "missing: auth = \"oauth2\" needs [accounts.<name>.oauth2] with provider and client_id",
+                ));
+            }
+            (AuthMethod::Oauth2, _, Some(oauth2)) => {
+                oauth2.validate(&key("oauth2"))?;
+                // The default host is Gmail's; Microsoft accounts mean Microsoft's.
+                if oauth2.provider == OAuthProvider::Microsoft && self.host == GMAIL_HOST {
+                    self.host = MICROSOFT_HOST.to_string();
+                }
+            }
+        }
+        if let Some(ca_file) = &self.ca_file {
+            if !ca_file.is_file() {
+                return Err(ConfigError::new(
+                    key("ca_file"),
+                    format!("{} does not exist", ca_file.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl OAuth2Config {
+    fn validate(&mut self, prefix: &str) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("{prefix}.{field}");
+        if self.client_id.trim().is_empty() {
+            return Err(ConfigError::new(key("client_id"), "must not be empty"));
+        }
+        self.client_secret = resolve_secret(
+            &key("client_secret"),
+            self.client_secret.take(),
+            &self.client_secret_file,
+        )?;
+        if self.provider == OAuthProvider::Custom && self.token_url.is_none() {
+            return Err(ConfigError::new(
+                key("token_url"),
+                "missing: provider = \"custom\" needs token_url (and auth_url or device_url for sign-in)",
+            ));
+        }
+        if self.flow == OAuthFlow::ClientCredentials {
+            if self.client_secret.is_none() {
+                return Err(ConfigError::new(
+                    key("client_secret"),
+                    "missing: flow = \"client_credentials\" needs client_secret or client_secret_file",
+                ));
+            }
+            if self.provider == OAuthProvider::Microsoft && self.tenant.is_none() {
+                return Err(ConfigError::new(
+                    key("tenant"),
+                    "missing: app-only sign-in needs the tenant id or domain",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl UserConfig {
+    fn validate(
+        &mut self,
+        name: &str,
+        fallback_account: Option<&str>,
+        accounts: &BTreeMap<String, AccountConfig>,
+    ) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("users.{name}.{field}");
+        let password = resolve_secret(&key("password"), self.password.take(), &self.password_file)?;
+        match (&self.password_hash, password) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    key("password_hash"),
+                    "set either password_hash or password/password_file, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    key("password"),
+                    "missing: set password, password_file or password_hash",
+                ));
+            }
+            (Some(hash), None) => {
+                if argon2::PasswordHash::new(hash).is_err() {
+                    return Err(ConfigError::new(
+                        key("password_hash"),
+                        "not an argon2 PHC string; create one with `sendbridge hash-password`",
+                    ));
+                }
+            }
+            (None, Some(password)) => self.password = Some(password),
+        }
+        match self.account.as_deref().or(fallback_account) {
+            Some(account) if accounts.contains_key(account) => {
+                self.account = Some(account.to_string());
+                Ok(())
+            }
+            Some(account) => Err(ConfigError::new(
+                key("account"),
+                format!("no account named \"{account}\" in [accounts]"),
+            )),
+            None => Err(ConfigError::new(
+                key("account"),
+                "missing: name the upstream account this login sends through",
+            )),
+        }
+    }
+}
+
+/// Exactly one of an inline secret and a secret file; a file's trailing
+/// newline (as editors and `echo` leave it) is not part of the secret.
+fn resolve_secret(
+    key: &str,
+    inline: Option<Secret>,
+    file: &Option<PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            key,
+            format!("set either {key} or {key}_file, not both"),
+        )),
+        (Some(secret), None) => Ok(Some(secret)),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                ConfigError::new(
+                    format!("{key}_file"),
+                    format!("cannot read {}: {err}", path.display()),
+                )
+            })?;
+            let secret = text
+                .strip_suffix('\n')
+                .map(|rest| rest.strip_suffix('\r').unwrap_or(rest))
+                .unwrap_or(&text);
+            if secret.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{key}_file"),
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            Ok(Some(Secret::new(secret)))
+        }
+        (None, None) => Ok(None),
+    }
+}
