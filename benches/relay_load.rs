@@ -521,6 +521,29 @@ impl RelayProcess {
         Memory::of(self.process.pid())
     }
 
+    /// CPU time (user + system) the relay process has used so far, from
+    /// /proc/PID/stat.
+    fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let pid = self.process.pid();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .context("read the relay's /proc/PID/stat")?;
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("a /proc/PID/stat line")?
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks = |index: usize| -> anyhow::Result<u64> {
+            Ok(fields.get(index).context("utime/stime")?.parse()?)
+        };
+        // utime and stime are fields 14 and 15 of the line (11 and 12 here).
+        let total = ticks(11)? + ticks(12)?;
+        // SAFETY: sysconf only reads a system constant.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(Duration::from_micros(total * 1_000_000 / per_second))
+    }
+
     /// Resets the peak (VmHWM) to the current RSS, so that a later peak
     /// measures only what follows.
     fn reset_peak(&self) -> anyhow::Result<()> {
@@ -614,16 +637,19 @@ async fn run_scenario(scenario: Scenario) -> anyhow::Result<ScenarioResult> {
     eprintln!("{}: relay run", scenario.name());
     let upstream = start_upstream().await;
     let relay = RelayProcess::start(&upstream).await?;
+    let cpu_before = relay.cpu_time()?;
     let through_relay = measure_load(&Target::relay(&relay), &upstream, &scenario)
         .await
         .map_err(|err| relay.explain(err))
         .context("relay run")?;
+    let cpu = relay.cpu_time()?.saturating_sub(cpu_before);
     let memory = relay.memory()?;
     relay.stop().await?;
     Ok(ScenarioResult::new(
         scenario,
         reference,
         through_relay,
+        cpu,
         memory,
     ))
 }
@@ -726,6 +752,8 @@ struct ScenarioResult {
     relay: Throughput,
     /// Relay throughput over reference throughput.
     ratio: f64,
+    /// The relay process's CPU time (user + system) per message.
+    relay_cpu_ms_per_message: f64,
     relay_peak_rss_mib: f64,
     relay_rss_at_end_mib: f64,
 }
@@ -735,6 +763,7 @@ impl ScenarioResult {
         scenario: Scenario,
         reference: Duration,
         relay: Duration,
+        relay_cpu: Duration,
         memory: Memory,
     ) -> ScenarioResult {
         let reference = Throughput::new(scenario.messages, reference);
@@ -745,6 +774,7 @@ impl ScenarioResult {
             ratio: relay.messages_per_second / reference.messages_per_second,
             reference,
             relay,
+            relay_cpu_ms_per_message: relay_cpu.as_secs_f64() * 1000.0 / scenario.messages as f64,
             relay_peak_rss_mib: mib(memory.peak_kib),
             relay_rss_at_end_mib: mib(memory.rss_kib),
         }
@@ -785,16 +815,23 @@ impl Report {
     fn print(&self) {
         println!("\nsendbridge relay load ({} CPUs)\n", self.cpus);
         println!(
-            "{:<28} {:>12} {:>12} {:>10} {:>10} {:>12}",
-            "scenario", "ref msg/s", "relay msg/s", "relay/ref", "peak MiB", "RSS end MiB"
+            "{:<28} {:>12} {:>12} {:>10} {:>12} {:>10} {:>12}",
+            "scenario",
+            "ref msg/s",
+            "relay msg/s",
+            "relay/ref",
+            "CPU ms/msg",
+            "peak MiB",
+            "RSS end MiB"
         );
         for result in &self.scenarios {
             println!(
-                "{:<28} {:>12.1} {:>12.1} {:>10.3} {:>10.1} {:>12.1}",
+                "{:<28} {:>12.1} {:>12.1} {:>10.3} {:>12.2} {:>10.1} {:>12.1}",
                 result.name,
                 result.reference.messages_per_second,
                 result.relay.messages_per_second,
                 result.ratio,
+                result.relay_cpu_ms_per_message,
                 result.relay_peak_rss_mib,
                 result.relay_rss_at_end_mib
             );

@@ -1,7 +1,8 @@
 //! AUTH (RFC 4954): the SASL PLAIN and LOGIN exchanges with the client
 //! and the answer to a password check.
 
-use std::sync::MutexGuard;
+use std::net::IpAddr;
+use std::sync::{Arc, MutexGuard};
 
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -11,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::connection::{Line, Stop};
 use super::sasl::{self, SaslError};
 use super::throttle::{Budget, SignInThrottle, Verdict};
-use super::{Flow, MAX_AUTH_FAILURES, Session};
+use super::{Flow, MAX_AUTH_FAILURES, Session, SessionContext};
 use crate::reply::{Refusal, Reply};
 use crate::secret::Secret;
 use crate::users::SignedIn;
@@ -140,11 +141,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(PasswordCheck::NotRun);
             }
         };
+        // Counted as failed unless settled otherwise, also when the client
+        // hangs up before its answer.
+        let attempt = Attempt {
+            ctx: self.ctx.clone(),
+            address,
+            settled: false,
+        };
         if !delay.is_zero() {
             self.conn.unless_hung_up(tokio::time::sleep(delay)).await?;
         }
         let Ok(check) = self.settings.users.check(username, password) else {
-            self.throttle().not_checked(address);
+            attempt.settle(SignInThrottle::not_checked);
             let reply = Reply::new(
                 454,
                 [4, 7, 0],
@@ -158,7 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(signed_in) = self.conn.unless_hung_up(check.outcome()).await? else {
             return Ok(PasswordCheck::Wrong);
         };
-        self.throttle().succeeded(address);
+        attempt.settle(SignInThrottle::succeeded);
         Ok(PasswordCheck::Matched(signed_in))
     }
 
@@ -249,6 +257,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+/// A sign-in the throttle admitted; it counts as failed when dropped
+/// unsettled (wrong password, or the client left before its answer).
+struct Attempt {
+    ctx: Arc<SessionContext>,
+    address: IpAddr,
+    settled: bool,
+}
+
+impl Attempt {
+    fn settle(mut self, how: fn(&mut SignInThrottle, IpAddr)) {
+        self.settled = true;
+        how(
+            &mut self.ctx.sign_in_throttle.lock().expect("throttle lock"),
+            self.address,
+        );
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.settled {
+            let mut throttle = self.ctx.sign_in_throttle.lock().expect("throttle lock");
+            throttle.failed(self.address);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -293,15 +328,17 @@ mod tests {
         let mut throttle = ctx.sign_in_throttle.lock().unwrap();
         for _ in 0..failures {
             throttle.admit(PEER.parse().unwrap(), Instant::now(), budget(ctx));
+            throttle.failed(PEER.parse().unwrap());
         }
     }
 
-    /// The failures counted for `PEER` so far (this asking counts one more).
+    /// The failures counted for `PEER` so far.
     fn failures(ctx: &SessionContext) -> u32 {
         let mut throttle = ctx.sign_in_throttle.lock().unwrap();
-        throttle
-            .admit(PEER.parse().unwrap(), Instant::now(), budget(ctx))
-            .failures
+        let peer = PEER.parse().unwrap();
+        let failures = throttle.admit(peer, Instant::now(), budget(ctx)).failures;
+        throttle.not_checked(peer);
+        failures
     }
 
     /// Reads the greeting, says EHLO and reads its reply.

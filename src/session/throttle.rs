@@ -52,7 +52,10 @@ pub struct Admission {
 
 struct Window {
     started: Instant,
+    /// Checks that failed in this window.
     failures: u32,
+    /// Checks admitted and not answered yet.
+    pending: u32,
     throttled: bool,
 }
 
@@ -65,19 +68,27 @@ pub struct SignInThrottle {
 }
 
 impl SignInThrottle {
-    /// Whether and when to check a sign-in from `address` now. A check
-    /// counts as failed from here on, so parallel guesses cannot all pass
-    /// before the first answer; a success clears it.
+    /// Whether and when to check a sign-in from `address` now. The delay
+    /// grows with the failures so far. Once an address has failed, checks
+    /// still unanswered count against its budget too, so parallel guesses
+    /// cannot all pass before the first answer; an address in good standing
+    /// may sign in on many connections at once (a program with a pool).
+    /// Every admitted check is settled by `failed`, `succeeded` or
+    /// `not_checked`.
     pub fn admit(&mut self, address: IpAddr, now: Instant, budget: Budget) -> Admission {
         self.forget_ended(now, budget.window);
         let window = self.window(address.to_canonical(), now);
         let failures = window.failures;
-        let verdict = if failures >= budget.failures {
+        let counted = match failures {
+            0 => 0,
+            _ => failures + window.pending,
+        };
+        let verdict = if counted >= budget.failures {
             Verdict::Refuse {
                 remaining: (window.started + budget.window).saturating_duration_since(now),
             }
         } else {
-            window.failures += 1;
+            window.pending += 1;
             Verdict::Check {
                 delay: delay_after(failures),
             }
@@ -95,18 +106,28 @@ impl SignInThrottle {
         }
     }
 
+    /// The admitted check failed (or its client left before the answer).
+    pub fn failed(&mut self, address: IpAddr) {
+        self.settle(address, |window| window.failures += 1);
+    }
+
     /// The admitted check could not run (every checker was busy): it is not
     /// the client's failure.
     pub fn not_checked(&mut self, address: IpAddr) {
-        if let Some(window) = self.windows.get_mut(&address.to_canonical()) {
-            window.failures = window.failures.saturating_sub(1);
-        }
+        self.settle(address, |_| {});
     }
 
     /// The password was right: the address starts afresh.
     pub fn succeeded(&mut self, address: IpAddr) {
+        self.settle(address, |window| window.failures = 0);
+    }
+
+    /// Ends one pending check of `address`; its window may have ended
+    /// meanwhile, and then there is nothing to count.
+    fn settle(&mut self, address: IpAddr, how: impl FnOnce(&mut Window)) {
         if let Some(window) = self.windows.get_mut(&address.to_canonical()) {
-            window.failures = 0;
+            window.pending = window.pending.saturating_sub(1);
+            how(window);
         }
     }
 
@@ -119,6 +140,7 @@ impl SignInThrottle {
             let window = Window {
                 started: now,
                 failures: 0,
+                pending: 0,
                 throttled: false,
             };
             self.windows.insert(address, window);
@@ -184,6 +206,8 @@ mod tests {
         Succeeds(u64),
         /// Seconds after the start, the verdict; every checker is busy.
         Busy(u64, Verdict),
+        /// Seconds after the start, the verdict; no answer yet.
+        Pending(u64, Verdict),
     }
     use Step::*;
 
@@ -193,19 +217,21 @@ mod tests {
         let mut throttle = SignInThrottle::default();
         for (n, step) in steps.iter().enumerate() {
             let at = match *step {
-                Fails(at, ..) | Succeeds(at) | Busy(at, _) => at,
+                Fails(at, ..) | Succeeds(at) | Busy(at, _) | Pending(at, _) => at,
             };
             let admission = throttle.admit(address, start + Duration::from_secs(at), BUDGET);
             match *step {
                 Fails(_, verdict, first) => {
                     assert_eq!(admission.verdict, verdict, "step {n}");
                     assert_eq!(admission.first_throttled, first, "step {n}");
+                    throttle.failed(address);
                 }
                 Succeeds(_) => throttle.succeeded(address),
                 Busy(_, verdict) => {
                     assert_eq!(admission.verdict, verdict, "step {n}");
                     throttle.not_checked(address);
                 }
+                Pending(_, verdict) => assert_eq!(admission.verdict, verdict, "step {n}"),
             }
         }
     }
@@ -288,7 +314,29 @@ mod tests {
         );
     }
 
-    /// Parallel guesses: each counts before any answer.
+    #[test]
+    fn parallel_sign_ins_of_an_address_in_good_standing_are_not_slowed() {
+        let steps: Vec<Step> = (0..20).map(|_| Pending(0, check(0))).collect();
+        run("192.0.2.7", &steps);
+    }
+
+    /// Parallel guesses after a failure: each counts before any answer.
+    #[test]
+    fn once_an_address_failed_unanswered_checks_count_against_its_budget() {
+        run(
+            "192.0.2.7",
+            &[
+                Fails(0, check(0), false),
+                Pending(1, check(0)),
+                Pending(1, check(0)),
+                Pending(1, check(0)),
+                Pending(1, check(0)),
+                Pending(1, check(0)),
+                Pending(1, refuse(599)),
+            ],
+        );
+    }
+
     #[test]
     fn addresses_are_counted_apart_and_mapped_ipv4_is_ipv4() {
         let now = Instant::now();
@@ -296,6 +344,7 @@ mod tests {
         let flooding: IpAddr = "127.0.0.1".parse().unwrap();
         for _ in 0..BUDGET.failures {
             throttle.admit(flooding, now, BUDGET);
+            throttle.failed(flooding);
         }
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         let other: IpAddr = "127.0.0.2".parse().unwrap();
@@ -311,6 +360,7 @@ mod tests {
         let first = address(0);
         for _ in 0..BUDGET.failures {
             throttle.admit(first, now, BUDGET);
+            throttle.failed(first);
         }
         for n in 1..=MAX_ADDRESSES as u32 {
             throttle.admit(address(n), now, BUDGET);
