@@ -12,10 +12,8 @@
 /// Where the reader stands in the byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Inside a line.
-    Text,
-    /// After a CR inside a line (not yet known to end it).
-    Cr,
+    /// Inside a line; `after_cr`: its last byte so far was CR.
+    Text { after_cr: bool },
     /// At the start of a line; `bare`: the previous line ended in a bare LF.
     LineStart { bare: bool },
     /// After a "." that starts a line.
@@ -58,40 +56,38 @@ impl DotReader {
         while at < input.len() {
             let byte = input[at];
             self.state = match self.state {
-                State::Text => {
-                    // The common case: copy up to the next line-end byte.
-                    let run =
-                        memchr::memchr2(b'\r', b'\n', &input[at..]).unwrap_or(input.len() - at);
-                    emit(&input[at..at + run]);
-                    at += run;
-                    match input.get(at) {
-                        Some(b'\r') => State::Cr,
-                        Some(_) => {
-                            emit(b"\n");
-                            State::LineStart { bare: true }
-                        }
-                        None => return at,
-                    }
-                }
-                State::Cr if byte == b'\n' => {
-                    emit(b"\r\n");
-                    State::LineStart { bare: false }
-                }
-                State::Cr => {
-                    emit(b"\r");
-                    self.state = State::Text;
-                    continue;
+                State::Text { after_cr } => {
+                    // The common case: only a line that starts with a dot
+                    // needs a look, so everything up to the next such line
+                    // (or the end of the input) is copied as one run.
+                    let rest = &input[at..];
+                    let dot_line = memchr::memchr_iter(b'\n', rest)
+                        .find(|&lf| rest.get(lf + 1).is_none_or(|&next| next == b'.'));
+                    let Some(lf) = dot_line else {
+                        emit(rest);
+                        self.state = State::Text {
+                            after_cr: rest.last() == Some(&b'\r'),
+                        };
+                        return input.len();
+                    };
+                    emit(&rest[..=lf]);
+                    let bare = match lf {
+                        0 => !after_cr,
+                        _ => rest[lf - 1] != b'\r',
+                    };
+                    at += lf;
+                    State::LineStart { bare }
                 }
                 State::LineStart { bare } if byte == b'.' => State::Dot { bare },
                 State::LineStart { .. } => {
-                    self.state = State::Text;
+                    self.state = State::Text { after_cr: false };
                     continue;
                 }
                 State::Dot { bare } if byte == b'\r' => State::DotCr { bare },
                 State::Dot { .. } if byte == b'\n' && self.lenient => State::Done { bare: true },
                 State::Dot { bare } => {
                     self.unstuff(bare, &mut emit);
-                    self.state = State::Text;
+                    self.state = State::Text { after_cr: false };
                     continue;
                 }
                 State::DotCr { bare } if byte == b'\n' && (!bare || self.lenient) => {
@@ -99,7 +95,8 @@ impl DotReader {
                 }
                 State::DotCr { bare } => {
                     self.unstuff(bare, &mut emit);
-                    self.state = State::Cr;
+                    emit(b"\r");
+                    self.state = State::Text { after_cr: true };
                     continue;
                 }
                 State::Done { .. } => return at,
