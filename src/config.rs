@@ -57,6 +57,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    pub notify: NotifyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -393,6 +394,65 @@ impl AccountConfig {
     pub fn sender(&self) -> &str {
         self.sender.as_deref().unwrap_or(&self.username)
     }
+}
+
+/// `[notify]`: who hears of mail the relay cannot deliver (README,
+/// "Notices").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Addresses that get admin alerts by email.
+    pub admin: Vec<String>,
+    /// The account notices are sent through; when unset, the message's own
+    /// account if it can sign in, else any other that can.
+    pub account: Option<String>,
+    /// URL that gets admin alerts as HTTP POST.
+    pub webhook: Option<String>,
+    pub webhook_format: WebhookFormat,
+    /// Bounces to the envelope sender when mail is refused or given up.
+    pub bounces: bool,
+    /// A notice to the sender when a message is still undelivered after
+    /// this long; zero turns it off.
+    #[serde(deserialize_with = "duration")]
+    pub delay_warning: Duration,
+    pub language: Language,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            admin: Vec::new(),
+            account: None,
+            webhook: None,
+            webhook_format: WebhookFormat::Json,
+            bounces: true,
+            delay_warning: Duration::from_secs(4 * 3600),
+            language: Language::En,
+        }
+    }
+}
+
+/// The body of a webhook POST.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// Fields `event`, `account`, `message_id`, `recipients`, `reply`,
+    /// `hint`, `count`, `at`, `relay`.
+    #[default]
+    Json,
+    /// `{"text": …}`: Slack, Mattermost and Teams workflows.
+    Slack,
+    /// A plain-text body with a title header (ntfy.sh).
+    Ntfy,
+}
+
+/// The language of notices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    #[default]
+    En,
+    De,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

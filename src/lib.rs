@@ -8,6 +8,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod notify;
 pub mod oauth;
 pub mod observe;
 pub mod policy;

@@ -65,7 +65,35 @@ impl Config {
         for (name, user) in &mut self.users {
             user.validate(name, fallback_account.as_deref(), &self.accounts)?;
         }
+        self.validate_notify()?;
         self.admin.validate()
+    }
+
+    fn validate_notify(&self) -> Result<(), ConfigError> {
+        let notify = &self.notify;
+        if let Some(address) = notify.admin.iter().find(|a| !a.contains('@')) {
+            return Err(ConfigError::new(
+                "notify.admin",
+                format!("\"{address}\" is not an email address"),
+            ));
+        }
+        if let Some(account) = &notify.account {
+            if !self.accounts.contains_key(account) {
+                return Err(ConfigError::new(
+                    "notify.account",
+                    format!("no account named \"{account}\" in [accounts]"),
+                ));
+            }
+        }
+        if let Some(url) = &notify.webhook {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(ConfigError::new(
+                    "notify.webhook",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The account for logins that name none: `server.default_account`, or
