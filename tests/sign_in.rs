@@ -254,5 +254,9 @@ async fn parallel_correct_sign_ins_from_one_address_are_not_slowed() {
     }
 
     assert_eq!(codes, [235; 12]);
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
