@@ -9,7 +9,7 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -34,6 +34,8 @@ pub struct SpaceWatch {
     dir: String,
     start: Instant,
     log: Mutex<SpaceLog>,
+    /// Called once per time of failed writes that the log warned about.
+    on_full: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// What the log was told, in milliseconds since the watch started.
@@ -57,9 +59,11 @@ struct FullSpell {
 #[derive(Debug, PartialEq, Eq)]
 enum Notice {
     Nothing,
-    /// The spool is full; `failed` writes failed since the last warning.
+    /// The spool is full; `failed` writes failed since the last warning;
+    /// `first`: the first warning of this time of failures.
     Full {
         failed: u64,
+        first: bool,
     },
     /// Writing works again after `full_for_ms` of failures.
     Writable {
@@ -97,10 +101,11 @@ impl SpaceLog {
             self.unreported += 1;
             return Notice::Nothing;
         }
+        let first = !full.warned;
         full.warned = true;
         self.last_warning = Some(now);
         let failed = std::mem::take(&mut self.unreported) + 1;
-        Notice::Full { failed }
+        Notice::Full { failed, first }
     }
 }
 
@@ -111,7 +116,14 @@ impl SpaceWatch {
             dir: dir.display().to_string(),
             start: Instant::now(),
             log: Mutex::new(SpaceLog::default()),
+            on_full: OnceLock::new(),
         }
+    }
+
+    /// Has `alert` called when the spool fills up: once per time of failed
+    /// writes, with the first warning. Set once.
+    pub fn when_full(&self, alert: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_full.set(Box::new(alert));
     }
 
     /// What an operator does about it; for the log and refused clients.
@@ -138,8 +150,11 @@ impl SpaceWatch {
         let notice = self.log.lock().expect("space lock").notice(succeeded, now);
         match notice {
             Notice::Nothing => {}
-            Notice::Full { failed } => {
+            Notice::Full { failed, first } => {
                 warn!(spool = %self.dir, failed_writes = failed, reason = "spool_full", hint = %self.hint(), "spool is full: new mail is refused with 452 4.3.1 until space is freed; delivery goes on");
+                if let (true, Some(alert)) = (first, self.on_full.get()) {
+                    alert();
+                }
             }
             Notice::Writable { full_for_ms } => {
                 info!(spool = %self.dir, full_for_s = full_for_ms / 1000, "spool writable again");
@@ -158,10 +173,24 @@ mod tests {
         // (now, the write succeeded, what the log says)
         let table = [
             (0, true, Notice::Nothing),
-            (1_000, false, Notice::Full { failed: 1 }),
+            (
+                1_000,
+                false,
+                Notice::Full {
+                    failed: 1,
+                    first: true,
+                },
+            ),
             (1_001, false, Notice::Nothing),
             (minute, false, Notice::Nothing),
-            (1_000 + minute, false, Notice::Full { failed: 3 }),
+            (
+                1_000 + minute,
+                false,
+                Notice::Full {
+                    failed: 3,
+                    first: false,
+                },
+            ),
             (1_001 + minute, false, Notice::Nothing),
             (
                 5_000 + minute,
@@ -175,7 +204,14 @@ mod tests {
             // end is not said either.
             (6_000 + minute, false, Notice::Nothing),
             (7_000 + minute, true, Notice::Nothing),
-            (1_000 + 2 * minute, false, Notice::Full { failed: 3 }),
+            (
+                1_000 + 2 * minute,
+                false,
+                Notice::Full {
+                    failed: 3,
+                    first: true,
+                },
+            ),
             (
                 2_000 + 2 * minute,
                 true,

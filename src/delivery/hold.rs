@@ -9,8 +9,9 @@ use tracing::{error, info, warn};
 
 use super::Delivery;
 use super::account::Account;
-use crate::spool::operations;
-use crate::transport::{Failure, Outcome};
+use crate::notify::notice::Event;
+use crate::spool::{State, operations};
+use crate::transport::{Failure, Outcome, SIGN_IN_NEEDED};
 
 /// Why an account is on hold: the refused sign-in, with its hint.
 #[derive(Clone)]
@@ -31,14 +32,18 @@ impl Hold {
 }
 
 impl Delivery {
-    pub(super) fn start_hold(&self, account: &Account, failure: &Failure) {
-        let mut hold = account.hold.lock().expect("hold lock");
-        let new = hold.as_ref().is_none_or(|hold| hold.since.is_none());
-        *hold = Some(Hold {
-            since: Some(self.clock.now()),
-            failure: failure.clone(),
-        });
-        drop(hold);
+    /// Puts `account` on hold (again) for `failure`, and lets the notice
+    /// engine decide whether that is said: once per hold, then daily.
+    pub(super) async fn start_hold(&self, account: &Account, failure: &Failure) {
+        let new = {
+            let mut hold = account.hold.lock().expect("hold lock");
+            let new = hold.as_ref().is_none_or(|hold| hold.since.is_none());
+            *hold = Some(Hold {
+                since: Some(self.clock.now()),
+                failure: failure.clone(),
+            });
+            new
+        };
         if new {
             let name = &account.name;
             error!(
@@ -50,6 +55,21 @@ impl Delivery {
             );
             account.hold_started.notify_one();
         }
+        let event = match failure.reason {
+            SIGN_IN_NEEDED => Event::SigninNeeded,
+            _ => Event::AccountHeld,
+        };
+        let (name, failure, spool) = (account.name.clone(), failure.clone(), self.spool.clone());
+        self.notice(move |notifier, accounts, now| {
+            let waiting = spool.list(State::Held).map_or(0, |held| {
+                held.iter()
+                    .filter(|envelope| envelope.account == name)
+                    .count()
+            });
+            let hint = failure.hint.as_deref();
+            notifier.account_held(&name, event, &failure.reply, hint, waiting, accounts, now);
+        })
+        .await;
     }
 
     /// Ends a hold and makes the account's held mail due now.
@@ -68,7 +88,12 @@ impl Delivery {
                 for id in &ids {
                     info!(id = %id, account = %name, "message released from hold");
                 }
-                warn!(account = %name, released = ids.len(), why, "account hold released: held mail is being sent")
+                warn!(account = %name, released = ids.len(), why, "account hold released: held mail is being sent");
+                let (name, released) = (name.clone(), ids.len());
+                self.notice(move |notifier, accounts, now| {
+                    notifier.account_released(&name, released, accounts, now);
+                })
+                .await;
             }
             Err(err) => {
                 error!(account = %name, error = %err, "hold released, but held mail could not be requeued")
@@ -108,7 +133,7 @@ impl Delivery {
                     }
                     Err(outcome) => {
                         if let Outcome::AuthFailed(failure) = &outcome {
-                            self.start_hold(&account, failure);
+                            self.start_hold(&account, failure).await;
                         }
                         delay =
                             (delay * 2).clamp(self.settings.retry_initial, self.settings.retry_max);

@@ -8,7 +8,9 @@
 //! one probe login at a time checks whether it works again.
 
 mod account;
+mod delays;
 mod hold;
+mod notices;
 mod scheduler;
 mod settle;
 mod submit;
@@ -25,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::access_tokens::TokenSource;
 use crate::config::{Config, DeliveryConfig};
+use crate::notify::{Notifier, Recent};
 use crate::reply::Reply;
 use crate::spool::{Spool, State};
 use crate::spool_space::SpaceWatch;
@@ -64,6 +67,8 @@ pub struct Delivery {
     tokens: TokenSource,
     /// Whether the spool's disk is full; says so in the log.
     space: SpaceWatch,
+    /// Tells people about mail that is refused, given up, delayed or held.
+    notifier: Arc<Notifier>,
     /// Messages in `active/` whose last attempt could not be recorded, by id.
     unsaved: Mutex<HashMap<String, Unsaved>>,
     wake_scheduler: Notify,
@@ -95,8 +100,10 @@ impl Delivery {
             );
         }
         let clock = Clock::new();
+        let spool = Arc::new(spool);
         let delivery = Arc::new(Delivery {
-            spool: Arc::new(spool),
+            notifier: Arc::new(Notifier::new(config, spool.clone())),
+            spool,
             settings: config.delivery.clone(),
             clock,
             accounts: RwLock::new(HashMap::new()),
@@ -129,6 +136,7 @@ impl Delivery {
             }
             delivery.add_account(account, account_config.max_connections);
         }
+        delivery.tell_when_the_spool_fills();
         delivery.tasks.spawn(delivery.clone().scheduler());
         delivery.tasks.close();
         Ok(delivery)
@@ -196,6 +204,7 @@ impl Delivery {
                 self.release_hold(&account, "its credentials changed").await;
             }
         }
+        self.notifier.reload(config);
         self.wake_scheduler.notify_one();
         Ok(())
     }
@@ -235,6 +244,11 @@ impl Delivery {
             .collect();
         holds.sort_by(|a, b| a.0.cmp(&b.0));
         holds
+    }
+
+    /// The last notices (bounces, warnings, alerts), newest first.
+    pub fn recent_notices(&self) -> Vec<Recent> {
+        self.notifier.recent()
     }
 
     /// Re-reads the queue now instead of at the next `scan_interval`, e.g.

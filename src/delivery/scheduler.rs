@@ -7,6 +7,7 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use super::Delivery;
+use super::delays::DelayWatch;
 use super::worker::queue_job;
 use crate::spool::{Envelope, FileVersion, Spool, State};
 use crate::spool_space::is_full;
@@ -102,7 +103,9 @@ impl Delivery {
     /// `sendbridge queue` from outside are picked up.
     pub(super) async fn scheduler(self: Arc<Self>) {
         let mut index = DeferredIndex::default();
+        let mut delays = DelayWatch::default();
         loop {
+            let next_warning = self.warn_of_delays(&mut delays).await;
             let now = self.clock.now();
             let next_unsaved = self.resume_unsaved(now).await;
             let configured: Vec<String> = self
@@ -138,10 +141,10 @@ impl Delivery {
                         };
                         queue_job(&account, envelope);
                     }
-                    let next = match (next, next_unsaved) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
+                    let next = [next, next_unsaved, next_warning]
+                        .into_iter()
+                        .flatten()
+                        .min();
                     if let Some(next) = next {
                         // From the time the scan ended, which may be later.
                         let until_next = next.saturating_sub(self.clock.now());

@@ -10,6 +10,8 @@ use tracing::{error, info, warn};
 use super::Delivery;
 use super::scheduler::Unsaved;
 use crate::config::DeliveryConfig;
+use crate::notify::GivenUp;
+use crate::notify::notice::Event;
 use crate::observe::metrics::{self, MessageEvent};
 use crate::provider_replies::diagnose;
 use crate::reply::Reply;
@@ -146,12 +148,64 @@ pub(super) struct Transition {
     /// For the envelope's history, likewise.
     pub(super) note: Option<String>,
     pub(super) log: Log,
+    /// The notice a message given up raises, once per message.
+    pub(super) raised: Option<Raised>,
+}
+
+/// A message refused for good or given up: the admin alert's event, and
+/// whether its sender gets a bounce.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Raised {
+    pub(super) event: Event,
+    pub(super) hint: Option<String>,
+    /// Not when a waiting client heard the refusal itself (hybrid mode's
+    /// 5xx): it was never told `250`.
+    pub(super) bounce: bool,
+}
+
+/// How the client that handed the message over takes part in this verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Client {
+    /// A waiting passthrough client still holds the message, so anything
+    /// but delivery returns it.
+    pub(super) keeps_it: bool,
+    /// A client still waits for this verdict and hears it.
+    pub(super) waits: bool,
 }
 
 /// Decides what `verdict` does to the message of `envelope` at `now`.
-/// `client_keeps_it`: a waiting passthrough client still holds the message,
-/// so anything but delivery returns it.
 pub(super) fn transition(
+    envelope: &Envelope,
+    verdict: &Verdict,
+    client: Client,
+    now: u64,
+    settings: &DeliveryConfig,
+) -> Transition {
+    let mut step = decide(envelope, verdict, client.keeps_it, now, settings);
+    step.raised = raised(envelope, verdict, &step.log, client.waits);
+    step
+}
+
+/// The notice of a message that reaches `rejected/` and was not noticed
+/// about yet.
+fn raised(envelope: &Envelope, verdict: &Verdict, log: &Log, client_waits: bool) -> Option<Raised> {
+    let (event, hint) = match log {
+        Log::Refused { hint, .. } => (Event::MessageRejected, hint),
+        Log::Expired { hint, .. } => (Event::MessageExpired, hint),
+        _ => return None,
+    };
+    if envelope.notices.bounced {
+        return None;
+    }
+    let heard = client_waits && matches!(verdict, Verdict::Rejected(_));
+    Some(Raised {
+        event,
+        hint: (!hint.is_empty()).then(|| hint.clone()),
+        bounce: !heard,
+    })
+}
+
+fn decide(
     envelope: &Envelope,
     verdict: &Verdict,
     client_keeps_it: bool,
@@ -163,6 +217,7 @@ pub(super) fn transition(
         last_reply: None,
         note: None,
         log,
+        raised: None,
     };
     let stays = |next: Next, last_reply: String, log| {
         let note = match verdict {
@@ -181,6 +236,7 @@ pub(super) fn transition(
             last_reply: Some(last_reply),
             note: Some(note),
             log,
+            raised: None,
         }
     };
     match verdict {
@@ -206,6 +262,7 @@ pub(super) fn transition(
             log: Log::Delivered {
                 upstream_reply: reply.to_string(),
             },
+            raised: None,
         },
         Verdict::Delivered(_) | Verdict::Rejected(_) => {
             let first = &envelope.refused[0].reply;
@@ -314,15 +371,10 @@ impl Log {
 
 impl Delivery {
     /// Carries out what `verdict` does to the message: the log line, the
-    /// metric, and the envelope's move in the spool.
-    pub(super) async fn settle(
-        &self,
-        envelope: &mut Envelope,
-        verdict: &Verdict,
-        client_keeps_it: bool,
-    ) {
+    /// metric, the notice it raises, and the envelope's move in the spool.
+    pub(super) async fn settle(&self, envelope: &mut Envelope, verdict: &Verdict, client: Client) {
         let now = self.clock.now();
-        let step = transition(envelope, verdict, client_keeps_it, now, &self.settings);
+        let step = transition(envelope, verdict, client, now, &self.settings);
         step.log.emit(envelope);
         let account = &envelope.account;
         match step.next {
@@ -351,6 +403,27 @@ impl Delivery {
         }
         if let Some(note) = step.note {
             envelope.record(now, note);
+        }
+        if let Some(raised) = step.raised {
+            // Queued before the envelope says so: a crash in between may
+            // repeat the notice, never lose it.
+            let given_up = envelope.clone();
+            self.notice(move |notifier, accounts, now| {
+                let Raised {
+                    event,
+                    hint,
+                    bounce,
+                } = raised;
+                let given_up = GivenUp {
+                    envelope: &given_up,
+                    event,
+                    hint,
+                    bounce,
+                };
+                notifier.message_given_up(given_up, accounts, now);
+            })
+            .await;
+            envelope.notices.bounced = true;
         }
         self.store(envelope, to).await;
     }
@@ -511,7 +584,11 @@ mod tests {
             (&postponed, envelope(0, &[]), true, Next::Returned),
         ];
         for (verdict, envelope, keeps, expected) in table {
-            let step = transition(&envelope, verdict, keeps, NOW, &settings);
+            let client = Client {
+                keeps_it: keeps,
+                waits: keeps,
+            };
+            let step = transition(&envelope, verdict, client, NOW, &settings);
             assert_eq!(step.next, expected, "{verdict:?}, client keeps it: {keeps}");
             let leaves = matches!(expected, Next::Delivered | Next::Returned);
             assert_eq!(step.note.is_none(), leaves, "{verdict:?}");
@@ -542,7 +619,13 @@ mod tests {
             reason: "upstream_unavailable",
             hint: Some("set accounts.a.tls".into()),
         });
-        let step = transition(&envelope(0, &[]), &deferred, false, NOW, &settings);
+        let step = transition(
+            &envelope(0, &[]),
+            &deferred,
+            Client::default(),
+            NOW,
+            &settings,
+        );
         assert_eq!(
             step.last_reply.as_deref(),
             Some("the server does not offer STARTTLS"),
@@ -566,7 +649,13 @@ mod tests {
             until: NOW + 90_500,
             failure: failure(451, [4, 7, 0]),
         };
-        let step = transition(&envelope(0, &[]), &postponed, false, NOW, &settings);
+        let step = transition(
+            &envelope(0, &[]),
+            &postponed,
+            Client::default(),
+            NOW,
+            &settings,
+        );
         assert_eq!(
             step.note.as_deref(),
             Some("deferred: daily sending limit; resumes in 90s")
@@ -581,7 +670,13 @@ mod tests {
         );
 
         let refused = Verdict::Delivered(Reply::new(250, [2, 0, 0], "OK"));
-        let step = transition(&envelope(0, &["x@b"]), &refused, false, NOW, &settings);
+        let step = transition(
+            &envelope(0, &["x@b"]),
+            &refused,
+            Client::default(),
+            NOW,
+            &settings,
+        );
         let Log::Refused {
             refused,
             upstream_reply,
@@ -592,6 +687,55 @@ mod tests {
         };
         assert_eq!(refused, ["x@b"]);
         assert_eq!(upstream_reply, "550 5.1.1 no such user");
+    }
+
+    #[test]
+    fn a_message_given_up_raises_one_notice_and_a_bounce_unless_the_client_heard_it() {
+        let settings = DeliveryConfig::default();
+        let max_age = settings.max_age.as_millis() as u64;
+        let partly = Verdict::Delivered(Reply::new(250, [2, 0, 0], "OK"));
+        let rejected = Verdict::Rejected(failure(550, [5, 1, 1]));
+        let expired = Verdict::Deferred(deferral());
+        let bounced = |mut envelope: Envelope| {
+            envelope.notices.bounced = true;
+            envelope
+        };
+        let waiting = Client {
+            keeps_it: false,
+            waits: true,
+        };
+        let gone = Client::default();
+        let rejected_event = Some((Event::MessageRejected, true));
+        // (verdict, envelope, client, raised: (event, bounce))
+        let table = [
+            (&partly, envelope(0, &["x@b"]), gone, rejected_event),
+            // The client hears 250 for the others: the refused one bounces.
+            (&partly, envelope(0, &["x@b"]), waiting, rejected_event),
+            (&rejected, envelope(0, &["x@b"]), gone, rejected_event),
+            // Hybrid mode: the waiting client got the 5xx itself.
+            (
+                &rejected,
+                envelope(0, &["x@b"]),
+                waiting,
+                Some((Event::MessageRejected, false)),
+            ),
+            (
+                &expired,
+                envelope(max_age, &[]),
+                gone,
+                Some((Event::MessageExpired, true)),
+            ),
+            (&expired, envelope(0, &[]), gone, None),
+            (&partly, envelope(0, &[]), gone, None),
+            // Noticed about before (a retry from rejected/): never again.
+            (&rejected, bounced(envelope(0, &["x@b"])), gone, None),
+            (&expired, bounced(envelope(max_age, &[])), gone, None),
+        ];
+        for (verdict, envelope, client, expected) in table {
+            let step = transition(&envelope, verdict, client, NOW, &settings);
+            let raised = step.raised.map(|raised| (raised.event, raised.bounce));
+            assert_eq!(raised, expected, "{verdict:?} {client:?}");
+        }
     }
 
     #[test]

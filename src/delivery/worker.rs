@@ -8,7 +8,7 @@ use tracing::warn;
 
 use super::Delivery;
 use super::account::{Account, AccountSettings};
-use super::settle::Verdict;
+use super::settle::{Client, Verdict};
 use crate::config::DeliveryMode;
 use crate::reply::Reply;
 use crate::spool::{Envelope, RefusedRecipient};
@@ -64,13 +64,19 @@ impl Delivery {
     ) {
         // Only a waiting passthrough client keeps the message itself; every
         // other message was acknowledged and must stay in the spool.
-        let client_keeps_it =
-            job.verdict.is_some() && self.settings.mode == DeliveryMode::Passthrough;
+        let waits = job
+            .verdict
+            .as_ref()
+            .is_some_and(|client| !client.is_closed());
+        let client = Client {
+            keeps_it: job.verdict.is_some() && self.settings.mode == DeliveryMode::Passthrough,
+            waits,
+        };
         let mut envelope = job.envelope;
         if let Some(hold) = account.hold() {
             if !hold.lets_through(envelope.retry_requested_at) {
                 let verdict = Verdict::AuthFailed(hold.failure);
-                self.settle(&mut envelope, &verdict, client_keeps_it).await;
+                self.settle(&mut envelope, &verdict, client).await;
                 notify(job.verdict, verdict.into());
                 return;
             }
@@ -95,9 +101,9 @@ impl Delivery {
         if verdict.is_attempt() {
             envelope.attempts += 1;
         }
-        self.settle(&mut envelope, &verdict, client_keeps_it).await;
+        self.settle(&mut envelope, &verdict, client).await;
         match &verdict {
-            Verdict::AuthFailed(failure) => self.start_hold(account, failure),
+            Verdict::AuthFailed(failure) => self.start_hold(account, failure).await,
             Verdict::Delivered(_) if account.hold().is_some() => {
                 self.release_hold(account, "a retried message was delivered")
                     .await;

@@ -23,6 +23,7 @@ const DELIVERY_SECONDS: &str = "sendbridge_delivery_seconds";
 const QUEUE: &str = "sendbridge_queue_messages";
 const SPOOL_BYTES: &str = "sendbridge_spool_bytes";
 const SPOOL_FULL: &str = "sendbridge_spool_full";
+const NOTICES: &str = "sendbridge_notices_total";
 
 /// From a second to a day: hybrid deliveries take seconds, held mail days.
 const DELIVERY_BUCKETS: [f64; 12] = [
@@ -112,6 +113,10 @@ fn describe() {
         SPOOL_FULL,
         "1 while the spool's disk is full (new mail gets 452 4.3.1), else 0"
     );
+    describe_counter!(
+        NOTICES,
+        "Notices handed to a channel (email, webhook), or none when no channel could take them, by event (bounce, delay_warning, account_held, ...)"
+    );
 }
 
 pub fn session_opened() {
@@ -147,6 +152,12 @@ pub fn delivered(account: &str, waited: Duration) {
 pub fn upstream_reply(account: &str, code: u16) {
     counter!(UPSTREAM_REPLIES, "account" => account.to_string(), "code" => code.to_string())
         .increment(1);
+}
+
+/// Counts a notice by its event and the channel that took it (`email`,
+/// `webhook`, or `none` when it could not be sent).
+pub fn notice(event: &'static str, channel: &'static str) {
+    counter!(NOTICES, "event" => event, "channel" => channel).increment(1);
 }
 
 /// What the queue holds at scrape time.

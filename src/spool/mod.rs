@@ -99,6 +99,23 @@ pub struct Envelope {
     /// Recipients the upstream refused for good, with its reply.
     #[serde(default)]
     pub refused: Vec<RefusedRecipient>,
+    /// The notices about this message already dealt with, written in the
+    /// same update as the state change that raised them, so a restart
+    /// never repeats one.
+    #[serde(default)]
+    pub notices: Notices,
+    /// A notice the relay generated (bounce, delay warning, alert): never
+    /// itself the subject of a notice.
+    #[serde(default)]
+    pub is_notice: bool,
+}
+
+/// Which notices about a message were dealt with (sent, or left out on
+/// purpose: a null sender, a report, a rate limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notices {
+    pub bounced: bool,
+    pub delay_warned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -50,6 +50,11 @@ pub struct Deferral {
     pub hint: Option<String>,
 }
 
+/// The reason code of a refused sign-in that only a person can fix by
+/// signing in again (an OAuth 2.0 refresh token refused): the account is
+/// held and the `signin_needed` alert says what to run.
+pub const SIGN_IN_NEEDED: &str = "signin_needed";
+
 /// The reason code of a failure without a reply.
 const UNAVAILABLE: &str = "upstream_unavailable";
 

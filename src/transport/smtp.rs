@@ -488,7 +488,7 @@ fn token_failure(failure: TokenFailure) -> Outcome {
                 [5, 7, 8],
                 format!("OAuth 2.0 sign-in needed: {reason}"),
             ),
-            reason: SIGN_IN_REFUSED,
+            reason: super::SIGN_IN_NEEDED,
             hint: Some(hint),
         }),
         TokenFailure::Unavailable { reason } => {
@@ -577,6 +577,7 @@ mod tests {
             failure.hint.as_deref(),
             Some("run `sendbridge oauth login gmail`")
         );
+        assert_eq!(failure.reason, "signin_needed", "its own alert");
     }
 
     #[test]
