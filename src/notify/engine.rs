@@ -125,9 +125,12 @@ impl Notifier {
             .map(|refused| NoticeRecipient {
                 address: refused.address.clone(),
                 status: refused.reply.status.unwrap_or([5, 0, 0]),
-                reply: Some(refused.reply.to_string()),
+                reply: Some(whole(&refused.reply)),
             })
             .collect();
+        // The alert quotes the reply of the first refused recipient whole
+        // (the envelope's last reply is one line).
+        let alert_reply = recipients.first().and_then(|r| r.reply.clone());
         if event == Event::MessageExpired {
             recipients.extend(
                 envelope
@@ -161,7 +164,7 @@ impl Notifier {
             account: Some(envelope.account.clone()),
             message_id: Some(envelope.id.clone()),
             recipients: recipients.into_iter().map(|r| r.address).collect(),
-            reply: last_reply,
+            reply: alert_reply.or(last_reply),
             hint,
             count: None,
             at: now,
@@ -239,7 +242,7 @@ impl Notifier {
             account: Some(account.to_string()),
             message_id: None,
             recipients: Vec::new(),
-            reply: Some(reply.to_string()),
+            reply: Some(whole(reply)),
             hint: hint.map(str::to_string),
             count: Some(waiting),
             at: now,
@@ -475,10 +478,37 @@ impl Notifier {
     }
 }
 
+/// A provider's reply with all its lines (joined by newlines), each with
+/// the code as it came: Gmail puts its help link on the last one.
+fn whole(reply: &Reply) -> String {
+    let mut wire = Vec::new();
+    reply.write_to(&mut wire);
+    let text = String::from_utf8_lossy(&wire);
+    text.trim_end().replace("\r\n", "\n")
+}
+
 /// The `event` label of a notice to the sender.
 fn kind_label(kind: SenderNoticeKind) -> &'static str {
     match kind {
         SenderNoticeKind::Bounce => "bounce",
         SenderNoticeKind::DelayWarning => "delay_warning",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_quoted_whole() {
+        let reply = Reply::new(
+            550,
+            [5, 1, 1],
+            "No such user.\nhttps://support.google.com/mail/?p=NoSuchUser",
+        );
+        assert_eq!(
+            whole(&reply),
+            "550-5.1.1 No such user.\n550 5.1.1 https://support.google.com/mail/?p=NoSuchUser"
+        );
     }
 }

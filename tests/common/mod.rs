@@ -13,3 +13,4 @@ pub mod token_endpoint;
 pub mod tokens;
 pub mod tools;
 pub mod wait;
+pub mod webhook;
