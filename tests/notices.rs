@@ -122,3 +122,117 @@ async fn null_senders_reports_and_auto_submitted_mail_get_no_bounce() {
         .count();
     assert_eq!(to_sender, 0);
 }
+
+/// `[accounts.backup]` at `backup`, the admin and the webhook.
+fn with_backup_and_admin(backup: &FakeUpstream, webhook: &WebhookReceiver) -> String {
+    format!(
+        r#"
+        [delivery]
+        mode = "queue"
+        [notify]
+        admin = ["{ADMIN}"]
+        webhook = "{}"
+        [accounts.backup]
+        host = "localhost"
+        port = {}
+        username = "{UPSTREAM_USER}"
+        password = "{UPSTREAM_PASSWORD}"
+        ca_file = "{}"
+        "#,
+        webhook.url(),
+        backup.port(),
+        backup.ca_file().display(),
+    )
+}
+
+#[tokio::test]
+async fn a_held_account_is_one_alert_through_another_account_even_across_a_restart() {
+    let log = LogCapture::start();
+    // The account's password is wrong: the upstream refuses the sign-in.
+    let gmail = upstream(Script::default()).await;
+    gmail.set_password("changed-by-someone");
+    let backup = upstream(Script::default()).await;
+    let webhook = WebhookReceiver::start().await;
+    let extra = with_backup_and_admin(&backup, &webhook);
+    let mut config = config_for(&gmail, UpstreamTls::StartTls, &extra);
+    // One worker: the first refusal holds the account before the next try.
+    config.accounts.get_mut("gmail").unwrap().max_connections = 1;
+    let relay = Relay::start(config.clone()).await;
+    let mut client = relay.signed_in_client().await;
+    for n in 0..3 {
+        let content = format!("Subject: Invoice {n}\r\n\r\nx\r\n");
+        assert_eq!(
+            client
+                .send_mail(SENDER, &["customer@example.com"], &content)
+                .await
+                .code,
+            250
+        );
+    }
+    drop(client);
+
+    let alerts = backup.wait_for_messages(1, WAIT).await;
+    assert_eq!(alerts[0].rcpt_to, [ADMIN]);
+    let text = String::from_utf8_lossy(&alerts[0].data);
+    assert!(
+        text.contains("account_held") && text.contains("gmail"),
+        "{text}"
+    );
+    let posted = webhook.wait_for(1).await;
+    assert!(posted[0].text().contains("account_held"), "{:?}", posted[0]);
+    eventually("all three held", || async {
+        Spool::open(&relay.spool)
+            .unwrap()
+            .ids(State::Held)
+            .unwrap()
+            .len()
+            == 3
+    })
+    .await;
+    assert_eq!(
+        gmail.auth_attempts(),
+        1,
+        "the held account carried no notice"
+    );
+    eventually("the delivered alert left the spool", || async {
+        !queued(&relay.spool)
+            .iter()
+            .any(|envelope| envelope.is_notice)
+    })
+    .await;
+
+    // Restarted: the hold carries over and is probed at once, still
+    // refused, and not alerted again.
+    let dir = relay.stop().await;
+    let relay = Relay::start_with_spool(config.clone(), dir.path().join("spool")).await;
+    eventually("the probe at start", || async {
+        !log.lines_with("account still on hold").is_empty()
+    })
+    .await;
+    assert_eq!(gmail.auth_attempts(), 2);
+    assert!(
+        !queued(&relay.spool)
+            .iter()
+            .any(|envelope| envelope.is_notice)
+    );
+    assert_eq!(backup.received().len(), 1);
+    assert_eq!(webhook.posted().len(), 1);
+
+    // Fixed: released, and said once, through the account itself now.
+    gmail.set_password("new-app-password");
+    let mut fixed = config.clone();
+    fixed.accounts.get_mut("gmail").unwrap().password =
+        Some(sendbridge::secret::Secret::new("new-app-password"));
+    relay.reload(fixed).await.unwrap();
+    let received = gmail.wait_for_messages(4, WAIT).await;
+    let released: Vec<_> = received.iter().filter(|m| m.rcpt_to == [ADMIN]).collect();
+    assert_eq!(released.len(), 1, "{received:?}");
+    assert!(String::from_utf8_lossy(&released[0].data).contains("account_released"));
+    let posted = webhook.wait_for(2).await;
+    assert!(
+        posted[1].text().contains("account_released"),
+        "{:?}",
+        posted[1]
+    );
+    drop(dir);
+}
