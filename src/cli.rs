@@ -438,3 +438,29 @@ fn age(millis: u64) -> String {
         _ => format!("{}d", secs / 86400),
     }
 }
+
+/// `sendbridge notify test`: a test alert through every configured channel;
+/// an error naming each channel that failed, or that none is configured.
+pub async fn notify_test(config: &Config) -> anyhow::Result<()> {
+    let tokens = token_service(&config.spool.dir);
+    let tried = crate::notify::send_test(config, &tokens).await;
+    if tried.is_empty() {
+        anyhow::bail!(
+            "no notice channel configured: set notify.admin (email addresses) and/or notify.webhook"
+        );
+    }
+    let mut failed = Vec::new();
+    for tried in &tried {
+        match &tried.result {
+            Ok(answer) => outln!("{}: sent ({answer})", tried.channel)?,
+            Err(why) => {
+                outln!("{}: FAILED: {why}", tried.channel)?;
+                failed.push(tried.channel.clone());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("the test notice could not be sent by {}", failed.join(", "));
+    }
+    Ok(())
+}

@@ -47,11 +47,22 @@ enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Notices: bounces, delay warnings and admin alerts
+    Notify {
+        #[command(subcommand)]
+        action: NotifyAction,
+    },
     /// Sign in OAuth 2.0 accounts (Gmail, Microsoft 365) and show their tokens' state
     Oauth {
         #[command(subcommand)]
         action: OauthAction,
     },
+}
+
+#[derive(Subcommand)]
+enum NotifyAction {
+    /// Send a test alert through every configured channel (notify.admin by email, notify.webhook); exit 1 with the reason when one fails
+    Test,
 }
 
 #[derive(Subcommand)]
@@ -136,6 +147,13 @@ fn main() -> ExitCode {
             sendbridge::tls::install_crypto_provider();
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             report(runtime.block_on(oauth(&config, action)))
+        }
+        Command::Notify {
+            action: NotifyAction::Test,
+        } => {
+            sendbridge::tls::install_crypto_provider();
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            report(runtime.block_on(sendbridge::cli::notify_test(&config)))
         }
         Command::HashPassword => unreachable!("handled above"),
     }

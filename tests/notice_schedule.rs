@@ -72,7 +72,11 @@ async fn a_late_message_is_warned_once_and_bounced_once_when_given_up() {
     // Past max_age of the message and of the warning itself (queued at 5m,
     // through the same dead account).
     tokio::time::sleep(Duration::from_secs(30 * 60)).await;
-    assert_eq!(notices(&delivery, "delay_warning").len(), 1, "once per message");
+    assert_eq!(
+        notices(&delivery, "delay_warning").len(),
+        1,
+        "once per message"
+    );
     let bounces = notices(&delivery, "bounce");
     assert_eq!(bounces.len(), 1, "the message's; none about the warning");
     assert_eq!(bounces[0].recipients, ["billing@legacy.example"]);

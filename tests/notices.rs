@@ -236,3 +236,53 @@ async fn a_held_account_is_one_alert_through_another_account_even_across_a_resta
     );
     drop(dir);
 }
+
+/// `sendbridge notify test` with `env`: exit code, stdout, stderr.
+async fn notify_test(env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = common::process::sendbridge(dir.path(), &["notify", "test"], env)
+        .output()
+        .await
+        .unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (
+        output.status.code(),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
+#[tokio::test]
+async fn notify_test_exits_0_when_every_channel_took_it_and_1_naming_the_one_that_failed() {
+    let upstream = upstream(Script::default()).await;
+    let webhook = WebhookReceiver::start().await;
+    let env = common::relay::env_for(&upstream);
+    let mut env = common::relay::as_refs(&env);
+    let (code, _, stderr) = notify_test(&env).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("no notice channel configured"), "{stderr}");
+
+    let admin = format!("[\"{ADMIN}\"]");
+    let url = webhook.url();
+    env.extend([
+        ("SENDBRIDGE_NOTIFY__ADMIN", admin.as_str()),
+        ("SENDBRIDGE_NOTIFY__WEBHOOK", url.as_str()),
+    ]);
+    let (code, stdout, stderr) = notify_test(&env).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(upstream.received()[0].rcpt_to, [ADMIN]);
+    assert_eq!(webhook.posted().len(), 1);
+    assert!(
+        !stdout.contains("SECRET"),
+        "the webhook's query stays out: {stdout}"
+    );
+
+    webhook.answer_with(500);
+    let (code, stdout, stderr) = notify_test(&env).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("HTTP 500") && stderr.contains("webhook"),
+        "{stdout}{stderr}"
+    );
+    assert!(stdout.contains("email to it@example.com: sent"), "{stdout}");
+}

@@ -8,7 +8,9 @@ mod engine;
 mod loops;
 pub mod notice;
 mod recent;
+mod trial;
 
 pub use channels::SendingAccount;
 pub use engine::{GivenUp, Notifier};
 pub use recent::Recent;
+pub use trial::{Tried, send_test};
