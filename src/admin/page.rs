@@ -5,6 +5,7 @@
 use std::fmt::Write;
 
 use super::status::{AccountStatus, Rejection, Status};
+use crate::notify::Recent;
 use crate::spool::unix_millis;
 use crate::terminal::format_time;
 
@@ -76,6 +77,8 @@ pub fn render(status: &Status, page: &PageContext) -> String {
     }
     html += "</div><h2>Last rejections</h2>";
     rejections(&mut html, &status.rejections);
+    html += "<h2>Recent notices</h2>";
+    notices(&mut html, &status.notices);
     html += "<p class=\"muted\">Retrying makes the messages due now, as \
              <code>sendbridge queue retry</code> does; held mail also checks \
              whether the account can sign in again.</p></body></html>";
@@ -136,6 +139,27 @@ fn rejections(html: &mut String, rejections: &[Rejection]) {
     *html += "</table>";
 }
 
+fn notices(html: &mut String, notices: &[Recent]) {
+    if notices.is_empty() {
+        *html += "<p id=\"notices\">None since the relay started.</p>";
+        return;
+    }
+    *html += "<table id=\"notices\"><tr><th>Time</th><th>Event</th><th>To</th>\
+              <th>Channel</th><th>Outcome</th></tr>";
+    for notice in notices {
+        let _ = write!(
+            html,
+            "<tr><td class=\"nowrap\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"reply\">{}</td></tr>",
+            format_time(notice.at),
+            escape(&notice.event),
+            escape(&notice.to),
+            escape(&notice.channel),
+            escape(&notice.outcome)
+        );
+    }
+    *html += "</table>";
+}
+
 /// Text and attribute values safe in HTML.
 pub fn escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
@@ -181,6 +205,13 @@ mod tests {
                 recipients: vec!["<x@example.com>".into()],
                 last_reply: None,
             }],
+            notices: vec![Recent {
+                at: 0,
+                event: "bounce".into(),
+                to: "<b@example.com>".into(),
+                channel: "email".into(),
+                outcome: "queued as 0002 via gmail".into(),
+            }],
         };
         let page = PageContext {
             form_token: "f0",
@@ -193,6 +224,10 @@ mod tests {
         assert!(!html.contains("<script>"), "{html}");
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(html.contains("&lt;x@example.com&gt;"));
+        assert!(
+            html.contains("&lt;b@example.com&gt;"),
+            "notices listed: {html}"
+        );
         assert!(html.contains("Retry held mail (1)"));
         assert!(!html.contains("Retry rejected mail"), "nothing to retry");
     }

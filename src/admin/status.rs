@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::delivery::Delivery;
+use crate::notify::Recent;
 use crate::spool::{Envelope, State};
 
 const OK: &str = "ok";
@@ -91,6 +92,9 @@ pub struct Status {
     pub queue: BTreeMap<String, usize>,
     /// The newest rejected messages first.
     pub rejections: Vec<Rejection>,
+    /// The last notices (bounces, delay warnings, alerts), newest first.
+    #[serde(default)]
+    pub notices: Vec<Recent>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -195,6 +199,7 @@ impl Status {
             accounts,
             queue,
             rejections,
+            notices: delivery.recent_notices(),
         })
     }
 }
