@@ -9,9 +9,8 @@ use tracing::{error, info, warn};
 
 use super::Delivery;
 use super::account::Account;
-use crate::notify::notice::Event;
 use crate::spool::{State, operations};
-use crate::transport::{Failure, Outcome, SIGN_IN_NEEDED};
+use crate::transport::{Failure, Outcome};
 
 /// Why an account is on hold: the refused sign-in, with its hint.
 #[derive(Clone)]
@@ -55,10 +54,6 @@ impl Delivery {
             );
             account.hold_started.notify_one();
         }
-        let event = match failure.reason {
-            SIGN_IN_NEEDED => Event::SigninNeeded,
-            _ => Event::AccountHeld,
-        };
         let (name, failure, spool) = (account.name.clone(), failure.clone(), self.spool.clone());
         self.notice(move |notifier, accounts, now| {
             let waiting = spool.list(State::Held).map_or(0, |held| {
@@ -66,8 +61,7 @@ impl Delivery {
                     .filter(|envelope| envelope.account == name)
                     .count()
             });
-            let hint = failure.hint.as_deref();
-            notifier.account_held(&name, event, &failure.reply, hint, waiting, accounts, now);
+            notifier.account_held(&name, &failure, waiting, accounts, now);
         })
         .await;
     }

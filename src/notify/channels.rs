@@ -115,7 +115,13 @@ mod tests {
                 .collect()
         };
         // (on hold, notify.account, the message's account, chosen)
-        let table: [(&[&str], Option<&str>, Option<&str>, Option<&str>); 7] = [
+        type Case<'a> = (
+            &'a [&'a str],
+            Option<&'a str>,
+            Option<&'a str>,
+            Option<&'a str>,
+        );
+        let table: [Case; 7] = [
             (&[], Some("office"), Some("gmail"), Some("office")),
             (&[], None, Some("gmail"), Some("gmail")),
             (&["gmail"], None, Some("gmail"), Some("backup")),

@@ -23,6 +23,7 @@ use super::recent::{Recent, RecentNotices};
 use crate::config::{Config, NotifyConfig};
 use crate::reply::Reply;
 use crate::spool::{Envelope, Spool, State};
+use crate::transport::{Failure, SIGN_IN_NEEDED};
 
 /// The enhanced status of recipients given up after `delivery.max_age`
 /// (RFC 3463 X.4.7, delivery time expired).
@@ -217,20 +218,22 @@ impl Notifier {
         self.alert(&settings, alert, accounts, Some(&envelope.account), now);
     }
 
-    /// `account` is (still) on hold: the alert once per hold (`event` is
-    /// `AccountHeld`, or `SigninNeeded` for a refused OAuth 2.0 refresh),
-    /// then a reminder at most daily. `waiting`: its messages in `held/`.
-    /// Blocking.
+    /// `account` is (still) on hold after `failure`: the alert once per
+    /// hold (`signin_needed` when an OAuth 2.0 refresh token was refused,
+    /// else `account_held`), then a reminder at most daily. `waiting`: its
+    /// messages in `held/`. Blocking.
     pub fn account_held(
         &self,
         account: &str,
-        event: Event,
-        reply: &Reply,
-        hint: Option<&str>,
+        failure: &Failure,
         waiting: usize,
         accounts: &[SendingAccount],
         now: u64,
     ) {
+        let event = match failure.reason {
+            SIGN_IN_NEEDED => Event::SigninNeeded,
+            _ => Event::AccountHeld,
+        };
         let said = self.alerts.lock().expect("alerts lock").held(account, now);
         if said == HeldNotice::Nothing {
             return;
@@ -242,8 +245,8 @@ impl Notifier {
             account: Some(account.to_string()),
             message_id: None,
             recipients: Vec::new(),
-            reply: Some(whole(reply)),
-            hint: hint.map(str::to_string),
+            reply: Some(whole(&failure.reply)),
+            hint: failure.hint.clone(),
             count: Some(waiting),
             at: now,
             relay: settings.hostname.clone(),
