@@ -12,7 +12,9 @@ use crate::config::Language;
 use super::notice::Event;
 
 /// The sentences and labels of notices in one language. Sentences with
-/// values are functions, so each language orders its words itself.
+/// values are functions, so each language orders its words itself. A
+/// paragraph is one line: email wraps it, chat apps and phones wrap by
+/// themselves.
 pub struct Texts {
     /// A moment for people, e.g. "14 Nov 2023, 22:13 UTC" (unix millis).
     pub date: fn(u64) -> String,
@@ -141,15 +143,15 @@ pub static EN: Texts = Texts {
     },
     bounce_lead: |relay| {
         format!(
-            "This is the mail relay {relay}. Your message could not be delivered.\n\
+            "This is the mail system at host {relay}. Your message could not be delivered. \
              Nothing was sent to the recipients below."
         )
     },
     delay_lead: |relay, waited| {
         format!(
-            "This is the mail relay {relay}. Your message has not been delivered yet;\n\
-             it has been waiting for {waited}.\n\
-             There is nothing for you to do, and please do not send it again: the relay\n\
+            "This is the mail system at host {relay}. Your message has not been delivered yet; \
+             it has been waiting for {waited}. \
+             There is nothing for you to do, and please do not send it again: the relay \
              keeps trying and sends it as soon as the provider accepts it."
         )
     },
@@ -187,37 +189,37 @@ pub static EN: Texts = Texts {
         let account = account_or(account, "?");
         match event {
             Event::AccountHeld => format!(
-                "The provider refused sign-in for account {account}. Its mail waits on the\n\
-                 relay (held/): nothing is lost, and nothing is sent until sign-in works\n\
-                 again. Once it is fixed (reload the configuration or run\n\
+                "The provider refused sign-in for account {account}. Its mail waits on the \
+                 relay (held/): nothing is lost, and nothing is sent until sign-in works \
+                 again. Once it is fixed (reload the configuration or run \
                  `sendbridge queue retry`), the held mail goes out by itself."
             ),
             Event::AccountReleased => {
                 format!("Account {account} can sign in again; the mail held for it has gone out.")
             }
             Event::MessageRejected => {
-                "The provider refused a message for good. Nothing was sent to the\n\
+                "The provider refused a message for good. Nothing was sent to the \
                  recipients listed; the message is kept in rejected/."
                     .to_string()
             }
             Event::MessageExpired => {
-                "A message could not be delivered within delivery.max_age and was\n\
-                 given up. Nothing was sent to the recipients listed; the message is\n\
+                "A message could not be delivered within delivery.max_age and was \
+                 given up. Nothing was sent to the recipients listed; the message is \
                  kept in rejected/."
                     .to_string()
             }
             Event::MessageDelayed => {
-                "A message is still not delivered after notify.delay_warning. The\n\
+                "A message is still not delivered after notify.delay_warning. The \
                  relay keeps trying until delivery.max_age."
                     .to_string()
             }
             Event::SigninNeeded => format!(
-                "The provider refused the OAuth refresh token of account {account}:\n\
-                 someone must sign in again with `sendbridge oauth login {account}`.\n\
+                "The provider refused the OAuth refresh token of account {account}: \
+                 someone must sign in again with `sendbridge oauth login {account}`. \
                  Until then its mail waits on the relay."
             ),
             Event::SpoolFull => {
-                "The spool's disk is full: new mail is refused with 452 4.3.1, and\n\
+                "The spool's disk is full: new mail is refused with 452 4.3.1, and \
                  the sending programs try again later. Free space on the spool's disk."
                     .to_string()
             }
@@ -271,15 +273,15 @@ pub static DE: Texts = Texts {
     },
     bounce_lead: |relay| {
         format!(
-            "Hier ist das Mail-Relay {relay}. Ihre Nachricht konnte nicht zugestellt\n\
+            "Dies ist das Mailsystem auf dem Server {relay}. Ihre Nachricht konnte nicht zugestellt \
              werden. An die unten genannten Empfänger wurde nichts gesendet."
         )
     },
     delay_lead: |relay, waited| {
         format!(
-            "Hier ist das Mail-Relay {relay}. Ihre Nachricht wurde noch nicht\n\
-             zugestellt; sie wartet seit {waited}.\n\
-             Sie müssen nichts tun und die Nachricht bitte nicht erneut senden: Das\n\
+            "Dies ist das Mailsystem auf dem Server {relay}. Ihre Nachricht wurde noch nicht \
+             zugestellt; sie wartet seit {waited}. \
+             Sie müssen nichts tun und die Nachricht bitte nicht erneut senden: Das \
              Relay versucht es weiter und stellt sie zu, sobald der Anbieter sie annimmt."
         )
     },
@@ -292,13 +294,13 @@ pub static DE: Texts = Texts {
     refused_replied: "Der Anbieter hat die Nachricht abgelehnt und geantwortet:",
     gave_up_replied: |waited| {
         format!(
-            "Das Relay hat es {waited} lang versucht und dann aufgegeben. Die letzte\n\
+            "Das Relay hat es {waited} lang versucht und dann aufgegeben. Die letzte \
              Antwort des Anbieters:"
         )
     },
     gave_up_no_reply: |waited| {
         format!(
-            "Das Relay hat es {waited} lang versucht und dann aufgegeben; der Anbieter\n\
+            "Das Relay hat es {waited} lang versucht und dann aufgegeben; der Anbieter \
              war nicht erreichbar."
         )
     },
@@ -327,40 +329,40 @@ pub static DE: Texts = Texts {
         let account = account_or(account, "?");
         match event {
             Event::AccountHeld => format!(
-                "Der Anbieter hat die Anmeldung für das Konto {account} abgelehnt. Dessen\n\
-                 Mails warten auf dem Relay (held/): Es geht nichts verloren, aber es wird\n\
-                 nichts gesendet, bis die Anmeldung wieder funktioniert. Sobald der Fehler\n\
-                 behoben ist (Konfiguration neu laden oder `sendbridge queue retry`),\n\
+                "Der Anbieter hat die Anmeldung für das Konto {account} abgelehnt. Dessen \
+                 Mails warten auf dem Relay (held/): Es geht nichts verloren, aber es wird \
+                 nichts gesendet, bis die Anmeldung wieder funktioniert. Sobald der Fehler \
+                 behoben ist (Konfiguration neu laden oder `sendbridge queue retry`), \
                  werden die wartenden Mails von selbst gesendet."
             ),
             Event::AccountReleased => format!(
-                "Das Konto {account} kann sich wieder anmelden; die zurückgehaltenen Mails\n\
+                "Das Konto {account} kann sich wieder anmelden; die zurückgehaltenen Mails \
                  wurden gesendet."
             ),
             Event::MessageRejected => {
-                "Der Anbieter hat eine Nachricht endgültig abgelehnt. An die genannten\n\
+                "Der Anbieter hat eine Nachricht endgültig abgelehnt. An die genannten \
                  Empfänger wurde nichts gesendet; die Nachricht liegt in rejected/."
                     .to_string()
             }
             Event::MessageExpired => {
-                "Eine Nachricht konnte nicht innerhalb von delivery.max_age zugestellt\n\
-                 werden und wurde aufgegeben. An die genannten Empfänger wurde nichts\n\
+                "Eine Nachricht konnte nicht innerhalb von delivery.max_age zugestellt \
+                 werden und wurde aufgegeben. An die genannten Empfänger wurde nichts \
                  gesendet; die Nachricht liegt in rejected/."
                     .to_string()
             }
             Event::MessageDelayed => {
-                "Eine Nachricht ist nach notify.delay_warning noch immer nicht\n\
+                "Eine Nachricht ist nach notify.delay_warning noch immer nicht \
                  zugestellt. Das Relay versucht es weiter, bis delivery.max_age erreicht ist."
                     .to_string()
             }
             Event::SigninNeeded => format!(
-                "Der Anbieter hat das OAuth-Refresh-Token des Kontos {account} abgelehnt:\n\
-                 Jemand muss sich mit `sendbridge oauth login {account}` neu anmelden.\n\
+                "Der Anbieter hat das OAuth-Refresh-Token des Kontos {account} abgelehnt: \
+                 Jemand muss sich mit `sendbridge oauth login {account}` neu anmelden. \
                  Bis dahin warten die Mails dieses Kontos auf dem Relay."
             ),
             Event::SpoolFull => {
-                "Der Datenträger des Spools ist voll: Neue Mails werden mit 452 4.3.1\n\
-                 abgewiesen, die sendenden Programme versuchen es später erneut. Geben\n\
+                "Der Datenträger des Spools ist voll: Neue Mails werden mit 452 4.3.1 \
+                 abgewiesen, die sendenden Programme versuchen es später erneut. Geben \
                  Sie Speicherplatz auf dem Datenträger des Spools frei."
                     .to_string()
             }
