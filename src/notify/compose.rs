@@ -20,8 +20,9 @@ use super::mime::{
 use super::notice::{Alert, Event, NoticeRecipient, SenderNotice, SenderNoticeKind};
 use super::texts::{Texts, texts};
 
-/// RFC 5322 section 2.1.1: at most 998 octets per line. A reply line
-/// longer than this (an HTTP API's error body) is split to stay valid.
+/// RFC 5322 section 2.1.1 allows 998 octets per line; 900 leave room for
+/// `Diagnostic-Code: smtp; `. A longer reply line (an HTTP API's error
+/// body) is split to stay valid.
 const MAX_FIELD_LINE: usize = 900;
 
 /// A bounce or delay warning to `notice.sender`: a complete RFC 5322
@@ -42,41 +43,42 @@ pub fn sender_notice(notice: &SenderNotice, from: &str, language: Language) -> V
     let headers_are_8bit = !notice.original_headers.is_ascii();
     let boundary = boundary();
 
-    let mut head = String::new();
-    head += &address_field("From", &[from]);
-    head += &address_field("To", &[&notice.sender]);
-    head += &format!("Date: {}\r\n", rfc5322_date(notice.now));
-    head += &format!("Message-ID: {}\r\n", message_id(&printable(&notice.relay)));
-    head += &text_field("Subject", &subject);
-    head += "Auto-Submitted: auto-replied\r\n";
-    head += "MIME-Version: 1.0\r\n";
-    head += &format!(
+    // Everything but the original header section, which is kept as stored.
+    let mut generated = String::new();
+    generated += &address_field("From", &[from]);
+    generated += &address_field("To", &[&notice.sender]);
+    generated += &format!("Date: {}\r\n", rfc5322_date(notice.now));
+    generated += &format!("Message-ID: {}\r\n", message_id(&printable(&notice.relay)));
+    generated += &text_field("Subject", &subject);
+    generated += "Auto-Submitted: auto-replied\r\n";
+    generated += "MIME-Version: 1.0\r\n";
+    generated += &format!(
         "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n"
     );
     // RFC 2045 section 6.4: a multipart holding an 8bit part is 8bit.
     if headers_are_8bit {
-        head += "Content-Transfer-Encoding: 8bit\r\n";
+        generated += "Content-Transfer-Encoding: 8bit\r\n";
     }
-    head += "\r\nThis is a delivery status notification (RFC 3464).\r\n\r\n";
+    generated += "\r\nThis is a delivery status notification (RFC 3464).\r\n\r\n";
 
-    head += &format!(
+    generated += &format!(
         "--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\
          Content-Transfer-Encoding: quoted-printable\r\n\r\n"
     );
-    head += &quoted_printable(&wrapped(&sender_text(
+    generated += &quoted_printable(&wrapped(&sender_text(
         notice,
         original_subject.as_deref(),
         t,
     )));
-    head += &format!("--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n");
-    head += &delivery_status(notice);
-    head += &format!("--{boundary}\r\nContent-Type: text/rfc822-headers\r\n");
+    generated += &format!("--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n");
+    generated += &delivery_status(notice);
+    generated += &format!("--{boundary}\r\nContent-Type: text/rfc822-headers\r\n");
     if headers_are_8bit {
-        head += "Content-Transfer-Encoding: 8bit\r\n";
+        generated += "Content-Transfer-Encoding: 8bit\r\n";
     }
-    head += "\r\n";
+    generated += "\r\n";
 
-    let mut message = head.into_bytes();
+    let mut message = generated.into_bytes();
     message.extend_from_slice(header_section(&notice.original_headers));
     message.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     message
