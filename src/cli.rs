@@ -1,5 +1,6 @@
 //! Subcommands besides `run`.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -315,10 +316,7 @@ fn status_tables(status: &Status) -> String {
                 rejection.id.clone(),
                 rejection.account.clone(),
                 rejection.recipients.join(", "),
-                rejection
-                    .last_reply
-                    .clone()
-                    .unwrap_or_else(|| "-".to_string()),
+                first_line(rejection.last_reply.as_deref().unwrap_or("-")).into_owned(),
             ];
             (cells, None)
         })
@@ -372,7 +370,7 @@ pub fn queue_list(spool: &Spool, json: bool) -> anyhow::Result<()> {
             envelope.size,
             age(now.saturating_sub(envelope.received_at)),
             envelope.attempts,
-            envelope.last_reply.as_deref().unwrap_or("-"),
+            first_line(envelope.last_reply.as_deref().unwrap_or("-")),
         )?;
     }
     Ok(())
@@ -395,9 +393,14 @@ pub fn queue_show(spool: &Spool, id: &str) -> anyhow::Result<()> {
         envelope.session_id
     )?;
     outln!("attempts:   {}", envelope.attempts)?;
+    // A provider's reply may span lines: each under the first.
     outln!(
         "last reply: {}",
-        envelope.last_reply.as_deref().unwrap_or("-")
+        envelope
+            .last_reply
+            .as_deref()
+            .unwrap_or("-")
+            .replace('\n', "\n            ")
     )?;
     outln!("\nhistory:")?;
     for event in &envelope.history {
@@ -418,6 +421,15 @@ pub fn queue_show(spool: &Spool, id: &str) -> anyhow::Result<()> {
         String::from_utf8_lossy(&message[..end.min(64 * 1024)])
     )?;
     Ok(())
+}
+
+/// A table cell of a reply that may span lines: its first line, and " …"
+/// when more follow (`queue show` and `--json` have the whole reply).
+fn first_line(reply: &str) -> Cow<'_, str> {
+    match reply.split_once('\n') {
+        Some((first, _)) => format!("{} …", first.trim_end()).into(),
+        None => reply.into(),
+    }
 }
 
 fn clip(text: &str, width: usize) -> String {
@@ -463,4 +475,24 @@ pub async fn notify_test(config: &Config) -> anyhow::Result<()> {
         anyhow::bail!("the test notice could not be sent by {}", failed.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_cell_is_its_first_line_marked_when_more_follow() {
+        let table = [
+            ("421 4.7.0 Try again later", "421 4.7.0 Try again later"),
+            (
+                "550 5.1.1 The email account that you tried to reach does not exist. Please try\n https://support.google.com/mail/?p=NoSuchUser",
+                "550 5.1.1 The email account that you tried to reach does not exist. Please try …",
+            ),
+            ("-", "-"),
+        ];
+        for (reply, cell) in table {
+            assert_eq!(first_line(reply), cell);
+        }
+    }
 }

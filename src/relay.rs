@@ -17,6 +17,7 @@ use crate::access_tokens::TokenSource;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery::Delivery;
+use crate::observe;
 use crate::server::{Listeners, Server};
 use crate::session::{SessionContext, Settings, clean_transcripts};
 
@@ -139,7 +140,7 @@ impl Relay {
     pub async fn run(self) {
         info!(
             listen = %self.local_addr(),
-            listen_tls = ?self.tls_local_addr(),
+            listen_tls = self.tls_local_addr().map(display),
             starttls = self.ctx.tls.is_some(),
             admin = %self.admin_addr().map_or("off".to_string(), |addr| addr.to_string()),
             "sendbridge is accepting connections"
@@ -203,7 +204,10 @@ impl Reloader {
         self.ctx.replace_settings(settings);
         let needs_restart = running.startup().changed_keys(&config.startup());
         if !needs_restart.is_empty() {
-            warn!(keys = ?needs_restart, "these changes take effect at the next restart");
+            warn!(
+                keys = observe::list(&needs_restart),
+                "these changes take effect at the next restart"
+            );
         }
         *running = Arc::unwrap_or_clone(config);
         Ok(())

@@ -32,11 +32,6 @@ impl Reply {
         }
     }
 
-    /// The first line only: what a log line or another reply quotes.
-    pub fn first_line(&self) -> &str {
-        self.text.lines().next().unwrap_or_default()
-    }
-
     /// The whole reply on one line: providers put the useful link on the
     /// last line.
     pub fn one_line(&self) -> String {
@@ -74,13 +69,22 @@ impl From<Response<String>> for Reply {
     }
 }
 
-/// `535 5.7.8 first line`: how logs and other replies quote a reply.
+/// `550 5.1.1 first line\nsecond line`: the whole reply, code and status
+/// once, its lines kept (providers put the useful link on the last line).
+/// The text log escapes the line breaks; [`Reply::one_line`] is for places
+/// that must stay one line.
 impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.status {
-            Some([a, b, c]) => write!(f, "{} {a}.{b}.{c} {}", self.code, self.first_line()),
-            None => write!(f, "{} {}", self.code, self.first_line()),
+            Some([a, b, c]) => write!(f, "{} {a}.{b}.{c} ", self.code)?,
+            None => write!(f, "{} ", self.code)?,
         }
+        let mut lines = self
+            .text
+            .split('\n')
+            .map(|line| line.trim_end_matches('\r'));
+        f.write_str(lines.next().unwrap_or_default())?;
+        lines.try_for_each(|line| write!(f, "\n{line}"))
     }
 }
 
@@ -110,9 +114,31 @@ mod tests {
         let mut out = Vec::new();
         Reply::new(550, [5, 1, 1], "no such user\nsee the docs").write_to(&mut out);
         assert_eq!(out, b"550-5.1.1 no such user\r\n550 5.1.1 see the docs\r\n");
-        assert_eq!(
-            Reply::new(550, [5, 1, 1], "no such user\nmore").to_string(),
-            "550 5.1.1 no such user"
-        );
+    }
+
+    #[test]
+    fn a_reply_is_quoted_whole_or_on_one_line() {
+        // (reply, to_string, one_line)
+        let table = [
+            (
+                Reply::new(
+                    550,
+                    [5, 1, 1],
+                    "no such user\r\n https://help/?p=NoSuchUser",
+                ),
+                "550 5.1.1 no such user\n https://help/?p=NoSuchUser",
+                "550 5.1.1 no such user https://help/?p=NoSuchUser",
+            ),
+            (
+                Reply::new(421, [4, 7, 0], "Try again later"),
+                "421 4.7.0 Try again later",
+                "421 4.7.0 Try again later",
+            ),
+            (Reply::bare(220, "a\nb"), "220 a\nb", "220 a b"),
+        ];
+        for (reply, whole, one_line) in table {
+            assert_eq!(reply.to_string(), whole, "{reply:?}");
+            assert_eq!(reply.one_line(), one_line, "{reply:?}");
+        }
     }
 }

@@ -185,7 +185,7 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let id = new_session_id();
-            let span = tracing::info_span!("session", id = %id, client = %peer);
+            let span = tracing::info_span!("session", session = %id, client = %peer);
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 warn!(parent: &span, limit = self.max_connections, "refused a connection over server.max_connections");
                 sessions.spawn(refuse_busy(

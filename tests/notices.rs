@@ -10,6 +10,7 @@ use common::log_capture::LogCapture;
 use common::relay::{Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for};
 use common::wait::eventually;
 use common::webhook::WebhookReceiver;
+use mail_parser::{MessageParser, MimeHeaders};
 use sendbridge::spool::{Envelope, Spool, State};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -63,17 +64,44 @@ async fn a_refused_recipient_bounces_to_the_sender_listing_only_it() {
         [SENDER],
         "the bounce goes to the envelope sender"
     );
-    let text = String::from_utf8_lossy(&bounce.data);
-    assert!(text.contains(REFUSED), "{text}");
+    let message = MessageParser::new().parse(&bounce.data).unwrap();
+    let content_type = message.content_type().unwrap();
+    assert_eq!(
+        (content_type.ctype(), content_type.subtype()),
+        ("multipart", Some("report"))
+    );
+    assert_eq!(
+        content_type.attribute("report-type"),
+        Some("delivery-status")
+    );
+    assert_eq!(
+        message.header_raw("Auto-Submitted").map(str::trim),
+        Some("auto-replied")
+    );
+    let parts: Vec<&[u8]> = message
+        .parts
+        .iter()
+        .skip(1)
+        .map(|part| &bounce.data[part.offset_body as usize..part.offset_end as usize])
+        .collect();
+    let status = String::from_utf8_lossy(parts[1]);
     assert!(
-        text.contains("NoSuchUser"),
-        "the provider's whole reply: {text}"
+        status.contains(&format!("Final-Recipient: rfc822; {REFUSED}")),
+        "{status}"
     );
     assert!(
-        !text.contains("ok@example.com"),
-        "the delivered one is not listed: {text}"
+        status.contains("Action: failed") && status.contains("Status: 5.1.1"),
+        "{status}"
     );
-    assert!(text.contains("mailer-daemon@relay.test"), "{text}");
+    assert!(
+        status.contains("NoSuchUser"),
+        "the provider's whole reply: {status}"
+    );
+    assert!(
+        !status.contains("ok@example.com"),
+        "only the refused one: {status}"
+    );
+    assert!(String::from_utf8_lossy(parts[2]).contains("Subject: Invoice 1"));
     let rejected: Vec<Envelope> = queued(&relay.spool)
         .into_iter()
         .filter(|envelope| !envelope.is_notice)

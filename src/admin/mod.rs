@@ -93,7 +93,7 @@ impl Admin {
         let listen = listener.local_addr().ok();
         if config.token.is_none() && listen.is_some_and(|addr| !addr.ip().is_loopback()) {
             warn!(
-                listen = ?listen,
+                listen = listen.map(display),
                 "admin.listen is reachable from other machines, but without admin.token only clients on this machine are served"
             );
         }
@@ -321,7 +321,10 @@ async fn retry(
 ) -> Response {
     if let Err(denied) = shared.form_token.check(&form.form_token, &headers) {
         // Quoted and escaped: the value is whatever the posting page sent.
-        warn!(account = ?form.account, "admin interface: retry form refused: not from the status page");
+        warn!(
+            account = form.account.as_str(),
+            "admin interface: retry form refused: not from the status page"
+        );
         return denied.into_response();
     }
     let known = shared

@@ -133,7 +133,7 @@ fn rejections(html: &mut String, rejections: &[Rejection]) {
             escape(&rejection.id),
             escape(&rejection.account),
             escape(&rejection.recipients.join(", ")),
-            escape(rejection.last_reply.as_deref().unwrap_or("-"))
+            lines_html(rejection.last_reply.as_deref().unwrap_or("-"))
         );
     }
     *html += "</table>";
@@ -158,6 +158,15 @@ fn notices(html: &mut String, notices: &[Recent]) {
         );
     }
     *html += "</table>";
+}
+
+/// A provider's reply, escaped, its lines kept as line breaks: the last
+/// line often has the link to the provider's help.
+fn lines_html(text: &str) -> String {
+    text.split('\n')
+        .map(escape)
+        .collect::<Vec<_>>()
+        .join("<br>")
 }
 
 /// Text and attribute values safe in HTML.
@@ -203,7 +212,7 @@ mod tests {
                 account: "gmail".into(),
                 at: 0,
                 recipients: vec!["<x@example.com>".into()],
-                last_reply: None,
+                last_reply: Some("550 5.1.1 <no such user>\n https://help/?p=NoSuchUser&x".into()),
             }],
             notices: vec![Recent {
                 at: 0,
@@ -227,6 +236,10 @@ mod tests {
         assert!(
             html.contains("&lt;b@example.com&gt;"),
             "notices listed: {html}"
+        );
+        assert!(
+            html.contains("550 5.1.1 &lt;no such user&gt;<br> https://help/?p=NoSuchUser&amp;x"),
+            "the whole reply, line by line: {html}"
         );
         assert!(html.contains("Retry held mail (1)"));
         assert!(!html.contains("Retry rejected mail"), "nothing to retry");

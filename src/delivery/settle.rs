@@ -12,6 +12,7 @@ use super::scheduler::Unsaved;
 use crate::config::DeliveryConfig;
 use crate::notify::GivenUp;
 use crate::notify::notice::Event;
+use crate::observe::list;
 use crate::observe::metrics::{self, MessageEvent};
 use crate::provider_replies::diagnose;
 use crate::reply::Reply;
@@ -349,7 +350,7 @@ impl Log {
                 upstream_reply,
                 hint,
             } => {
-                warn!(id = %id, account = %account, reason, delivered = envelope.delivered.len(), refused = ?refused, upstream_reply = %upstream_reply, hint = %hint, "upstream refused the message or some recipients; kept in rejected/ (`queue retry` sends to the refused recipients again)")
+                warn!(id = %id, account = %account, reason, delivered = envelope.delivered.len(), refused = list(refused), upstream_reply = %upstream_reply, hint = %hint, "upstream refused the message or some recipients; kept in rejected/ (`queue retry` sends to the refused recipients again)")
             }
             Log::Held => {
                 info!(id = %id, account = %account, "message held until the account's sign-in works")

@@ -181,7 +181,8 @@ impl Submitted {
                 refusal(failure.reason, &failure.hint),
             ),
             Outcome::AuthFailed(failure) => {
-                let reply = &failure.reply;
+                // Quoted on one line: the client's reply stays one line.
+                let reply = failure.reply.one_line();
                 let hint = failure.hint.as_deref().unwrap_or_default();
                 let text =
                     format!("Upstream account {account} refused the sign-in ({reply}); {hint}");
@@ -193,7 +194,7 @@ impl Submitted {
             Outcome::OverLimit(failure) => {
                 let text = format!(
                     "Upstream account {account} is over its daily sending limit ({}); try again later",
-                    failure.reply
+                    failure.reply.one_line()
                 );
                 (
                     Reply::new(451, [4, 7, 0], text),

@@ -6,8 +6,10 @@ pub mod channels;
 pub mod compose;
 mod engine;
 mod loops;
+mod mime;
 pub mod notice;
 mod recent;
+pub mod texts;
 mod trial;
 
 pub use channels::SendingAccount;

@@ -8,9 +8,13 @@
 //! replies): in the text format every field value passes through
 //! [`EscapeControls`], so one event is always one line and a client cannot
 //! forge lines or send escape sequences to the operator's terminal. JSON
-//! strings are escaped by the serializer already.
+//! strings are escaped by the serializer already; the JSON format is
+//! [`json`]'s.
 
+mod json;
 pub mod metrics;
+
+pub use json::{FlatJson, JsonFields, list};
 
 use std::fmt::{self, Write};
 use std::io::IsTerminal;
@@ -45,11 +49,7 @@ pub fn init_tracing(config: &LogConfig) {
         .with_ansi(std::io::stderr().is_terminal());
     match config.format {
         LogFormat::Text => builder.fmt_fields(EscapedFields).init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.fmt_fields(JsonFields).event_format(FlatJson).init(),
     }
 }
 
@@ -93,7 +93,7 @@ impl<W: Write> Write for EscapeControls<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io;
     use std::sync::{Arc, Mutex};
 
@@ -124,8 +124,15 @@ mod tests {
         }
     }
 
+    /// Log lines written in a test.
     #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Buffer {
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
 
     impl io::Write for Buffer {
         fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
@@ -155,9 +162,8 @@ mod tests {
             tracing::warn!(shown = %forged, debugged = ?forged, plain = forged, "refused {forged}");
         });
 
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         assert_eq!(
-            text,
+            buffer.text(),
             concat!(
                 r#" WARN session{client=x\n2026-01-01T00:00:00Z ERROR forged \x1b[2J}: "#,
                 r#"sendbridge::observe::tests: refused x\n2026-01-01T00:00:00Z ERROR forged \x1b[2J "#,

@@ -9,6 +9,7 @@ use super::connection::{READ_BUFFER, Reader, Recorded};
 use super::dot_reader::DotReader;
 use super::memory::Reservation;
 use super::{Flow, Session, Stop};
+use crate::observe;
 use crate::reply::{Refusal, Reply};
 use crate::rewrite::{RewriteError, Trace, rewrite};
 use crate::spool::Envelope;
@@ -177,10 +178,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             id = submitted.id.as_deref().unwrap_or("-"),
             user = user.as_deref().unwrap_or("-"),
             account = %account,
-            from = ?from,
+            from = from.as_str(),
             recipients,
             size,
-            rewrites = ?rewritten.changes,
+            rewrites = observe::list(&rewritten.changes),
             reply = %submitted.reply,
             duration_ms = started.elapsed().as_millis() as u64,
             "message received"

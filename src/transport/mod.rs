@@ -117,15 +117,20 @@ impl Outcome {
         }
     }
 
-    /// One line for the log and the envelope's history.
+    /// One line for the log and the envelope's history, with the whole
+    /// reply.
     pub fn describe(&self) -> String {
-        match self {
-            Outcome::Delivered(reply) => format!("delivered: {reply}"),
-            Outcome::Rejected(failure) => format!("rejected: {}", failure.reply),
-            Outcome::AuthFailed(failure) => format!("sign-in refused: {}", failure.reply),
-            Outcome::OverLimit(failure) => format!("over the sending limit: {}", failure.reply),
-            Outcome::Deferred(deferral) => format!("deferred: {}", deferral.what),
-        }
+        let (what, reply) = match self {
+            Outcome::Delivered(reply) => ("delivered", reply),
+            Outcome::Rejected(failure) => ("rejected", &failure.reply),
+            Outcome::AuthFailed(failure) => ("sign-in refused", &failure.reply),
+            Outcome::OverLimit(failure) => ("over the sending limit", &failure.reply),
+            Outcome::Deferred(deferral) => match &deferral.reply {
+                Some(reply) => ("deferred", reply),
+                None => return format!("deferred: {}", deferral.what),
+            },
+        };
+        format!("{what}: {}", reply.one_line())
     }
 }
 

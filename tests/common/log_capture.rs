@@ -1,5 +1,6 @@
-//! Captures the relay's log lines (JSON, every level) in this thread, for
-//! tests that run the relay in-process on a current-thread runtime.
+//! Captures the relay's log lines (its JSON format, every level) in this
+//! thread, for tests that run the relay in-process on a current-thread
+//! runtime.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -30,8 +31,8 @@ impl LogCapture {
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
+            .fmt_fields(sendbridge::observe::JsonFields)
+            .event_format(sendbridge::observe::FlatJson)
             .with_max_level(tracing::Level::TRACE)
             .with_writer(move || writer.clone())
             .finish();

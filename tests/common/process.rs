@@ -224,10 +224,14 @@ fn default_env(command: &mut Command, key: &str, value: &str) {
 
 /// The SMTP and admin addresses from `... sendbridge is accepting
 /// connections listen=127.0.0.1:PORT ... admin=127.0.0.1:PORT` (or
-/// `admin=off`).
+/// `admin=off`), or from its JSON form (`SENDBRIDGE_LOG__FORMAT=json`).
 fn listen_addresses(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     if !line.contains("accepting connections") {
         return None;
+    }
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+        let field = |name: &str| json[name].as_str().map(str::to_owned);
+        return Some((field("listen")?.parse().ok()?, field("admin")?.parse().ok()));
     }
     let field = |name: &str| {
         let start = line.find(&format!(" {name}="))? + name.len() + 2;
