@@ -314,3 +314,53 @@ async fn notify_test_exits_0_when_every_channel_took_it_and_1_naming_the_one_tha
     );
     assert!(stdout.contains("email to it@example.com: sent"), "{stdout}");
 }
+
+/// Every alert event in every webhook format, POSTed by the relay's own
+/// webhook channel to a real local HTTP receiver.
+#[tokio::test]
+async fn a_webhook_receiver_gets_every_event_in_every_format() {
+    use sendbridge::config::{Language, WebhookFormat};
+    use sendbridge::notify::notice::{Alert, Event};
+    use sendbridge::notify::{channels, compose};
+    use std::sync::Arc;
+
+    sendbridge::tls::install_crypto_provider();
+    let receiver = WebhookReceiver::start().await;
+    let formats = [
+        WebhookFormat::Json,
+        WebhookFormat::Slack,
+        WebhookFormat::Ntfy,
+    ];
+    for format in formats {
+        for event in Event::ALL {
+            let alert = Alert {
+                event,
+                account: Some("gmail".into()),
+                message_id: Some("20261129-abc".into()),
+                recipients: vec!["boss@office.example".into()],
+                reply: Some("550-5.1.1 first line\n550 5.1.1 second line".into()),
+                hint: Some("set accounts.gmail.password".into()),
+                count: Some(3),
+                at: 1_790_000_000_000,
+                relay: "relay.test".into(),
+            };
+            let body = Arc::new(compose::webhook_body(&alert, format, Language::En));
+            let status = channels::post(receiver.url(), body, &[]).await;
+            assert_eq!(status, Ok(200), "{format:?} {event:?}");
+        }
+    }
+
+    let posted = receiver.wait_for(3 * Event::ALL.len()).await;
+    let (json, rest) = posted.split_at(Event::ALL.len());
+    let (slack, ntfy) = rest.split_at(Event::ALL.len());
+    for (n, event) in Event::ALL.iter().enumerate() {
+        let fields: serde_json::Value = serde_json::from_slice(&json[n].body).unwrap();
+        assert_eq!(fields["event"], event.name());
+        assert_eq!(fields["account"], "gmail");
+        assert_eq!(json[n].header("content-type"), Some("application/json"));
+        let text: serde_json::Value = serde_json::from_slice(&slack[n].body).unwrap();
+        assert!(text["text"].as_str().unwrap().contains("gmail"), "{text}");
+        assert!(ntfy[n].header("title").is_some(), "{:?}", ntfy[n].headers);
+        assert!(ntfy[n].text().contains("gmail"), "{}", ntfy[n].text());
+    }
+}
