@@ -321,6 +321,7 @@ fn ntfy_tag_and_priority(event: Event) -> (&'static str, &'static str) {
         Event::MessageDelayed => ("hourglass", "default"),
         Event::SigninNeeded => ("key", "high"),
         Event::SpoolFull => ("floppy_disk", "high"),
+        Event::Test => ("test_tube", "default"),
     }
 }
 

@@ -20,10 +20,12 @@ pub enum Event {
     SigninNeeded,
     /// The spool's disk is full: new mail gets `452 4.3.1`.
     SpoolFull,
+    /// `sendbridge notify test`: notices reach their channels.
+    Test,
 }
 
 impl Event {
-    pub const ALL: [Event; 7] = [
+    pub const ALL: [Event; 8] = [
         Event::AccountHeld,
         Event::AccountReleased,
         Event::MessageRejected,
@@ -31,6 +33,7 @@ impl Event {
         Event::MessageDelayed,
         Event::SigninNeeded,
         Event::SpoolFull,
+        Event::Test,
     ];
 
     /// The stable name operators and scripts rely on.
@@ -43,6 +46,7 @@ impl Event {
             Event::MessageDelayed => "message_delayed",
             Event::SigninNeeded => "signin_needed",
             Event::SpoolFull => "spool_full",
+            Event::Test => "test",
         }
     }
 }

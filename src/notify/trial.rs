@@ -26,12 +26,12 @@ pub struct Tried {
 pub async fn send_test(config: &Config, tokens: &TokenSource) -> Vec<Tried> {
     let notify = &config.notify;
     let alert = Alert {
-        event: Event::AccountReleased,
+        event: Event::Test,
         account: None,
         message_id: None,
         recipients: Vec::new(),
         reply: None,
-        hint: Some("a test notice from `sendbridge notify test`: nothing needs doing".into()),
+        hint: None,
         count: None,
         at: unix_millis(),
         relay: config.server.hostname.clone(),
