@@ -40,6 +40,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let pid_file = process::PidFile::create(&config.spool.dir)?;
     let reloader = relay.reloader(config);
+    tokio::spawn(process::trim_freed_memory(stop.clone()));
     tokio::spawn(process::handle_signals(stop, reloader, path));
     relay.run().await;
     drop(pid_file);

@@ -7,6 +7,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
@@ -86,6 +87,28 @@ pub fn return_large_buffers_to_the_system() {
     // SAFETY: mallopt only sets an allocator parameter; called at start-up.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
+    }
+}
+
+/// How often freed heap memory is handed back to the system.
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Hands freed heap memory back to the system every few seconds until
+/// `stop`. Blocks under the mmap threshold that are freed in the middle of
+/// glibc's heaps stay resident otherwise (8 parallel 6 MiB messages left
+/// 17 MiB behind); `malloc_trim` releases their pages, and costs next to
+/// nothing when there is nothing to release.
+pub async fn trim_freed_memory(stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TRIM_INTERVAL) => {}
+            _ = stop.cancelled() => return,
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free pages to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
 
