@@ -164,6 +164,10 @@ pub struct ServerConfig {
     pub auth_failure_limit: u32,
     #[serde(deserialize_with = "duration")]
     pub auth_failure_window: Duration,
+    /// How long a verified user name and password may sign in again
+    /// without argon2; zero turns the cache off.
+    #[serde(deserialize_with = "duration")]
+    pub auth_cache_ttl: Duration,
 }
 
 impl Default for ServerConfig {
@@ -185,6 +189,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             auth_failure_limit: 10,
             auth_failure_window: Duration::from_secs(15 * 60),
+            auth_cache_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -574,6 +579,19 @@ mod tests {
             err.to_string(),
             "server.listen_port: unknown key (misspelled?)"
         );
+    }
+
+    #[test]
+    fn the_credentials_cache_lasts_an_hour_and_zero_turns_it_off() {
+        let cases = [
+            ("", Duration::from_secs(3600)),
+            ("auth_cache_ttl = \"10m\"", Duration::from_secs(600)),
+            ("auth_cache_ttl = 0", Duration::ZERO),
+        ];
+        for (line, ttl) in cases {
+            let config = Config::from_toml(&format!("[server]\n{line}")).unwrap();
+            assert_eq!(config.server.auth_cache_ttl, ttl, "{line:?}");
+        }
     }
 
     #[test]

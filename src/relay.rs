@@ -85,7 +85,7 @@ impl Relay {
             delivery.clone(),
             tls,
             close_sessions.clone(),
-        ));
+        )?);
         let server = Server::new(
             listeners,
             ctx.clone(),

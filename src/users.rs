@@ -1,18 +1,25 @@
 //! The local users legacy programs sign in as, and password checks against
-//! their argon2 hashes on a few dedicated threads with a bounded queue.
+//! their argon2 hashes on a few dedicated threads with a bounded queue,
+//! skipped for credentials verified a short while ago.
+
+mod cache;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::secret::Secret;
+pub use cache::CredentialCache;
+use cache::Digest;
 
 /// Password checks run on this many dedicated threads, each reusing one
 /// argon2 memory buffer (~19 MiB with default parameters). Allocating it per
@@ -57,11 +64,20 @@ pub struct Users {
 #[derive(Debug)]
 pub struct Busy;
 
+/// How a sign-in is decided.
+pub enum Checked {
+    /// The same credentials were verified within the cache's lifetime.
+    Cached(SignedIn),
+    Pending(PendingCheck),
+}
+
 /// A queued password check. Dropping it before the answer drops the check
 /// too, if no thread has started it yet.
 pub struct PendingCheck {
     user: Option<Arc<LocalUser>>,
     answer: oneshot::Receiver<bool>,
+    /// Where a match is remembered: a configured user, the cache on.
+    remember: Option<(Arc<CredentialCache>, String, Digest)>,
 }
 
 impl PendingCheck {
@@ -69,10 +85,19 @@ impl PendingCheck {
     pub async fn outcome(self) -> Option<SignedIn> {
         let matches = self.answer.await.unwrap_or(false);
         let user = self.user.filter(|_| matches)?;
-        Some(SignedIn {
-            user: user.name.clone(),
-            account: user.account.clone(),
-        })
+        if let Some((cache, key, digest)) = self.remember {
+            cache.remember(&key, digest, Instant::now());
+        }
+        Some(user.signed_in())
+    }
+}
+
+impl LocalUser {
+    fn signed_in(&self) -> SignedIn {
+        SignedIn {
+            user: self.name.clone(),
+            account: self.account.clone(),
+        }
     }
 }
 
@@ -108,10 +133,29 @@ impl Users {
         })
     }
 
-    /// Queues the check of a user name and password. Unknown names cost the
-    /// same as wrong passwords, so timing does not reveal which names exist.
-    pub fn check(&self, username: &str, password: Secret) -> Result<PendingCheck, Busy> {
-        let user = self.by_name.get(&username.to_lowercase()).cloned();
+    /// Answers from `cache` when these credentials were verified less than
+    /// `ttl` ago, else queues the check of the user name and password.
+    /// Unknown names cost the same as wrong passwords, so timing does not
+    /// reveal which names exist.
+    pub fn check(
+        &self,
+        username: &str,
+        password: Secret,
+        cache: &Arc<CredentialCache>,
+        ttl: Duration,
+    ) -> Result<Checked, Busy> {
+        let key = username.to_lowercase();
+        let user = self.by_name.get(&key).cloned();
+        let remember = match &user {
+            Some(user) if !ttl.is_zero() => {
+                let digest = cache.digest(&key, &user.password_hash, &password);
+                if cache.verified(&key, &digest, Instant::now(), ttl) {
+                    return Ok(Checked::Cached(user.signed_in()));
+                }
+                Some((cache.clone(), key, digest))
+            }
+            _ => None,
+        };
         let hash = match &user {
             Some(user) => user.password_hash.clone(),
             None => dummy_hash().to_string(),
@@ -125,7 +169,20 @@ impl Users {
                 reply,
             })
             .map_err(|_| Busy)?;
-        Ok(PendingCheck { user, answer })
+        Ok(Checked::Pending(PendingCheck {
+            user,
+            answer,
+            remember,
+        }))
+    }
+
+    /// Whether `other` has the user keyed `key` with the same password
+    /// hash: a reload keeps that user's verified credentials.
+    pub fn same_password(&self, other: &Users, key: &str) -> bool {
+        match (self.by_name.get(key), other.by_name.get(key)) {
+            (Some(this), Some(that)) => this.password_hash == that.password_hash,
+            _ => false,
+        }
     }
 
     /// `username` as it may appear in a log line: a configured name always,
@@ -252,9 +309,41 @@ mod tests {
         Users::new(&config).unwrap()
     }
 
+    const TTL: Duration = Duration::from_secs(3600);
+
+    fn cache() -> Arc<CredentialCache> {
+        Arc::new(CredentialCache::new().unwrap())
+    }
+
+    /// How a sign-in ended: `"cache"`, `"argon2"` or `"wrong"`.
+    async fn decided(
+        users: &Users,
+        cache: &Arc<CredentialCache>,
+        ttl: Duration,
+        name: &str,
+        password: &str,
+    ) -> &'static str {
+        match users
+            .check(name, Secret::new(password), cache, ttl)
+            .ok()
+            .unwrap()
+        {
+            Checked::Cached(_) => "cache",
+            Checked::Pending(check) => match check.outcome().await {
+                Some(_) => "argon2",
+                None => "wrong",
+            },
+        }
+    }
+
     async fn sign_in(users: &Users, name: &str, password: &str) -> Option<SignedIn> {
-        let check = users.check(name, Secret::new(password)).unwrap();
-        check.outcome().await
+        match users
+            .check(name, Secret::new(password), &cache(), TTL)
+            .ok()?
+        {
+            Checked::Pending(check) => check.outcome().await,
+            Checked::Cached(_) => unreachable!("a fresh cache"),
+        }
     }
 
     #[tokio::test]
@@ -294,12 +383,156 @@ mod tests {
         let users = users();
         // Checks take milliseconds each: these are queued far faster.
         let checks: Vec<_> = (0..CHECK_THREADS + CHECK_QUEUE + 8)
-            .map(|_| users.check("invoices", Secret::new("guess")))
+            .map(|_| users.check("invoices", Secret::new("guess"), &cache(), TTL))
             .collect();
         let queued = checks.iter().filter(|check| check.is_ok()).count();
         assert!(
             (CHECK_QUEUE..checks.len()).contains(&queued),
             "{queued} queued"
+        );
+    }
+
+    enum Step {
+        SignIn(&'static str, &'static str),
+        /// The clock moves on by this many seconds.
+        Wait(u64),
+        /// The configuration now has this password hash for the user.
+        Reload(&'static str),
+    }
+
+    /// Users with an explicit hash: a reload of the same hash keeps it.
+    fn users_with_hash(hash: &str) -> Users {
+        let config = Config::from_toml(&format!(
+            "[accounts.gmail]\nusername = \"me@gmail.com\"\npassword = \"x\"\n[users.Invoices]\npassword_hash = \"{hash}\""
+        ))
+        .unwrap();
+        Users::new(&config).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn verified_credentials_skip_argon2_until_they_expire_or_change() {
+        use Step::*;
+        let old = hash_password(&Secret::new("old-password")).unwrap();
+        let new = hash_password(&Secret::new("new-password")).unwrap();
+        let hashes = [("old", old.as_str()), ("new", new.as_str())];
+        let cases: [(&str, u64, &[Step]); 8] = [
+            (
+                "hit",
+                3600,
+                &[
+                    SignIn("old-password", "argon2"),
+                    SignIn("OLD-PASSWORD", "wrong"),
+                    SignIn("old-password", "cache"),
+                ],
+            ),
+            (
+                "any spelling of the name",
+                3600,
+                &[
+                    SignIn("old-password", "argon2"),
+                    SignIn("old-password", "cache"),
+                ],
+            ),
+            (
+                "a wrong password after a success",
+                3600,
+                &[
+                    SignIn("old-password", "argon2"),
+                    SignIn("guess", "wrong"),
+                    SignIn("guess", "wrong"),
+                ],
+            ),
+            (
+                "failures are never cached",
+                3600,
+                &[
+                    SignIn("guess", "wrong"),
+                    SignIn("guess", "wrong"),
+                    SignIn("old-password", "argon2"),
+                ],
+            ),
+            (
+                "expired",
+                3600,
+                &[
+                    SignIn("old-password", "argon2"),
+                    Wait(3599),
+                    SignIn("old-password", "cache"),
+                    Wait(1),
+                    SignIn("old-password", "argon2"),
+                    SignIn("old-password", "cache"),
+                ],
+            ),
+            (
+                "a reload with the same hash keeps it",
+                3600,
+                &[
+                    SignIn("old-password", "argon2"),
+                    Reload("old"),
+                    SignIn("old-password", "cache"),
+                ],
+            ),
+            (
+                "a reload with a new hash drops it",
+                3600,
+                &[
+                    SignIn("old-password", "argon2"),
+                    Reload("new"),
+                    SignIn("old-password", "wrong"),
+                    SignIn("new-password", "argon2"),
+                    SignIn("new-password", "cache"),
+                ],
+            ),
+            (
+                "ttl 0 is off",
+                0,
+                &[
+                    SignIn("old-password", "argon2"),
+                    SignIn("old-password", "argon2"),
+                ],
+            ),
+        ];
+        for (case, ttl, steps) in cases {
+            let ttl = Duration::from_secs(ttl);
+            let cache = cache();
+            let mut users = users_with_hash(&old);
+            for (n, step) in steps.iter().enumerate() {
+                match step {
+                    SignIn(password, expected) => {
+                        let name = if n % 2 == 0 { "Invoices" } else { "INVOICES" };
+                        let got = decided(&users, &cache, ttl, name, password).await;
+                        assert_eq!(got, *expected, "{case}, step {n}");
+                    }
+                    Wait(seconds) => tokio::time::advance(Duration::from_secs(*seconds)).await,
+                    Reload(hash) => {
+                        let hash = hashes.iter().find(|(name, _)| name == hash).unwrap().1;
+                        let reloaded = users_with_hash(hash);
+                        cache.retain(|user| users.same_password(&reloaded, user));
+                        users = reloaded;
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_digest_binds_the_stored_hash() {
+        let old = hash_password(&Secret::new("old-password")).unwrap();
+        let (cache, users) = (cache(), users_with_hash(&old));
+        assert_eq!(
+            decided(&users, &cache, TTL, "invoices", "old-password").await,
+            "argon2"
+        );
+        // A new hash of the same password, its entry kept: the digest no
+        // longer matches, so argon2 decides.
+        let rehashed = users_with_hash(&hash_password(&Secret::new("old-password")).unwrap());
+        assert_eq!(
+            decided(&rehashed, &cache, TTL, "invoices", "old-password").await,
+            "argon2"
+        );
+        assert_eq!(
+            decided(&rehashed, &cache, TTL, "invoices", "old-password").await,
+            "cache"
         );
     }
 

@@ -33,7 +33,7 @@ use crate::policy::Policy;
 use crate::reply::{Refusal, Reply};
 use crate::rewrite::RewritePolicy;
 use crate::transport::BodyFlags;
-use crate::users::{SignedIn, Users};
+use crate::users::{CredentialCache, SignedIn, Users};
 use connection::{Connection, Line, Stop};
 use memory::MemoryBudget;
 use throttle::SignInThrottle;
@@ -55,6 +55,8 @@ pub struct SessionContext {
     memory: MemoryBudget,
     /// Outlives reloads, which replace the users.
     sign_in_throttle: Mutex<SignInThrottle>,
+    /// Outlives reloads too, which drop the entries of changed users.
+    credentials: Arc<CredentialCache>,
 }
 
 /// The part of the configuration a reload replaces; a session picks up the
@@ -95,8 +97,8 @@ impl SessionContext {
         delivery: Arc<Delivery>,
         tls: Option<TlsAcceptor>,
         close_sessions: CancellationToken,
-    ) -> Self {
-        SessionContext {
+    ) -> anyhow::Result<Self> {
+        Ok(SessionContext {
             memory: MemoryBudget::new(
                 settings.server.message_memory_budget,
                 settings.server.max_message_size,
@@ -107,7 +109,8 @@ impl SessionContext {
             tls,
             close_sessions,
             sign_in_throttle: Mutex::default(),
-        }
+            credentials: Arc::new(CredentialCache::new()?),
+        })
     }
 
     pub fn settings(&self) -> Arc<Settings> {
@@ -116,7 +119,11 @@ impl SessionContext {
 
     /// New sessions and the next command of open ones use `settings`.
     pub fn replace_settings(&self, settings: Settings) {
-        *self.settings.write().expect("settings lock") = Arc::new(settings);
+        let mut current = self.settings.write().expect("settings lock");
+        let cache_on = !settings.server.auth_cache_ttl.is_zero();
+        self.credentials
+            .retain(|user| cache_on && current.users.same_password(&settings.users, user));
+        *current = Arc::new(settings);
     }
 }
 
@@ -371,7 +378,7 @@ mod tests {
         let tokens = crate::oauth::token_service(&config.spool.dir);
         let delivery = Delivery::start(&config, CancellationToken::new(), tokens).unwrap();
         let settings = Settings::new(&config).unwrap();
-        let ctx = SessionContext::new(settings, delivery, None, CancellationToken::new());
+        let ctx = SessionContext::new(settings, delivery, None, CancellationToken::new()).unwrap();
         let ctx = Arc::new(ctx);
         (ctx, spool)
     }

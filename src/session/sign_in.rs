@@ -15,13 +15,14 @@ use super::throttle::{Budget, SignInThrottle, Verdict};
 use super::{Flow, MAX_AUTH_FAILURES, Session, SessionContext};
 use crate::reply::{Refusal, Reply};
 use crate::secret::Secret;
-use crate::users::SignedIn;
+use crate::users::{Checked, SignedIn};
 
 /// A user name and password from a SASL exchange.
 type Credentials = (String, Secret);
 
 enum PasswordCheck {
-    Matched(SignedIn),
+    /// With how: `"argon2"` or `"cache"`, for the log.
+    Matched(SignedIn, &'static str),
     Wrong,
     /// Refused before a check; the client has its answer.
     NotRun,
@@ -83,12 +84,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Flow::Continue);
             }
         };
-        let signed_in = match self.check_password(&username, password).await? {
-            PasswordCheck::Matched(signed_in) => signed_in,
+        let (signed_in, verified_by) = match self.check_password(&username, password).await? {
+            PasswordCheck::Matched(signed_in, verified_by) => (signed_in, verified_by),
             PasswordCheck::Wrong => return Ok(self.wrong_credentials(&username)),
             PasswordCheck::NotRun => return Ok(Flow::Continue),
         };
-        info!(user = %signed_in.user, account = %signed_in.account, "client signed in");
+        info!(user = %signed_in.user, account = %signed_in.account, verified_by, "client signed in");
         self.conn.record.signed_in(&signed_in.user);
         self.signed_in = Some(signed_in);
         self.reply(Reply::new(235, [2, 7, 0], "Authentication successful"));
@@ -97,7 +98,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Checks the password, unless the client's address is over its budget
     /// of failures or every checker is busy: both are answered `454` here,
-    /// without running argon2. A client that hangs up meanwhile ends the
+    /// without running argon2. Credentials verified recently are accepted
+    /// from the cache, after the same admission. A client that hangs up meanwhile ends the
     /// session and drops its check.
     async fn check_password(
         &mut self,
@@ -151,7 +153,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !delay.is_zero() {
             self.conn.unless_hung_up(tokio::time::sleep(delay)).await?;
         }
-        let Ok(check) = self.settings.users.check(username, password) else {
+        let ttl = server.auth_cache_ttl;
+        let checked = self
+            .settings
+            .users
+            .check(username, password, &self.ctx.credentials, ttl);
+        let Ok(checked) = checked else {
             attempt.settle(SignInThrottle::not_checked);
             let reply = Reply::new(
                 454,
@@ -163,11 +170,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(reply);
             return Ok(PasswordCheck::NotRun);
         };
-        let Some(signed_in) = self.conn.unless_hung_up(check.outcome()).await? else {
-            return Ok(PasswordCheck::Wrong);
+        let matched = match checked {
+            Checked::Cached(signed_in) => PasswordCheck::Matched(signed_in, "cache"),
+            Checked::Pending(check) => match self.conn.unless_hung_up(check.outcome()).await? {
+                Some(signed_in) => PasswordCheck::Matched(signed_in, "argon2"),
+                None => return Ok(PasswordCheck::Wrong),
+            },
         };
         attempt.settle(SignInThrottle::succeeded);
-        Ok(PasswordCheck::Matched(signed_in))
+        Ok(matched)
     }
 
     /// Answers a failed check: `535`, and after a few in one session, `421`.
@@ -395,6 +406,36 @@ mod tests {
 
         assert!(started.elapsed() < Duration::from_secs(1), "no 1 s delay");
         assert_eq!(line(&mut client).await, "", "no answer");
+    }
+
+    /// The first reply to a correct AUTH in a new session.
+    async fn answer(ctx: &(Arc<SessionContext>, tempfile::TempDir)) -> String {
+        let (mut client, _task) = start(ctx);
+        greeted(&mut client).await;
+        client
+            .get_mut()
+            .write_all(&auth_plain("old-password"))
+            .await
+            .unwrap();
+        line(&mut client).await
+    }
+
+    /// Real time, as below.
+    #[tokio::test]
+    async fn cached_credentials_still_pass_the_throttle_and_settle_it() {
+        let ctx = context(&config());
+        let signed_in = "235 2.7.0 Authentication successful\r\n";
+        assert_eq!(answer(&ctx).await, signed_in, "checked by argon2");
+
+        failed_before(&ctx.0, LIMIT - 2);
+        assert_eq!(answer(&ctx).await, signed_in, "from the cache");
+        assert_eq!(failures(&ctx.0), 0, "success resets the address");
+
+        failed_before(&ctx.0, LIMIT);
+        assert_eq!(
+            answer(&ctx).await,
+            "454 4.7.0 Too many failed sign-ins from your address, try again later\r\n"
+        );
     }
 
     /// Real time: password checks run on threads, which a paused clock
