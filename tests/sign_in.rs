@@ -260,3 +260,34 @@ async fn parallel_correct_sign_ins_from_one_address_are_not_slowed() {
         started.elapsed()
     );
 }
+
+/// A repeated correct sign-in is answered from the verified-credentials
+/// cache, without argon2; a wrong password after it is still checked and
+/// refused.
+#[tokio::test(flavor = "current_thread")]
+async fn a_repeated_correct_sign_in_skips_the_password_check_a_wrong_one_does_not() {
+    let logs = LogCapture::start();
+    let (_upstream, relay) = relay("").await;
+    let attempts = [
+        (LOCAL_PASSWORD, 235),
+        (LOCAL_PASSWORD, 235),
+        ("guess", 535),
+        (LOCAL_PASSWORD, 235),
+    ];
+    for (password, code) in attempts {
+        let mut client = relay.greeted_client().await;
+        let reply = client.login_plain(LOCAL_USER, password).await;
+        assert_eq!(reply.code, code, "{reply:?}");
+        client.expect("QUIT", 221).await;
+        assert!(client.is_closed().await);
+    }
+    // Every session has ended and logged.
+    let _spool = relay.stop().await;
+    let verified_by: Vec<_> = logs
+        .lines_with("client signed in")
+        .iter()
+        .map(|line| line["verified_by"].as_str().unwrap_or("-").to_string())
+        .collect();
+    assert_eq!(verified_by, ["argon2", "cache", "cache"]);
+    assert_eq!(logs.lines_with("local sign-in failed").len(), 1);
+}
