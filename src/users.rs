@@ -516,6 +516,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_cached_sign_in_needs_no_checker_thread() {
+        let (cache, users) = (cache(), users());
+        assert_eq!(
+            decided(&users, &cache, TTL, "invoices", "old-password").await,
+            "argon2"
+        );
+        let queued: Vec<_> =
+            std::iter::repeat_with(|| users.check("invoices", Secret::new("guess"), &cache, TTL))
+                .take_while(Result::is_ok)
+                .collect();
+        assert!(queued.len() >= CHECK_QUEUE, "{} queued", queued.len());
+
+        let checked = users.check("invoices", Secret::new("old-password"), &cache, TTL);
+        assert!(matches!(checked, Ok(Checked::Cached(_))), "busy, or queued");
+    }
+
+    #[tokio::test]
     async fn the_digest_binds_the_stored_hash() {
         let old = hash_password(&Secret::new("old-password")).unwrap();
         let (cache, users) = (cache(), users_with_hash(&old));

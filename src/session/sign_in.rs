@@ -99,8 +99,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Checks the password, unless the client's address is over its budget
     /// of failures or every checker is busy: both are answered `454` here,
     /// without running argon2. Credentials verified recently are accepted
-    /// from the cache, after the same admission. A client that hangs up meanwhile ends the
-    /// session and drops its check.
+    /// from the cache, after the same admission. A client that hangs up
+    /// meanwhile ends the session and drops its check.
     async fn check_password(
         &mut self,
         username: &str,
