@@ -20,6 +20,8 @@ use common::relay::{
     LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
 };
 use common::smtp::{Client, plain};
+use sendbridge::secret::Secret;
+use sendbridge::users::hash_password;
 
 const FLOOD: Duration = Duration::from_secs(3);
 const FLOOD_THREADS: usize = 4;
@@ -290,4 +292,48 @@ async fn a_repeated_correct_sign_in_skips_the_password_check_a_wrong_one_does_no
         .collect();
     assert_eq!(verified_by, ["argon2", "cache", "cache"]);
     assert_eq!(logs.lines_with("local sign-in failed").len(), 1);
+}
+
+/// A reload keeps the verified credentials of a user whose password hash
+/// did not change, and drops them when it did: the old password is then
+/// refused at once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reload_that_changes_a_password_drops_its_cached_sign_in() {
+    let logs = LogCapture::start();
+    let options = FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
+    let upstream = FakeUpstream::start(options).await;
+    let with_password = |password: &str| {
+        let mut config = config_for(&upstream, UpstreamTls::StartTls, "");
+        let user = config.users.get_mut(LOCAL_USER).unwrap();
+        user.password = None;
+        user.password_hash = Some(hash_password(&Secret::new(password)).unwrap());
+        config
+    };
+    let unchanged = with_password(LOCAL_PASSWORD);
+    let relay = Relay::start(unchanged.clone()).await;
+    let sign_in = |password: &'static str| {
+        let relay = &relay;
+        async move {
+            let mut client = relay.greeted_client().await;
+            let code = client.login_plain(LOCAL_USER, password).await.code;
+            client.expect("QUIT", 221).await;
+            code
+        }
+    };
+
+    assert_eq!(sign_in(LOCAL_PASSWORD).await, 235);
+    relay.reload(unchanged).await.unwrap();
+    assert_eq!(sign_in(LOCAL_PASSWORD).await, 235);
+    relay.reload(with_password("changed")).await.unwrap();
+    assert_eq!(sign_in(LOCAL_PASSWORD).await, 535);
+    assert_eq!(sign_in("changed").await, 235);
+    assert_eq!(sign_in("changed").await, 235);
+
+    let _spool = relay.stop().await;
+    let verified_by: Vec<_> = logs
+        .lines_with("client signed in")
+        .iter()
+        .map(|line| line["verified_by"].as_str().unwrap_or("-").to_string())
+        .collect();
+    assert_eq!(verified_by, ["argon2", "cache", "argon2", "cache"]);
 }
