@@ -6,16 +6,17 @@
 //! spool/limits/<account>.log               recent sends, for daily limits
 //! spool/transcripts/<session>.log          SMTP dialogues kept for operators
 //! ```
-//! A message's state is the directory holding its envelope (compact JSON:
-//! a quarter smaller, read the same), so every state change is one atomic
-//! rename. Acceptance writes and fsyncs the bytes and
-//! the envelope, then renames the envelope out of `incoming/` and fsyncs that
-//! directory: only then may the client hear `250`. On start, envelopes left
+//! A message's state is the directory holding its envelope (compact JSON),
+//! so every state change is one atomic rename. Acceptance writes and fsyncs
+//! the bytes and the envelope, fsyncs `data/`, renames the envelope out of
+//! `incoming/` and fsyncs that directory: only then may the client hear
+//! `250`. The two directory fsyncs are shared by the acceptances in flight
+//! at the same time (see `group_commit`). On start, envelopes left
 //! in `incoming/` and bytes without an envelope were never acknowledged and
 //! are removed; `active/` returns to `deferred/`. Everything in it is
 //! private to the relay's user (see `private_files`).
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,11 +24,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+mod group_commit;
 pub mod operations;
 
 use crate::private_files;
 use crate::reply::Reply;
 use crate::transport::BodyFlags;
+use group_commit::{GroupCommit, Rename, sync_dir};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -159,6 +162,7 @@ pub struct FileVersion {
 
 pub struct Spool {
     root: PathBuf,
+    committer: GroupCommit,
 }
 
 /// What recovery found on start.
@@ -174,7 +178,11 @@ impl Spool {
     /// Opens (creating when needed) a spool, private to this user, and
     /// checks it is writable.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Spool> {
-        let spool = Spool { root: root.into() };
+        let root = root.into();
+        let spool = Spool {
+            committer: GroupCommit::new(root.join("data")),
+            root,
+        };
         for dir in ["data", "incoming", "limits", "transcripts"]
             .into_iter()
             .chain(State::ALL.iter().map(|state| state.dir_name()))
@@ -205,25 +213,28 @@ impl Spool {
         envelope.id = new_id();
         envelope.size = message.len() as u64;
         let data = self.data_path(&envelope.id);
+        let incoming = self
+            .root
+            .join("incoming")
+            .join(format!("{}.json", envelope.id));
+        let placed = self.envelope_path(state, &envelope.id);
         let result = (|| {
+            // Each file's own fsync: its contents on disk before any name
+            // can lead to it after a power cut.
             write_synced(&data, message)?;
-            let incoming = self
-                .root
-                .join("incoming")
-                .join(format!("{}.json", envelope.id));
             write_synced(&incoming, &serde_json::to_vec(envelope)?)?;
-            sync_dir(&self.root.join("data"))?;
-            fs::rename(&incoming, self.envelope_path(state, &envelope.id))?;
-            sync_dir(&self.root.join(state.dir_name()))
+            // The directory fsyncs, shared with concurrent acceptances.
+            self.committer.commit(Rename {
+                from: incoming.clone(),
+                to: placed.clone(),
+            })
         })();
         if result.is_err() {
-            // Nothing was acknowledged: leave no half-written message behind.
-            let _ = fs::remove_file(&data);
-            let _ = fs::remove_file(
-                self.root
-                    .join("incoming")
-                    .join(format!("{}.json", envelope.id)),
-            );
+            // Nothing was acknowledged: leave no half-written message behind
+            // (also when the rename was done but not made durable).
+            for path in [&data, &incoming, &placed] {
+                let _ = fs::remove_file(path);
+            }
         }
         result
     }
@@ -449,11 +460,6 @@ fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
-}
-
-/// Makes renames and new files in `dir` durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
