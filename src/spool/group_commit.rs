@@ -1,13 +1,13 @@
 //! Group commit: acceptances in flight at the same time share their
 //! directory fsyncs, as a database's transactions share one log flush.
 //!
-//! Each acceptance writes and fsyncs its own files, then hands the rename
+//! Each acceptance writes and fsyncs its own file, then hands the link
 //! that makes it visible to [`GroupCommit::commit`] and waits. Whoever
 //! finds no commit running leads one for everything queued so far: one
-//! fsync of `data/`, the renames, one fsync of each state directory they
+//! fsync of `data/`, the links, one fsync of each state directory they
 //! went to; then everyone in that batch hears its own result. Those who
-//! queued meanwhile form the next batch. With one session it is today's
-//! sequence; with ten, ten messages share two directory fsyncs.
+//! queued meanwhile form the next batch. With one session each message
+//! has its own two directory fsyncs; with ten, several messages share them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -16,10 +16,11 @@ use std::mem;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-/// A new envelope's move from `incoming/` into its state directory.
-pub struct Rename {
-    pub from: PathBuf,
-    pub to: PathBuf,
+/// A new message's file in `data/` and the name in its state directory
+/// that is to lead to it too (a hard link: no second file to create).
+pub struct Link {
+    pub existing: PathBuf,
+    pub new: PathBuf,
 }
 
 pub struct GroupCommit {
@@ -33,7 +34,7 @@ pub struct GroupCommit {
 #[derive(Default)]
 struct Queue {
     next_ticket: u64,
-    pending: Vec<(u64, Rename)>,
+    pending: Vec<(u64, Link)>,
     done: HashMap<u64, io::Result<()>>,
     committing: bool,
 }
@@ -47,14 +48,14 @@ impl GroupCommit {
         }
     }
 
-    /// Renames `rename.from` to `rename.to` and returns once that rename
-    /// and every file already created in the data directory survive a
-    /// power cut. The files' contents must already be fsync'd.
-    pub fn commit(&self, rename: Rename) -> io::Result<()> {
+    /// Links `link.new` to `link.existing` and returns once that link and
+    /// every file already created in the data directory survive a power
+    /// cut. The file's contents must already be fsync'd.
+    pub fn commit(&self, link: Link) -> io::Result<()> {
         let mut queue = self.lock();
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
-        queue.pending.push((ticket, rename));
+        queue.pending.push((ticket, link));
         loop {
             if let Some(result) = queue.done.remove(&ticket) {
                 return result;
@@ -83,9 +84,9 @@ impl GroupCommit {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn run(&self, batch: Vec<(u64, Rename)>) -> Vec<(u64, io::Result<()>)> {
-        // First the bytes' names: after a power cut no envelope may point
-        // at bytes that are not there.
+    fn run(&self, batch: Vec<(u64, Link)>) -> Vec<(u64, io::Result<()>)> {
+        // First the files' names in `data/`: after a power cut no state
+        // entry may lead to a message whose `data/` name is gone.
         if let Err(err) = sync_dir(&self.data_dir) {
             return batch
                 .into_iter()
@@ -94,14 +95,14 @@ impl GroupCommit {
         }
         let mut results = Vec::with_capacity(batch.len());
         let mut dirs = BTreeSet::new();
-        for (ticket, Rename { from, to }) in batch {
-            let renamed = fs::rename(&from, &to);
-            if renamed.is_ok() {
-                dirs.insert(parent(&to).to_path_buf());
+        for (ticket, Link { existing, new }) in batch {
+            let linked = fs::hard_link(&existing, &new);
+            if linked.is_ok() {
+                dirs.insert(parent(&new).to_path_buf());
             }
-            results.push((ticket, renamed, to));
+            results.push((ticket, linked, new));
         }
-        // Then the renames: only now may anyone in the batch answer `250`.
+        // Then the links: only now may anyone in the batch answer `250`.
         for dir in dirs {
             if let Err(err) = sync_dir(&dir) {
                 for (_, result, to) in &mut results {
@@ -143,54 +144,50 @@ mod tests {
 
     fn setup() -> (tempfile::TempDir, GroupCommit) {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["data", "incoming", "active", "deferred"] {
+        for sub in ["data", "active", "deferred"] {
             fs::create_dir(dir.path().join(sub)).unwrap();
         }
         let commit = GroupCommit::new(dir.path().join("data"));
         (dir, commit)
     }
 
-    fn rename(root: &Path, name: &str, state: &str) -> Rename {
-        let from = root.join("incoming").join(name);
-        fs::write(&from, name).unwrap();
-        Rename {
-            from,
-            to: root.join(state).join(name),
+    fn link(root: &Path, name: &str, state: &str) -> Link {
+        let existing = root.join("data").join(name);
+        fs::write(&existing, name).unwrap();
+        Link {
+            existing,
+            new: root.join(state).join(name),
         }
     }
 
     #[test]
-    fn concurrent_commits_each_get_their_own_rename_done() {
+    fn concurrent_commits_each_get_their_own_link_done() {
         let (dir, commit) = setup();
         std::thread::scope(|scope| {
             for n in 0..40 {
                 let (root, commit) = (dir.path(), &commit);
                 let state = ["active", "deferred"][n % 2];
-                scope.spawn(move || commit.commit(rename(root, &format!("{n}.json"), state)));
+                scope.spawn(move || commit.commit(link(root, &format!("{n}.json"), state)));
             }
         });
         for n in 0..40 {
             let state = ["active", "deferred"][n % 2];
-            let moved = dir.path().join(state).join(format!("{n}.json"));
-            assert_eq!(fs::read_to_string(moved).unwrap(), format!("{n}.json"));
+            let linked = dir.path().join(state).join(format!("{n}.json"));
+            assert_eq!(fs::read_to_string(linked).unwrap(), format!("{n}.json"));
         }
-        assert_eq!(
-            fs::read_dir(dir.path().join("incoming")).unwrap().count(),
-            0
-        );
     }
 
     #[test]
-    fn a_failed_rename_fails_only_its_own_caller() {
+    fn a_failed_link_fails_only_its_own_caller() {
         let (dir, commit) = setup();
-        let missing = Rename {
-            from: dir.path().join("incoming/never-written.json"),
-            to: dir.path().join("active/never-written.json"),
+        let missing = Link {
+            existing: dir.path().join("data/never-written.json"),
+            new: dir.path().join("active/never-written.json"),
         };
 
         let err = commit.commit(missing).unwrap_err();
         commit
-            .commit(rename(dir.path(), "fine.json", "active"))
+            .commit(link(dir.path(), "fine.json", "active"))
             .unwrap();
 
         assert_eq!(err.kind(), io::ErrorKind::NotFound);

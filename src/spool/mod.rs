@@ -1,23 +1,32 @@
 //! The durable queue on disk.
 //!
 //! ```text
-//! spool/data/<id>.eml                      message bytes; written once, never moved
-//! spool/{incoming,active,deferred,held,rejected}/<id>.json   the envelope
+//! spool/data/<id>.msg                      the envelope as accepted (one line of
+//!                                          JSON), then the message bytes; written
+//!                                          once, never moved
+//! spool/data/<id>.eml                      message bytes alone (spools of earlier versions)
+//! spool/{active,deferred,held,rejected}/<id>.json   the envelope
+//! spool/incoming/                          the readiness probe; envelopes of earlier versions
 //! spool/limits/<account>.log               recent sends, for daily limits
 //! spool/transcripts/<session>.log          SMTP dialogues kept for operators
 //! ```
 //! A message's state is the directory holding its envelope (compact JSON),
-//! so every state change is one atomic rename. Acceptance writes and fsyncs
-//! the bytes and the envelope, fsyncs `data/`, renames the envelope out of
-//! `incoming/` and fsyncs that directory: only then may the client hear
-//! `250`. The two directory fsyncs are shared by the acceptances in flight
-//! at the same time (see `group_commit`). On start, envelopes left
-//! in `incoming/` and bytes without an envelope were never acknowledged and
-//! are removed; `active/` returns to `deferred/`. Everything in it is
-//! private to the relay's user (see `private_files`).
+//! so every state change is one atomic rename. An envelope file is read up
+//! to the end of its first JSON value: right after acceptance it is a hard
+//! link to the `data/` file, whose first line is the envelope; the first
+//! update replaces the link with an envelope alone.
+//!
+//! Acceptance creates one file: it writes and fsyncs `data/<id>.msg`,
+//! fsyncs `data/`, links the state's `<id>.json` to it and fsyncs that
+//! directory: only then may the client hear `250`. The two directory
+//! fsyncs are shared by the acceptances in flight at the same time (see
+//! `group_commit`). On start, whatever is in `incoming/` and bytes without
+//! an envelope were never acknowledged and are removed; `active/` returns
+//! to `deferred/`. Everything in it is private to the relay's user (see
+//! `private_files`).
 
-use std::fs;
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io::{self, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,7 +39,7 @@ pub mod operations;
 use crate::private_files;
 use crate::reply::Reply;
 use crate::transport::BodyFlags;
-use group_commit::{GroupCommit, Rename, sync_dir};
+use group_commit::{GroupCommit, Link, sync_dir};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -213,26 +222,23 @@ impl Spool {
         envelope.id = new_id();
         envelope.size = message.len() as u64;
         let data = self.data_path(&envelope.id);
-        let incoming = self
-            .root
-            .join("incoming")
-            .join(format!("{}.json", envelope.id));
         let placed = self.envelope_path(state, &envelope.id);
         let result = (|| {
-            // Each file's own fsync: its contents on disk before any name
-            // can lead to it after a power cut.
-            write_synced(&data, message)?;
-            write_synced(&incoming, &serde_json::to_vec(envelope)?)?;
+            let mut header = serde_json::to_vec(envelope)?;
+            header.push(b'\n');
+            // The file's contents on disk before any name can lead to it
+            // after a power cut.
+            write_synced(&data, &[&header, message])?;
             // The directory fsyncs, shared with concurrent acceptances.
-            self.committer.commit(Rename {
-                from: incoming.clone(),
-                to: placed.clone(),
+            self.committer.commit(Link {
+                existing: data.clone(),
+                new: placed.clone(),
             })
         })();
         if result.is_err() {
             // Nothing was acknowledged: leave no half-written message behind
-            // (also when the rename was done but not made durable).
-            for path in [&data, &incoming, &placed] {
+            // (also when the link was made but not made durable).
+            for path in [&data, &placed] {
                 let _ = fs::remove_file(path);
             }
         }
@@ -255,7 +261,7 @@ impl Spool {
         }
         for entry in fs::read_dir(self.root.join("data"))? {
             let path = entry?.path();
-            let Some(id) = id_of(&path, "eml") else {
+            let Some(id) = id_of(&path, "msg").or_else(|| id_of(&path, "eml")) else {
                 // A temporary file from an interrupted write.
                 fs::remove_file(&path)?;
                 recovered.removed += 1;
@@ -270,14 +276,35 @@ impl Spool {
         Ok(recovered)
     }
 
+    /// A message's bytes, without the envelope stored before them.
     pub fn read_message(&self, id: &str) -> io::Result<Vec<u8>> {
-        fs::read(self.data_path(id))
+        match fs::read(self.data_path(id)) {
+            Ok(mut stored) => {
+                // In place: a large message is never held twice.
+                stored.drain(..message_start(&stored)?);
+                Ok(stored)
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                fs::read(self.legacy_data_path(id))
+            }
+            Err(err) => Err(err),
+        }
     }
 
+    /// Reads only the envelope, also from a file that goes on with the
+    /// message's bytes.
     pub fn read_envelope(&self, state: State, id: &str) -> io::Result<Envelope> {
-        let bytes = fs::read(self.envelope_path(state, id))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
+        let file = BufReader::new(File::open(self.envelope_path(state, id))?);
+        match serde_json::Deserializer::from_reader(file)
+            .into_iter()
+            .next()
+        {
+            Some(parsed) => parsed.map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err)),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "empty envelope file",
+            )),
+        }
     }
 
     /// Rewrites a message's envelope and moves it from `from` to `to`.
@@ -295,7 +322,7 @@ impl Spool {
             .root
             .join(from.dir_name())
             .join(format!(".{}.tmp", envelope.id));
-        if let Err(err) = write_synced(&temp, &serde_json::to_vec(envelope)?) {
+        if let Err(err) = write_synced(&temp, &[&serde_json::to_vec(envelope)?]) {
             // A partial write on a full disk holds space that others need.
             let _ = fs::remove_file(&temp);
             return Err(err);
@@ -316,10 +343,13 @@ impl Spool {
     /// Deletes a delivered (or operator-deleted) message.
     pub fn remove(&self, state: State, id: &str) -> io::Result<()> {
         fs::remove_file(self.envelope_path(state, id))?;
-        match fs::remove_file(self.data_path(id)) {
-            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
-            _ => Ok(()),
+        for data in [self.data_path(id), self.legacy_data_path(id)] {
+            match fs::remove_file(data) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// The ids in a state, oldest first.
@@ -384,20 +414,23 @@ impl Spool {
             .find(|state| self.envelope_path(*state, id).exists()))
     }
 
-    /// Checks that a message could be stored now: writes, syncs and removes
-    /// a small file in `incoming/` (which recovery empties, should the relay
-    /// stop in between).
+    /// Checks that a message could be stored now: writes, syncs, links (as
+    /// acceptance does) and removes a small file in `incoming/` (which
+    /// recovery empties, should the relay stop in between).
     pub fn check_writable(&self) -> io::Result<()> {
-        let probe = self
-            .root
-            .join("incoming")
-            .join(format!(".probe-{}", new_id()));
-        let written = write_synced(&probe, b"sendbridge readiness probe\n");
+        let incoming = self.root.join("incoming");
+        let probe = incoming.join(format!(".probe-{}", new_id()));
+        let link = incoming.join(format!(".probe-link-{}", new_id()));
+        let linked = write_synced(&probe, &[b"sendbridge readiness probe\n"])
+            .and_then(|()| fs::hard_link(&probe, &link));
+        // Absent when linking failed; a leftover goes at the next start.
+        let _ = fs::remove_file(&link);
         let removed = fs::remove_file(&probe);
-        written.and(removed)
+        linked.and(removed)
     }
 
-    /// The size of all stored messages (`data/`).
+    /// The size of the files in `data/`: the messages, each with its
+    /// envelope as accepted.
     pub fn data_bytes(&self) -> io::Result<u64> {
         let mut total = 0;
         for entry in fs::read_dir(self.root.join("data"))? {
@@ -411,8 +444,13 @@ impl Spool {
         Ok(total)
     }
 
-    /// Where a message's bytes are stored.
+    /// Where a message is stored: its envelope as accepted, then its bytes.
     pub fn data_path(&self, id: &str) -> PathBuf {
+        self.root.join("data").join(format!("{id}.msg"))
+    }
+
+    /// Where earlier versions stored a message's bytes alone.
+    fn legacy_data_path(&self, id: &str) -> PathBuf {
         self.root.join("data").join(format!("{id}.eml"))
     }
 
@@ -452,13 +490,36 @@ fn id_of(path: &Path, extension: &str) -> Option<String> {
     is_valid_id(id).then(|| id.to_string())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Where the message starts in a `data/<id>.msg` file: after the first
+/// JSON value (the envelope) and its newline.
+fn message_start(stored: &[u8]) -> io::Result<usize> {
+    let mut values =
+        serde_json::Deserializer::from_slice(stored).into_iter::<serde::de::IgnoredAny>();
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    match values.next() {
+        Some(Ok(_)) => {}
+        Some(Err(err)) => return Err(invalid(format!("stored envelope: {err}"))),
+        None => return Err(invalid("empty message file".into())),
+    }
+    let end = values.byte_offset();
+    match stored.get(end) {
+        Some(b'\n') => Ok(end + 1),
+        _ => Err(invalid(format!(
+            "no newline after the stored envelope (byte {end})"
+        ))),
+    }
+}
+
+/// Writes `parts` one after the other into a new file and fsyncs it.
+fn write_synced(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
     let mut file = private_files::options()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)?;
-    file.write_all(bytes)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
     file.sync_all()
 }
 
@@ -591,8 +652,9 @@ mod tests {
     fn writability_check_leaves_nothing_behind_and_data_bytes_add_up() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
+        let mut stored = envelope();
         spool
-            .accept(&mut envelope(), b"12345\r\n", State::Active)
+            .accept(&mut stored, b"12345\r\n", State::Active)
             .unwrap();
 
         spool.check_writable().unwrap();
@@ -603,7 +665,96 @@ mod tests {
                 .next()
                 .is_none()
         );
-        assert_eq!(spool.data_bytes().unwrap(), 7);
+        // The message and, before it, its envelope as accepted.
+        let header = serde_json::to_vec(&stored).unwrap().len() as u64 + 1;
+        assert_eq!(spool.data_bytes().unwrap(), header + 7);
+    }
+
+    #[test]
+    fn a_new_message_is_one_file_linked_from_its_state_until_updated() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut envelope = envelope();
+        spool
+            .accept(&mut envelope, b"{not json}\r\n", State::Active)
+            .unwrap();
+        let data = spool.data_path(&envelope.id);
+        let state_entry = spool.envelope_path(State::Active, &envelope.id);
+        assert_eq!(fs::metadata(&data).unwrap().nlink(), 2);
+        assert_eq!(
+            fs::metadata(&data).unwrap().ino(),
+            fs::metadata(&state_entry).unwrap().ino()
+        );
+
+        envelope.attempts = 1;
+        spool
+            .update(&envelope, State::Active, State::Deferred)
+            .unwrap();
+
+        assert_eq!(fs::metadata(&data).unwrap().nlink(), 1);
+        assert_eq!(
+            spool.read_envelope(State::Deferred, &envelope.id).unwrap(),
+            envelope
+        );
+        assert_eq!(spool.read_message(&envelope.id).unwrap(), b"{not json}\r\n");
+    }
+
+    #[test]
+    fn messages_queued_by_earlier_versions_are_read_delivered_and_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        // Then: a pretty envelope alone, the bytes alone in `<id>.eml`.
+        let legacy = Envelope {
+            id: "00000000000000030000".into(),
+            ..envelope()
+        };
+        fs::write(
+            spool.envelope_path(State::Active, &legacy.id),
+            serde_json::to_vec_pretty(&legacy).unwrap(),
+        )
+        .unwrap();
+        fs::write(spool.legacy_data_path(&legacy.id), b"Subject: old\r\n").unwrap();
+        let orphan = spool.legacy_data_path("00000000000000040000");
+        fs::write(&orphan, b"Subject: never acknowledged\r\n").unwrap();
+
+        let recovered = spool.recover().unwrap();
+
+        assert_eq!(
+            recovered,
+            Recovered {
+                removed: 1,
+                reactivated: 1
+            }
+        );
+        assert!(!orphan.exists());
+        assert_eq!(
+            spool.read_envelope(State::Deferred, &legacy.id).unwrap(),
+            legacy
+        );
+        assert_eq!(spool.read_message(&legacy.id).unwrap(), b"Subject: old\r\n");
+        spool.remove(State::Deferred, &legacy.id).unwrap();
+        assert!(!spool.legacy_data_path(&legacy.id).exists());
+    }
+
+    #[test]
+    fn the_message_starts_after_the_stored_envelope_and_its_newline() {
+        let cases: [(&[u8], Option<usize>); 6] = [
+            (b"{\"id\":\"a\"}\nSubject: x\r\n", Some(11)),
+            (b"{\"id\":\"a\"}\n{\"looks\":\"like json\"}\n", Some(11)),
+            (b"{\"id\":\"a\"}\n", Some(11)),
+            (b"{\"id\":\"a\"}Subject: x\r\n", None),
+            (b"{\"id\":\"a", None),
+            (b"", None),
+        ];
+        for (stored, expected) in cases {
+            assert_eq!(
+                message_start(stored).ok(),
+                expected,
+                "{}",
+                String::from_utf8_lossy(stored)
+            );
+        }
     }
 
     /// `cargo test --lib spool::tests::accept_throughput -- --ignored --nocapture`:
