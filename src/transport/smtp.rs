@@ -76,7 +76,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// handshake plus AUTH per message is the main cost of a relay.
 pub struct SmtpConnection {
     client: SmtpClient<Box<dyn Stream>>,
-    messages: usize,
+    /// Whether a transaction may still be open on the server (one ended
+    /// without the final reply to DATA, or failed midway). The reply to
+    /// DATA ends a transaction by itself (RFC 5321 4.1.1.4): a RSET before
+    /// every message would cost a round trip each.
+    needs_reset: bool,
 }
 
 impl SmtpConnection {
@@ -269,7 +273,7 @@ impl SmtpTransport {
         }
         Ok(SmtpConnection {
             client,
-            messages: 0,
+            needs_reset: false,
         })
     }
 
@@ -334,7 +338,7 @@ impl SmtpTransport {
         let result = self
             .transaction(connection, recipients, flags, message, &mut refused)
             .await;
-        connection.messages += 1;
+        connection.needs_reset = !matches!(result, Ok(Some(_)));
         let outcome = match result {
             Ok(Some(reply)) => Some(Outcome::Delivered(reply.into())),
             Ok(None) => None,
@@ -357,7 +361,7 @@ impl SmtpTransport {
         refused: &mut Vec<(String, Outcome)>,
     ) -> mail_send::Result<Option<smtp_proto::Response<String>>> {
         let client = &mut connection.client;
-        if connection.messages > 0 {
+        if connection.needs_reset {
             client.rset().await?;
         }
         let mut params = Parameters::new();
