@@ -14,7 +14,7 @@ use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient};
 use rustls::ProtocolVersion;
 use smtp_proto::{AUTH_XOAUTH2, EXT_START_TLS, EhloResponse};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -465,9 +465,14 @@ impl SmtpTransport {
     }
 }
 
+/// Boxes the stream behind a write buffer: mail-send writes a message's
+/// content, each dot it stuffs and the terminating "." separately, and
+/// flushes after every command and message, so the buffer only joins the
+/// pieces; over TLS each write would otherwise be a record and a system
+/// call of its own. Writes of at least its size pass straight through.
 fn boxed<T: Stream + 'static>(client: SmtpClient<T>) -> SmtpClient<Box<dyn Stream>> {
     SmtpClient {
-        stream: Box::new(client.stream),
+        stream: Box::new(BufWriter::new(client.stream)),
         timeout: client.timeout,
     }
 }
@@ -539,7 +544,60 @@ fn wire_content(message: &[u8]) -> Cow<'_, [u8]> {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::ReadBuf;
+
     use super::*;
+
+    /// A stream that accepts every write and counts them.
+    #[derive(Default)]
+    struct CountedWrites(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl AsyncWrite for CountedWrites {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncRead for CountedWrites {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_small_message_reaches_the_stream_in_one_write() {
+        let stream = CountedWrites::default();
+        let writes = stream.0.clone();
+        let mut client = boxed(SmtpClient {
+            stream,
+            timeout: Duration::from_secs(1),
+        });
+        // mail-send writes each dot-stuffed piece and the terminator on its
+        // own; over TLS each write would be a record and a system call.
+        let content = wire_content(b"Subject: a\r\n\r\n.one\r\n.two\r\nend\r\n");
+        client.write_message(&content).await.unwrap();
+        assert_eq!(writes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn refused_sign_ins_get_the_hint_that_fits_the_account() {
