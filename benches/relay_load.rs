@@ -564,9 +564,8 @@ impl RelayProcess {
         Memory::of(self.process.pid())
     }
 
-    /// CPU time (user + system) the relay process has used so far, from
-    /// /proc/PID/stat.
-    fn cpu_time(&self) -> anyhow::Result<Duration> {
+    /// CPU time the relay process has used so far, from /proc/PID/stat.
+    fn cpu_time(&self) -> anyhow::Result<CpuTime> {
         let pid = self.process.pid();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .context("read the relay's /proc/PID/stat")?;
@@ -580,11 +579,14 @@ impl RelayProcess {
         let ticks = |index: usize| -> anyhow::Result<u64> {
             Ok(fields.get(index).context("utime/stime")?.parse()?)
         };
-        // utime and stime are fields 14 and 15 of the line (11 and 12 here).
-        let total = ticks(11)? + ticks(12)?;
         // SAFETY: sysconf only reads a system constant.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Ok(Duration::from_micros(total * 1_000_000 / per_second))
+        let time = |ticks: u64| Duration::from_micros(ticks * 1_000_000 / per_second);
+        // utime and stime are fields 14 and 15 of the line (11 and 12 here).
+        Ok(CpuTime {
+            user: time(ticks(11)?),
+            system: time(ticks(12)?),
+        })
     }
 
     /// Resets the peak (VmHWM) to the current RSS, so that a later peak
@@ -633,6 +635,23 @@ fn relay_env(upstream: &FakeUpstream) -> Vec<(&'static str, String)> {
         ),
         ("SENDBRIDGE_USERS__INVOICES__ACCOUNT", "gmail".into()),
     ]
+}
+
+/// A process's CPU time: in its own code (user) and in the kernel on its
+/// behalf (system: fsyncs, file and socket calls).
+#[derive(Clone, Copy)]
+struct CpuTime {
+    user: Duration,
+    system: Duration,
+}
+
+impl CpuTime {
+    fn since(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
 }
 
 /// From /proc/PID/status, in KiB.
@@ -685,7 +704,7 @@ async fn run_scenario(scenario: Scenario) -> anyhow::Result<ScenarioResult> {
         .await
         .map_err(|err| relay.explain(err))
         .context("relay run")?;
-    let cpu = relay.cpu_time()?.saturating_sub(cpu_before);
+    let cpu = relay.cpu_time()?.since(cpu_before);
     let memory = relay.memory()?;
     relay.stop().await?;
     Ok(ScenarioResult::new(
@@ -797,6 +816,8 @@ struct ScenarioResult {
     ratio: f64,
     /// The relay process's CPU time (user + system) per message.
     relay_cpu_us_per_message: f64,
+    /// Its user part: the relay's own code, without the kernel's work.
+    relay_user_cpu_us_per_message: f64,
     relay_peak_rss_mib: f64,
     relay_rss_at_end_mib: f64,
 }
@@ -806,18 +827,20 @@ impl ScenarioResult {
         scenario: Scenario,
         reference: Duration,
         relay: Duration,
-        relay_cpu: Duration,
+        relay_cpu: CpuTime,
         memory: Memory,
     ) -> ScenarioResult {
         let reference = Throughput::new(scenario.messages, reference);
         let relay = Throughput::new(scenario.messages, relay);
+        let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / scenario.messages as f64;
         ScenarioResult {
             name: scenario.name(),
             scenario,
             ratio: relay.messages_per_second / reference.messages_per_second,
             reference,
             relay,
-            relay_cpu_us_per_message: relay_cpu.as_secs_f64() * 1e6 / scenario.messages as f64,
+            relay_cpu_us_per_message: per_message(relay_cpu.user + relay_cpu.system),
+            relay_user_cpu_us_per_message: per_message(relay_cpu.user),
             relay_peak_rss_mib: mib(memory.peak_kib),
             relay_rss_at_end_mib: mib(memory.rss_kib),
         }
@@ -858,23 +881,25 @@ impl Report {
     fn print(&self) {
         println!("\nsendbridge relay load ({} CPUs)\n", self.cpus);
         println!(
-            "{:<40} {:>12} {:>12} {:>10} {:>12} {:>10} {:>12}",
+            "{:<40} {:>12} {:>12} {:>10} {:>12} {:>8} {:>10} {:>12}",
             "scenario",
             "ref msg/s",
             "relay msg/s",
             "relay/ref",
             "CPU µs/msg",
+            "(user)",
             "peak MiB",
             "RSS end MiB"
         );
         for result in &self.scenarios {
             println!(
-                "{:<40} {:>12.1} {:>12.1} {:>10.3} {:>12.0} {:>10.1} {:>12.1}",
+                "{:<40} {:>12.1} {:>12.1} {:>10.3} {:>12.0} {:>8.0} {:>10.1} {:>12.1}",
                 result.name,
                 result.reference.messages_per_second,
                 result.relay.messages_per_second,
                 result.ratio,
                 result.relay_cpu_us_per_message,
+                result.relay_user_cpu_us_per_message,
                 result.relay_peak_rss_mib,
                 result.relay_rss_at_end_mib
             );
