@@ -45,16 +45,25 @@ const UPSTREAM_TLS_NAME: &str = "localhost";
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 
-const STANDARD_SCENARIOS: [Scenario; 2] = [
+const STANDARD_SCENARIOS: [Scenario; 3] = [
     Scenario {
         messages: 2000,
         sessions: 10,
         size: 4 * KIB,
+        connections: Connections::PerSession,
+    },
+    // A legacy program that signs in on every connection.
+    Scenario {
+        messages: 2000,
+        sessions: 10,
+        size: 4 * KIB,
+        connections: Connections::PerMessage,
     },
     Scenario {
         messages: 200,
         sessions: 10,
         size: MIB,
+        connections: Connections::PerSession,
     },
 ];
 
@@ -68,8 +77,8 @@ const RELAY_MAX_CONNECTIONS: &str = "2000";
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--skip-memory-checks]]
-Without --messages/--sessions/--size it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes).";
+const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--connection-per-message] [--skip-memory-checks]]
+Without --messages/--sessions/--size/--connection-per-message it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes, one connection per session).";
 
 fn main() -> ExitCode {
     let options = match Options::parse(std::env::args().skip(1)) {
@@ -143,6 +152,10 @@ impl Options {
                 "--messages" => custom.get_or_insert(STANDARD_SCENARIOS[0]).messages = value()?,
                 "--sessions" => custom.get_or_insert(STANDARD_SCENARIOS[0]).sessions = value()?,
                 "--size" => custom.get_or_insert(STANDARD_SCENARIOS[0]).size = value()?,
+                "--connection-per-message" => {
+                    custom.get_or_insert(STANDARD_SCENARIOS[0]).connections =
+                        Connections::PerMessage
+                }
                 "--skip-memory-checks" => memory_checks = false,
                 // cargo bench passes it to every bench target.
                 "--bench" => {}
@@ -160,14 +173,25 @@ impl Options {
     }
 }
 
-/// N messages of `size` bytes over `sessions` concurrent client sessions;
-/// each session signs in once and sends its share one after another.
+/// N messages of `size` bytes from `sessions` concurrent clients; each sends
+/// its share one after another.
 #[derive(Clone, Copy, Debug, Serialize)]
 struct Scenario {
     messages: usize,
     sessions: usize,
     #[serde(rename = "size_bytes")]
     size: usize,
+    connections: Connections,
+}
+
+/// How a client uses connections for its share of the messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Connections {
+    /// One connection, signed in once, for all of them.
+    PerSession,
+    /// Connect, sign in, send one message, QUIT: for every message.
+    PerMessage,
 }
 
 impl Scenario {
@@ -181,8 +205,12 @@ impl Scenario {
     }
 
     fn name(&self) -> String {
+        let clients = match self.connections {
+            Connections::PerSession => "sessions",
+            Connections::PerMessage => "clients, login/msg",
+        };
         format!(
-            "{} x {} / {} sessions",
+            "{} x {} / {} {clients}",
             self.messages,
             human_size(self.size),
             self.sessions
@@ -403,17 +431,31 @@ async fn transact<T: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// One client's part of a load: sign in once, send, quit.
-async fn run_session(
+/// One client's part of a load: sign in, send, quit; once for all its
+/// messages or once for each.
+async fn run_client(
     target: Target,
     template: Arc<MessageTemplate>,
     sequences: Range<usize>,
+    connections: Connections,
 ) -> anyhow::Result<()> {
-    let mut session = Session::open(&target).await?;
-    for sequence in sequences {
-        session.send(&template.render(sequence)).await?;
+    match connections {
+        Connections::PerSession => {
+            let mut session = Session::open(&target).await?;
+            for sequence in sequences {
+                session.send(&template.render(sequence)).await?;
+            }
+            session.quit().await
+        }
+        Connections::PerMessage => {
+            for sequence in sequences {
+                let mut session = Session::open(&target).await?;
+                session.send(&template.render(sequence)).await?;
+                session.quit().await?;
+            }
+            Ok(())
+        }
     }
-    session.quit().await
 }
 
 /// Sends the scenario's load to `target` and returns the time from the first
@@ -427,10 +469,11 @@ async fn measure_load(
     let start = Instant::now();
     let mut sessions = JoinSet::new();
     for index in 0..scenario.sessions {
-        sessions.spawn(run_session(
+        sessions.spawn(run_client(
             target.clone(),
             template.clone(),
             scenario.share(index),
+            scenario.connections,
         ));
     }
     let clients = async {
@@ -521,9 +564,8 @@ impl RelayProcess {
         Memory::of(self.process.pid())
     }
 
-    /// CPU time (user + system) the relay process has used so far, from
-    /// /proc/PID/stat.
-    fn cpu_time(&self) -> anyhow::Result<Duration> {
+    /// CPU time the relay process has used so far, from /proc/PID/stat.
+    fn cpu_time(&self) -> anyhow::Result<CpuTime> {
         let pid = self.process.pid();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .context("read the relay's /proc/PID/stat")?;
@@ -537,11 +579,14 @@ impl RelayProcess {
         let ticks = |index: usize| -> anyhow::Result<u64> {
             Ok(fields.get(index).context("utime/stime")?.parse()?)
         };
-        // utime and stime are fields 14 and 15 of the line (11 and 12 here).
-        let total = ticks(11)? + ticks(12)?;
         // SAFETY: sysconf only reads a system constant.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Ok(Duration::from_micros(total * 1_000_000 / per_second))
+        let time = |ticks: u64| Duration::from_micros(ticks * 1_000_000 / per_second);
+        // utime and stime are fields 14 and 15 of the line (11 and 12 here).
+        Ok(CpuTime {
+            user: time(ticks(11)?),
+            system: time(ticks(12)?),
+        })
     }
 
     /// Resets the peak (VmHWM) to the current RSS, so that a later peak
@@ -590,6 +635,23 @@ fn relay_env(upstream: &FakeUpstream) -> Vec<(&'static str, String)> {
         ),
         ("SENDBRIDGE_USERS__INVOICES__ACCOUNT", "gmail".into()),
     ]
+}
+
+/// A process's CPU time: in its own code (user) and in the kernel on its
+/// behalf (system: fsyncs, file and socket calls).
+#[derive(Clone, Copy)]
+struct CpuTime {
+    user: Duration,
+    system: Duration,
+}
+
+impl CpuTime {
+    fn since(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
 }
 
 /// From /proc/PID/status, in KiB.
@@ -642,7 +704,7 @@ async fn run_scenario(scenario: Scenario) -> anyhow::Result<ScenarioResult> {
         .await
         .map_err(|err| relay.explain(err))
         .context("relay run")?;
-    let cpu = relay.cpu_time()?.saturating_sub(cpu_before);
+    let cpu = relay.cpu_time()?.since(cpu_before);
     let memory = relay.memory()?;
     relay.stop().await?;
     Ok(ScenarioResult::new(
@@ -753,7 +815,9 @@ struct ScenarioResult {
     /// Relay throughput over reference throughput.
     ratio: f64,
     /// The relay process's CPU time (user + system) per message.
-    relay_cpu_ms_per_message: f64,
+    relay_cpu_us_per_message: f64,
+    /// Its user part: the relay's own code, without the kernel's work.
+    relay_user_cpu_us_per_message: f64,
     relay_peak_rss_mib: f64,
     relay_rss_at_end_mib: f64,
 }
@@ -763,18 +827,20 @@ impl ScenarioResult {
         scenario: Scenario,
         reference: Duration,
         relay: Duration,
-        relay_cpu: Duration,
+        relay_cpu: CpuTime,
         memory: Memory,
     ) -> ScenarioResult {
         let reference = Throughput::new(scenario.messages, reference);
         let relay = Throughput::new(scenario.messages, relay);
+        let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / scenario.messages as f64;
         ScenarioResult {
             name: scenario.name(),
             scenario,
             ratio: relay.messages_per_second / reference.messages_per_second,
             reference,
             relay,
-            relay_cpu_ms_per_message: relay_cpu.as_secs_f64() * 1000.0 / scenario.messages as f64,
+            relay_cpu_us_per_message: per_message(relay_cpu.user + relay_cpu.system),
+            relay_user_cpu_us_per_message: per_message(relay_cpu.user),
             relay_peak_rss_mib: mib(memory.peak_kib),
             relay_rss_at_end_mib: mib(memory.rss_kib),
         }
@@ -815,23 +881,25 @@ impl Report {
     fn print(&self) {
         println!("\nsendbridge relay load ({} CPUs)\n", self.cpus);
         println!(
-            "{:<28} {:>12} {:>12} {:>10} {:>12} {:>10} {:>12}",
+            "{:<40} {:>12} {:>12} {:>10} {:>12} {:>8} {:>10} {:>12}",
             "scenario",
             "ref msg/s",
             "relay msg/s",
             "relay/ref",
-            "CPU ms/msg",
+            "CPU µs/msg",
+            "(user)",
             "peak MiB",
             "RSS end MiB"
         );
         for result in &self.scenarios {
             println!(
-                "{:<28} {:>12.1} {:>12.1} {:>10.3} {:>12.2} {:>10.1} {:>12.1}",
+                "{:<40} {:>12.1} {:>12.1} {:>10.3} {:>12.0} {:>8.0} {:>10.1} {:>12.1}",
                 result.name,
                 result.reference.messages_per_second,
                 result.relay.messages_per_second,
                 result.ratio,
-                result.relay_cpu_ms_per_message,
+                result.relay_cpu_us_per_message,
+                result.relay_user_cpu_us_per_message,
                 result.relay_peak_rss_mib,
                 result.relay_rss_at_end_mib
             );
@@ -841,7 +909,7 @@ impl Report {
         }
         for check in &self.memory_checks {
             println!(
-                "{:<28} +{:.1} MiB (limit {:.0} MiB), {}: {}",
+                "{:<40} +{:.1} MiB (limit {:.0} MiB), {}: {}",
                 check.name,
                 check.increase_mib,
                 check.limit_mib,

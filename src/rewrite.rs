@@ -232,6 +232,32 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_clean_body_has_crlf_line_ends_only_and_lines_within_the_limit() {
+        let longest = format!("{}\r\n", "a".repeat(MAX_LINE));
+        let too_long = format!("{}\r\n", "a".repeat(MAX_LINE + 1));
+        let table: [(&[u8], bool); 10] = [
+            (b"", true),
+            (b"\r\n", true),
+            (b"one\r\ntwo\r\n", true),
+            (longest.as_bytes(), true),
+            (too_long.as_bytes(), false),
+            (b"no line end", false),
+            (b"bare\nlf\r\n", false),
+            (b"bare\rcr\r\n", false),
+            (b"cr cr lf\r\r\n", false),
+            (b"lf cr\n\r\r\n", false),
+        ];
+        for (body, clean) in table {
+            assert_eq!(
+                is_clean_body(body),
+                clean,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
     fn run(message: &[u8]) -> Rewritten {
         rewrite(message.to_vec(), &policy(), &trace()).unwrap()
     }

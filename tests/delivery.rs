@@ -256,6 +256,39 @@ async fn upstream_connections_are_reused() {
 }
 
 #[tokio::test]
+async fn a_reused_upstream_connection_is_reset_only_after_an_unfinished_transaction() {
+    let refused = "nobody@example.com";
+    let upstream = upstream_with(Script {
+        rcpt_for: vec![(refused.to_string(), gmail::RECIPIENT_UNKNOWN.to_string())],
+        ..Script::default()
+    })
+    .await;
+    let mut config = config_for(&upstream, UpstreamTls::StartTls, "");
+    config.accounts.get_mut("gmail").unwrap().max_connections = 1;
+    let relay = Relay::start(config).await;
+    let mut client = relay.signed_in_client().await;
+
+    // Each delivered before the next is sent (hybrid mode): a finished
+    // transaction leaves nothing to reset.
+    for n in 0..3 {
+        assert_eq!(send(&mut client, n).await.code, 250);
+    }
+    assert_eq!(upstream.wait_for_messages(3, WAIT).await.len(), 3);
+    assert_eq!(upstream.rsets(), 0, "RSETs after delivered messages");
+
+    // Its only recipient refused, this transaction ends without DATA: the
+    // next MAIL needs a RSET first.
+    let reply = client
+        .send_mail("billing@legacy.example", &[refused], &message(3))
+        .await;
+    assert_eq!(reply.code, 550, "{reply:?}");
+    assert_eq!(send(&mut client, 4).await.code, 250);
+    assert_eq!(upstream.wait_for_messages(4, WAIT).await.len(), 4);
+    assert_eq!(upstream.rsets(), 1);
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test]
 async fn spool_failure_is_452_and_nothing_is_acknowledged() {
     let upstream = upstream_with(Script::default()).await;
     let relay = relay(&upstream, "").await;

@@ -106,6 +106,27 @@ async fn json_log_lines_carry_json_values_and_the_session_fields() {
     assert_eq!(closed["session"], session, "{closed}");
 }
 
+/// A delivered message's story in the log: received (and stored), then
+/// delivered; one line each.
+#[tokio::test]
+async fn a_delivered_message_is_two_log_lines() {
+    let upstream = upstream(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env_for(&upstream);
+    env.push(("SENDBRIDGE_LOG__FORMAT".into(), "json".into()));
+    let relay = RelayProcess::start(dir.path(), &as_refs(&env)).await;
+
+    assert_eq!(send_one(&relay).await.code, 250);
+    relay.wait_for_line("message delivered").await;
+    let (_, log) = relay.terminate().await;
+
+    let received = json_line(&log, "message received");
+    assert_eq!(received["state"], "active", "{received}");
+    let id = received["id"].as_str().expect("the message's id");
+    let lines: Vec<&String> = log.iter().filter(|line| line.contains(id)).collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+}
+
 #[tokio::test]
 async fn a_multi_line_refusal_is_kept_whole_everywhere() {
     let upstream = upstream(Script {

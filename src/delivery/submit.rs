@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
-use tracing::{error, info};
+use tracing::error;
 
 use super::Delivery;
 use super::worker::Job;
@@ -90,7 +90,8 @@ impl Delivery {
             }
         };
         let id = envelope.id.clone();
-        info!(id = %id, account = %envelope.account, state = %state, recipients = envelope.recipients.len(), size = envelope.size, "message spooled");
+        // No log line of its own: the session's "message received" line
+        // names the id and the state.
         metrics::message(&envelope.account, MessageEvent::Accepted);
         if state == State::Held {
             metrics::message(&envelope.account, MessageEvent::Held);
@@ -98,6 +99,7 @@ impl Delivery {
         let queued = Submitted {
             reply: Reply::new(250, [2, 0, 0], format!("OK queued as {id}")),
             id: Some(id.clone()),
+            state: Some(state),
             refusal: None,
         };
         if hold.is_some() {
@@ -123,7 +125,7 @@ impl Delivery {
             return queued;
         };
         let id = Some(id);
-        match self.settings.mode {
+        let answer = match self.settings.mode {
             DeliveryMode::Hybrid => {
                 match tokio::time::timeout(self.settings.sync_timeout, outcome).await {
                     Ok(Ok(rejected @ Outcome::Rejected(_))) => {
@@ -141,6 +143,10 @@ impl Delivery {
                 }
             },
             DeliveryMode::Queue => queued,
+        };
+        Submitted {
+            state: Some(state),
+            ..answer
         }
     }
 }
@@ -151,6 +157,8 @@ pub struct Submitted {
     pub reply: Reply,
     /// The spool id, when the message was stored.
     pub id: Option<String>,
+    /// The state it was stored in.
+    pub state: Option<State>,
     /// Why the message was refused, when it was.
     pub refusal: Option<Refusal>,
 }
@@ -160,6 +168,7 @@ impl Submitted {
         Submitted {
             reply,
             id,
+            state: None,
             refusal: Some(refusal),
         }
     }
@@ -225,6 +234,11 @@ impl Submitted {
                 )
             }
         };
-        Submitted { reply, id, refusal }
+        Submitted {
+            reply,
+            id,
+            state: None,
+            refusal,
+        }
     }
 }

@@ -20,19 +20,17 @@ pub(super) fn is_clean_body(body: &[u8]) -> bool {
     if !(body.is_empty() || body.ends_with(CRLF)) {
         return false;
     }
+    // memchr finds the line ends: a byte-by-byte loop here was about a
+    // tenth of the relay's CPU time for 1 MiB messages.
     let mut line_start = 0;
-    for (at, &byte) in body.iter().enumerate() {
-        match byte {
-            b'\r' if body.get(at + 1) != Some(&b'\n') => return false,
-            b'\n' => {
-                let ends_crlf = at > 0 && body[at - 1] == b'\r';
-                if !ends_crlf || at - 1 - line_start > MAX_LINE {
-                    return false;
-                }
-                line_start = at + 1;
-            }
-            _ => {}
+    let mut line_ends = memchr::memchr2_iter(b'\r', b'\n', body);
+    while let Some(cr) = line_ends.next() {
+        let crlf = body[cr] == b'\r' && body.get(cr + 1) == Some(&b'\n');
+        if !crlf || cr - line_start > MAX_LINE {
+            return false;
         }
+        line_ends.next(); // its LF
+        line_start = cr + 2;
     }
     true
 }

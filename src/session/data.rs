@@ -12,7 +12,7 @@ use super::{Flow, Session, Stop};
 use crate::observe;
 use crate::reply::{Refusal, Reply};
 use crate::rewrite::{RewriteError, Trace, rewrite};
-use crate::spool::Envelope;
+use crate::spool::{Envelope, State};
 
 pub(super) enum DataEnd {
     /// The content, ending in the line end before the terminating dot;
@@ -176,6 +176,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let submitted = self.ctx.delivery.submit(envelope, rewritten.message).await;
         info!(
             id = submitted.id.as_deref().unwrap_or("-"),
+            state = submitted.state.map_or("-", State::dir_name),
             user = user.as_deref().unwrap_or("-"),
             account = %account,
             from = from.as_str(),

@@ -14,7 +14,7 @@ use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient};
 use rustls::ProtocolVersion;
 use smtp_proto::{AUTH_XOAUTH2, EXT_START_TLS, EhloResponse};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -76,7 +76,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// handshake plus AUTH per message is the main cost of a relay.
 pub struct SmtpConnection {
     client: SmtpClient<Box<dyn Stream>>,
-    messages: usize,
+    /// Whether a transaction may still be open on the server (one ended
+    /// without the final reply to DATA, or failed midway). The reply to
+    /// DATA ends a transaction by itself (RFC 5321 4.1.1.4): a RSET before
+    /// every message would cost a round trip each.
+    needs_reset: bool,
 }
 
 impl SmtpConnection {
@@ -269,7 +273,7 @@ impl SmtpTransport {
         }
         Ok(SmtpConnection {
             client,
-            messages: 0,
+            needs_reset: false,
         })
     }
 
@@ -334,7 +338,7 @@ impl SmtpTransport {
         let result = self
             .transaction(connection, recipients, flags, message, &mut refused)
             .await;
-        connection.messages += 1;
+        connection.needs_reset = !matches!(result, Ok(Some(_)));
         let outcome = match result {
             Ok(Some(reply)) => Some(Outcome::Delivered(reply.into())),
             Ok(None) => None,
@@ -357,7 +361,7 @@ impl SmtpTransport {
         refused: &mut Vec<(String, Outcome)>,
     ) -> mail_send::Result<Option<smtp_proto::Response<String>>> {
         let client = &mut connection.client;
-        if connection.messages > 0 {
+        if connection.needs_reset {
             client.rset().await?;
         }
         let mut params = Parameters::new();
@@ -382,7 +386,7 @@ impl SmtpTransport {
         if refused.len() == recipients.len() {
             return Ok(None);
         }
-        client.data(wire_content(message)).await.map(Some)
+        data(client, &wire_content(message)).await.map(Some)
     }
 
     /// A reply's outcome; a refused sign-in gets this account's hint.
@@ -461,9 +465,14 @@ impl SmtpTransport {
     }
 }
 
+/// Boxes the stream behind a write buffer: mail-send writes a message's
+/// content, each dot it stuffs and the terminating "." separately, and
+/// flushes after every command and message, so the buffer only joins the
+/// pieces; over TLS each write would otherwise be a record and a system
+/// call of its own. Writes of at least its size pass straight through.
 fn boxed<T: Stream + 'static>(client: SmtpClient<T>) -> SmtpClient<Box<dyn Stream>> {
     SmtpClient {
-        stream: Box::new(client.stream),
+        stream: Box::new(BufWriter::new(client.stream)),
         timeout: client.timeout,
     }
 }
@@ -533,9 +542,147 @@ fn wire_content(message: &[u8]) -> Cow<'_, [u8]> {
     }
 }
 
+/// mail-send's `data()`, but finding the dots to stuff with memchr: its
+/// byte-by-byte loop took about a quarter of the relay's CPU time for 1 MiB
+/// messages.
+async fn data(
+    client: &mut SmtpClient<Box<dyn Stream>>,
+    content: &[u8],
+) -> mail_send::Result<smtp_proto::Response<String>> {
+    client.cmd(b"DATA\r\n").await?.assert_code(354)?;
+    tokio::time::timeout(client.timeout, async {
+        write_content(&mut client.stream, content).await?;
+        client.read().await
+    })
+    .await
+    .map_err(|_| mail_send::Error::Timeout)??
+    .into_positive_completion()
+}
+
+/// Writes the content with each dot that follows a CR or LF doubled, as
+/// mail-send does (RFC 5321 4.5.2 asks it after CRLF; a bare CR or LF ends
+/// a line for some servers), then the terminating "." line.
+async fn write_content(
+    stream: &mut (impl AsyncWrite + Unpin),
+    content: &[u8],
+) -> std::io::Result<()> {
+    let mut written = 0;
+    for dot in line_start_dots(content) {
+        stream.write_all(&content[written..dot]).await?;
+        stream.write_all(b".").await?;
+        written = dot;
+    }
+    stream.write_all(&content[written..]).await?;
+    stream.write_all(b"\r\n.\r\n").await?;
+    stream.flush().await
+}
+
+/// Offsets of the dots that follow a CR or LF.
+fn line_start_dots(content: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    memchr::memchr_iter(b'.', content)
+        .filter(|&dot| dot > 0 && matches!(content[dot - 1], b'\r' | b'\n'))
+}
+
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::ReadBuf;
+
     use super::*;
+
+    /// A stream that accepts every write, counting them and keeping the
+    /// bytes.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<std::sync::Mutex<(usize, Vec<u8>)>>);
+
+    impl Recorder {
+        fn writes(&self) -> usize {
+            self.0.lock().unwrap().0
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            self.0.lock().unwrap().1.clone()
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut recorded = self.0.lock().unwrap();
+            recorded.0 += 1;
+            recorded.1.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_small_message_reaches_the_stream_in_one_write() {
+        let stream = Recorder::default();
+        let mut client = boxed(SmtpClient {
+            stream: stream.clone(),
+            timeout: Duration::from_secs(1),
+        });
+        // Each dot-stuffed piece and the terminator are written on their
+        // own; over TLS each write would be a record and a system call.
+        let content = wire_content(b"Subject: a\r\n\r\n.one\r\n.two\r\nend\r\n");
+        write_content(&mut client.stream, &content).await.unwrap();
+        assert_eq!(stream.writes(), 1);
+    }
+
+    #[tokio::test]
+    async fn content_is_written_as_mail_send_writes_it() {
+        let contents: [&[u8]; 8] = [
+            b"",
+            b".",
+            b"a.b\r\n.c",
+            b"a\r\n..b\r\n...",
+            b"bare\n.lf and bare\r.cr",
+            b"end with a dot\r\n.",
+            b"\r\n.\r\n.\r\n",
+            b"no dots at all",
+        ];
+        for content in contents {
+            let theirs = Recorder::default();
+            SmtpClient {
+                stream: theirs.clone(),
+                timeout: Duration::from_secs(1),
+            }
+            .write_message(content)
+            .await
+            .unwrap();
+            let ours = Recorder::default();
+            write_content(&mut ours.clone(), content).await.unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours.bytes()),
+                String::from_utf8_lossy(&theirs.bytes()),
+                "{:?}",
+                String::from_utf8_lossy(content)
+            );
+        }
+    }
 
     #[test]
     fn refused_sign_ins_get_the_hint_that_fits_the_account() {

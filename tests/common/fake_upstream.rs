@@ -184,6 +184,7 @@ struct Shared {
     connections: AtomicUsize,
     auth_attempts: AtomicUsize,
     xoauth2_attempts: AtomicUsize,
+    rsets: AtomicUsize,
     /// What clients answered to XOAUTH2's error challenge.
     xoauth2_challenge_answers: Mutex<Vec<String>>,
 }
@@ -262,6 +263,7 @@ impl FakeUpstream {
             connections: AtomicUsize::new(0),
             auth_attempts: AtomicUsize::new(0),
             xoauth2_attempts: AtomicUsize::new(0),
+            rsets: AtomicUsize::new(0),
             xoauth2_challenge_answers: Mutex::new(Vec::new()),
         });
         let cancel = CancellationToken::new();
@@ -317,6 +319,11 @@ impl FakeUpstream {
     /// AUTH XOAUTH2 exchanges, whatever their result.
     pub fn xoauth2_attempts(&self) -> usize {
         self.shared.xoauth2_attempts.load(Ordering::SeqCst)
+    }
+
+    /// RSET commands, over all connections.
+    pub fn rsets(&self) -> usize {
+        self.shared.rsets.load(Ordering::SeqCst)
     }
 
     /// The lines clients sent in answer to XOAUTH2's error challenge
@@ -650,6 +657,7 @@ impl Session {
                     }
                 },
                 Ok(Request::Rset) => {
+                    self.shared.rsets.fetch_add(1, Ordering::SeqCst);
                     self.envelope = None;
                     RSET_OK.into()
                 }
