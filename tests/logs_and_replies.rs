@@ -67,8 +67,9 @@ async fn stdout(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[tokio::test]
-async fn json_log_lines_carry_json_values_and_the_session_fields() {
+/// The JSON log of a relay process that received and delivered one
+/// message, then stopped.
+async fn json_log_of_one_delivered_message() -> Vec<String> {
     let upstream = upstream(Script::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut env = env_for(&upstream);
@@ -78,6 +79,12 @@ async fn json_log_lines_carry_json_values_and_the_session_fields() {
     assert_eq!(send_one(&relay).await.code, 250);
     relay.wait_for_line("message delivered").await;
     let (_, log) = relay.terminate().await;
+    log
+}
+
+#[tokio::test]
+async fn json_log_lines_carry_json_values_and_the_session_fields() {
+    let log = json_log_of_one_delivered_message().await;
 
     let start = json_line(&log, "sendbridge is accepting connections");
     assert_eq!(start["listen_tls"], Value::Null, "{start}");
@@ -110,15 +117,7 @@ async fn json_log_lines_carry_json_values_and_the_session_fields() {
 /// delivered; one line each.
 #[tokio::test]
 async fn a_delivered_message_is_two_log_lines() {
-    let upstream = upstream(Script::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut env = env_for(&upstream);
-    env.push(("SENDBRIDGE_LOG__FORMAT".into(), "json".into()));
-    let relay = RelayProcess::start(dir.path(), &as_refs(&env)).await;
-
-    assert_eq!(send_one(&relay).await.code, 250);
-    relay.wait_for_line("message delivered").await;
-    let (_, log) = relay.terminate().await;
+    let log = json_log_of_one_delivered_message().await;
 
     let received = json_line(&log, "message received");
     assert_eq!(received["state"], "active", "{received}");

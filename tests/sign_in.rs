@@ -285,12 +285,7 @@ async fn a_repeated_correct_sign_in_skips_the_password_check_a_wrong_one_does_no
     }
     // Every session has ended and logged.
     let _spool = relay.stop().await;
-    let verified_by: Vec<_> = logs
-        .lines_with("client signed in")
-        .iter()
-        .map(|line| line["verified_by"].as_str().unwrap_or("-").to_string())
-        .collect();
-    assert_eq!(verified_by, ["argon2", "cache", "cache"]);
+    assert_eq!(verified_by(&logs), ["argon2", "cache", "cache"]);
     assert_eq!(logs.lines_with("local sign-in failed").len(), 1);
 }
 
@@ -330,10 +325,13 @@ async fn a_reload_that_changes_a_password_drops_its_cached_sign_in() {
     assert_eq!(sign_in("changed").await, 235);
 
     let _spool = relay.stop().await;
-    let verified_by: Vec<_> = logs
-        .lines_with("client signed in")
+    assert_eq!(verified_by(&logs), ["argon2", "cache", "argon2", "cache"]);
+}
+
+/// How each logged sign-in was verified, in order: `argon2` or `cache`.
+fn verified_by(logs: &LogCapture) -> Vec<String> {
+    logs.lines_with("client signed in")
         .iter()
         .map(|line| line["verified_by"].as_str().unwrap_or("-").to_string())
-        .collect();
-    assert_eq!(verified_by, ["argon2", "cache", "argon2", "cache"]);
+        .collect()
 }

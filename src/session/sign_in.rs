@@ -363,23 +363,30 @@ mod tests {
         while line(client).await.starts_with("250-") {}
     }
 
+    /// A new session, greeted, that has just sent AUTH PLAIN with `password`.
+    async fn signing_in(
+        ctx: &(Arc<SessionContext>, tempfile::TempDir),
+        password: &str,
+    ) -> (BufReader<DuplexStream>, tokio::task::JoinHandle<()>) {
+        let (mut client, task) = start(ctx);
+        greeted(&mut client).await;
+        client
+            .get_mut()
+            .write_all(&auth_plain(password))
+            .await
+            .unwrap();
+        (client, task)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn over_its_budget_an_address_gets_454_without_a_check() {
         let ctx = context(&config());
         failed_before(&ctx.0, LIMIT);
-        let (mut client, _task) = start(&ctx);
-        greeted(&mut client).await;
         let started = Instant::now();
 
         // The right password: a check would have signed the client in.
-        let reply = {
-            client
-                .get_mut()
-                .write_all(&auth_plain("old-password"))
-                .await
-                .unwrap();
-            line(&mut client).await
-        };
+        let (mut client, _task) = signing_in(&ctx, "old-password").await;
+        let reply = line(&mut client).await;
 
         assert_eq!(
             reply,
@@ -392,15 +399,9 @@ mod tests {
     async fn a_client_that_hangs_up_while_its_check_waits_ends_the_session_and_the_check() {
         let ctx = context(&config());
         failed_before(&ctx.0, LIMIT - 1);
-        let (mut client, task) = start(&ctx);
-        greeted(&mut client).await;
         let started = Instant::now();
 
-        client
-            .get_mut()
-            .write_all(&auth_plain("guess"))
-            .await
-            .unwrap();
+        let (mut client, task) = signing_in(&ctx, "guess").await;
         client.get_mut().shutdown().await.unwrap();
         task.await.unwrap();
 
@@ -410,13 +411,7 @@ mod tests {
 
     /// The first reply to a correct AUTH in a new session.
     async fn answer(ctx: &(Arc<SessionContext>, tempfile::TempDir)) -> String {
-        let (mut client, _task) = start(ctx);
-        greeted(&mut client).await;
-        client
-            .get_mut()
-            .write_all(&auth_plain("old-password"))
-            .await
-            .unwrap();
+        let (mut client, _task) = signing_in(ctx, "old-password").await;
         line(&mut client).await
     }
 
@@ -444,15 +439,9 @@ mod tests {
     async fn commands_pipelined_while_a_check_waits_are_answered_after_it() {
         let ctx = context(&config());
         failed_before(&ctx.0, LIMIT - 1);
-        let (mut client, _task) = start(&ctx);
-        greeted(&mut client).await;
         let started = Instant::now();
 
-        client
-            .get_mut()
-            .write_all(&auth_plain("old-password"))
-            .await
-            .unwrap();
+        let (mut client, _task) = signing_in(&ctx, "old-password").await;
         // Into the 1 s wait before the check.
         tokio::time::sleep(Duration::from_millis(300)).await;
         client.get_mut().write_all(b"NOOP\r\n").await.unwrap();
