@@ -119,43 +119,71 @@ fn account_row(html: &mut String, account: &AccountStatus, page: &PageContext, q
 }
 
 fn rejections(html: &mut String, rejections: &[Rejection]) {
-    if rejections.is_empty() {
-        *html += "<p id=\"rejections\">None.</p>";
-        return;
-    }
-    *html += "<table id=\"rejections\"><tr><th>Time</th><th>Id</th><th>Account</th>\
-              <th>Recipients</th><th>Last reply</th></tr>";
-    for rejection in rejections {
-        let _ = write!(
-            html,
-            "<tr><td class=\"nowrap\">{}</td><td class=\"reply\">{}</td><td>{}</td><td>{}</td><td class=\"reply\">{}</td></tr>",
-            format_time(rejection.at),
-            escape(&rejection.id),
-            escape(&rejection.account),
-            escape(&rejection.recipients.join(", ")),
-            lines_html(rejection.last_reply.as_deref().unwrap_or("-"))
-        );
-    }
-    *html += "</table>";
+    let rows = rejections.iter().map(|rejection| {
+        [
+            (NOWRAP, format_time(rejection.at)),
+            (REPLY, escape(&rejection.id)),
+            (PLAIN, escape(&rejection.account)),
+            (PLAIN, escape(&rejection.recipients.join(", "))),
+            (
+                REPLY,
+                lines_html(rejection.last_reply.as_deref().unwrap_or("-")),
+            ),
+        ]
+    });
+    let header = ["Time", "Id", "Account", "Recipients", "Last reply"];
+    table(html, "rejections", "None.", header, rows);
 }
 
 fn notices(html: &mut String, notices: &[Recent]) {
-    if notices.is_empty() {
-        *html += "<p id=\"notices\">None since the relay started.</p>";
+    let rows = notices.iter().map(|notice| {
+        [
+            (NOWRAP, format_time(notice.at)),
+            (PLAIN, escape(&notice.event)),
+            (PLAIN, escape(&notice.to)),
+            (PLAIN, escape(&notice.channel)),
+            (REPLY, escape(&notice.outcome)),
+        ]
+    });
+    let header = ["Time", "Event", "To", "Channel", "Outcome"];
+    table(
+        html,
+        "notices",
+        "None since the relay started.",
+        header,
+        rows,
+    );
+}
+
+/// The class attribute of a table cell.
+const PLAIN: &str = "";
+const NOWRAP: &str = " class=\"nowrap\"";
+const REPLY: &str = " class=\"reply\"";
+
+/// A table `id` of `rows` (each cell already HTML, with its class), or a
+/// paragraph saying `empty` when there are none.
+fn table<const N: usize>(
+    html: &mut String,
+    id: &str,
+    empty: &str,
+    header: [&str; N],
+    rows: impl ExactSizeIterator<Item = [(&'static str, String); N]>,
+) {
+    if rows.len() == 0 {
+        let _ = write!(html, "<p id=\"{id}\">{empty}</p>");
         return;
     }
-    *html += "<table id=\"notices\"><tr><th>Time</th><th>Event</th><th>To</th>\
-              <th>Channel</th><th>Outcome</th></tr>";
-    for notice in notices {
-        let _ = write!(
-            html,
-            "<tr><td class=\"nowrap\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"reply\">{}</td></tr>",
-            format_time(notice.at),
-            escape(&notice.event),
-            escape(&notice.to),
-            escape(&notice.channel),
-            escape(&notice.outcome)
-        );
+    let _ = write!(html, "<table id=\"{id}\"><tr>");
+    for title in header {
+        let _ = write!(html, "<th>{title}</th>");
+    }
+    *html += "</tr>";
+    for row in rows {
+        *html += "<tr>";
+        for (class, cell) in row {
+            let _ = write!(html, "<td{class}>{cell}</td>");
+        }
+        *html += "</tr>";
     }
     *html += "</table>";
 }
