@@ -28,6 +28,21 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/sendbridge.toml";
 /// Names another default path, still optional: the container image points
 /// it at a file that may or may not be mounted.
 pub const CONFIG_PATH_ENV: &str = "SENDBRIDGE_CONFIG";
+/// Read when neither `--config` nor `$SENDBRIDGE_CONFIG` names a file and
+/// `config/sendbridge.toml` is not in the working directory: `sendmail`
+/// runs from cron and PHP in any directory, and should find its relay.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/sendbridge/sendbridge.toml";
+
+/// Which secrets a command reads and requires. Only commands that sign in
+/// upstream or send mail themselves (`run`, `check`, `oauth`, `notify
+/// test`) need them all; `queue`, `sendmail` and the like start without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    All,
+    /// Only `admin.token`: for commands that call the admin interface.
+    AdminToken,
+    None,
+}
 
 /// An invalid configuration: one message naming the key and the problem.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +73,21 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub notify: NotifyConfig,
+    pub sendmail: SendmailConfig,
+    /// The configuration file that was read, if one existed (for messages
+    /// that say which configuration a command used).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+}
+
+/// `[sendmail]`: messages queued with `sendbridge sendmail` (README,
+/// "Scripts and cron").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SendmailConfig {
+    /// The configured local user these messages are sent as: its account
+    /// (and routes) apply, as if it had signed in.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

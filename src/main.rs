@@ -1,10 +1,11 @@
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use sendbridge::config::Config;
+use sendbridge::config::{Config, Secrets};
 use sendbridge::outln;
 use sendbridge::terminal::StdoutClosed;
 
@@ -42,6 +43,13 @@ enum Command {
     },
     /// Show the running relay's accounts, queue and last rejections
     Status,
+    /// The sendmail command line for scripts, cron and PHP (-t, -i, -f, -F; message on stdin); also runs as `sendmail` through a symbolic link
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Sendmail {
+        /// sendmail's options and recipients
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Inspect and manage the queue (works while the relay runs)
     Queue {
         #[command(subcommand)]
@@ -114,12 +122,40 @@ enum QueueAction {
 /// Exit code for an invalid configuration (as sysexits' EX_USAGE family does).
 const EXIT_CONFIG: u8 = 2;
 
+impl Command {
+    /// Only the commands that sign in upstream or send mail themselves read
+    /// the secrets; the others start without app passwords in the
+    /// environment.
+    fn secrets(&self) -> Secrets {
+        match self {
+            Command::Run
+            | Command::Check { .. }
+            | Command::Oauth { .. }
+            | Command::Notify { .. } => Secrets::All,
+            Command::Health { .. } | Command::Status => Secrets::AdminToken,
+            Command::HashPassword
+            | Command::Reload
+            | Command::Queue { .. }
+            | Command::Sendmail { .. } => Secrets::None,
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    let mut args = std::env::args_os();
+    let program = args.next().unwrap_or_default();
+    // `/usr/sbin/sendmail -> sendbridge`: the sendmail command line as is.
+    if Path::new(&program).file_name() == Some("sendmail".as_ref()) {
+        return sendmail(None, args.collect());
+    }
     let cli = Cli::parse();
     if let Command::HashPassword = cli.command {
         return report(sendbridge::cli::hash_password_from_stdin());
     }
-    let config = match Config::load(cli.config.as_deref()) {
+    if let Command::Sendmail { args } = cli.command {
+        return sendmail(cli.config, args);
+    }
+    let config = match Config::load_needing(cli.config.as_deref(), cli.command.secrets()) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("sendbridge: invalid configuration: {err}");
@@ -155,14 +191,51 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             report(runtime.block_on(sendbridge::cli::notify_test(&config)))
         }
-        Command::HashPassword => unreachable!("handled above"),
+        Command::HashPassword | Command::Sendmail { .. } => unreachable!("handled above"),
+    }
+}
+
+/// `sendbridge sendmail ARGS` or `sendmail ARGS`: sysexits codes, one line
+/// on stderr when something went wrong or the relay is not running.
+fn sendmail(config_path: Option<PathBuf>, args: Vec<OsString>) -> ExitCode {
+    use sendbridge::sendmail::{EX_CONFIG, EX_USAGE, Failure, Queued, parse_args, send};
+    let result = (|| {
+        let args = args
+            .into_iter()
+            .map(|arg| arg.into_string())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|arg| Failure {
+                code: EX_USAGE,
+                message: format!("{arg:?} is not UTF-8"),
+            })?;
+        let invocation = parse_args(&args)?;
+        let path = invocation.config.clone().or(config_path);
+        let config =
+            Config::load_needing(path.as_deref(), Secrets::None).map_err(|err| Failure {
+                code: EX_CONFIG,
+                message: format!("invalid configuration: {err}"),
+            })?;
+        send(&config, &invocation, std::io::stdin().lock())
+    })();
+    match result {
+        Ok(Queued::RelayWoken) => ExitCode::SUCCESS,
+        Ok(Queued::RelayNotRunning) => {
+            eprintln!(
+                "sendbridge sendmail: queued; the relay is not running, it will be sent when sendbridge starts"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("sendbridge sendmail: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
     }
 }
 
 fn queue(config: &Config, action: QueueAction) -> anyhow::Result<()> {
     use sendbridge::cli::{queue_list, queue_show};
     use sendbridge::spool::operations::{RetryTarget, delete, retry};
-    let spool = sendbridge::spool::Spool::open(&config.spool.dir)?;
+    let spool = sendbridge::spool::Spool::open(config.existing_spool_dir()?)?;
     match action {
         QueueAction::List { json } => queue_list(&spool, json),
         QueueAction::Show { id } => queue_show(&spool, &id),

@@ -18,6 +18,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::observe;
+use crate::pickup::Pickup;
 use crate::server::{Listeners, Server};
 use crate::session::{SessionContext, Settings, clean_transcripts};
 
@@ -53,6 +54,8 @@ pub struct Relay {
     admin: Option<Admin>,
     delivery: Arc<Delivery>,
     ctx: Arc<SessionContext>,
+    /// Takes mail queued by `sendbridge sendmail`.
+    pickup: Pickup,
     /// Cancelled from outside: shutdown begins.
     stop: CancellationToken,
     /// Cancelled by `run` once the sessions are done.
@@ -86,6 +89,17 @@ impl Relay {
             tls,
             close_sessions.clone(),
         )?);
+        let pickup = Pickup::bind(
+            &config.spool.dir,
+            ctx.clone(),
+            config.delivery.scan_interval,
+        )
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "cannot create the maildrop in spool.dir ({}): {err}",
+                config.spool.dir.display()
+            )
+        })?;
         let server = Server::new(
             listeners,
             ctx.clone(),
@@ -102,6 +116,7 @@ impl Relay {
             admin,
             delivery,
             ctx,
+            pickup,
             stop,
             stop_delivery,
             shutdown_grace: config.server.shutdown_grace,
@@ -153,7 +168,8 @@ impl Relay {
             }
         };
         let cleaning = keep_transcripts_clean(&self.ctx, self.transcript_limits, &self.stop);
-        tokio::join!(self.server.run(), admin, cleaning);
+        let pickup = self.pickup.run(self.stop.clone());
+        tokio::join!(self.server.run(), admin, cleaning, pickup);
         self.stop_delivery.cancel();
         self.delivery.stopped(self.shutdown_grace).await;
         info!("sendbridge stopped");

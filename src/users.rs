@@ -176,6 +176,14 @@ impl Users {
         }))
     }
 
+    /// A configured user as if signed in, without a password: for mail the
+    /// relay's own user queued as `sendmail.user` (the maildrop).
+    pub fn local(&self, name: &str) -> Option<SignedIn> {
+        self.by_name
+            .get(&name.to_lowercase())
+            .map(|user| user.signed_in())
+    }
+
     /// Whether `other` has the user keyed `key` with the same password
     /// hash: a reload keeps that user's verified credentials.
     pub fn same_password(&self, other: &Users, key: &str) -> bool {

@@ -7,16 +7,25 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 
-use super::{CONFIG_PATH_ENV, Config, ConfigError, DEFAULT_CONFIG_PATH};
+use super::{
+    CONFIG_PATH_ENV, Config, ConfigError, DEFAULT_CONFIG_PATH, SYSTEM_CONFIG_PATH, Secrets,
+};
 
 const ENV_PREFIX: &str = "SENDBRIDGE_";
 
 impl Config {
-    /// Loads and validates the configuration. `path` is the `--config`
-    /// argument: when given it must exist; the default path (or
-    /// `$SENDBRIDGE_CONFIG`) is optional so that environment variables alone
-    /// can configure the relay.
+    /// Loads and validates the configuration with every secret, as `run`
+    /// needs it.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_needing(path, Secrets::All)
+    }
+
+    /// Loads and validates the configuration, reading and requiring only
+    /// the `secrets` the command needs. `path` is the `--config` argument:
+    /// when given it must exist; otherwise `$SENDBRIDGE_CONFIG`, else
+    /// `config/sendbridge.toml`, else `/etc/sendbridge/sendbridge.toml`, each
+    /// optional so that environment variables alone can configure the relay.
+    pub fn load_needing(path: Option<&Path>, secrets: Secrets) -> Result<Config, ConfigError> {
         let file = match path {
             Some(path) if !path.is_file() => {
                 return Err(ConfigError::new(
@@ -25,19 +34,20 @@ impl Config {
                 ));
             }
             Some(path) => path.to_path_buf(),
-            None => std::env::var_os(CONFIG_PATH_ENV)
-                .map_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH), PathBuf::from),
+            None => std::env::var_os(CONFIG_PATH_ENV).map_or_else(default_file, PathBuf::from),
         };
-        Self::from_figment(Figment::from(Toml::file(file)))
+        let mut config = Self::from_figment(Figment::from(Toml::file(&file)), secrets)?;
+        config.file = file.is_file().then_some(file);
+        Ok(config)
     }
 
     /// Builds the configuration from a TOML string plus the environment; for
     /// tests and `check`.
     pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Figment::from(Toml::string(toml)))
+        Self::from_figment(Figment::from(Toml::string(toml)), Secrets::All)
     }
 
-    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+    fn from_figment(figment: Figment, secrets: Secrets) -> Result<Config, ConfigError> {
         // Only variables with a `__` name a key: `SENDBRIDGE_LOG` is the log
         // filter, not the `[log]` section.
         let env = Env::prefixed(ENV_PREFIX)
@@ -53,8 +63,53 @@ impl Config {
             }
         }
         let mut config: Config = figment.extract().map_err(describe_figment_error)?;
-        config.validate()?;
+        config.validate_needing(secrets)?;
         Ok(config)
+    }
+}
+
+impl Config {
+    /// The spool directory of the relay a command manages, which must
+    /// exist: `queue` and `sendmail` refuse rather than start an empty
+    /// spool somewhere else (a relative `spool.dir` run from another
+    /// directory).
+    pub fn existing_spool_dir(&self) -> Result<&Path, ConfigError> {
+        let dir = &self.spool.dir;
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+        Err(ConfigError::new(
+            "spool.dir",
+            format!(
+                "{} does not exist, so no relay runs there ({}); give the running relay's configuration with --config or {CONFIG_PATH_ENV}, or an absolute spool.dir",
+                absolute.display(),
+                self.described_file()
+            ),
+        ))
+    }
+
+    /// Which configuration file was read, for messages.
+    pub fn described_file(&self) -> String {
+        match &self.file {
+            Some(file) => {
+                let absolute = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+                format!("configuration read from {}", absolute.display())
+            }
+            None => "no configuration file was found, only defaults and SENDBRIDGE_* variables"
+                .to_string(),
+        }
+    }
+}
+
+/// `config/sendbridge.toml` when the working directory has one, else the
+/// system-wide file.
+fn default_file() -> PathBuf {
+    let local = PathBuf::from(DEFAULT_CONFIG_PATH);
+    if local.is_file() {
+        local
+    } else {
+        PathBuf::from(SYSTEM_CONFIG_PATH)
     }
 }
 

@@ -7,13 +7,19 @@ use std::path::PathBuf;
 
 use super::{
     AccountConfig, AdminConfig, AuthMethod, Config, ConfigError, GMAIL_HOST, MICROSOFT_HOST,
-    OAuth2Config, OAuthFlow, OAuthProvider, UserConfig,
+    OAuth2Config, OAuthFlow, OAuthProvider, Secrets, UserConfig,
 };
 use crate::secret::Secret;
 
 impl Config {
     /// Checks references between sections and reads secret files.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
+        self.validate_needing(Secrets::All)
+    }
+
+    /// Like `validate`, reading and requiring only `secrets`: a command
+    /// that signs in nowhere starts without app passwords or their files.
+    pub fn validate_needing(&mut self, secrets: Secrets) -> Result<(), ConfigError> {
         if self.server.hostname.trim().is_empty() {
             return Err(ConfigError::new("server.hostname", "must not be empty"));
         }
@@ -50,8 +56,9 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let all = secrets == Secrets::All;
         for (name, account) in &mut self.accounts {
-            account.validate(name)?;
+            account.validate(name, all)?;
         }
         if let Some(default) = &self.server.default_account {
             if !self.accounts.contains_key(default) {
@@ -63,9 +70,20 @@ impl Config {
         }
         let fallback_account = self.fallback_account().map(str::to_string);
         for (name, user) in &mut self.users {
-            user.validate(name, fallback_account.as_deref(), &self.accounts)?;
+            user.validate(name, fallback_account.as_deref(), &self.accounts, all)?;
+        }
+        if let Some(user) = &self.sendmail.user {
+            if !self.users.contains_key(user) {
+                return Err(ConfigError::new(
+                    "sendmail.user",
+                    format!("no user named \"{user}\" in [users]"),
+                ));
+            }
         }
         self.validate_notify()?;
+        if secrets == Secrets::None {
+            return Ok(());
+        }
         self.admin.validate()
     }
 
@@ -126,7 +144,8 @@ impl AdminConfig {
 }
 
 impl AccountConfig {
-    fn validate(&mut self, name: &str) -> Result<(), ConfigError> {
+    /// `secrets`: read and require the password (or OAuth client secret).
+    fn validate(&mut self, name: &str, secrets: bool) -> Result<(), ConfigError> {
         let key = |field: &str| format!("accounts.{name}.{field}");
         // The name also names files in the spool.
         if !name
@@ -177,9 +196,14 @@ impl AccountConfig {
                 "missing: set it to the mailbox address, e.g. me@gmail.com",
             ));
         }
-        let password = resolve_secret(&key("password"), self.password.take(), &self.password_file)?;
+        let password = if secrets {
+            resolve_secret(&key("password"), self.password.take(), &self.password_file)?
+        } else {
+            None
+        };
         match (self.auth, password, &mut self.oauth2) {
             (AuthMethod::Password, Some(password), _) => self.password = Some(password),
+            (AuthMethod::Password, None, _) if !secrets => {}
             (AuthMethod::Password, None, _) => {
                 return Err(ConfigError::new(
                     key("password"),
@@ -193,7 +217,7 @@ impl AccountConfig {
                 ));
             }
             (AuthMethod::Oauth2, _, Some(oauth2)) => {
-                oauth2.validate(&key("oauth2"))?;
+                oauth2.validate(&key("oauth2"), secrets)?;
                 // The default host is Gmail's; Microsoft accounts mean Microsoft's.
                 if oauth2.provider == OAuthProvider::Microsoft && self.host == GMAIL_HOST {
                     self.host = MICROSOFT_HOST.to_string();
@@ -213,10 +237,13 @@ impl AccountConfig {
 }
 
 impl OAuth2Config {
-    fn validate(&mut self, prefix: &str) -> Result<(), ConfigError> {
+    fn validate(&mut self, prefix: &str, secrets: bool) -> Result<(), ConfigError> {
         let key = |field: &str| format!("{prefix}.{field}");
         if self.client_id.trim().is_empty() {
             return Err(ConfigError::new(key("client_id"), "must not be empty"));
+        }
+        if !secrets {
+            return Ok(());
         }
         self.client_secret = resolve_secret(
             &key("client_secret"),
@@ -253,10 +280,16 @@ impl UserConfig {
         name: &str,
         fallback_account: Option<&str>,
         accounts: &BTreeMap<String, AccountConfig>,
+        secrets: bool,
     ) -> Result<(), ConfigError> {
         let key = |field: &str| format!("users.{name}.{field}");
-        let password = resolve_secret(&key("password"), self.password.take(), &self.password_file)?;
+        let password = if secrets {
+            resolve_secret(&key("password"), self.password.take(), &self.password_file)?
+        } else {
+            None
+        };
         match (&self.password_hash, password) {
+            (_, None) if !secrets => {}
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new(
                     key("password_hash"),

@@ -68,6 +68,8 @@ pub struct Settings {
     /// Per upstream account.
     pub rewrites: HashMap<String, RewritePolicy>,
     pub transcripts: Transcripts,
+    /// `sendmail.user`: who mail from the maildrop is sent as.
+    pub sendmail_user: Option<String>,
 }
 
 impl Settings {
@@ -87,6 +89,7 @@ impl Settings {
             policy: Policy::new(config),
             rewrites,
             transcripts: config.log.transcripts,
+            sendmail_user: config.sendmail.user.clone(),
         })
     }
 }
