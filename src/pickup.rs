@@ -152,6 +152,27 @@ async fn take(maildrop: &Maildrop, ctx: &SessionContext, id: &str) {
         local.message.len(),
     );
     let submitted = ctx.delivery.submit(local.envelope, local.message).await;
+    // The drop goes first, so the log line below means it is done.
+    match &submitted.refusal {
+        None => {
+            if let Err(err) = maildrop.remove(id) {
+                // Taken again at the next scan: at least once, as over SMTP.
+                error!(error = %err, drop = id, "cannot remove a drop the queue has taken");
+            }
+        }
+        Some(refusal) if submitted.reply.code >= 500 => {
+            set_aside(maildrop, id, &submitted.reply, refusal)
+        }
+        // Temporary (spool full, the account on hold in passthrough mode):
+        // the drop waits for the next scan.
+        Some(refusal) => warn!(
+            drop = id,
+            reply = %submitted.reply,
+            reason = refusal.reason,
+            hint = refusal.hint.as_deref().unwrap_or("-"),
+            "a message from the maildrop waits: the queue refused it for now"
+        ),
+    }
     info!(
         id = submitted.id.as_deref().unwrap_or("-"),
         drop = id,
@@ -165,26 +186,6 @@ async fn take(maildrop: &Maildrop, ctx: &SessionContext, id: &str) {
         reply = %submitted.reply,
         "message picked up from the maildrop"
     );
-    match submitted.refusal {
-        None => {
-            if let Err(err) = maildrop.remove(id) {
-                // Taken again at the next scan: at least once, as over SMTP.
-                error!(error = %err, drop = id, "cannot remove a drop the queue has taken");
-            }
-        }
-        Some(refusal) if submitted.reply.code >= 500 => {
-            set_aside(maildrop, id, &submitted.reply, &refusal)
-        }
-        // Temporary (spool full, the account on hold in passthrough mode):
-        // the drop waits for the next scan.
-        Some(refusal) => warn!(
-            drop = id,
-            reply = %submitted.reply,
-            reason = refusal.reason,
-            hint = refusal.hint.as_deref().unwrap_or("-"),
-            "a message from the maildrop waits: the queue refused it for now"
-        ),
-    }
 }
 
 fn set_aside(maildrop: &Maildrop, id: &str, reply: &Reply, refusal: &Refusal) {

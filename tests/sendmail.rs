@@ -1,0 +1,353 @@
+//! `sendmail` as scripts, cron and PHP call it: through a symbolic link
+//! named `sendmail` to the built binary, from another directory, with the
+//! configuration from `SENDBRIDGE_CONFIG` and no secret in its environment.
+//! The relay runs as a process with the secrets; messages go through the
+//! maildrop to the fake upstream.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, Received, UpstreamTls};
+use common::process::RelayProcess;
+use common::relay::{LOCAL_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// An upstream, a relay directory with its configuration file (no secrets
+/// in it) and spool, and another directory with the `sendmail` link.
+struct Setup {
+    upstream: FakeUpstream,
+    relay_dir: tempfile::TempDir,
+    elsewhere: tempfile::TempDir,
+    config_file: PathBuf,
+}
+
+impl Setup {
+    /// `keys`: TOML lines added to `[server]`.
+    async fn new(server_keys: &str) -> Setup {
+        let upstream = FakeUpstream::start(FakeUpstreamOptions::new(
+            UpstreamTls::StartTls,
+            UPSTREAM_USER,
+            UPSTREAM_PASSWORD,
+        ))
+        .await;
+        let relay_dir = tempfile::tempdir().unwrap();
+        let spool = relay_dir.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        std::fs::create_dir(relay_dir.path().join("config")).unwrap();
+        let config_file = relay_dir.path().join("config/sendbridge.toml");
+        // A scan interval of an hour: mail arriving at once shows that
+        // sendmail woke the relay.
+        let config = format!(
+            "[server]\n{server_keys}\n[delivery]\nscan_interval = \"1h\"\n[spool]\ndir = '{}'\n[sendmail]\nuser = \"invoices\"\n[accounts.gmail]\nhost = \"localhost\"\nport = {}\nca_file = '{}'\nusername = \"{UPSTREAM_USER}\"\n[users.invoices]\naccount = \"gmail\"\n",
+            spool.display(),
+            upstream.port(),
+            upstream.ca_file().display()
+        );
+        std::fs::write(&config_file, config).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(
+            env!("CARGO_BIN_EXE_sendbridge"),
+            elsewhere.path().join("sendmail"),
+        )
+        .unwrap();
+        Setup {
+            upstream,
+            relay_dir,
+            elsewhere,
+            config_file,
+        }
+    }
+
+    /// The relay, with the secrets the configuration file lacks.
+    async fn start_relay(&self) -> RelayProcess {
+        let env = [
+            ("SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD", UPSTREAM_PASSWORD),
+            ("SENDBRIDGE_USERS__INVOICES__PASSWORD", LOCAL_PASSWORD),
+        ];
+        RelayProcess::start(self.relay_dir.path(), &env).await
+    }
+
+    fn maildrop(&self) -> PathBuf {
+        self.relay_dir.path().join("spool/maildrop")
+    }
+
+    /// `sendmail ARGS < input` as a script runs it: the link, run from
+    /// another directory, configured by `SENDBRIDGE_CONFIG` alone.
+    async fn sendmail(&self, args: &[&str], input: &str) -> Output {
+        let config = self.config_file.display().to_string();
+        run(
+            &self.elsewhere.path().join("sendmail"),
+            args,
+            self.elsewhere.path(),
+            &[("SENDBRIDGE_CONFIG", &config)],
+            input,
+        )
+        .await
+    }
+
+    async fn delivered(&self, count: usize) -> Vec<Received> {
+        self.upstream.wait_for_messages(count, WAIT).await
+    }
+}
+
+/// `program ARGS < input` in `dir`, with no inherited `SENDBRIDGE_*`.
+async fn run(
+    program: &Path,
+    args: &[&str],
+    dir: &Path,
+    env: &[(&str, &str)],
+    input: &str,
+) -> Output {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SENDBRIDGE_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    let mut child = command.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // A command that refuses early may not read it all.
+    let _ = stdin.write_all(input.as_bytes()).await;
+    drop(stdin);
+    tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("sendmail finishes")
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn sorted(mut addresses: Vec<String>) -> Vec<String> {
+    addresses.sort();
+    addresses
+}
+
+/// Drops waiting in the maildrop (its `refused/` folder apart).
+fn drops(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter(|entry| {
+                let name = entry.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(".drop")
+            })
+            .count()
+    })
+}
+
+/// PHP's `sendmail_path = "/usr/sbin/sendmail -t -i"`, with the relay
+/// running: every To, Cc and Bcc recipient gets the message, Bcc is gone
+/// from it, a lone dot stays content, and the relay was woken at once.
+#[tokio::test]
+async fn php_style_sendmail_t_i_through_the_link_reaches_the_upstream_without_bcc() {
+    let setup = Setup::new("").await;
+    let relay = setup.start_relay().await;
+    let message = "To: Alice <alice@example.com>\nCc: bob@example.com\nBcc: secret@example.com\nSubject: Invoice 42\n\nHello\n.\nstill the body\n";
+
+    let output = setup.sendmail(&["-t", "-i"], message).await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stderr(&output), "", "a successful sendmail says nothing");
+    let received = setup.delivered(1).await;
+    assert_eq!(
+        sorted(received[0].rcpt_to.clone()),
+        ["alice@example.com", "bob@example.com", "secret@example.com"]
+    );
+    let text = received[0].without_trace();
+    assert!(
+        !text.to_lowercase().contains("bcc") && !text.contains("secret@"),
+        "{text}"
+    );
+    assert!(text.contains("To: Alice <alice@example.com>\r\n"), "{text}");
+    assert!(
+        text.contains("Date: ") && text.contains("Message-ID: "),
+        "{text}"
+    );
+    assert!(text.contains(&format!("From: {UPSTREAM_USER}")), "{text}");
+    assert!(
+        received[0]
+            .body()
+            .ends_with(b"Hello\r\n.\r\nstill the body\r\n")
+    );
+    let picked = relay
+        .wait_for_line("message picked up from the maildrop")
+        .await;
+    assert!(
+        picked.contains("user=\"invoices\"") && picked.contains("account=gmail"),
+        "{picked}"
+    );
+    assert_eq!(drops(&setup.maildrop()), 0, "the queue has it");
+    relay.terminate().await;
+}
+
+/// With the relay down, `sendmail` still queues, says so on stderr and
+/// exits 0; the relay sends the message when it starts. Also `-f`, `-F`,
+/// recipients as arguments, and a lone dot ending the message without -i.
+#[tokio::test]
+async fn with_the_relay_down_sendmail_queues_and_the_relay_sends_it_at_start() {
+    let setup = Setup::new("").await;
+    let message = "Subject: Nightly backup\n\nbackup ok\n.\nnot part of the message\n";
+
+    let output = setup
+        .sendmail(
+            &[
+                "-f",
+                "backup@example.com",
+                "-F",
+                "Backup Job",
+                "carol@example.com,dave@example.com",
+            ],
+            message,
+        )
+        .await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stderr(&output).trim(),
+        "sendbridge sendmail: queued; the relay is not running, it will be sent when sendbridge starts"
+    );
+    assert_eq!(drops(&setup.maildrop()), 1);
+    assert!(setup.upstream.received().is_empty());
+
+    let relay = setup.start_relay().await;
+    let received = setup.delivered(1).await;
+    assert_eq!(
+        sorted(received[0].rcpt_to.clone()),
+        ["carol@example.com", "dave@example.com"]
+    );
+    let text = received[0].without_trace();
+    assert!(
+        text.contains("From: \"Backup Job\" <backup@example.com>\r\n"),
+        "{text}"
+    );
+    assert_eq!(received[0].body(), b"backup ok\r\n");
+    relay
+        .wait_for_line("message picked up from the maildrop")
+        .await;
+    assert_eq!(drops(&setup.maildrop()), 0);
+    relay.terminate().await;
+}
+
+/// Each way a call can fail has its sysexits code and leaves nothing in
+/// the maildrop.
+#[tokio::test]
+async fn bad_calls_exit_with_sysexits_codes_and_queue_nothing() {
+    let setup = Setup::new("max_message_size = 2000").await;
+    let large = format!("To: a@example.com\n\n{}\n", "x".repeat(3000));
+    // (arguments, stdin, exit code, stderr names)
+    let cases: [(&[&str], &str, i32, &str); 6] = [
+        (&["-bs"], "", 64, "-bs is not supported"),
+        (&["-q"], "", 64, "sendbridge queue"),
+        (
+            &["-x", "a@example.com"],
+            "Subject: x\n\n",
+            64,
+            "unknown option -x",
+        ),
+        (
+            &["-t", "-i"],
+            "Subject: no recipients\n\nbody\n",
+            67,
+            "no recipients",
+        ),
+        (
+            &["not an address"],
+            "Subject: x\n\n",
+            67,
+            "is not an address",
+        ),
+        (
+            &["-t", "-i"],
+            &large,
+            65,
+            "server.max_message_size (2000 bytes)",
+        ),
+    ];
+    for (args, input, code, names) in cases {
+        let output = setup.sendmail(args, input).await;
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(names),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    assert_eq!(drops(&setup.maildrop()), 0);
+
+    // `sendbridge sendmail` is the same command.
+    let output = run(
+        Path::new(env!("CARGO_BIN_EXE_sendbridge")),
+        &[
+            "--config",
+            setup.config_file.to_str().unwrap(),
+            "sendmail",
+            "-bs",
+        ],
+        setup.elsewhere.path(),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+}
+
+/// A configuration that cannot say where mail goes is EX_CONFIG (78): no
+/// `sendmail.user`, or a spool that does not exist (named with the file
+/// the configuration came from), and no new spool is created.
+#[tokio::test]
+async fn a_configuration_without_sendmail_user_or_spool_is_ex_config() {
+    let setup = Setup::new("").await;
+    let config = std::fs::read_to_string(&setup.config_file).unwrap();
+    std::fs::write(
+        &setup.config_file,
+        config.replace("user = \"invoices\"\n", ""),
+    )
+    .unwrap();
+    let output = setup.sendmail(&["a@example.com"], "Subject: x\n\n").await;
+    assert_eq!(output.status.code(), Some(78));
+    assert!(
+        stderr(&output).contains("sendmail.user is not set"),
+        "{}",
+        stderr(&output)
+    );
+
+    std::fs::write(
+        &setup.config_file,
+        config.replace("dir = '", "dir = 'missing-"),
+    )
+    .unwrap();
+    let output = setup.sendmail(&["a@example.com"], "Subject: x\n\n").await;
+    assert_eq!(output.status.code(), Some(78));
+    let said = stderr(&output);
+    assert!(
+        said.contains("spool.dir: ")
+            && said.contains("does not exist")
+            && said.contains(&format!(
+                "configuration read from {}",
+                setup.config_file.display()
+            )),
+        "{said}"
+    );
+    assert!(!setup.elsewhere.path().join("missing-").exists());
+}
