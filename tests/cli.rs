@@ -69,6 +69,8 @@ async fn config_path_from_env_is_read_when_present() {
 
     let missing = dir.path().join("missing.toml");
     let env = [("SENDBRIDGE_CONFIG", missing.to_str().unwrap())];
+    // `queue` manages an existing spool; it no longer creates one.
+    std::fs::create_dir(dir.path().join("spool")).unwrap();
     let out = output(dir.path(), &["queue", "list"], &env).await;
     assert!(
         out.status.success(),
@@ -510,4 +512,111 @@ async fn output_into_a_closed_pipe_ends_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.is_empty(), "{stderr}");
     assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
+
+/// A relay's directory: its configuration file without any secret (the
+/// relay has them in its environment; here even the admin token file is
+/// missing) and a spool with one deferred message. The file and the id.
+fn relay_directory_with_a_queued_message(dir: &Path) -> (std::path::PathBuf, String) {
+    use sendbridge::spool::{Envelope, Spool, State};
+    let spool = dir.join("spool");
+    let file = dir.join("sendbridge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[spool]\ndir = '{}'\n[admin]\ntoken_file = '{}'\n[accounts.gmail]\nusername = \"{UPSTREAM_USER}\"\n[users.invoices]\naccount = \"gmail\"\n",
+            spool.display(),
+            dir.join("admin-token").display()
+        ),
+    )
+    .unwrap();
+    let mut envelope = Envelope {
+        account: "gmail".into(),
+        mail_from: "erp@legacy.example".into(),
+        recipients: vec!["customer@example.com".into()],
+        ..Envelope::default()
+    };
+    Spool::open(&spool)
+        .unwrap()
+        .accept(
+            &mut envelope,
+            b"Subject: s\r\n\r\nbody\r\n",
+            State::Deferred,
+        )
+        .unwrap();
+    (file, envelope.id)
+}
+
+/// `queue` commands run from another directory find the relay through
+/// `SENDBRIDGE_CONFIG` and start without the app password, the users'
+/// passwords or the admin token; `check`, which signs in, still needs them.
+#[tokio::test]
+async fn queue_commands_from_another_directory_need_no_secrets() {
+    let relay_dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (file, id) = relay_directory_with_a_queued_message(relay_dir.path());
+    let env = [("SENDBRIDGE_CONFIG", file.to_str().unwrap())];
+
+    let list = output(elsewhere.path(), &["queue", "list"], &env).await;
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert!(
+        stdout.contains(&id) && stdout.contains("erp@legacy.example"),
+        "{stdout}"
+    );
+    let show = output(elsewhere.path(), &["queue", "show", &id], &env).await;
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let retry = output(elsewhere.path(), &["queue", "retry", "--all"], &env).await;
+    assert!(
+        retry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
+    assert!(!elsewhere.path().join("spool").exists());
+
+    let check = output(elsewhere.path(), &["check"], &env).await;
+    assert_eq!(check.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        stderr.contains("accounts.gmail.password: missing"),
+        "{stderr}"
+    );
+}
+
+/// Run where its (relative) spool is not, `queue` refuses, naming
+/// `spool.dir`, the directory it looked for and the configuration file,
+/// instead of opening a new empty spool and saying the queue is empty.
+#[tokio::test]
+async fn queue_commands_refuse_a_missing_spool_naming_spool_dir_and_the_config_file() {
+    let relay_dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let file = relay_dir.path().join("sendbridge.toml");
+    std::fs::write(&file, "[spool]\ndir = \"spool\"\n").unwrap();
+    let file = file.to_str().unwrap();
+
+    for args in [
+        &["queue", "list"][..],
+        &["--config", file, "queue", "retry", "--all"],
+    ] {
+        let out = output(elsewhere.path(), args, &[("SENDBRIDGE_CONFIG", file)]).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let looked_for = elsewhere.path().join("spool");
+        assert!(
+            stderr.contains(&format!(
+                "spool.dir: {} does not exist",
+                looked_for.display()
+            )) && stderr.contains(&format!("configuration read from {file}")),
+            "{args:?}: {stderr}"
+        );
+        assert!(!looked_for.exists(), "{args:?} created a spool");
+    }
 }
