@@ -19,7 +19,6 @@ use std::io::{self, ErrorKind, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -176,14 +175,14 @@ fn hand_over(path: &Path, like: &fs::Metadata) -> io::Result<()> {
     std::os::unix::fs::chown(path, Some(like.uid()), Some(like.gid()))
 }
 
-/// Sorts by time, unique across the processes that drop at once (the pid).
+/// Sorts by time; the pid and a random part keep the ids of `sendmail`
+/// processes dropping at the same moment apart.
 fn new_id() -> String {
-    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
     let micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_micros() as u64);
-    let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed) & 0xffff;
-    format!("{micros:016x}{:08x}{sequence:04x}", std::process::id())
+    let random: u32 = rand::random();
+    format!("{micros:016x}{:08x}{random:08x}", std::process::id())
 }
 
 fn is_valid_id(id: &str) -> bool {

@@ -399,6 +399,136 @@ fn from_field(full_name: Option<&str>, address: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    /// Account `gmail`, user `invoices`, at most 200 bytes and 2 recipients.
+    fn settings(sendmail: &str) -> Settings {
+        let toml = format!(
+            "[server]\nmax_message_size = 200\nmax_recipients = 2\n{sendmail}\n[accounts.gmail]\nusername = \"me@gmail.com\"\npassword = \"abcdabcdabcdabcd\"\n[users.invoices]\npassword = \"old-password\"\n"
+        );
+        Settings::new(&Config::from_toml(&toml).unwrap()).unwrap()
+    }
+
+    const AS_INVOICES: &str = "[sendmail]\nuser = \"invoices\"";
+
+    fn dropped(from: Option<&str>, name: Option<&str>, to: &[&str]) -> DropEnvelope {
+        DropEnvelope {
+            mail_from: from.map(str::to_string),
+            recipients: to.iter().map(|r| r.to_string()).collect(),
+            full_name: name.map(str::to_string),
+            uid: 1000,
+        }
+    }
+
+    #[test]
+    fn a_drop_goes_as_the_sendmail_user_through_its_account_with_the_from_asked_for() {
+        let settings = settings(AS_INVOICES);
+        // (-f, -F, message, envelope sender, From field)
+        let cases = [
+            (
+                None,
+                None,
+                "Subject: x\r\n\r\nbody\r\n",
+                "me@gmail.com",
+                "From: me@gmail.com\r\n",
+            ),
+            (
+                Some("backup@example.com"),
+                Some("Backup Job"),
+                "Subject: x\r\n\r\nbody\r\n",
+                "backup@example.com",
+                "From: \"Backup Job\" <backup@example.com>\r\n",
+            ),
+            (
+                None,
+                Some("Cron Daemon"),
+                "Subject: x\r\n\r\nbody\r\n",
+                "me@gmail.com",
+                "From: \"Cron Daemon\" <me@gmail.com>\r\n",
+            ),
+            (
+                Some("backup@example.com"),
+                Some("Ignored"),
+                "From: me@gmail.com\r\n\r\nbody\r\n",
+                "backup@example.com",
+                "From: me@gmail.com\r\n",
+            ),
+        ];
+        for (from, name, message, sender, from_field) in cases {
+            let drop = dropped(from, name, &["a@example.com"]);
+            let local =
+                local_submission(&settings, "d1", drop, message.into(), 1_700_000_000).unwrap();
+            let text = String::from_utf8(local.message).unwrap();
+            assert_eq!(local.envelope.account, "gmail");
+            assert_eq!(local.envelope.user.as_deref(), Some("invoices"));
+            assert_eq!(local.envelope.mail_from, sender, "{from:?} {name:?}");
+            assert_eq!(local.envelope.recipients, ["a@example.com"]);
+            assert_eq!(local.envelope.client, "maildrop (uid 1000)");
+            assert!(
+                text.contains(from_field) && text.matches("From: ").count() == 1,
+                "{text}"
+            );
+            assert!(
+                text.starts_with("Received: from localhost ([127.0.0.1])"),
+                "{text}"
+            );
+            assert!(text.contains("with local id d1;"), "{text}");
+        }
+    }
+
+    #[test]
+    fn drops_smtp_would_refuse_are_refused_naming_the_key() {
+        let large = format!("Subject: x\r\n\r\n{}\r\n", "x".repeat(200));
+        // (sendmail section, recipients, message, reason, hint names)
+        let cases: [(&str, &[&str], &str, &str, &str); 5] = [
+            (
+                "",
+                &["a@example.com"],
+                "Subject: x\r\n\r\n",
+                "no_sendmail_user",
+                "sendmail.user",
+            ),
+            (
+                AS_INVOICES,
+                &["a@example.com"],
+                &large,
+                "too_large",
+                "server.max_message_size",
+            ),
+            (
+                AS_INVOICES,
+                &["a@example.com", "b@example.com", "c@example.com"],
+                "Subject: x\r\n\r\n",
+                "too_many_recipients",
+                "server.max_recipients",
+            ),
+            (
+                AS_INVOICES,
+                &[],
+                "Subject: x\r\n\r\n",
+                "no_recipients",
+                "no recipient",
+            ),
+            (
+                AS_INVOICES,
+                &["not an address"],
+                "Subject: x\r\n\r\n",
+                "bad_address",
+                "not an address",
+            ),
+        ];
+        for (sendmail, to, message, reason, hint) in cases {
+            let drop = dropped(None, None, to);
+            let (reply, refusal) =
+                local_submission(&settings(sendmail), "d1", drop, message.into(), 0).unwrap_err();
+            assert_eq!(refusal.reason, reason, "{reply}");
+            assert!(
+                refusal.hint.as_deref().unwrap().contains(hint),
+                "{reason}: {:?}",
+                refusal.hint
+            );
+        }
+    }
 
     #[test]
     fn a_from_field_is_found_only_in_the_header_section() {

@@ -470,7 +470,7 @@ async fn hash_password_output_is_accepted_as_password_hash() {
 /// command ends quietly instead of panicking.
 #[tokio::test]
 async fn output_into_a_closed_pipe_ends_quietly() {
-    use sendbridge::spool::{Envelope, Spool, State};
+    use sendbridge::spool::Envelope;
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
     // A recipients line longer than a pipe holds: the command is still
@@ -483,14 +483,7 @@ async fn output_into_a_closed_pipe_ends_quietly() {
         recipients,
         ..Envelope::default()
     };
-    Spool::open(dir.path().join("spool"))
-        .unwrap()
-        .accept(
-            &mut envelope,
-            b"Subject: s\r\n\r\nbody\r\n",
-            State::Deferred,
-        )
-        .unwrap();
+    queue_deferred(&dir.path().join("spool"), &mut envelope);
 
     let mut child = sendbridge(dir.path(), &["queue", "show", &envelope.id], &[])
         .stdout(std::process::Stdio::piped())
@@ -518,7 +511,7 @@ async fn output_into_a_closed_pipe_ends_quietly() {
 /// relay has them in its environment; here even the admin token file is
 /// missing) and a spool with one deferred message. The file and the id.
 fn relay_directory_with_a_queued_message(dir: &Path) -> (std::path::PathBuf, String) {
-    use sendbridge::spool::{Envelope, Spool, State};
+    use sendbridge::spool::Envelope;
     let spool = dir.join("spool");
     let file = dir.join("sendbridge.toml");
     std::fs::write(
@@ -536,15 +529,17 @@ fn relay_directory_with_a_queued_message(dir: &Path) -> (std::path::PathBuf, Str
         recipients: vec!["customer@example.com".into()],
         ..Envelope::default()
     };
-    Spool::open(&spool)
-        .unwrap()
-        .accept(
-            &mut envelope,
-            b"Subject: s\r\n\r\nbody\r\n",
-            State::Deferred,
-        )
-        .unwrap();
+    queue_deferred(&spool, &mut envelope);
     (file, envelope.id)
+}
+
+/// Stores a short message as deferred in the spool at `dir`; sets its id.
+fn queue_deferred(dir: &Path, envelope: &mut sendbridge::spool::Envelope) {
+    use sendbridge::spool::{Spool, State};
+    Spool::open(dir)
+        .unwrap()
+        .accept(envelope, b"Subject: s\r\n\r\nbody\r\n", State::Deferred)
+        .unwrap();
 }
 
 /// `queue` commands run from another directory find the relay through

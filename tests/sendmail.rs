@@ -351,3 +351,114 @@ async fn a_configuration_without_sendmail_user_or_spool_is_ex_config() {
     );
     assert!(!setup.elsewhere.path().join("missing-").exists());
 }
+
+/// A local user other than the relay's (here `nobody`, run through
+/// `setpriv`) cannot write the 0700 maildrop: exit 77, and nothing queued,
+/// so nobody else can send as `sendmail.user`.
+#[tokio::test]
+async fn another_local_user_cannot_queue_mail() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root, to run sendmail as another user"
+        );
+        eprintln!("SKIPPED: run as root to test sendmail as another user");
+        return;
+    }
+    let setup = Setup::new("").await;
+    // The configuration is readable by everyone; the spool stays 0700.
+    for dir in [setup.relay_dir.path(), setup.elsewhere.path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let config_dir = setup.config_file.parent().unwrap();
+    std::fs::set_permissions(config_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&setup.config_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let spool = setup.relay_dir.path().join("spool");
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    let link = setup.elsewhere.path().join("sendmail");
+    let config = setup.config_file.display().to_string();
+    let output = run(
+        Path::new("setpriv"),
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            link.to_str().unwrap(),
+            "a@example.com",
+        ],
+        setup.elsewhere.path(),
+        &[("SENDBRIDGE_CONFIG", &config)],
+        "Subject: x\n\nbody\n",
+    )
+    .await;
+
+    assert_eq!(output.status.code(), Some(77), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("only the relay's user"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(drops(&setup.maildrop()), 0);
+}
+
+/// Root's cron queues into a spool that belongs to the relay's user: the
+/// maildrop and the drop are handed to that user, so the relay can read
+/// and remove them.
+#[tokio::test]
+async fn mail_root_queues_belongs_to_the_relays_user() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("SKIPPED: run as root to test sendmail as root");
+        return;
+    }
+    let setup = Setup::new("").await;
+    let spool = setup.relay_dir.path().join("spool");
+    std::os::unix::fs::chown(&spool, Some(65534), Some(65534)).unwrap();
+
+    let output = setup
+        .sendmail(&["a@example.com"], "Subject: x\n\nbody\n")
+        .await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let maildrop = setup.maildrop();
+    let mut owners = vec![std::fs::metadata(&maildrop).unwrap().uid()];
+    for entry in std::fs::read_dir(&maildrop).unwrap() {
+        owners.push(entry.unwrap().metadata().unwrap().uid());
+    }
+    // The folder, refused/ and the drop.
+    assert_eq!(owners, [65534; 3]);
+}
+
+/// `health` and `status` run elsewhere, like `sendmail`, reach the relay
+/// its configuration file names, without the secrets the relay has in its
+/// environment (they need only `admin.token`, unset here).
+#[tokio::test]
+async fn health_and_status_from_another_directory_need_no_app_password() {
+    let setup = Setup::new("").await;
+    let relay = setup.start_relay().await;
+    let admin = relay.admin.expect("the admin interface").to_string();
+    let config = setup.config_file.display().to_string();
+    // The relay's admin port is picked at start; the file cannot know it.
+    let env = [
+        ("SENDBRIDGE_CONFIG", config.as_str()),
+        ("SENDBRIDGE_ADMIN__LISTEN", admin.as_str()),
+    ];
+    let program = Path::new(env!("CARGO_BIN_EXE_sendbridge"));
+    for (command, says) in [("health", "ok"), ("status", "QUEUE")] {
+        let output = run(program, &[command], setup.elsewhere.path(), &env, "").await;
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{command}: {}",
+            stderr(&output)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains(says), "{command}: {stdout}");
+    }
+    relay.terminate().await;
+}
