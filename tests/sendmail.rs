@@ -462,3 +462,50 @@ async fn health_and_status_from_another_directory_need_no_app_password() {
     }
     relay.terminate().await;
 }
+
+/// PHP's own `mail()` with `sendmail_path` set to the link, as php.ini
+/// would: the real client the issue names.
+#[tokio::test]
+async fn php_mail_through_sendmail_path_reaches_the_upstream() {
+    if !common::tools::tool_available("php") {
+        return;
+    }
+    let setup = Setup::new("").await;
+    let relay = setup.start_relay().await;
+    let link = setup.elsewhere.path().join("sendmail");
+    let sendmail_path = format!("sendmail_path={} -t -i", link.display());
+    let script = r#"exit(mail("alice@example.com", "Invoice 42", "Dear Alice,\n.\nregards", "Cc: bob@example.com\r\nBcc: audit@example.com\r\nFrom: Billing <billing@example.com>") ? 0 : 1);"#;
+    let config = setup.config_file.display().to_string();
+
+    let output = run(
+        Path::new("php"),
+        &["-n", "-d", &sendmail_path, "-r", script],
+        setup.elsewhere.path(),
+        &[("SENDBRIDGE_CONFIG", &config)],
+        "",
+    )
+    .await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let received = setup.delivered(1).await;
+    assert_eq!(
+        sorted(received[0].rcpt_to.clone()),
+        ["alice@example.com", "audit@example.com", "bob@example.com"]
+    );
+    let text = received[0].without_trace();
+    assert!(
+        text.contains("Subject: Invoice 42\r\n") && !text.contains("audit@"),
+        "{text}"
+    );
+    assert!(
+        text.contains("From: Billing <billing@example.com>\r\n"),
+        "{text}"
+    );
+    assert!(
+        received[0]
+            .body()
+            .ends_with(b"Dear Alice,\r\n.\r\nregards\r\n"),
+        "{text}"
+    );
+    relay.terminate().await;
+}
