@@ -227,6 +227,9 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
             user.account.as_deref().unwrap_or("-")
         )?;
     }
+    if let Some(user) = &config.sendmail.user {
+        outln!("sendmail: sends as user {user}")?;
+    }
     if !config.server.trusted_networks.is_empty() {
         outln!(
             "trusted networks (no AUTH, account {}): {:?}",

@@ -19,7 +19,7 @@ use std::io::{self, ErrorKind, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +30,7 @@ pub const DIR: &str = "maildrop";
 const REFUSED: &str = "refused";
 const SOCKET: &str = "pickup.sock";
 const EXTENSION: &str = "drop";
+const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
 /// The JSON line before the message; far more than any envelope needs.
 const MAX_ENVELOPE: usize = 1024 * 1024;
 
@@ -107,6 +108,25 @@ impl Maildrop {
             let _ = fs::remove_file(&temporary);
         }
         written.map(|()| id)
+    }
+
+    /// Removes what a `sendmail` that died while writing left behind. A
+    /// drop is written only once the message is read, in moments, so an
+    /// hour-old temporary file is abandoned.
+    pub fn remove_abandoned(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let temporary = name
+                .to_str()
+                .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"));
+            let age = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if temporary && age > ABANDONED_AFTER && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// The ids of whole drops, oldest first.
@@ -206,8 +226,20 @@ mod tests {
         };
         let message = b"Subject: x\r\n\r\nline {\"not\": json}\r\n";
         let id = maildrop.put(&envelope, message).unwrap();
-        fs::write(maildrop.dir().join(".123.tmp"), b"half").unwrap();
+        let half = maildrop.dir().join(".123.tmp");
+        fs::write(&half, b"half").unwrap();
         assert_eq!(maildrop.ids().unwrap(), std::slice::from_ref(&id));
+        // Being written: kept; abandoned an hour ago: removed.
+        assert_eq!(maildrop.remove_abandoned().unwrap(), 0);
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        File::options()
+            .write(true)
+            .open(&half)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        assert_eq!(maildrop.remove_abandoned().unwrap(), 1);
+        assert!(!half.exists() && maildrop.path(&id).is_file());
         let (read, body) = maildrop.read(&id).unwrap();
         assert_eq!((read, body.as_slice()), (envelope, &message[..]));
         let mode = fs::metadata(maildrop.path(&id)).unwrap().mode() & 0o777;

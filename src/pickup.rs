@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,9 +49,23 @@ impl Pickup {
     ) -> io::Result<Self> {
         let maildrop = Maildrop::new(spool_dir);
         maildrop.create()?;
+        match maildrop.remove_abandoned() {
+            Ok(0) => {}
+            Ok(removed) => info!(
+                removed,
+                "removed files sendmail left half-written in the maildrop (never acknowledged)"
+            ),
+            Err(err) => warn!(error = %err, "cannot clean the maildrop"),
+        }
         let socket = maildrop.socket_path();
         let _ = fs::remove_file(&socket);
-        let wake_ups = match UnixDatagram::bind(&socket) {
+        // 0600 like everything under the spool: only who may drop mail may
+        // wake the relay (the folder is 0700 besides).
+        let bound = UnixDatagram::bind(&socket).and_then(|wake_ups| {
+            fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))?;
+            Ok(wake_ups)
+        });
+        let wake_ups = match bound {
             Ok(wake_ups) => Some(wake_ups),
             Err(err) => {
                 warn!(
