@@ -330,7 +330,11 @@ fn local_submission(
     let mut message = message;
     let mut changes = Vec::new();
     if (dropped.mail_from.is_some() || dropped.full_name.is_some()) && !has_from_field(&message) {
-        let address = dropped.mail_from.as_deref().unwrap_or(&policy.sender);
+        // The null sender (`-f '<>'`) is no From address.
+        let address = match dropped.mail_from {
+            Some(_) if !mail_from.is_empty() => &mail_from,
+            _ => &policy.sender,
+        };
         let field = from_field(dropped.full_name.as_deref(), address);
         message.splice(..0, field.into_bytes());
         changes.push("added From from -f/-F".to_string());

@@ -67,11 +67,15 @@ impl Setup {
 
     /// The relay, with the secrets the configuration file lacks.
     async fn start_relay(&self) -> RelayProcess {
-        let env = [
+        self.start_relay_with(&[]).await
+    }
+
+    async fn start_relay_with(&self, extra: &[(&str, &str)]) -> RelayProcess {
+        let secrets = [
             ("SENDBRIDGE_ACCOUNTS__GMAIL__PASSWORD", UPSTREAM_PASSWORD),
             ("SENDBRIDGE_USERS__INVOICES__PASSWORD", LOCAL_PASSWORD),
         ];
-        RelayProcess::start(self.relay_dir.path(), &env).await
+        RelayProcess::start(self.relay_dir.path(), &[&secrets[..], extra].concat()).await
     }
 
     fn maildrop(&self) -> PathBuf {
@@ -507,5 +511,32 @@ async fn php_mail_through_sendmail_path_reaches_the_upstream() {
             .ends_with(b"Dear Alice,\r\n.\r\nregards\r\n"),
         "{text}"
     );
+    relay.terminate().await;
+}
+
+/// A message the relay will not take (its limit is lower than the one
+/// `sendmail` saw) is not lost: it is kept in `maildrop/refused/` and the
+/// error names the key; nothing goes upstream.
+#[tokio::test]
+async fn a_drop_the_relay_refuses_is_kept_aside_with_the_key_to_fix() {
+    let setup = Setup::new("").await;
+    let message = format!("Subject: large\n\n{}\n", "x".repeat(500));
+    let output = setup.sendmail(&["a@example.com"], &message).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    let relay = setup
+        .start_relay_with(&[("SENDBRIDGE_SERVER__MAX_MESSAGE_SIZE", "300")])
+        .await;
+    let line = relay
+        .wait_for_line("a message from the maildrop cannot be sent")
+        .await;
+
+    assert!(
+        line.contains("reason=\"too_large\"") && line.contains("server.max_message_size (300 bytes)"),
+        "{line}"
+    );
+    assert_eq!(drops(&setup.maildrop()), 0);
+    assert_eq!(drops(&setup.maildrop().join("refused")), 1);
+    assert!(setup.upstream.received().is_empty());
     relay.terminate().await;
 }
