@@ -96,8 +96,13 @@ impl Setup {
         .await
     }
 
-    async fn delivered(&self, count: usize) -> Vec<Received> {
-        self.upstream.wait_for_messages(count, WAIT).await
+    /// The first message upstream, checked to have gone to `recipients`.
+    async fn delivered_to(&self, recipients: &[&str]) -> Received {
+        let received = self.upstream.wait_for_messages(1, WAIT).await.remove(0);
+        let mut sent_to = received.rcpt_to.clone();
+        sent_to.sort();
+        assert_eq!(sent_to, recipients);
+        received
     }
 }
 
@@ -138,11 +143,6 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-fn sorted(mut addresses: Vec<String>) -> Vec<String> {
-    addresses.sort();
-    addresses
-}
-
 /// Drops waiting in the maildrop (its `refused/` folder apart).
 fn drops(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |entries| {
@@ -168,12 +168,10 @@ async fn php_style_sendmail_t_i_through_the_link_reaches_the_upstream_without_bc
 
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(stderr(&output), "", "a successful sendmail says nothing");
-    let received = setup.delivered(1).await;
-    assert_eq!(
-        sorted(received[0].rcpt_to.clone()),
-        ["alice@example.com", "bob@example.com", "secret@example.com"]
-    );
-    let text = received[0].without_trace();
+    let received = setup
+        .delivered_to(&["alice@example.com", "bob@example.com", "secret@example.com"])
+        .await;
+    let text = received.without_trace();
     assert!(
         !text.to_lowercase().contains("bcc") && !text.contains("secret@"),
         "{text}"
@@ -185,7 +183,7 @@ async fn php_style_sendmail_t_i_through_the_link_reaches_the_upstream_without_bc
     );
     assert!(text.contains(&format!("From: {UPSTREAM_USER}")), "{text}");
     assert!(
-        received[0]
+        received
             .body()
             .ends_with(b"Hello\r\n.\r\nstill the body\r\n")
     );
@@ -230,17 +228,15 @@ async fn with_the_relay_down_sendmail_queues_and_the_relay_sends_it_at_start() {
     assert!(setup.upstream.received().is_empty());
 
     let relay = setup.start_relay().await;
-    let received = setup.delivered(1).await;
-    assert_eq!(
-        sorted(received[0].rcpt_to.clone()),
-        ["carol@example.com", "dave@example.com"]
-    );
-    let text = received[0].without_trace();
+    let received = setup
+        .delivered_to(&["carol@example.com", "dave@example.com"])
+        .await;
+    let text = received.without_trace();
     assert!(
         text.contains("From: \"Backup Job\" <backup@example.com>\r\n"),
         "{text}"
     );
-    assert_eq!(received[0].body(), b"backup ok\r\n");
+    assert_eq!(received.body(), b"backup ok\r\n");
     relay
         .wait_for_line("message picked up from the maildrop")
         .await;
@@ -491,12 +487,10 @@ async fn php_mail_through_sendmail_path_reaches_the_upstream() {
     .await;
 
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let received = setup.delivered(1).await;
-    assert_eq!(
-        sorted(received[0].rcpt_to.clone()),
-        ["alice@example.com", "audit@example.com", "bob@example.com"]
-    );
-    let text = received[0].without_trace();
+    let received = setup
+        .delivered_to(&["alice@example.com", "audit@example.com", "bob@example.com"])
+        .await;
+    let text = received.without_trace();
     assert!(
         text.contains("Subject: Invoice 42\r\n") && !text.contains("audit@"),
         "{text}"
@@ -506,7 +500,7 @@ async fn php_mail_through_sendmail_path_reaches_the_upstream() {
         "{text}"
     );
     assert!(
-        received[0]
+        received
             .body()
             .ends_with(b"Dear Alice,\r\n.\r\nregards\r\n"),
         "{text}"
@@ -532,7 +526,8 @@ async fn a_drop_the_relay_refuses_is_kept_aside_with_the_key_to_fix() {
         .await;
 
     assert!(
-        line.contains("reason=\"too_large\"") && line.contains("server.max_message_size (300 bytes)"),
+        line.contains("reason=\"too_large\"")
+            && line.contains("server.max_message_size (300 bytes)"),
         "{line}"
     );
     assert_eq!(drops(&setup.maildrop()), 0);
