@@ -25,7 +25,7 @@ use crate::address::{Role, parse_path};
 use crate::maildrop::{DropEnvelope, Maildrop};
 use crate::observe;
 use crate::reply::{Refusal, Reply};
-use crate::rewrite::{RewriteError, Trace, rewrite};
+use crate::rewrite::{RewriteError, RewritePolicy, Trace, rewrite};
 use crate::session::{SessionContext, Settings};
 use crate::spool::{Envelope, State, unix_millis};
 use crate::transport::BodyFlags;
@@ -226,108 +226,34 @@ struct Local {
     changes: Vec<String>,
 }
 
+/// Why a drop cannot be queued: what SMTP would have answered, and why.
+type Refused = (Reply, Refusal);
+
+fn refused(code: u16, status: [u8; 3], text: &str, reason: &'static str, hint: String) -> Refused {
+    (Reply::new(code, status, text), Refusal::new(reason, hint))
+}
+
 /// What SMTP checks and repairs, for a drop: the user and its account, the
 /// limits, the addresses, the From the command line asked for, the rewrites.
 fn local_submission(
     settings: &Settings,
     id: &str,
     dropped: DropEnvelope,
-    message: Vec<u8>,
+    mut message: Vec<u8>,
     now_unix: u64,
-) -> Result<Local, (Reply, Refusal)> {
-    let refused = |code, status, text: &str, reason, hint: String| {
-        Err((
-            Reply::new(code, status, text.to_string()),
-            Refusal::new(reason, hint),
-        ))
-    };
-    let Some(name) = &settings.sendmail_user else {
-        return refused(
-            451,
-            [4, 3, 5],
-            "No sender",
-            "no_sendmail_user",
-            "set sendmail.user to the [users] entry mail from `sendbridge sendmail` is sent as"
-                .into(),
-        );
-    };
-    let Some(user) = settings.users.local(name) else {
-        return refused(
-            451,
-            [4, 3, 5],
-            "No such user",
-            "no_sendmail_user",
-            format!("sendmail.user names \"{name}\", which is not in [users]"),
-        );
-    };
-    // As a client signed in as the user: its account, or what the policy decides.
-    let account = settings
-        .policy
-        .account_for(Some(&user.account), IpAddr::V4(Ipv4Addr::LOCALHOST))
-        .map_err(|reply| {
-            (
-                reply,
-                Refusal::new("relay_denied", format!("users.{name} may not send")),
-            )
-        })?;
-    let Some(policy) = settings.rewrites.get(&account) else {
-        return refused(
-            451,
-            [4, 3, 5],
-            "No such upstream account configured",
-            "no_account",
-            format!("add [accounts.{account}] to the configuration"),
-        );
-    };
+) -> Result<Local, Refused> {
+    let (user, account, policy) = sending_account(settings)?;
     let max = settings.server.max_message_size;
     if message.len() > max {
-        return refused(
+        return Err(refused(
             552,
             [5, 3, 4],
             "Message size exceeds fixed maximum message size",
             "too_large",
             format!("the message is larger than server.max_message_size ({max} bytes)"),
-        );
+        ));
     }
-    let max = settings.server.max_recipients;
-    if dropped.recipients.len() > max {
-        return refused(
-            452,
-            [4, 5, 3],
-            "Too many recipients",
-            "too_many_recipients",
-            format!("more than server.max_recipients ({max}) recipients"),
-        );
-    }
-    let bad_address = |address: &str| {
-        (
-            Reply::new(501, [5, 1, 3], "Invalid address syntax (RFC 5321)"),
-            Refusal::new("bad_address", format!("{address:?} is not an address")),
-        )
-    };
-    let mut recipients = Vec::new();
-    for recipient in &dropped.recipients {
-        recipients.push(
-            parse_path(recipient.as_bytes(), Role::Recipient, true)
-                .map_err(|_| bad_address(recipient))?,
-        );
-    }
-    if recipients.is_empty() {
-        return refused(
-            554,
-            [5, 5, 1],
-            "No valid recipients",
-            "no_recipients",
-            "sendmail was given no recipient".into(),
-        );
-    }
-    let mail_from = match &dropped.mail_from {
-        Some(from) => {
-            parse_path(from.as_bytes(), Role::Sender, true).map_err(|_| bad_address(from))?
-        }
-        None => policy.sender.clone(),
-    };
-    let mut message = message;
+    let (mail_from, recipients) = envelope_addresses(settings, &dropped, policy)?;
     let mut changes = Vec::new();
     if (dropped.mail_from.is_some() || dropped.full_name.is_some()) && !has_from_field(&message) {
         // The null sender (`-f '<>'`) is no From address.
@@ -348,18 +274,12 @@ fn local_submission(
     };
     let rewritten = rewrite(message, policy, &trace).map_err(
         |RewriteError::LineTooLong { line, length }| {
-            (
-                Reply::new(
-                    550,
-                    [5, 6, 0],
-                    format!(
-                        "Line {line} is {length} octets long; at most 998 are allowed (RFC 5322)"
-                    ),
-                ),
-                Refusal::new(
-                    "long_lines",
-                    format!("set accounts.{account}.long_lines = \"wrap\" to wrap long lines"),
-                ),
+            refused(
+                550,
+                [5, 6, 0],
+                &format!("Line {line} is {length} octets long; at most 998 are allowed (RFC 5322)"),
+                "long_lines",
+                format!("set accounts.{account}.long_lines = \"wrap\" to wrap long lines"),
             )
         },
     )?;
@@ -371,7 +291,7 @@ fn local_submission(
     let envelope = Envelope {
         session_id: id.to_string(),
         client: format!("maildrop (uid {})", dropped.uid),
-        user: Some(user.user),
+        user: Some(user),
         account,
         mail_from,
         recipients,
@@ -383,6 +303,97 @@ fn local_submission(
         message: rewritten.message,
         changes,
     })
+}
+
+/// `sendmail.user`, the account it sends through (chosen as for a client
+/// signed in as that user) and that account's rewrites.
+fn sending_account(settings: &Settings) -> Result<(String, String, &RewritePolicy), Refused> {
+    let Some(name) = &settings.sendmail_user else {
+        return Err(refused(
+            451,
+            [4, 3, 5],
+            "No sender",
+            "no_sendmail_user",
+            "set sendmail.user to the [users] entry mail from `sendbridge sendmail` is sent as"
+                .into(),
+        ));
+    };
+    let Some(user) = settings.users.local(name) else {
+        return Err(refused(
+            451,
+            [4, 3, 5],
+            "No such user",
+            "no_sendmail_user",
+            format!("sendmail.user names \"{name}\", which is not in [users]"),
+        ));
+    };
+    let account = settings
+        .policy
+        .account_for(Some(&user.account), IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .map_err(|reply| {
+            let hint = format!("users.{name} may not send");
+            (reply, Refusal::new("relay_denied", hint))
+        })?;
+    let Some(policy) = settings.rewrites.get(&account) else {
+        return Err(refused(
+            451,
+            [4, 3, 5],
+            "No such upstream account configured",
+            "no_account",
+            format!("add [accounts.{account}] to the configuration"),
+        ));
+    };
+    Ok((user.user, account, policy))
+}
+
+/// The envelope sender (`-f`, else the account's) and the recipients, in
+/// RFC 5321 form and within `server.max_recipients`.
+fn envelope_addresses(
+    settings: &Settings,
+    dropped: &DropEnvelope,
+    policy: &RewritePolicy,
+) -> Result<(String, Vec<String>), Refused> {
+    let bad_address = |address: &str| {
+        let hint = format!("{address:?} is not an address");
+        refused(
+            501,
+            [5, 1, 3],
+            "Invalid address syntax (RFC 5321)",
+            "bad_address",
+            hint,
+        )
+    };
+    let max = settings.server.max_recipients;
+    if dropped.recipients.len() > max {
+        return Err(refused(
+            452,
+            [4, 5, 3],
+            "Too many recipients",
+            "too_many_recipients",
+            format!("more than server.max_recipients ({max}) recipients"),
+        ));
+    }
+    let recipients = dropped
+        .recipients
+        .iter()
+        .map(|r| parse_path(r.as_bytes(), Role::Recipient, true).map_err(|_| bad_address(r)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if recipients.is_empty() {
+        return Err(refused(
+            554,
+            [5, 5, 1],
+            "No valid recipients",
+            "no_recipients",
+            "sendmail was given no recipient".into(),
+        ));
+    }
+    let mail_from = match &dropped.mail_from {
+        Some(from) => {
+            parse_path(from.as_bytes(), Role::Sender, true).map_err(|_| bad_address(from))?
+        }
+        None => policy.sender.clone(),
+    };
+    Ok((mail_from, recipients))
 }
 
 /// Whether the header section has a From field.
