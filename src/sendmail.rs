@@ -78,6 +78,14 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, Failure> {
             args.by_ref().for_each(|arg| invocation.add_recipients(arg));
             break;
         }
+        if options.starts_with('-') {
+            return fail(
+                EX_USAGE,
+                format!(
+                    "unknown option -{options}: sendmail's options are single letters (-t, -i, -f ADDR, -F NAME)"
+                ),
+            );
+        }
         for (at, option) in options.char_indices() {
             let option_byte = option as u32 as u8;
             if option.is_ascii() && WITH_VALUE.contains(&option_byte) {
