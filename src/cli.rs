@@ -11,6 +11,7 @@ use rustls::ProtocolVersion;
 use crate::admin::client::AdminClient;
 use crate::admin::status::{Readiness, Status};
 use crate::config::{AccountConfig, Config, UpstreamTls};
+use crate::maildrop::Maildrop;
 use crate::oauth::token_service;
 use crate::policy::open_relay_warnings;
 use crate::secret::Secret;
@@ -345,6 +346,12 @@ pub fn queue_list(spool: &Spool, json: bool) -> anyhow::Result<()> {
             .collect();
         outln!("{}", serde_json::to_string_pretty(&entries)?)?;
         return Ok(());
+    }
+    // Mail `sendmail` queued that the relay has not taken yet (it is not
+    // running, or takes it now).
+    let dropped = Maildrop::new(spool.root()).ids().map_or(0, |ids| ids.len());
+    if dropped > 0 {
+        outln!("{dropped} message(s) in the maildrop, waiting for the relay to pick them up")?;
     }
     if rows.is_empty() {
         outln!("the queue is empty")?;

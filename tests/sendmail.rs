@@ -226,6 +226,21 @@ async fn with_the_relay_down_sendmail_queues_and_the_relay_sends_it_at_start() {
     );
     assert_eq!(drops(&setup.maildrop()), 1);
     assert!(setup.upstream.received().is_empty());
+    let config = setup.config_file.display().to_string();
+    let program = Path::new(env!("CARGO_BIN_EXE_sendbridge"));
+    let env = [("SENDBRIDGE_CONFIG", config.as_str())];
+    let list = run(
+        program,
+        &["queue", "list"],
+        setup.elsewhere.path(),
+        &env,
+        "",
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout),
+        "1 message(s) in the maildrop, waiting for the relay to pick them up\nthe queue is empty\n"
+    );
 
     let relay = setup.start_relay().await;
     let received = setup
