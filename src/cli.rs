@@ -44,6 +44,22 @@ pub fn hash_password_from_stdin() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sendbridge cert`: the certificate the listeners present (generated
+/// where `run` would generate it, when missing), with what a device's
+/// certificate import asks for.
+pub fn cert(config: &Config) -> anyhow::Result<()> {
+    let pair = crate::tls::certificate(&config.tls, &config.server.hostname, &config.spool.dir)?
+        .context("no certificate, and none can be generated: set tls.cert and tls.key")?;
+    let cert = crate::tls::self_signed::describe(&pair.cert)?;
+    let path = std::path::absolute(&cert.path).unwrap_or(cert.path);
+    outln!("certificate: {}", path.display())?;
+    outln!("SHA-256:     {}", cert.sha256)?;
+    outln!("SHA-1:       {}", cert.sha1)?;
+    outln!("names:       {}", cert.names.join(", "))?;
+    outln!("valid until: {}", cert.not_after)?;
+    Ok(())
+}
+
 /// `sendbridge check [ACCOUNT]`: summarises the configuration, then signs
 /// in to every upstream account (or only `only`) at once and prints a table.
 /// An error when any sign-in fails. Prints no secret.

@@ -57,6 +57,8 @@ enum Command {
         #[command(subcommand)]
         action: OauthAction,
     },
+    /// Print the listeners' TLS certificate (file, SHA-256 and SHA-1 fingerprints, names) for importing into printers; generates it when missing, as `run` does
+    Cert,
 }
 
 #[derive(Subcommand)]
@@ -155,6 +157,7 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             report(runtime.block_on(sendbridge::cli::notify_test(&config)))
         }
+        Command::Cert => report(sendbridge::cli::cert(&config)),
         Command::HashPassword => unreachable!("handled above"),
     }
 }

@@ -50,6 +50,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.validate_listeners()?;
         for (name, account) in &mut self.accounts {
             account.validate(name)?;
         }

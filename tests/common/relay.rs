@@ -21,6 +21,8 @@ pub const LOCAL_PASSWORD: &str = "old-password";
 pub struct Relay {
     pub addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
+    /// Every listener's key and address (`server.listen`, `listeners[0]`, …).
+    pub listeners: Vec<(String, SocketAddr)>,
     /// The admin interface, unless the configuration turned it off.
     pub admin_addr: Option<SocketAddr>,
     /// The relay's own (generated) certificate, for clients using STARTTLS.
@@ -165,6 +167,7 @@ impl Relay {
         Relay {
             addr: relay.local_addr(),
             tls_addr: relay.tls_local_addr(),
+            listeners: relay.listener_addrs(),
             admin_addr: relay.admin_addr(),
             cert: config.tls.cert.clone(),
             spool: config.spool.dir.clone(),
