@@ -10,9 +10,9 @@ use rustls::ProtocolVersion;
 
 use crate::admin::client::AdminClient;
 use crate::admin::status::{Readiness, Status};
-use crate::config::{AccountConfig, Config, UpstreamTls};
+use crate::config::{AccountConfig, Config, TlsProfile, UpstreamTls};
 use crate::oauth::token_service;
-use crate::policy::open_relay_warnings;
+use crate::policy::{open_relay_warnings, open_relay_warnings_for};
 use crate::secret::Secret;
 use crate::spool::operations::locate;
 use crate::spool::{Spool, State, unix_millis};
@@ -226,6 +226,27 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
     outln!("listen: {}", config.server.listen)?;
     if let Some(tls) = config.server.listen_tls {
         outln!("listen_tls: {tls}")?;
+    }
+    for (n, listener) in config.listeners.iter().enumerate() {
+        let key = format!("listeners[{n}]");
+        let trust = match &listener.trusted_networks {
+            _ if listener.require_auth => "every client signs in".to_string(),
+            Some(networks) => format!("trusted networks {networks:?}"),
+            None => "trusted networks of server.trusted_networks".to_string(),
+        };
+        outln!(
+            "{key}: {} (tls {}, profile {}), {trust}",
+            listener.address,
+            listener.tls.name(),
+            listener.tls_profile.name()
+        )?;
+        if listener.tls_profile == TlsProfile::Legacy {
+            outln!("warning: {}", crate::tls::legacy::warning(listener.address))?;
+        }
+        let networks = listener.trusted_networks.as_deref().unwrap_or_default();
+        for warning in open_relay_warnings_for(&format!("{key}.trusted_networks"), networks) {
+            outln!("warning: {warning}")?;
+        }
     }
     for (name, account) in &config.accounts {
         outln!(

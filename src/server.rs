@@ -76,10 +76,7 @@ impl Listeners {
                 .with_context(|| format!("{key}: cannot listen on {address}"))?;
             let address = socket.local_addr()?;
             if settings.tls_profile == TlsProfile::Legacy {
-                warn!(
-                    listener = %key,
-                    "listener {address} accepts TLS 1.0/1.1 and CBC suites for old devices; restrict its trusted_networks (or set require_auth = true)"
-                );
+                warn!(listener = %key, "{}", crate::tls::legacy::warning(address));
             }
             if let Some(networks) = &settings.trusted_networks {
                 for warning in open_relay_warnings_for(&format!("{key}.trusted_networks"), networks)
@@ -420,7 +417,10 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(err)) => {
-            warn!(error = %err, "TLS handshake with the client failed");
+            let hint = matches!(acceptor, Acceptor::Modern(_)).then_some(
+                "an old device that speaks only TLS 1.0/1.1 or TLS_RSA suites needs a listener with tls_profile = \"legacy\" ([[listeners]])",
+            );
+            warn!(error = %err, hint, "TLS handshake with the client failed");
             None
         }
         Err(_) => {

@@ -52,6 +52,27 @@ pub enum TlsProfile {
     Legacy,
 }
 
+impl ListenerTls {
+    /// As written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerTls::None => "none",
+            ListenerTls::Starttls => "starttls",
+            ListenerTls::Implicit => "implicit",
+        }
+    }
+}
+
+impl TlsProfile {
+    /// As written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsProfile::Modern => "modern",
+            TlsProfile::Legacy => "legacy",
+        }
+    }
+}
+
 /// A listener as the relay runs it, named by the key that configured it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {

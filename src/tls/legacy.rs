@@ -13,6 +13,13 @@ use crate::config::TlsConfig;
 /// (SHA-1 handshake signatures) at any higher level.
 const CIPHERS: &str = "DEFAULT:@SECLEVEL=0";
 
+/// What start and `sendbridge check` say of a legacy listener.
+pub fn warning(address: impl std::fmt::Display) -> String {
+    format!(
+        "listener {address} accepts TLS 1.0/1.1 and CBC suites for old devices; restrict its trusted_networks (or set require_auth = true)"
+    )
+}
+
 /// An acceptor for TLS 1.0 to 1.3 with the certificate at `pair`. With
 /// server preference, a client that can do better still gets ECDHE and
 /// AES-GCM (or TLS 1.3); only the old ones fall back.
