@@ -15,7 +15,10 @@ use crate::private_files;
 /// Generates an RSA certificate and key at `pair`: RSA, because the old
 /// devices of `legacy` listeners know only RSA key exchange and signatures.
 pub(super) fn generate(pair: &TlsConfig, hostname: &str) -> anyhow::Result<()> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?;
+    // OpenSSL makes the key: its build is optimised even in debug builds,
+    // where aws-lc's RSA key generation takes ten times as long.
+    let rsa = openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048)?)?;
+    let key = rcgen::KeyPair::try_from(rsa.private_key_to_pkcs8()?.as_slice())?;
     let mut params = rcgen::CertificateParams::new(names(hostname, &interface_addresses()))?;
     params
         .distinguished_name
