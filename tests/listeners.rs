@@ -12,11 +12,9 @@ use std::net::SocketAddr;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls};
+use common::fake_upstream::FakeUpstream;
 use common::process::RelayProcess;
-use common::relay::{
-    LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
-};
+use common::relay::{LOCAL_PASSWORD, LOCAL_USER, Relay, relay_with_upstream};
 use common::smtp::{Client, plain};
 use common::tools::tool_available;
 use tokio::io::AsyncWriteExt;
@@ -56,14 +54,7 @@ require_auth = true
 "#;
 
 async fn start() -> (FakeUpstream, Relay) {
-    let upstream = FakeUpstream::start(FakeUpstreamOptions::new(
-        UpstreamTls::StartTls,
-        UPSTREAM_USER,
-        UPSTREAM_PASSWORD,
-    ))
-    .await;
-    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, LISTENERS)).await;
-    (upstream, relay)
+    relay_with_upstream(LISTENERS).await
 }
 
 /// The one SMTP session every client below types: sign in, one message, quit.

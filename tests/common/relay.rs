@@ -49,6 +49,19 @@ pub fn config_for(upstream: &FakeUpstream, tls: UpstreamTls, extra: &str) -> Con
     )
 }
 
+/// A fake Gmail (STARTTLS, `UPSTREAM_USER` with `UPSTREAM_PASSWORD`) and a
+/// relay delivering to it, configured by `config_for` with `extra`.
+pub async fn relay_with_upstream(extra: &str) -> (FakeUpstream, Relay) {
+    let upstream = FakeUpstream::start(super::fake_upstream::FakeUpstreamOptions::new(
+        UpstreamTls::StartTls,
+        UPSTREAM_USER,
+        UPSTREAM_PASSWORD,
+    ))
+    .await;
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    (upstream, relay)
+}
+
 /// The same configuration for an upstream at any port.
 pub fn config_with_account(port: u16, tls: &str, ca_file: &str, extra: &str) -> Config {
     let password = format!(r#"password = "{UPSTREAM_PASSWORD}""#);
