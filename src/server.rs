@@ -366,17 +366,13 @@ async fn serve(
     tracing::debug!("connected");
     let rules = &serving.rules;
     let record = SessionRecord::new(&ctx, &id, peer);
-    let over_tls = async |acceptor: &Acceptor, stream, id, record, greet| match handshake(
-        &ctx, acceptor, stream,
-    )
-    .await
-    {
-        Some(tls) => closed(
-            Session::new(ctx.clone(), tls, id, peer, rules.clone(), true, record)
-                .run(greet)
-                .await,
-        ),
-        None => record,
+    // A session over TLS: implicit from the start, or after STARTTLS.
+    let over_tls = async |acceptor: &Acceptor, stream, id, record, greet| {
+        let Some(tls) = handshake(&ctx, acceptor, stream).await else {
+            return record;
+        };
+        let session = Session::new(ctx.clone(), tls, id, peer, rules.clone(), true, record);
+        closed(session.run(greet).await)
     };
     let record = if let Some(acceptor) = &serving.implicit {
         over_tls(acceptor, stream, id, record, true).await
