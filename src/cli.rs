@@ -10,10 +10,10 @@ use rustls::ProtocolVersion;
 
 use crate::admin::client::AdminClient;
 use crate::admin::status::{Readiness, Status};
-use crate::config::{AccountConfig, Config, UpstreamTls};
+use crate::config::{AccountConfig, Config, TlsProfile, UpstreamTls};
 use crate::maildrop::Maildrop;
 use crate::oauth::token_service;
-use crate::policy::open_relay_warnings;
+use crate::policy::{open_relay_warnings, open_relay_warnings_for};
 use crate::secret::Secret;
 use crate::spool::operations::locate;
 use crate::spool::{Spool, State, unix_millis};
@@ -42,6 +42,22 @@ pub fn hash_password_from_stdin() -> anyhow::Result<()> {
         );
     }
     outln!("{}", hash_password(&Secret::new(password))?)?;
+    Ok(())
+}
+
+/// `sendbridge cert`: the certificate the listeners present (generated
+/// where `run` would generate it, when missing), with what a device's
+/// certificate import asks for.
+pub fn cert(config: &Config) -> anyhow::Result<()> {
+    let pair = crate::tls::certificate(&config.tls, &config.server.hostname, &config.spool.dir)?
+        .context("no certificate, and none can be generated: set tls.cert and tls.key")?;
+    let cert = crate::tls::self_signed::describe(&pair.cert)?;
+    let path = std::path::absolute(&cert.path).unwrap_or(cert.path);
+    outln!("certificate: {}", path.display())?;
+    outln!("SHA-256:     {}", cert.sha256)?;
+    outln!("SHA-1:       {}", cert.sha1)?;
+    outln!("names:       {}", cert.names.join(", "))?;
+    outln!("valid until: {}", cert.not_after)?;
     Ok(())
 }
 
@@ -211,6 +227,27 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
     outln!("listen: {}", config.server.listen)?;
     if let Some(tls) = config.server.listen_tls {
         outln!("listen_tls: {tls}")?;
+    }
+    for (n, listener) in config.listeners.iter().enumerate() {
+        let key = format!("listeners[{n}]");
+        let trust = match &listener.trusted_networks {
+            _ if listener.require_auth => "every client signs in".to_string(),
+            Some(networks) => format!("trusted networks {networks:?}"),
+            None => "trusted networks of server.trusted_networks".to_string(),
+        };
+        outln!(
+            "{key}: {} (tls {}, profile {}), {trust}",
+            listener.address,
+            listener.tls.name(),
+            listener.tls_profile.name()
+        )?;
+        if listener.tls_profile == TlsProfile::Legacy {
+            outln!("warning: {}", crate::tls::legacy::warning(listener.address))?;
+        }
+        let networks = listener.trusted_networks.as_deref().unwrap_or_default();
+        for warning in open_relay_warnings_for(&format!("{key}.trusted_networks"), networks) {
+            outln!("warning: {warning}")?;
+        }
     }
     for (name, account) in &config.accounts {
         outln!(

@@ -4,6 +4,7 @@
 //! durations, addresses and networks are read in `values`, and which
 //! settings take effect only at start in `startup`.
 
+mod listeners;
 mod load;
 mod startup;
 mod validate;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::secret::Secret;
 use values::{duration, networks, optional_address};
 
+pub use listeners::{Listener, ListenerConfig, ListenerTls, TlsProfile};
 pub use startup::Startup;
 
 const GMAIL_HOST: &str = "smtp.gmail.com";
@@ -74,6 +76,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub notify: NotifyConfig,
     pub sendmail: SendmailConfig,
+    /// `[[listeners]]`, after `server.listen` and `server.listen_tls`.
+    pub listeners: Vec<ListenerConfig>,
     /// The configuration file that was read, if one existed (for messages
     /// that say which configuration a command used).
     #[serde(skip)]

@@ -65,6 +65,8 @@ enum Command {
         #[command(subcommand)]
         action: OauthAction,
     },
+    /// Print the listeners' TLS certificate (file, SHA-256 and SHA-1 fingerprints, names) for importing into printers; generates it when missing, as `run` does
+    Cert,
 }
 
 #[derive(Subcommand)]
@@ -134,6 +136,7 @@ impl Command {
             | Command::Notify { .. } => Secrets::All,
             Command::Health { .. } | Command::Status => Secrets::AdminToken,
             Command::HashPassword
+            | Command::Cert
             | Command::Reload
             | Command::Queue { .. }
             | Command::Sendmail { .. } => Secrets::None,
@@ -191,6 +194,7 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             report(runtime.block_on(sendbridge::cli::notify_test(&config)))
         }
+        Command::Cert => report(sendbridge::cli::cert(&config)),
         Command::HashPassword | Command::Sendmail { .. } => unreachable!("handled above"),
     }
 }

@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 use crate::address::{Role, parse_path};
 use crate::maildrop::{DropEnvelope, Maildrop};
 use crate::observe;
+use crate::policy::Trust;
 use crate::reply::{Refusal, Reply};
 use crate::rewrite::{RewriteError, RewritePolicy, Trace, rewrite};
 use crate::session::{SessionContext, Settings};
@@ -329,7 +330,12 @@ fn sending_account(settings: &Settings) -> Result<(String, String, &RewritePolic
     };
     let account = settings
         .policy
-        .account_for(Some(&user.account), IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .account_for(
+            Some(&user.account),
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            // A drop is the user's, never a trusted network's.
+            &Trust::Nobody,
+        )
         .map_err(|reply| {
             let hint = format!("users.{name} may not send");
             (reply, Refusal::new("relay_denied", hint))

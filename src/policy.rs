@@ -7,8 +7,29 @@ use std::net::IpAddr;
 use ipnet::{IpNet, Ipv4Net};
 use tracing::warn;
 
-use crate::config::Config;
+use crate::config::{Config, ListenerConfig};
 use crate::reply::Reply;
+
+/// Which clients of a listener may send without signing in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trust {
+    /// Those in `server.trusted_networks` (as last reloaded).
+    Server,
+    /// Those in the listener's own `trusted_networks`.
+    Networks(Vec<IpNet>),
+    /// None: the listener has `require_auth = true`.
+    Nobody,
+}
+
+impl Trust {
+    pub fn of(listener: &ListenerConfig) -> Trust {
+        match &listener.trusted_networks {
+            _ if listener.require_auth => Trust::Nobody,
+            Some(networks) => Trust::Networks(networks.iter().copied().map(canonical).collect()),
+            None => Trust::Server,
+        }
+    }
+}
 
 pub struct Policy {
     trusted_networks: Vec<IpNet>,
@@ -37,20 +58,29 @@ impl Policy {
 
     /// Both sides compare in canonical form: a client of a dual-stack
     /// listener arrives as `::ffff:a.b.c.d`, and a network may be written so.
-    pub fn is_trusted(&self, client: IpAddr) -> bool {
+    pub fn is_trusted(&self, client: IpAddr, trust: &Trust) -> bool {
         let client = client.to_canonical();
-        self.trusted_networks
-            .iter()
-            .any(|net| net.contains(&client))
+        let networks = match trust {
+            Trust::Server => &self.trusted_networks,
+            Trust::Networks(networks) => networks,
+            Trust::Nobody => return false,
+        };
+        networks.iter().any(|net| net.contains(&client))
     }
 
     /// The account a transaction sends through, or the reply refusing MAIL.
-    /// `user_account` is the account of the signed-in user, if any.
-    pub fn account_for(&self, user_account: Option<&str>, client: IpAddr) -> Result<String, Reply> {
+    /// `user_account` is the account of the signed-in user, if any; `trust`
+    /// that of the listener the client came in on.
+    pub fn account_for(
+        &self,
+        user_account: Option<&str>,
+        client: IpAddr,
+        trust: &Trust,
+    ) -> Result<String, Reply> {
         if let Some(account) = user_account {
             return Ok(account.to_string());
         }
-        if !self.is_trusted(client) {
+        if !self.is_trusted(client, trust) {
             return Err(Reply::new(530, [5, 7, 0], "Authentication required"));
         }
         self.default_account.clone().ok_or_else(|| {
@@ -80,6 +110,11 @@ fn canonical(net: IpNet) -> IpNet {
 /// One sentence for each trusted network that trusts every client (of its
 /// address family): anyone who can reach the port may relay through it.
 pub fn open_relay_warnings(networks: &[IpNet]) -> Vec<String> {
+    open_relay_warnings_for("server.trusted_networks", networks)
+}
+
+/// `open_relay_warnings` for the networks configured at `key`.
+pub fn open_relay_warnings_for(key: &str, networks: &[IpNet]) -> Vec<String> {
     networks
         .iter()
         .map(|&net| (net, canonical(net)))
@@ -90,7 +125,7 @@ pub fn open_relay_warnings(networks: &[IpNet]) -> Vec<String> {
                 IpNet::V6(_) => "IPv6",
             };
             format!(
-                "server.trusted_networks: {net} makes every {family} client trusted, an open relay for anyone who can reach the port; list only the networks of the sending programs"
+                "{key}: {net} makes every {family} client trusted, an open relay for anyone who can reach the port; list only the networks of the sending programs"
             )
         })
         .collect()
@@ -128,10 +163,46 @@ mod tests {
         for (network, client, trusted) in cases {
             let policy = policy_with(&[network], None);
             assert_eq!(
-                policy.is_trusted(client.parse().unwrap()),
+                policy.is_trusted(client.parse().unwrap(), &Trust::Server),
                 trusted,
                 "{network} trusts {client}"
             );
+        }
+    }
+
+    #[test]
+    fn a_listener_trusts_the_server_networks_its_own_or_nobody() {
+        let policy = policy_with(&["10.0.0.0/8"], Some("gmail"));
+        // (the listener's settings, client, trusted)
+        let cases = [
+            ("", "10.1.2.3", true),
+            ("", "192.168.1.50", false),
+            (
+                "trusted_networks = [\"192.168.1.50\"]",
+                "192.168.1.50",
+                true,
+            ),
+            ("trusted_networks = [\"192.168.1.50\"]", "10.1.2.3", false),
+            ("trusted_networks = []", "10.1.2.3", false),
+            (
+                "trusted_networks = [\"::ffff:192.168.1.0/120\"]",
+                "192.168.1.7",
+                true,
+            ),
+            ("require_auth = true", "10.1.2.3", false),
+        ];
+        for (settings, client, trusted) in cases {
+            let toml = format!("[[listeners]]\naddress = \"127.0.0.1:25\"\n{settings}");
+            let config = Config::from_toml(&toml).unwrap();
+            let trust = Trust::of(&config.listeners[0]);
+            let client = client.parse().unwrap();
+            assert_eq!(
+                policy.is_trusted(client, &trust),
+                trusted,
+                "{settings}: {client}"
+            );
+            let account = policy.account_for(None, client, &trust);
+            assert_eq!(account.is_ok(), trusted, "{settings}: {client}");
         }
     }
 
@@ -166,13 +237,13 @@ mod tests {
     fn untrusted_clients_must_sign_in() {
         let policy = policy_with(&["10.0.0.0/8"], Some("gmail"));
         let reply = policy
-            .account_for(None, "192.0.2.1".parse().unwrap())
+            .account_for(None, "192.0.2.1".parse().unwrap(), &Trust::Server)
             .unwrap_err();
         assert_eq!((reply.code, reply.status), (530, Some([5, 7, 0])));
         // Loopback is not trusted unless configured.
         assert!(
             policy
-                .account_for(None, "127.0.0.1".parse().unwrap())
+                .account_for(None, "127.0.0.1".parse().unwrap(), &Trust::Server)
                 .is_err()
         );
     }
@@ -182,14 +253,14 @@ mod tests {
         let policy = policy_with(&["10.0.0.0/8"], Some("gmail"));
         assert_eq!(
             policy
-                .account_for(None, "10.1.2.3".parse().unwrap())
+                .account_for(None, "10.1.2.3".parse().unwrap(), &Trust::Server)
                 .unwrap(),
             "gmail"
         );
         // An IPv4-mapped IPv6 client is the same host.
-        assert!(policy.is_trusted("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(policy.is_trusted("::ffff:10.1.2.3".parse().unwrap(), &Trust::Server));
         let reply = policy_with(&["10.0.0.0/8"], None)
-            .account_for(None, "10.1.2.3".parse().unwrap())
+            .account_for(None, "10.1.2.3".parse().unwrap(), &Trust::Server)
             .unwrap_err();
         assert_eq!(reply.code, 451);
     }
@@ -199,7 +270,7 @@ mod tests {
         let policy = policy_with(&[], None);
         assert_eq!(
             policy
-                .account_for(Some("m365"), "192.0.2.1".parse().unwrap())
+                .account_for(Some("m365"), "192.0.2.1".parse().unwrap(), &Trust::Server)
                 .unwrap(),
             "m365"
         );

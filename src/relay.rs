@@ -62,6 +62,8 @@ pub struct Relay {
     stop_delivery: CancellationToken,
     shutdown_grace: Duration,
     transcript_limits: (Duration, u64),
+    /// A certificate was found or generated.
+    starttls: bool,
 }
 
 impl Relay {
@@ -73,9 +75,9 @@ impl Relay {
         stop: CancellationToken,
         tokens: TokenSource,
     ) -> anyhow::Result<Relay> {
-        let tls =
-            crate::tls::inbound_acceptor(&config.tls, &config.server.hostname, &config.spool.dir)?;
-        let listeners = Listeners::bind(&config.server, tls.is_some()).await?;
+        let certificate =
+            crate::tls::certificate(&config.tls, &config.server.hostname, &config.spool.dir)?;
+        let listeners = Listeners::bind(config, certificate.as_ref()).await?;
         let admin_listener = crate::admin::bind(&config.admin).await?;
         let stop_delivery = CancellationToken::new();
         let delivery = Delivery::start(config, stop_delivery.clone(), tokens)?;
@@ -86,7 +88,6 @@ impl Relay {
         let ctx = Arc::new(SessionContext::new(
             settings,
             delivery.clone(),
-            tls,
             close_sessions.clone(),
         )?);
         let pickup = Pickup::bind(
@@ -100,6 +101,7 @@ impl Relay {
                 config.spool.dir.display()
             )
         })?;
+        let starttls = certificate.is_some();
         let server = Server::new(
             listeners,
             ctx.clone(),
@@ -120,6 +122,7 @@ impl Relay {
             stop,
             stop_delivery,
             shutdown_grace: config.server.shutdown_grace,
+            starttls,
             transcript_limits: (
                 config.log.transcript_max_age,
                 config.log.transcript_max_bytes,
@@ -144,6 +147,11 @@ impl Relay {
         self.server.tls_local_addr()
     }
 
+    /// Every listener's key and bound address (`Config::all_listeners`).
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.server.listener_addrs()
+    }
+
     /// The admin interface's address, unless it is off.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(Admin::local_addr)
@@ -157,7 +165,8 @@ impl Relay {
         info!(
             listen = %self.local_addr(),
             listen_tls = self.tls_local_addr().map(display),
-            starttls = self.ctx.tls.is_some(),
+            listeners = observe::list(&self.listener_addrs().iter().map(|(key, addr)| format!("{key} {addr}")).collect::<Vec<_>>()),
+            starttls = self.starttls,
             admin = %self.admin_addr().map_or("off".to_string(), |addr| addr.to_string()),
             "sendbridge is accepting connections"
         );

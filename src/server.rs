@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
-use crate::config::ServerConfig;
-use crate::session::{Session, SessionContext, SessionEnd, SessionRecord};
+use crate::config::{Config, Listener, ListenerTls, ServerConfig, TlsConfig, TlsProfile};
+use crate::policy::{Trust, open_relay_warnings_for};
+use crate::session::{ListenerRules, Session, SessionContext, SessionEnd, SessionRecord};
+use crate::tls::{Acceptor, InboundTls};
 
 /// After the grace period, how long sessions get to say 421 and close.
 const SESSION_CLOSE_BOUND: Duration = Duration::from_secs(5);
@@ -29,40 +31,117 @@ const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The relay's SMTP listeners, bound before anything else starts so that a
 /// second relay on the same address stops before it touches the spool.
-pub struct Listeners {
-    plain: TcpListener,
-    implicit_tls: Option<TcpListener>,
+pub struct Listeners(Vec<BoundListener>);
+
+struct BoundListener {
+    socket: TcpListener,
+    serving: Arc<Serving>,
+}
+
+/// How a listener's connections are served.
+struct Serving {
+    /// Set when the listener speaks TLS from the first byte.
+    implicit: Option<Acceptor>,
+    /// For STARTTLS, when offered.
+    starttls: Option<Acceptor>,
+    rules: Arc<ListenerRules>,
 }
 
 impl Listeners {
-    /// Binds `server.listen` and, when set, `server.listen_tls`, which needs
-    /// a certificate. Errors name the key.
-    pub async fn bind(config: &ServerConfig, has_certificate: bool) -> anyhow::Result<Listeners> {
-        let listen = config.listen;
-        let plain = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("server.listen: cannot listen on {listen}"))?;
-        let implicit_tls = match config.listen_tls {
-            None => None,
-            Some(_) if !has_certificate => {
-                anyhow::bail!("server.listen_tls: needs a certificate (tls.cert and tls.key)")
+    /// Binds every listener of `config` (`Config::all_listeners`), with the
+    /// TLS of its profile over `certificate`; implicit TLS needs one.
+    /// Errors name the key.
+    pub async fn bind(
+        config: &Config,
+        certificate: Option<&TlsConfig>,
+    ) -> anyhow::Result<Listeners> {
+        let mut acceptors = Acceptors::new(certificate);
+        let mut bound = Vec::new();
+        for Listener { key, settings } in config.all_listeners() {
+            let acceptor = match settings.tls {
+                ListenerTls::None => None,
+                tls => {
+                    let acceptor = acceptors.get(settings.tls_profile)?;
+                    if acceptor.is_none() && tls == ListenerTls::Implicit {
+                        anyhow::bail!(
+                            "{key}: implicit TLS needs a certificate (tls.cert and tls.key)"
+                        );
+                    }
+                    acceptor
+                }
+            };
+            let address = settings.address;
+            let socket = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("{key}: cannot listen on {address}"))?;
+            let address = socket.local_addr()?;
+            if settings.tls_profile == TlsProfile::Legacy {
+                warn!(listener = %key, "{}", crate::tls::legacy::warning(address));
             }
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("server.listen_tls: cannot listen on {addr}"))?,
-            ),
+            if let Some(networks) = &settings.trusted_networks {
+                for warning in open_relay_warnings_for(&format!("{key}.trusted_networks"), networks)
+                {
+                    warn!("{warning}");
+                }
+            }
+            let (implicit, starttls) = match settings.tls {
+                ListenerTls::Implicit => (acceptor, None),
+                _ => (None, acceptor),
+            };
+            let rules = Arc::new(ListenerRules {
+                trust: Trust::of(&settings),
+                offers_starttls: starttls.is_some(),
+                key,
+            });
+            let serving = Arc::new(Serving {
+                implicit,
+                starttls,
+                rules,
+            });
+            bound.push(BoundListener { socket, serving });
+        }
+        Ok(Listeners(bound))
+    }
+}
+
+/// Each profile's acceptor, made once over the certificate when a listener
+/// first needs it.
+struct Acceptors<'a> {
+    certificate: Option<&'a TlsConfig>,
+    modern: Option<Acceptor>,
+    legacy: Option<Acceptor>,
+}
+
+impl<'a> Acceptors<'a> {
+    fn new(certificate: Option<&'a TlsConfig>) -> Self {
+        Acceptors {
+            certificate,
+            modern: None,
+            legacy: None,
+        }
+    }
+
+    /// `None` without a certificate.
+    fn get(&mut self, profile: TlsProfile) -> anyhow::Result<Option<Acceptor>> {
+        let Some(certificate) = self.certificate else {
+            return Ok(None);
         };
-        Ok(Listeners {
-            plain,
-            implicit_tls,
-        })
+        let made = match profile {
+            TlsProfile::Modern => &mut self.modern,
+            TlsProfile::Legacy => &mut self.legacy,
+        };
+        if made.is_none() {
+            *made = Some(match profile {
+                TlsProfile::Modern => Acceptor::Modern(crate::tls::modern_acceptor(certificate)?),
+                TlsProfile::Legacy => Acceptor::Legacy(crate::tls::legacy::acceptor(certificate)?),
+            });
+        }
+        Ok(made.clone())
     }
 }
 
 pub struct Server {
-    plain: TcpListener,
-    implicit_tls: Option<TcpListener>,
+    listeners: Vec<BoundListener>,
     ctx: Arc<SessionContext>,
     connections: Arc<Semaphore>,
     max_connections: usize,
@@ -86,8 +165,7 @@ impl Server {
         close_sessions: CancellationToken,
     ) -> Server {
         Server {
-            plain: listeners.plain,
-            implicit_tls: listeners.implicit_tls,
+            listeners: listeners.0,
             connections: Arc::new(Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,
             ctx,
@@ -97,18 +175,34 @@ impl Server {
         }
     }
 
+    /// Each listener's key and bound address, in the order configured.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|listener| {
+                let addr = listener
+                    .socket
+                    .local_addr()
+                    .expect("a bound listener has an address");
+                (listener.serving.rules.key.clone(), addr)
+            })
+            .collect()
+    }
+
+    fn addr_of(&self, key: &str) -> Option<SocketAddr> {
+        self.listener_addrs()
+            .into_iter()
+            .find_map(|(listener, addr)| (listener == key).then_some(addr))
+    }
+
+    /// `server.listen`'s address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.plain
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.addr_of("server.listen")
+            .expect("server.listen is always bound")
     }
 
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
-        self.implicit_tls.as_ref().map(|listener| {
-            listener
-                .local_addr()
-                .expect("a bound listener has an address")
-        })
+        self.addr_of("server.listen_tls")
     }
 
     /// Serves until `stop` is cancelled. Then: no new connections; open
@@ -116,15 +210,13 @@ impl Server {
     /// told `421 4.3.0` and closed (bounded). Returns when they are done.
     pub async fn run(self) {
         let sessions = TaskTracker::new();
-        let plain = self.accept_loop(&self.plain, false, &sessions);
-        let implicit_tls = async {
-            if let Some(listener) = &self.implicit_tls {
-                self.accept_loop(listener, true, &sessions).await;
-            }
-        };
-        tokio::join!(plain, implicit_tls);
+        let accepting = self
+            .listeners
+            .iter()
+            .map(|listener| self.accept_loop(listener, &sessions));
+        futures_util::future::join_all(accepting).await;
         // New connections are refused from here on.
-        drop((self.plain, self.implicit_tls));
+        drop(self.listeners);
         sessions.close();
         if !sessions.is_empty() {
             info!(
@@ -154,16 +246,11 @@ impl Server {
         }
     }
 
-    async fn accept_loop(
-        &self,
-        listener: &TcpListener,
-        implicit_tls: bool,
-        sessions: &TaskTracker,
-    ) {
+    async fn accept_loop(&self, listener: &BoundListener, sessions: &TaskTracker) {
         let mut failures = AcceptFailures::default();
         loop {
             let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+                accepted = listener.socket.accept() => accepted,
                 _ = self.stop.cancelled() => return,
             };
             let (stream, peer) = match accepted {
@@ -195,9 +282,10 @@ impl Server {
                 continue;
             };
             let ctx = self.ctx.clone();
+            let serving = listener.serving.clone();
             sessions.spawn(
                 async move {
-                    serve(ctx, stream, id, peer, implicit_tls).await;
+                    serve(ctx, serving, stream, id, peer).await;
                     drop(permit);
                 }
                 .instrument(span),
@@ -270,34 +358,38 @@ async fn refuse_busy(mut stream: TcpStream, timeout: Duration) {
 
 async fn serve(
     ctx: Arc<SessionContext>,
+    serving: Arc<Serving>,
     stream: TcpStream,
     id: String,
     peer: SocketAddr,
-    implicit_tls: bool,
 ) {
     tracing::debug!("connected");
+    let rules = &serving.rules;
     let record = SessionRecord::new(&ctx, &id, peer);
-    let record = if implicit_tls {
-        match handshake(&ctx, stream).await {
-            Some(tls) => closed(
-                Session::new(ctx.clone(), tls, id, peer, true, record)
-                    .run(true)
-                    .await,
-            ),
-            None => record,
-        }
+    // A session over TLS: implicit from the start, or after STARTTLS.
+    let over_tls = async |acceptor: &Acceptor, stream, id, record, greet| {
+        let Some(tls) = handshake(&ctx, acceptor, stream).await else {
+            return record;
+        };
+        let session = Session::new(ctx.clone(), tls, id, peer, rules.clone(), true, record);
+        closed(session.run(greet).await)
+    };
+    let record = if let Some(acceptor) = &serving.implicit {
+        over_tls(acceptor, stream, id, record, true).await
     } else {
-        match Session::new(ctx.clone(), stream, id.clone(), peer, false, record)
-            .run(true)
-            .await
-        {
+        let session = Session::new(
+            ctx.clone(),
+            stream,
+            id.clone(),
+            peer,
+            rules.clone(),
+            false,
+            record,
+        );
+        match session.run(true).await {
             SessionEnd::Closed(record) => record,
-            SessionEnd::StartTls(stream, record) => match handshake(&ctx, stream).await {
-                Some(tls) => closed(
-                    Session::new(ctx.clone(), tls, id, peer, true, record)
-                        .run(false)
-                        .await,
-                ),
+            SessionEnd::StartTls(stream, record) => match &serving.starttls {
+                Some(acceptor) => over_tls(acceptor, stream, id, record, false).await,
                 None => record,
             },
         }
@@ -314,14 +406,17 @@ fn closed<S>(end: SessionEnd<S>) -> SessionRecord {
 
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &SessionContext,
+    acceptor: &Acceptor,
     stream: S,
-) -> Option<tokio_rustls::server::TlsStream<S>> {
-    let acceptor = ctx.tls.as_ref()?;
+) -> Option<InboundTls<S>> {
     let timeout = ctx.settings().server.command_timeout;
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(err)) => {
-            warn!(error = %err, "TLS handshake with the client failed");
+            let hint = matches!(acceptor, Acceptor::Modern(_)).then_some(
+                "an old device that speaks only TLS 1.0/1.1 or TLS_RSA suites needs a listener with tls_profile = \"legacy\" ([[listeners]])",
+            );
+            warn!(error = %err, hint, "TLS handshake with the client failed");
             None
         }
         Err(_) => {

@@ -615,3 +615,85 @@ async fn queue_commands_refuse_a_missing_spool_naming_spool_dir_and_the_config_f
         assert!(!looked_for.exists(), "{args:?} created a spool");
     }
 }
+
+/// `sendbridge cert` generates the certificate where `run` would, then shows
+/// it again unchanged; openssl agrees on its fingerprints and names, which
+/// include the machine's own addresses (`hostname -I`).
+#[tokio::test]
+async fn cert_prints_the_certificate_with_its_fingerprints_and_names() {
+    if !common::tools::tool_available("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SENDBRIDGE_SERVER__HOSTNAME", "relay.test")];
+    let cert = dir.path().join("certs/sendbridge.crt");
+
+    let first = output(dir.path(), &["cert"], &env).await;
+    let second = output(dir.path(), &["cert"], &env).await;
+
+    assert!(first.status.success(), "{first:?}");
+    let stdout = String::from_utf8(first.stdout).unwrap();
+    assert_eq!(stdout, String::from_utf8(second.stdout).unwrap(), "reused");
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("{name} in {stdout}"))
+    };
+    assert_eq!(field("certificate:"), cert.display().to_string());
+    let openssl = |args: &[&str]| {
+        let output = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-in"])
+            .arg(&cert)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    for (digest, name) in [("-sha256", "SHA-256:"), ("-sha1", "SHA-1:")] {
+        let printed = openssl(&["-fingerprint", digest]);
+        let (_, fingerprint) = printed.trim().split_once('=').unwrap();
+        assert_eq!(field(name), fingerprint, "{digest}");
+    }
+    let names = field("names:");
+    let openssl_names = openssl(&["-ext", "subjectAltName"]);
+    for name in ["DNS:relay.test", "DNS:localhost", "IP:127.0.0.1", "IP:::1"] {
+        assert!(names.contains(name), "{name}: {names}");
+    }
+    assert!(openssl_names.contains("DNS:relay.test, DNS:localhost, IP Address:127.0.0.1"));
+    let own = std::process::Command::new("hostname").arg("-I").output();
+    let own = String::from_utf8(own.unwrap().stdout).unwrap();
+    for address in own.split_whitespace() {
+        assert!(
+            names.contains(&format!("IP:{address}")),
+            "{address}: {names}"
+        );
+        if !address.contains(':') {
+            let written = format!("IP Address:{address}");
+            assert!(openssl_names.contains(&written), "{openssl_names}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn check_lists_the_listeners_and_warns_about_legacy_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let listeners = "[[listeners]]\naddress = \"192.168.1.10:25\"\ntls_profile = \"legacy\"\n\
+        trusted_networks = [\"192.168.1.50\"]\n\
+        [[listeners]]\naddress = \"192.168.1.10:587\"\nrequire_auth = true\n";
+    write_config(dir.path(), &[listeners.to_string()]);
+
+    let (code, stdout, stderr) = check(dir.path(), &[]).await;
+
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let expected = [
+        "listeners[0]: 192.168.1.10:25 (tls starttls, profile legacy), trusted networks [192.168.1.50/32]",
+        "warning: listener 192.168.1.10:25 accepts TLS 1.0/1.1 and CBC suites for old devices; restrict its trusted_networks",
+        "listeners[1]: 192.168.1.10:587 (tls starttls, profile modern), every client signs in",
+    ];
+    for line in expected {
+        assert!(stdout.contains(line), "{line}\n{stdout}");
+    }
+}

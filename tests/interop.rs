@@ -10,10 +10,8 @@ mod common;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls};
-use common::relay::{
-    LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
-};
+use common::fake_upstream::FakeUpstream;
+use common::relay::{LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_USER, relay_with_upstream};
 use common::tools::tool_available;
 use tokio::process::Command;
 
@@ -72,15 +70,7 @@ impl Transport {
 
 /// A fake Gmail and a relay in front of it, with the implicit-TLS listener on.
 async fn start() -> (FakeUpstream, Relay) {
-    let upstream = FakeUpstream::start(FakeUpstreamOptions::new(
-        UpstreamTls::StartTls,
-        UPSTREAM_USER,
-        UPSTREAM_PASSWORD,
-    ))
-    .await;
-    let extra = "[server]\nlisten_tls = \"127.0.0.1:0\"";
-    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
-    (upstream, relay)
+    relay_with_upstream("[server]\nlisten_tls = \"127.0.0.1:0\"").await
 }
 
 /// Runs a client to completion with no input; a client still running after

@@ -12,7 +12,7 @@ use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use super::{Config, DeliveryConfig, LogFormat, TlsConfig};
+use super::{Config, DeliveryConfig, ListenerConfig, LogFormat, TlsConfig};
 use crate::secret::Secret;
 
 /// Everything a running relay cannot change, compared as a whole. Each
@@ -25,6 +25,8 @@ pub struct Startup {
     listen: SocketAddr,
     #[serde(rename = "server.listen_tls")]
     listen_tls: Option<SocketAddr>,
+    /// Bound, with their TLS and trust settings, at start.
+    listeners: Vec<ListenerConfig>,
     #[serde(rename = "server.max_connections")]
     max_connections: usize,
     #[serde(rename = "server.shutdown_grace")]
@@ -67,6 +69,7 @@ impl Config {
         Startup {
             listen: self.server.listen,
             listen_tls: self.server.listen_tls,
+            listeners: self.listeners.clone(),
             max_connections: self.server.max_connections,
             shutdown_grace: self.server.shutdown_grace,
             message_memory_budget: self.server.message_memory_budget,
@@ -194,11 +197,22 @@ mod tests {
             )
         };
         // (running, reloaded, keys named)
-        let cases: [(&str, String, &[&str]); 12] = [
+        let cases: [(&str, String, &[&str]); 14] = [
             (
                 "",
                 "[server]\nlisten_tls = \"127.0.0.1:4465\"".into(),
                 &["server.listen_tls"],
+            ),
+            (
+                "",
+                "[[listeners]]\naddress = \"127.0.0.1:25\"".into(),
+                &["listeners"],
+            ),
+            (
+                "[[listeners]]\naddress = \"127.0.0.1:25\"",
+                "[[listeners]]\naddress = \"127.0.0.1:25\"\ntrusted_networks = [\"10.0.0.0/8\"]"
+                    .into(),
+                &["listeners"],
             ),
             (
                 "",

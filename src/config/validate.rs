@@ -57,6 +57,7 @@ impl Config {
             ));
         }
         let all = secrets == Secrets::All;
+        self.validate_listeners()?;
         for (name, account) in &mut self.accounts {
             account.validate(name, all)?;
         }

@@ -56,3 +56,10 @@ pub(super) fn networks<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec
         })
         .collect()
 }
+
+/// `networks` for a key whose absence means "as elsewhere configured".
+pub(super) fn optional_networks<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<IpNet>>, D::Error> {
+    networks(deserializer).map(Some)
+}

@@ -27,7 +27,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ehlo.capabilities |= EXT_AUTH;
             ehlo.auth_mechanisms = AUTH_PLAIN | AUTH_LOGIN;
         }
-        if !self.tls && self.ctx.tls.is_some() {
+        if !self.tls && self.listener.offers_starttls {
             ehlo.capabilities |= EXT_START_TLS;
         }
         // smtp-proto's first line carries a joke; operators grep for ours.
@@ -44,7 +44,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.error(Reply::new(503, [5, 5, 1], "Already running TLS"));
             return Flow::Continue;
         }
-        if self.ctx.tls.is_none() {
+        if !self.listener.offers_starttls {
             self.error(Reply::new(502, [5, 5, 1], "STARTTLS not available"));
             return Flow::Continue;
         }

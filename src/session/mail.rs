@@ -6,10 +6,28 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Session, Transaction};
 use crate::address::{AddressError, Role, parse_command_path};
+use crate::policy::Trust;
 use crate::reply::{Refusal, Reply};
 use crate::transport::BodyFlags;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Why a client that did not sign in may not send, naming the key.
+    fn relay_denied_hint(&self) -> String {
+        let sign_in = "set the SMTP user and password from [users] in the sending program";
+        let key = &self.listener.key;
+        match self.listener.trust {
+            Trust::Server => format!(
+                "the client neither signed in nor is in server.trusted_networks: {sign_in}, or add its network to server.trusted_networks"
+            ),
+            Trust::Networks(_) => format!(
+                "the client neither signed in nor is in {key}.trusted_networks: {sign_in}, or add its network to {key}.trusted_networks"
+            ),
+            Trust::Nobody => {
+                format!("{key} has require_auth = true, and the client did not sign in: {sign_in}")
+            }
+        }
+    }
+
     pub(super) fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
         if self.helo.is_none() {
             return self.error(Reply::new(503, [5, 5, 1], "Send HELO or EHLO first"));
@@ -18,14 +36,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(Reply::new(503, [5, 5, 1], "Nested MAIL command"));
         }
         let user_account = self.signed_in.as_ref().map(|s| s.account.as_str());
-        let account = match self
-            .settings
-            .policy
-            .account_for(user_account, self.peer.ip())
-        {
+        let account = match self.settings.policy.account_for(
+            user_account,
+            self.peer.ip(),
+            &self.listener.trust,
+        ) {
             Ok(account) => account,
             Err(reply) => {
-                let hint = "the client neither signed in nor is in server.trusted_networks: set the SMTP user and password from [users] in the sending program, or add its network to server.trusted_networks";
+                let hint = self.relay_denied_hint();
                 self.rejected(&reply, Refusal::new("relay_denied", hint), None);
                 return self.error(reply);
             }

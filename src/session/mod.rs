@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -29,7 +28,7 @@ pub use transcript::clean as clean_transcripts;
 
 use crate::config::{Config, ServerConfig, Transcripts};
 use crate::delivery::Delivery;
-use crate::policy::Policy;
+use crate::policy::{Policy, Trust};
 use crate::reply::{Refusal, Reply};
 use crate::rewrite::RewritePolicy;
 use crate::transport::BodyFlags;
@@ -46,7 +45,6 @@ const MAX_AUTH_FAILURES: u32 = 3;
 pub struct SessionContext {
     settings: RwLock<Arc<Settings>>,
     pub delivery: Arc<Delivery>,
-    pub tls: Option<TlsAcceptor>,
     /// Cancelled when the shutdown grace period is over: open sessions
     /// answer `421` and close.
     pub close_sessions: CancellationToken,
@@ -57,6 +55,18 @@ pub struct SessionContext {
     sign_in_throttle: Mutex<SignInThrottle>,
     /// Outlives reloads too, which drop the entries of changed users.
     credentials: Arc<CredentialCache>,
+}
+
+/// What a session needs to know of the listener its client came in on
+/// (set at start, like the listener).
+#[derive(Debug)]
+pub struct ListenerRules {
+    /// The key that configured the listener (`server.listen`,
+    /// `listeners[1]`), for hints.
+    pub key: String,
+    pub trust: Trust,
+    /// The listener speaks `starttls` and has a certificate.
+    pub offers_starttls: bool,
 }
 
 /// The part of the configuration a reload replaces; a session picks up the
@@ -98,7 +108,6 @@ impl SessionContext {
     pub fn new(
         settings: Settings,
         delivery: Arc<Delivery>,
-        tls: Option<TlsAcceptor>,
         close_sessions: CancellationToken,
     ) -> anyhow::Result<Self> {
         Ok(SessionContext {
@@ -109,7 +118,6 @@ impl SessionContext {
             settings: RwLock::new(Arc::new(settings)),
             transcripts_dir: delivery.spool().transcripts_dir(),
             delivery,
-            tls,
             close_sessions,
             sign_in_throttle: Mutex::default(),
             credentials: Arc::new(CredentialCache::new()?),
@@ -152,6 +160,7 @@ pub struct Session<S> {
     conn: Connection<S>,
     id: String,
     peer: SocketAddr,
+    listener: Arc<ListenerRules>,
     tls: bool,
     helo: Option<String>,
     /// EHLO rather than HELO, for the Received field.
@@ -168,6 +177,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         stream: S,
         id: String,
         peer: SocketAddr,
+        listener: Arc<ListenerRules>,
         tls: bool,
         record: SessionRecord,
     ) -> Self {
@@ -185,6 +195,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             conn,
             id,
             peer,
+            listener,
             tls,
             helo: None,
             extended: false,
@@ -381,7 +392,7 @@ mod tests {
         let tokens = crate::oauth::token_service(&config.spool.dir);
         let delivery = Delivery::start(&config, CancellationToken::new(), tokens).unwrap();
         let settings = Settings::new(&config).unwrap();
-        let ctx = SessionContext::new(settings, delivery, None, CancellationToken::new()).unwrap();
+        let ctx = SessionContext::new(settings, delivery, CancellationToken::new()).unwrap();
         let ctx = Arc::new(ctx);
         (ctx, spool)
     }
@@ -394,7 +405,12 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let peer = "192.0.2.10:40000".parse().unwrap();
         let record = SessionRecord::new(&ctx, "test", peer);
-        let session = Session::new(ctx, server, "test".into(), peer, false, record);
+        let listener = Arc::new(ListenerRules {
+            key: "server.listen".into(),
+            trust: Trust::Server,
+            offers_starttls: false,
+        });
+        let session = Session::new(ctx, server, "test".into(), peer, listener, false, record);
         let task = tokio::spawn(async move {
             session.run(true).await;
         });

@@ -21,6 +21,8 @@ pub const LOCAL_PASSWORD: &str = "old-password";
 pub struct Relay {
     pub addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
+    /// Every listener's key and address (`server.listen`, `listeners[0]`, …).
+    pub listeners: Vec<(String, SocketAddr)>,
     /// The admin interface, unless the configuration turned it off.
     pub admin_addr: Option<SocketAddr>,
     /// The relay's own (generated) certificate, for clients using STARTTLS.
@@ -45,6 +47,19 @@ pub fn config_for(upstream: &FakeUpstream, tls: UpstreamTls, extra: &str) -> Con
         upstream.ca_file().to_str().unwrap(),
         extra,
     )
+}
+
+/// A fake Gmail (STARTTLS, `UPSTREAM_USER` with `UPSTREAM_PASSWORD`) and a
+/// relay delivering to it, configured by `config_for` with `extra`.
+pub async fn relay_with_upstream(extra: &str) -> (FakeUpstream, Relay) {
+    let upstream = FakeUpstream::start(super::fake_upstream::FakeUpstreamOptions::new(
+        UpstreamTls::StartTls,
+        UPSTREAM_USER,
+        UPSTREAM_PASSWORD,
+    ))
+    .await;
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    (upstream, relay)
 }
 
 /// The same configuration for an upstream at any port.
@@ -165,6 +180,7 @@ impl Relay {
         Relay {
             addr: relay.local_addr(),
             tls_addr: relay.tls_local_addr(),
+            listeners: relay.listener_addrs(),
             admin_addr: relay.admin_addr(),
             cert: config.tls.cert.clone(),
             spool: config.spool.dir.clone(),

@@ -41,6 +41,16 @@ impl Client {
         client
     }
 
+    /// Connects from `source`, a loopback address other than 127.0.0.1
+    /// (Linux routes all of 127.0.0.0/8 to loopback), as a client of another
+    /// network; the greeting is left to read.
+    pub async fn connect_from(source: &str, addr: SocketAddr) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        Client::over(Box::new(stream))
+    }
+
     /// Connects over implicit TLS, trusting `cert`.
     pub async fn connect_tls(addr: SocketAddr, cert: &Path) -> Client {
         let stream = TcpStream::connect(addr).await.unwrap();
