@@ -13,6 +13,7 @@ use crate::admin::status::{Readiness, Status};
 use crate::config::{AccountConfig, Config, UpstreamTls};
 use crate::oauth::token_service;
 use crate::policy::open_relay_warnings;
+use crate::routes::Routes;
 use crate::secret::Secret;
 use crate::spool::operations::locate;
 use crate::spool::{Spool, State, unix_millis};
@@ -224,8 +225,13 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
     for (name, user) in &config.users {
         outln!(
             "user {name}: sends through {}",
-            user.account.as_deref().unwrap_or("-")
+            user.account
+                .as_deref()
+                .unwrap_or("the account its routes choose")
         )?;
+    }
+    for (n, route) in Routes::new(&config.routes).views().iter().enumerate() {
+        outln!("route {}: {route}", n + 1)?;
     }
     if !config.server.trusted_networks.is_empty() {
         outln!(

@@ -94,8 +94,16 @@ impl Relay {
             close_sessions,
         );
         // The admin interface stops when shutdown begins.
-        let admin = admin_listener
-            .map(|listener| Admin::new(listener, &config.admin, delivery.clone(), stop.clone()));
+        let admin = admin_listener.map(|listener| {
+            let sessions = ctx.clone();
+            Admin::new(
+                listener,
+                &config.admin,
+                delivery.clone(),
+                sessions,
+                stop.clone(),
+            )
+        });
         stop_delivery_on_error.disarm();
         Ok(Relay {
             server,

@@ -43,14 +43,13 @@ struct Check {
 /// A signed-in local user.
 #[derive(Debug, Clone)]
 pub struct SignedIn {
+    /// As configured: the key of `[users.<name>]`.
     pub user: String,
-    pub account: String,
 }
 
 struct LocalUser {
     name: String,
     password_hash: String,
-    account: String,
 }
 
 /// The configured local users, keyed by lower-case name: configuration
@@ -96,7 +95,6 @@ impl LocalUser {
     fn signed_in(&self) -> SignedIn {
         SignedIn {
             user: self.name.clone(),
-            account: self.account.clone(),
         }
     }
 }
@@ -112,16 +110,11 @@ impl Users {
                 (None, Some(password)) => hash_password(password)?,
                 (None, None) => unreachable!("config validation requires a password"),
             };
-            let account = user
-                .account
-                .clone()
-                .expect("config validation sets the account");
             by_name.insert(
                 name.to_lowercase(),
                 Arc::new(LocalUser {
                     name: name.clone(),
                     password_hash,
-                    account,
                 }),
             );
         }
@@ -350,10 +343,7 @@ mod tests {
     async fn check_accepts_only_the_right_password() {
         let users = users();
         let signed_in = sign_in(&users, "INVOICES", "old-password").await.unwrap();
-        assert_eq!(
-            (signed_in.user.as_str(), signed_in.account.as_str()),
-            ("Invoices", "gmail")
-        );
+        assert_eq!(signed_in.user, "Invoices");
         assert!(sign_in(&users, "invoices", "wrong").await.is_none());
         assert!(sign_in(&users, "nobody", "old-password").await.is_none());
     }

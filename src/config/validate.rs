@@ -9,6 +9,7 @@ use super::{
     AccountConfig, AdminConfig, AuthMethod, Config, ConfigError, GMAIL_HOST, MICROSOFT_HOST,
     OAuth2Config, OAuthFlow, OAuthProvider, UserConfig,
 };
+use crate::address::SenderPattern;
 use crate::secret::Secret;
 
 impl Config {
@@ -61,12 +62,49 @@ impl Config {
                 ));
             }
         }
+        self.validate_routes()?;
         let fallback_account = self.fallback_account().map(str::to_string);
         for (name, user) in &mut self.users {
-            user.validate(name, fallback_account.as_deref(), &self.accounts)?;
+            let routed = self.routes.iter().any(|route| route.applies_to(name));
+            user.validate(name, fallback_account.as_deref(), routed, &self.accounts)?;
         }
         self.validate_notify()?;
         self.admin.validate()
+    }
+
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        for (n, route) in self.routes.iter().enumerate() {
+            // Numbered from 0, as figment names the entries in type errors.
+            let key = |field: &str| format!("routes.{n}.{field}");
+            if let Err(problem) = SenderPattern::parse(&route.sender) {
+                return Err(ConfigError::new(key("sender"), problem));
+            }
+            if !self.accounts.contains_key(&route.account) {
+                return Err(ConfigError::new(
+                    key("account"),
+                    format!("no account named \"{}\" in [accounts]", route.account),
+                ));
+            }
+            let Some(users) = &route.users else { continue };
+            if users.is_empty() {
+                return Err(ConfigError::new(
+                    key("users"),
+                    "empty: list the users the route is for, or leave users out to route every client",
+                ));
+            }
+            let known = |user: &String| {
+                self.users
+                    .keys()
+                    .any(|name| name.eq_ignore_ascii_case(user))
+            };
+            if let Some(unknown) = users.iter().find(|user| !known(user)) {
+                return Err(ConfigError::new(
+                    key("users"),
+                    format!("no user named \"{unknown}\" in [users]"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_notify(&self) -> Result<(), ConfigError> {
@@ -252,6 +290,7 @@ impl UserConfig {
         &mut self,
         name: &str,
         fallback_account: Option<&str>,
+        routed: bool,
         accounts: &BTreeMap<String, AccountConfig>,
     ) -> Result<(), ConfigError> {
         let key = |field: &str| format!("users.{name}.{field}");
@@ -288,9 +327,12 @@ impl UserConfig {
                 key("account"),
                 format!("no account named \"{account}\" in [accounts]"),
             )),
+            // Routes choose the account of each message; one no route
+            // matches is refused at MAIL.
+            None if routed => Ok(()),
             None => Err(ConfigError::new(
                 key("account"),
-                "missing: name the upstream account this login sends through",
+                "missing: name the upstream account this login sends through, or add [[routes]] for its senders",
             )),
         }
     }

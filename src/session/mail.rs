@@ -6,7 +6,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Session, Transaction};
 use crate::address::{AddressError, Role, parse_command_path};
+use crate::policy::Denied;
 use crate::reply::{Refusal, Reply};
+use crate::routes::FromHeader;
 use crate::transport::BodyFlags;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -17,19 +19,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.transaction.is_some() {
             return self.error(Reply::new(503, [5, 5, 1], "Nested MAIL command"));
         }
-        let user_account = self.signed_in.as_ref().map(|s| s.account.as_str());
-        let account = match self
-            .settings
-            .policy
-            .account_for(user_account, self.peer.ip())
-        {
-            Ok(account) => account,
-            Err(reply) => {
-                let hint = "the client neither signed in nor is in server.trusted_networks: set the SMTP user and password from [users] in the sending program, or add its network to server.trusted_networks";
-                self.rejected(&reply, Refusal::new("relay_denied", hint), None);
-                return self.error(reply);
-            }
-        };
         if from.flags & MAIL_BODY_BINARYMIME != 0 {
             return self.error(Reply::new(
                 555,
@@ -46,6 +35,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mail_from = match parse_command_path(self.conn.line(), Role::Sender, smtputf8) {
             Ok(address) => address,
             Err(error) => return self.bad_address(error, Role::Sender),
+        };
+        let user = self.signed_in.as_ref().map(|s| s.user.as_str());
+        let account = match self.settings.policy.account_for(
+            user,
+            self.peer.ip(),
+            &mail_from,
+            FromHeader::NotYetReceived,
+        ) {
+            Ok(account) => account,
+            Err(Denied { reply, refusal }) => {
+                self.rejected(&reply, refusal, None);
+                return self.error(reply);
+            }
         };
         self.transaction = Some(Transaction {
             account,

@@ -29,7 +29,7 @@ pub use transcript::clean as clean_transcripts;
 
 use crate::config::{Config, ServerConfig, Transcripts};
 use crate::delivery::Delivery;
-use crate::policy::Policy;
+use crate::policy::{Choice, Policy};
 use crate::reply::{Refusal, Reply};
 use crate::rewrite::RewritePolicy;
 use crate::transport::BodyFlags;
@@ -137,7 +137,7 @@ pub enum SessionEnd<S> {
 }
 
 struct Transaction {
-    account: String,
+    account: Choice,
     mail_from: String,
     recipients: Vec<String>,
     flags: BodyFlags,

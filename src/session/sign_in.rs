@@ -89,7 +89,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             PasswordCheck::Wrong => return Ok(self.wrong_credentials(&username)),
             PasswordCheck::NotRun => return Ok(Flow::Continue),
         };
-        info!(user = %signed_in.user, account = %signed_in.account, verified_by, "client signed in");
+        info!(user = %signed_in.user, verified_by, "client signed in");
         self.conn.record.signed_in(&signed_in.user);
         self.signed_in = Some(signed_in);
         self.reply(Reply::new(235, [2, 7, 0], "Authentication successful"));
