@@ -99,21 +99,12 @@ impl Flood {
     }
 }
 
-/// A client connected from `source`, a loopback address other than
-/// 127.0.0.1 (Linux routes all of 127.0.0.0/8 to loopback).
-async fn connect_from(source: &str, relay: SocketAddr) -> Client {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let stream = socket.connect(relay).await.unwrap();
-    Client::over(Box::new(stream))
-}
-
 /// How long a correct sign-in from 127.0.0.2 takes, from connect to 235,
 /// or what went wrong instead.
 async fn sign_in_from_another_address(relay: SocketAddr) -> Result<Duration, String> {
     let started = Instant::now();
     let sign_in = async {
-        let mut client = connect_from("127.0.0.2", relay).await;
+        let mut client = Client::connect_from("127.0.0.2", relay).await;
         let greeting = client.read_reply().await;
         if greeting.code != 220 {
             return Err(format!("greeted with {greeting:?}"));
@@ -190,7 +181,7 @@ async fn a_password_typed_as_the_user_name_stays_out_of_the_log() {
     ];
     for (n, typed) in password_like.iter().chain(&["scanner"]).enumerate() {
         // One address each, so the failures are not throttled.
-        let mut client = connect_from(&format!("127.0.0.{}", 10 + n), relay.addr).await;
+        let mut client = Client::connect_from(&format!("127.0.0.{}", 10 + n), relay.addr).await;
         assert_eq!(client.read_reply().await.code, 220);
         client.ehlo().await;
         // AUTH LOGIN: the user name is its own line, as old clients type it.

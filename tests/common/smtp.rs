@@ -41,6 +41,15 @@ impl Client {
         client
     }
 
+    /// Connected from `source`, a loopback address other than 127.0.0.1
+    /// (Linux routes all of 127.0.0.0/8 to loopback); greeting unread.
+    pub async fn connect_from(source: &str, relay: SocketAddr) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let stream = socket.connect(relay).await.unwrap();
+        Client::over(Box::new(stream))
+    }
+
     /// Connects over implicit TLS, trusting `cert`.
     pub async fn connect_tls(addr: SocketAddr, cert: &Path) -> Client {
         let stream = TcpStream::connect(addr).await.unwrap();
