@@ -236,6 +236,17 @@ pub enum AuthMechanism {
     CramMd5,
 }
 
+impl AuthMechanism {
+    /// As SMTP names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::Login => "LOGIN",
+            AuthMechanism::CramMd5 => "CRAM-MD5",
+        }
+    }
+}
+
 /// `[[routes]]`: mail whose sender matches goes through `account`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

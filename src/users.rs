@@ -3,6 +3,7 @@
 //! skipped for credentials verified a short while ago.
 
 mod cache;
+pub mod cram_md5;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -15,8 +16,9 @@ use argon2::{Algorithm, Argon2, Block, Params, Version};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::warn;
 
-use crate::config::Config;
+use crate::config::{AuthMechanism, Config};
 use crate::secret::Secret;
 pub use cache::CredentialCache;
 use cache::Digest;
@@ -50,6 +52,9 @@ pub struct SignedIn {
 struct LocalUser {
     name: String,
     password_hash: String,
+    /// Kept only while CRAM-MD5 is offered, which needs the password
+    /// itself.
+    cram_md5_password: Option<Secret>,
 }
 
 /// The configured local users, keyed by lower-case name: configuration
@@ -101,8 +106,25 @@ impl LocalUser {
 
 impl Users {
     /// Plain-text passwords from the config are hashed here, once, so every
-    /// check takes the same constant-time argon2 path.
+    /// check takes the same constant-time argon2 path; CRAM-MD5, when
+    /// offered, keeps them too. Warns about users CRAM-MD5 cannot sign in.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let cram_md5 = config
+            .server
+            .auth_mechanisms
+            .contains(&AuthMechanism::CramMd5);
+        let hash_only: Vec<&str> = config
+            .users
+            .iter()
+            .filter(|(_, user)| user.password.is_none())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if cram_md5 && !hash_only.is_empty() {
+            warn!(
+                users = hash_only.join(", "),
+                "server.auth_mechanisms lists CRAM-MD5, but these users have only a password_hash, from which CRAM-MD5 cannot be checked: they can sign in with PLAIN or LOGIN only; give them password or password_file (users.<name>.password) if their device needs CRAM-MD5"
+            );
+        }
         let mut by_name = HashMap::new();
         for (name, user) in &config.users {
             let password_hash = match (&user.password_hash, &user.password) {
@@ -115,6 +137,7 @@ impl Users {
                 Arc::new(LocalUser {
                     name: name.clone(),
                     password_hash,
+                    cram_md5_password: user.password.clone().filter(|_| cram_md5),
                 }),
             );
         }
@@ -167,6 +190,23 @@ impl Users {
             answer,
             remember,
         }))
+    }
+
+    /// Checks a CRAM-MD5 answer: `digest` to `challenge` from `username`.
+    /// Cheap, so on the runtime; unknown users and users without a plain
+    /// password are checked against a made-up one, as long as a real check.
+    pub fn check_cram_md5(
+        &self,
+        username: &str,
+        challenge: &str,
+        digest: &str,
+    ) -> Option<SignedIn> {
+        let user = self.by_name.get(&username.to_lowercase());
+        let password = user.and_then(|user| user.cram_md5_password.as_ref());
+        let unknown = Secret::new("no such user");
+        let matches = cram_md5::verify(password.unwrap_or(&unknown), challenge, digest);
+        user.filter(|_| matches && password.is_some())
+            .map(|user| user.signed_in())
     }
 
     /// Whether `other` has the user keyed `key` with the same password

@@ -14,6 +14,7 @@ use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, UpstreamTls};
 use common::relay::{
     LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
 };
+use common::smtp::Client;
 use common::tools::tool_available;
 use tokio::process::Command;
 
@@ -72,14 +73,19 @@ impl Transport {
 
 /// A fake Gmail and a relay in front of it, with the implicit-TLS listener on.
 async fn start() -> (FakeUpstream, Relay) {
+    start_with("").await
+}
+
+/// `start` with more `[server]` settings.
+async fn start_with(server: &str) -> (FakeUpstream, Relay) {
     let upstream = FakeUpstream::start(FakeUpstreamOptions::new(
         UpstreamTls::StartTls,
         UPSTREAM_USER,
         UPSTREAM_PASSWORD,
     ))
     .await;
-    let extra = "[server]\nlisten_tls = \"127.0.0.1:0\"";
-    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, extra)).await;
+    let extra = format!("[server]\nlisten_tls = \"127.0.0.1:0\"\n{server}");
+    let relay = Relay::start(config_for(&upstream, UpstreamTls::StartTls, &extra)).await;
     (upstream, relay)
 }
 
@@ -178,6 +184,16 @@ async fn curl(relay: &Relay, transport: Transport) -> Output {
 
 /// Sends swaks's own test message, subject "swaks test", body "hello".
 async fn swaks(relay: &Relay, transport: Transport) -> Output {
+    swaks_signing_in(relay, transport, "PLAIN", LOCAL_PASSWORD).await
+}
+
+/// `swaks` signing in with SASL `mechanism` and `password`.
+async fn swaks_signing_in(
+    relay: &Relay,
+    transport: Transport,
+    mechanism: &str,
+    password: &str,
+) -> Output {
     // "localhost", the name in the certificate, for swaks versions that
     // check it; -4 because the relay listens on 127.0.0.1 only.
     let (host, tls_args): (&str, &[&str]) = match transport {
@@ -188,8 +204,8 @@ async fn swaks(relay: &Relay, transport: Transport) -> Output {
     let mut command = Command::new("swaks");
     command
         .args(["--server", &format!("{host}:{}", transport.port(relay))])
-        .args(["--auth", "PLAIN", "--auth-user", LOCAL_USER])
-        .args(["--auth-password", LOCAL_PASSWORD])
+        .args(["--auth", mechanism, "--auth-user", LOCAL_USER])
+        .args(["--auth-password", password])
         .args(["--from", SENDER, "--to", &RECIPIENTS.join(",")])
         .args(["--header", "Subject: swaks test", "--body", "hello"])
         .args(["--silent", "2"])
@@ -343,3 +359,73 @@ test_each_transport!(swaks_relays_message:
     swaks_auth_plain,
     swaks_starttls_verifying_the_relay_certificate,
     swaks_tls_on_connect_to_the_implicit_tls_listener);
+
+const WITH_CRAM_MD5: &str = r#"auth_mechanisms = ["PLAIN", "LOGIN", "CRAM-MD5"]"#;
+
+/// Ricoh-style devices sign in with CRAM-MD5 (RFC 2195) when it is offered.
+#[tokio::test]
+async fn swaks_auth_cram_md5_with_the_right_and_a_wrong_password() {
+    if !tool_available("swaks") {
+        return;
+    }
+    let (upstream, relay) = start_with(WITH_CRAM_MD5).await;
+
+    let right = swaks_signing_in(&relay, Transport::Plain, "CRAM-MD5", LOCAL_PASSWORD).await;
+    let wrong = swaks_signing_in(&relay, Transport::Plain, "CRAM-MD5", "wrong-password").await;
+
+    assert_success(&right);
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert!(!wrong.status.success(), "{wrong:?}");
+    assert!(
+        text(&wrong.stdout).contains("535 5.7.8 Authentication credentials invalid"),
+        "{wrong:?}"
+    );
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "nothing sent after the wrong one"
+    );
+}
+
+/// smtplib prefers CRAM-MD5 over PLAIN and LOGIN when the relay offers it.
+#[tokio::test]
+async fn python_smtplib_picks_cram_md5_when_offered() {
+    if !tool_available("python3") {
+        return;
+    }
+    let (upstream, relay) = start_with(WITH_CRAM_MD5).await;
+    let logs = common::log_capture::LogCapture::start();
+
+    let output = smtplib(&relay, Transport::Plain, LOCAL_PASSWORD).await;
+
+    assert_success(&output);
+    assert_eq!(upstream.wait_for_messages(1, WAIT).await.len(), 1);
+    let signed_in = logs.lines_with("client signed in");
+    assert_eq!(signed_in.len(), 1, "{signed_in:?}");
+    assert_eq!(signed_in[0]["verified_by"], "cram-md5");
+}
+
+#[tokio::test]
+async fn cram_md5_is_offered_and_accepted_only_when_auth_mechanisms_lists_it() {
+    let (_upstream, relay) = start().await;
+    let mut client = Client::connect(relay.addr).await;
+    let ehlo = client.ehlo().await;
+    assert!(ehlo.text.contains("AUTH PLAIN LOGIN\n"), "{ehlo:?}");
+    assert!(!ehlo.text.contains("CRAM-MD5"), "{ehlo:?}");
+    let reply = client.cmd("AUTH CRAM-MD5").await;
+    assert_eq!(
+        (reply.code, reply.text.as_str()),
+        (
+            504,
+            "5.5.4 Unrecognized authentication type; use PLAIN or LOGIN"
+        )
+    );
+
+    let (_upstream, relay) = start_with(WITH_CRAM_MD5).await;
+    let mut client = Client::connect(relay.addr).await;
+    let ehlo = client.ehlo().await;
+    assert!(ehlo.text.contains("CRAM-MD5"), "{ehlo:?}");
+    let challenge = client.cmd("AUTH CRAM-MD5").await;
+    assert_eq!(challenge.code, 334, "{challenge:?}");
+}

@@ -45,6 +45,12 @@ impl Config {
                 "must be longer than zero",
             ));
         }
+        if self.server.auth_mechanisms.is_empty() {
+            return Err(ConfigError::new(
+                "server.auth_mechanisms",
+                "empty: list at least one of \"PLAIN\", \"LOGIN\", \"CRAM-MD5\" (default [\"PLAIN\", \"LOGIN\"])",
+            ));
+        }
         if self.server.max_recipients == 0 {
             return Err(ConfigError::new(
                 "server.max_recipients",
