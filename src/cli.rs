@@ -10,7 +10,7 @@ use rustls::ProtocolVersion;
 
 use crate::admin::client::AdminClient;
 use crate::admin::status::{Readiness, Status};
-use crate::config::{AccountConfig, Config, UpstreamTls};
+use crate::config::{AccountConfig, Config, UpstreamTls, preset};
 use crate::oauth::token_service;
 use crate::policy::open_relay_warnings;
 use crate::routes::Routes;
@@ -212,6 +212,9 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
     if let Some(tls) = config.server.listen_tls {
         outln!("listen_tls: {tls}")?;
     }
+    for note in &config.notes {
+        outln!("note: {note}")?;
+    }
     for (name, account) in &config.accounts {
         outln!(
             "account {name}: {}@{}:{} ({:?}), sender {}",
@@ -221,6 +224,9 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
             account.tls_mode(),
             account.sender()
         )?;
+        if let Some(provider) = account.provider {
+            outln!("  preset {provider}: {}", preset(provider).setup_for(name))?;
+        }
     }
     for (name, user) in &config.users {
         outln!(

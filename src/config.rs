@@ -5,6 +5,7 @@
 //! settings take effect only at start in `startup`.
 
 mod load;
+mod presets;
 mod startup;
 mod validate;
 mod values;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::secret::Secret;
 use values::{duration, networks, optional_address};
 
+pub use presets::{Preset, Provider, preset};
 pub use startup::Startup;
 
 const GMAIL_HOST: &str = "smtp.gmail.com";
@@ -60,6 +62,10 @@ pub struct Config {
     pub notify: NotifyConfig,
     /// `[[routes]]`, in order: the first that matches chooses the account.
     pub routes: Vec<RouteConfig>,
+    /// What loading changed on its own (a cleaned app password), for the
+    /// log at start and reload, and `check`; never a secret.
+    #[serde(skip)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -297,7 +303,7 @@ pub struct UserConfig {
     pub account: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamTls {
     Starttls,
@@ -309,6 +315,9 @@ pub enum UpstreamTls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccountConfig {
+    /// Host, port, TLS and sign-in as this provider documents them; the
+    /// keys set here override it (README, "Provider presets").
+    pub provider: Option<Provider>,
     pub host: String,
     pub port: u16,
     /// Defaults from the port: 465 is implicit TLS, anything else STARTTLS.
@@ -347,7 +356,7 @@ pub struct AccountConfig {
     pub oauth2: Option<OAuth2Config>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMethod {
     /// AUTH PLAIN/LOGIN with `password` (an app password).
@@ -357,7 +366,7 @@ pub enum AuthMethod {
     Oauth2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OAuthProvider {
     Google,
@@ -432,6 +441,7 @@ pub enum LongLines {
 impl Default for AccountConfig {
     fn default() -> Self {
         AccountConfig {
+            provider: None,
             host: GMAIL_HOST.to_string(),
             port: 587,
             tls: None,

@@ -70,6 +70,7 @@ impl Relay {
         stop: CancellationToken,
         tokens: TokenSource,
     ) -> anyhow::Result<Relay> {
+        log_notes(config);
         let tls =
             crate::tls::inbound_acceptor(&config.tls, &config.server.hostname, &config.spool.dir)?;
         let listeners = Listeners::bind(&config.server, tls.is_some()).await?;
@@ -168,6 +169,13 @@ impl Relay {
     }
 }
 
+/// What loading the configuration changed on its own.
+fn log_notes(config: &Config) {
+    for note in &config.notes {
+        info!("{note}");
+    }
+}
+
 /// Keeps the transcripts directory within its age and size bounds until
 /// `stop` is cancelled.
 async fn keep_transcripts_clean(
@@ -204,6 +212,7 @@ impl Reloader {
     /// about changes to startup settings, which wait for a restart.
     pub async fn reload(&self, config: Config) -> anyhow::Result<()> {
         let mut running = self.running.lock().await;
+        log_notes(&config);
         let config = Arc::new(config);
         let settings = {
             let config = config.clone();

@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use super::presets::ungrouped_app_password;
 use super::{
     AccountConfig, AdminConfig, AuthMethod, Config, ConfigError, GMAIL_HOST, MICROSOFT_HOST,
-    OAuth2Config, OAuthFlow, OAuthProvider, UserConfig,
+    OAuth2Config, OAuthFlow, OAuthProvider, Preset, UserConfig, preset,
 };
 use crate::address::SenderPattern;
 use crate::secret::Secret;
@@ -58,7 +59,7 @@ impl Config {
             ));
         }
         for (name, account) in &mut self.accounts {
-            account.validate(name)?;
+            account.validate(name, &mut self.notes)?;
         }
         if let Some(default) = &self.server.default_account {
             if !self.accounts.contains_key(default) {
@@ -170,7 +171,8 @@ impl AdminConfig {
 }
 
 impl AccountConfig {
-    fn validate(&mut self, name: &str) -> Result<(), ConfigError> {
+    /// `notes` gets what was changed on the way (a cleaned app password).
+    fn validate(&mut self, name: &str, notes: &mut Vec<String>) -> Result<(), ConfigError> {
         let key = |field: &str| format!("accounts.{name}.{field}");
         // The name also names files in the spool.
         if !name
@@ -221,7 +223,13 @@ impl AccountConfig {
                 "missing: set it to the mailbox address, e.g. me@gmail.com",
             ));
         }
-        let password = resolve_secret(&key("password"), self.password.take(), &self.password_file)?;
+        let mut password =
+            resolve_secret(&key("password"), self.password.take(), &self.password_file)?;
+        let preset = self.provider.map(preset);
+        if let Some(preset) = &preset {
+            self.check_preset(name, preset, &mut password, notes)?;
+        }
+        let setup = preset.map(|preset| format!("; {}", preset.setup_for(name)));
         match (self.auth, password, &mut self.oauth2) {
             (AuthMethod::Password, Some(password), _) => self.password = Some(password),
             (AuthMethod::Password, None, _) => {
@@ -233,7 +241,10 @@ impl AccountConfig {
             (AuthMethod::Oauth2, _, None) => {
                 return Err(ConfigError::new(
                     key("oauth2"),
-                    "missing: auth = \"oauth2\" needs [accounts.<name>.oauth2] with provider and client_id",
+                    format!(
+                        "missing: auth = \"oauth2\" needs [accounts.<name>.oauth2] with provider and client_id{}",
+                        setup.unwrap_or_default()
+                    ),
                 ));
             }
             (AuthMethod::Oauth2, _, Some(oauth2)) => {
@@ -251,6 +262,47 @@ impl AccountConfig {
                     format!("{} does not exist", ca_file.display()),
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl AccountConfig {
+    /// Refuses a sign-in the provider does not accept, and takes out the
+    /// spaces of an app password pasted as Google shows it.
+    fn check_preset(
+        &self,
+        name: &str,
+        preset: &Preset,
+        password: &mut Option<Secret>,
+        notes: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("accounts.{name}.{field}");
+        let provider = self.provider.expect("a preset comes from the provider");
+        if !preset.accepts.contains(&self.auth) {
+            return Err(ConfigError::new(
+                key("auth"),
+                format!("{provider} does not accept it: {}", preset.setup_for(name)),
+            ));
+        }
+        if password.is_some() && !preset.accepts.contains(&AuthMethod::Password) {
+            return Err(ConfigError::new(
+                key("password"),
+                format!(
+                    "{provider} does not accept passwords: {}",
+                    preset.setup_for(name)
+                ),
+            ));
+        }
+        let grouped = password
+            .as_ref()
+            .filter(|_| preset.grouped_app_password)
+            .and_then(|secret| ungrouped_app_password(secret.expose()));
+        if let Some(ungrouped) = grouped {
+            *password = Some(Secret::new(ungrouped));
+            notes.push(format!(
+                "accounts.{name}.password: removed the spaces from the app password, which Google shows in four groups of four letters; the password is the 16 letters without them"
+            ));
         }
         Ok(())
     }
