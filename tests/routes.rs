@@ -12,7 +12,7 @@ use common::http;
 use common::relay::{
     LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_PASSWORD, UPSTREAM_USER, config_for,
 };
-use common::smtp::Client;
+use common::smtp::{Client, Reply};
 use sendbridge::config::Config;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -71,14 +71,16 @@ fn config(gmail: &FakeUpstream, billing: &FakeUpstream, first_route_account: &st
     config_for(gmail, UpstreamTls::StartTls, &extra)
 }
 
+async fn upstream(user: &str, password: &str) -> FakeUpstream {
+    FakeUpstream::start(FakeUpstreamOptions::new(
+        UpstreamTls::StartTls,
+        user,
+        password,
+    ))
+    .await
+}
+
 async fn offices() -> Offices {
-    let upstream = |user: &str, password: &str| {
-        FakeUpstream::start(FakeUpstreamOptions::new(
-            UpstreamTls::StartTls,
-            user,
-            password,
-        ))
-    };
     let gmail = upstream(UPSTREAM_USER, UPSTREAM_PASSWORD).await;
     let billing = upstream(BILLING_USER, BILLING_PASSWORD).await;
     let relay = Relay::start(config(&gmail, &billing, "billing")).await;
@@ -89,8 +91,13 @@ async fn offices() -> Offices {
     }
 }
 
-fn message(subject: &str, from: &str) -> String {
-    format!("From: {from}\r\nSubject: {subject}\r\n\r\n{subject}.\r\n")
+/// Sends a message with `subject` and the From field `from` as `envelope`
+/// to one recipient.
+async fn send(client: &mut Client, envelope: &str, subject: &str, from: &str) -> Reply {
+    let message = format!("From: {from}\r\nSubject: {subject}\r\n\r\n{subject}.\r\n");
+    client
+        .send_mail(envelope, &["c@example.com"], &message)
+        .await
 }
 
 /// The one message `upstream` received, with the account it signed in as.
@@ -98,6 +105,21 @@ async fn one_message(upstream: &FakeUpstream) -> Received {
     let mut received = upstream.wait_for_messages(1, WAIT).await;
     assert_eq!(received.len(), 1, "{received:?}");
     received.remove(0)
+}
+
+/// Sends as `send` does; the relay must accept it and `upstream` get it.
+async fn delivered(
+    client: &mut Client,
+    upstream: &FakeUpstream,
+    envelope: &str,
+    subject_text: &str,
+    from: &str,
+) -> Received {
+    let reply = send(client, envelope, subject_text, from).await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    let received = one_message(upstream).await;
+    assert_eq!(subject(&received), format!("Subject: {subject_text}"));
+    received
 }
 
 fn subject(received: &Received) -> String {
@@ -123,29 +145,12 @@ async fn two_senders_of_one_user_go_through_two_accounts() {
     let mut client = relay.signed_in_client().await;
 
     let own = "invoices@office.example";
-    let reply = client
-        .send_mail(own, &["c@example.com"], &message("own", own))
-        .await;
-    assert_eq!(reply.code, 250, "{reply:?}");
     let routed = "billing@office.example";
-    let reply = client
-        .send_mail(routed, &["c@example.com"], &message("routed", routed))
-        .await;
-    assert_eq!(reply.code, 250, "{reply:?}");
+    let through_gmail = delivered(&mut client, &gmail, own, "own", own).await;
+    let through_billing = delivered(&mut client, &billing, routed, "routed", routed).await;
 
-    let through_gmail = one_message(&gmail).await;
-    let through_billing = one_message(&billing).await;
-    assert_eq!(
-        (through_gmail.auth_user.as_str(), subject(&through_gmail)),
-        (UPSTREAM_USER, "Subject: own".to_string())
-    );
-    assert_eq!(
-        (
-            through_billing.auth_user.as_str(),
-            subject(&through_billing)
-        ),
-        (BILLING_USER, "Subject: routed".to_string())
-    );
+    assert_eq!(through_gmail.auth_user, UPSTREAM_USER);
+    assert_eq!(through_billing.auth_user, BILLING_USER);
 }
 
 #[tokio::test]
@@ -166,11 +171,8 @@ async fn a_sender_no_route_allows_is_refused_at_mail() {
     );
     // Its route's sender, the domain in another case, goes through.
     let sender = "scans@office.example";
-    let reply = client
-        .send_mail(sender, &["c@example.com"], &message("scan", sender))
-        .await;
-    assert_eq!(reply.code, 250, "{reply:?}");
-    assert_eq!(one_message(&billing).await.auth_user, BILLING_USER);
+    let received = delivered(&mut client, &billing, sender, "scan", sender).await;
+    assert_eq!(received.auth_user, BILLING_USER);
 }
 
 #[tokio::test]
@@ -183,32 +185,22 @@ async fn a_from_route_decides_at_the_end_of_data() {
     let mut client = relay.signed_in_client().await;
     let envelope = "invoices@office.example";
 
-    let reply = client
-        .send_mail(
-            envelope,
-            &["c@example.com"],
-            &message("by From", "Billing <a@Billing.Example>"),
-        )
-        .await;
-    assert_eq!(reply.code, 250, "{reply:?}");
-    assert_eq!(subject(&one_message(&billing).await), "Subject: by From");
+    delivered(
+        &mut client,
+        &billing,
+        envelope,
+        "by From",
+        "Billing <a@Billing.Example>",
+    )
+    .await;
 
     // Another From: the user's own account.
-    let reply = client
-        .send_mail(envelope, &["c@example.com"], &message("own", envelope))
-        .await;
-    assert_eq!(reply.code, 250, "{reply:?}");
-    assert_eq!(subject(&one_message(&gmail).await), "Subject: own");
+    delivered(&mut client, &gmail, envelope, "own", envelope).await;
 }
 
 #[tokio::test]
 async fn a_from_no_route_allows_is_refused_at_the_end_of_data() {
-    let gmail = FakeUpstream::start(FakeUpstreamOptions::new(
-        UpstreamTls::StartTls,
-        UPSTREAM_USER,
-        UPSTREAM_PASSWORD,
-    ))
-    .await;
+    let gmail = upstream(UPSTREAM_USER, UPSTREAM_PASSWORD).await;
     // The user has no account of its own: only its From route sends.
     let extra = format!(
         r#"
@@ -227,13 +219,7 @@ async fn a_from_no_route_allows_is_refused_at_the_end_of_data() {
     let relay = Relay::start(config_for(&gmail, UpstreamTls::StartTls, &extra)).await;
     let mut client = signed_in_as(&relay, SCANNER).await;
 
-    let reply = client
-        .send_mail(
-            "scans@x.example",
-            &["c@example.com"],
-            &message("x", "a@else.example"),
-        )
-        .await;
+    let reply = send(&mut client, "scans@x.example", "x", "a@else.example").await;
 
     assert_eq!(reply.code, 550, "{reply:?}");
     assert!(
@@ -242,15 +228,14 @@ async fn a_from_no_route_allows_is_refused_at_the_end_of_data() {
             .starts_with("5.7.1 Sender <scans@x.example> (From a@else.example) is not allowed"),
         "{reply:?}"
     );
-    let reply = client
-        .send_mail(
-            "scans@x.example",
-            &["c@example.com"],
-            &message("ok", "a@office.example"),
-        )
-        .await;
-    assert_eq!(reply.code, 250, "{reply:?}");
-    assert_eq!(subject(&one_message(&gmail).await), "Subject: ok");
+    delivered(
+        &mut client,
+        &gmail,
+        "scans@x.example",
+        "ok",
+        "a@office.example",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -265,12 +250,8 @@ async fn a_trusted_network_client_is_routed_by_sender() {
     assert_eq!(reply.code, 550, "{reply:?}");
     assert!(reply.text.contains("server.default_account"), "{reply:?}");
     let sender = "printer@lan.example";
-    let reply = client
-        .send_mail(sender, &["c@example.com"], &message("printed", sender))
-        .await;
-
-    assert_eq!(reply.code, 250, "{reply:?}");
-    assert_eq!(one_message(&billing).await.auth_user, BILLING_USER);
+    let received = delivered(&mut client, &billing, sender, "printed", sender).await;
+    assert_eq!(received.auth_user, BILLING_USER);
 }
 
 #[tokio::test]
@@ -306,11 +287,7 @@ async fn the_status_page_shows_the_routes_and_a_reload_swaps_them() {
     assert_eq!(first_route().await["account"], "gmail");
     let mut client = relay.signed_in_client().await;
     let sender = "billing@office.example";
-    let reply = client
-        .send_mail(sender, &["c@example.com"], &message("reloaded", sender))
-        .await;
-    assert_eq!(reply.code, 250, "{reply:?}");
-    assert_eq!(subject(&one_message(&gmail).await), "Subject: reloaded");
+    delivered(&mut client, &gmail, sender, "reloaded", sender).await;
     let page = http::get(relay.admin_addr.unwrap(), "/", &[]).await;
     assert!(
         page.body.contains(
