@@ -315,6 +315,9 @@ fn status_tables(status: &Status) -> String {
         .map(|(state, count)| format!("{state} {count}"))
         .collect();
     text += &format!("\nQUEUE  {}\n", counts.join("  "));
+    for (n, route) in status.routes.iter().enumerate() {
+        text += &format!("ROUTE {}  {route}\n", n + 1);
+    }
     if status.rejections.is_empty() {
         text += "\nLAST REJECTIONS  none\n";
         return text;
@@ -506,5 +509,35 @@ mod tests {
         for (reply, cell) in table {
             assert_eq!(first_line(reply), cell);
         }
+    }
+
+    #[test]
+    fn status_lists_the_routes_in_order_after_the_queue() {
+        let route = |sender: &str, account: &str| crate::routes::RouteView {
+            sender: sender.to_string(),
+            matches: crate::config::RouteMatch::Envelope,
+            account: account.to_string(),
+            users: Vec::new(),
+        };
+        let status = Status {
+            accounts: Vec::new(),
+            queue: [("held".to_string(), 0)].into(),
+            rejections: Vec::new(),
+            notices: Vec::new(),
+            routes: vec![route("@billing.example", "billing"), route("*", "gmail")],
+        };
+        let text = status_tables(&status);
+        let routes: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("ROUTE"))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                "ROUTE 1  @billing.example (envelope sender) → billing, for every client",
+                "ROUTE 2  * (envelope sender) → gmail, for every client",
+            ],
+            "{text}"
+        );
     }
 }

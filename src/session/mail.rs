@@ -19,23 +19,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.transaction.is_some() {
             return self.error(Reply::new(503, [5, 5, 1], "Nested MAIL command"));
         }
-        if from.flags & MAIL_BODY_BINARYMIME != 0 {
-            return self.error(Reply::new(
-                555,
-                [5, 5, 4],
-                "BODY=BINARYMIME is not supported",
-            ));
-        }
-        if from.size > self.settings.server.max_message_size {
-            let (reply, refusal) = self.too_large();
-            self.rejected(&reply, refusal, None);
-            return self.error(reply);
-        }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         let mail_from = match parse_command_path(self.conn.line(), Role::Sender, smtputf8) {
             Ok(address) => address,
             Err(error) => return self.bad_address(error, Role::Sender),
         };
+        // Who may send, and through which account, comes first: a client
+        // that may not send learns nothing of the limits.
         let user = self.signed_in.as_ref().map(|s| s.user.as_str());
         let account = match self.settings.policy.account_for(
             user,
@@ -49,6 +39,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.error(reply);
             }
         };
+        if from.flags & MAIL_BODY_BINARYMIME != 0 {
+            return self.error(Reply::new(
+                555,
+                [5, 5, 4],
+                "BODY=BINARYMIME is not supported",
+            ));
+        }
+        if from.size > self.settings.server.max_message_size {
+            let (reply, refusal) = self.too_large();
+            self.rejected(&reply, refusal, None);
+            return self.error(reply);
+        }
         self.transaction = Some(Transaction {
             account,
             mail_from,
