@@ -37,23 +37,26 @@ fn gmail_preset(upstream: &FakeUpstream, password: &str) -> Config {
     .unwrap()
 }
 
+/// A fake Gmail that takes `APP_PASSWORD`, and a relay whose preset
+/// account has `password`, through which one message was sent (`250`).
+async fn one_message_sent(password: &str) -> (FakeUpstream, Relay) {
+    let options = FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, APP_PASSWORD);
+    let upstream = FakeUpstream::start(options).await;
+    let relay = Relay::start(gmail_preset(&upstream, password)).await;
+    let mut client = relay.signed_in_client().await;
+    let message = "Subject: hi\r\n\r\nhi\r\n";
+    let reply = client
+        .send_mail("a@office.example", &["c@example.com"], message)
+        .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    (upstream, relay)
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_pasted_google_app_password_signs_in_and_the_start_says_it_was_cleaned() {
     let logs = LogCapture::start();
-    let options = FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, APP_PASSWORD);
-    let upstream = FakeUpstream::start(options).await;
-    let relay = Relay::start(gmail_preset(&upstream, AS_GOOGLE_SHOWS_IT)).await;
+    let (upstream, _relay) = one_message_sent(AS_GOOGLE_SHOWS_IT).await;
 
-    let mut client = relay.signed_in_client().await;
-    let reply = client
-        .send_mail(
-            "a@office.example",
-            &["c@example.com"],
-            "Subject: hi\r\n\r\nhi\r\n",
-        )
-        .await;
-
-    assert_eq!(reply.code, 250, "{reply:?}");
     let received = upstream.wait_for_messages(1, Duration::from_secs(20)).await;
     assert_eq!(received[0].auth_user, UPSTREAM_USER);
     let notes = logs.lines_with("removed the spaces from the app password");
@@ -68,21 +71,9 @@ async fn a_pasted_google_app_password_signs_in_and_the_start_says_it_was_cleaned
 
 #[tokio::test]
 async fn a_refused_sign_in_names_the_providers_setup_steps() {
-    let options = FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, APP_PASSWORD);
-    let upstream = FakeUpstream::start(options).await;
-    let relay = Relay::start(gmail_preset(&upstream, "the-account-password")).await;
+    // Held, not refused: the client is told the mail is queued.
+    let (_upstream, relay) = one_message_sent("the-account-password").await;
 
-    let mut client = relay.signed_in_client().await;
-    let reply = client
-        .send_mail(
-            "a@office.example",
-            &["c@example.com"],
-            "Subject: hi\r\n\r\nhi\r\n",
-        )
-        .await;
-
-    // Held, not refused: the client was told the mail is queued.
-    assert_eq!(reply.code, 250, "{reply:?}");
     let admin = relay.admin_addr.expect("admin interface on");
     let status = http::get(admin, "/status.json", &[]).await;
     let status: serde_json::Value = serde_json::from_str(&status.body).unwrap();
