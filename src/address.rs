@@ -183,6 +183,59 @@ fn is_domain(domain: &str) -> bool {
         })
 }
 
+/// A `[[routes]]` sender: addresses compare as RFC 5321 says, the domain
+/// in any case, the local part exactly (`Invoices@x.example` is another
+/// mailbox than `invoices@x.example`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum SenderPattern {
+    /// `*`: every sender, the null sender too.
+    Any,
+    /// `@x.example`, lower-case.
+    Domain(String),
+    /// `local@x.example`: the local part as written, the domain lower-case.
+    Address { local: String, domain: String },
+}
+
+impl SenderPattern {
+    /// Or the sentence saying what a pattern looks like.
+    pub fn parse(sender: &str) -> Result<SenderPattern, &'static str> {
+        const FORMS: &str =
+            "write an address (a@x.example), a domain (@x.example) or * for every sender";
+        let sender = sender.trim();
+        if sender == "*" {
+            return Ok(SenderPattern::Any);
+        }
+        let Some((local, domain)) = sender.rsplit_once('@') else {
+            return Err(FORMS);
+        };
+        if domain.is_empty() || domain.contains(['<', '>', ' ']) || local.contains(['<', '>']) {
+            return Err(FORMS);
+        }
+        let domain = domain.to_ascii_lowercase();
+        Ok(match local {
+            "" => SenderPattern::Domain(domain),
+            local => SenderPattern::Address {
+                local: local.to_string(),
+                domain,
+            },
+        })
+    }
+
+    /// `address` in RFC 5321 form; `""`, the null sender, matches `*` only.
+    pub fn matches(&self, address: &str) -> bool {
+        match (self, address.rsplit_once('@')) {
+            (SenderPattern::Any, _) => true,
+            (SenderPattern::Domain(domain), Some((_, theirs))) => {
+                theirs.eq_ignore_ascii_case(domain)
+            }
+            (SenderPattern::Address { local, domain }, Some((their_local, theirs))) => {
+                their_local == local && theirs.eq_ignore_ascii_case(domain)
+            }
+            (_, None) => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +246,48 @@ mod tests {
         for (line, expected) in cases {
             let parsed = parse_command_path(line.as_bytes(), role, false);
             assert_eq!(parsed.as_deref(), expected.as_ref().map(|s| *s), "{line}");
+        }
+    }
+
+    #[test]
+    fn sender_patterns_are_an_address_a_domain_or_a_star() {
+        use SenderPattern::*;
+        let address = |local: &str, domain: &str| Address {
+            local: local.into(),
+            domain: domain.into(),
+        };
+        let cases: [(&str, Result<SenderPattern, ()>); 8] = [
+            ("*", Ok(Any)),
+            ("@X.Example", Ok(Domain("x.example".into()))),
+            ("Invoices@X.example", Ok(address("Invoices", "x.example"))),
+            ("\"a b\"@x.example", Ok(address("\"a b\"", "x.example"))),
+            ("x.example", Err(())),
+            ("a@", Err(())),
+            ("<a@x.example>", Err(())),
+            ("", Err(())),
+        ];
+        for (written, expected) in cases {
+            let parsed = SenderPattern::parse(written).map_err(drop);
+            assert_eq!(parsed, expected, "{written:?}");
+        }
+    }
+
+    #[test]
+    fn sender_patterns_match_the_domain_in_any_case_and_the_local_part_exactly() {
+        // (pattern, address, matches)
+        let cases = [
+            ("*", "", true),
+            ("*", "a@b.example", true),
+            ("@office.example", "a@OFFICE.Example", true),
+            ("@office.example", "a@sub.office.example", false),
+            ("@office.example", "", false),
+            ("Invoices@office.example", "Invoices@Office.example", true),
+            ("Invoices@office.example", "invoices@office.example", false),
+            ("\"a b\"@x.example", "\"a b\"@x.example", true),
+        ];
+        for (pattern, address, matches) in cases {
+            let pattern = SenderPattern::parse(pattern).unwrap();
+            assert_eq!(pattern.matches(address), matches, "{pattern:?} {address:?}");
         }
     }
 

@@ -10,10 +10,11 @@ use rustls::ProtocolVersion;
 
 use crate::admin::client::AdminClient;
 use crate::admin::status::{Readiness, Status};
-use crate::config::{AccountConfig, Config, TlsProfile, UpstreamTls};
+use crate::config::{AccountConfig, Config, TlsProfile, UpstreamTls, preset};
 use crate::maildrop::Maildrop;
 use crate::oauth::token_service;
 use crate::policy::{open_relay_warnings, open_relay_warnings_for};
+use crate::routes::Routes;
 use crate::secret::Secret;
 use crate::spool::operations::locate;
 use crate::spool::{Spool, State, unix_millis};
@@ -249,6 +250,9 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
             outln!("warning: {warning}")?;
         }
     }
+    for note in &config.notes {
+        outln!("note: {note}")?;
+    }
     for (name, account) in &config.accounts {
         outln!(
             "account {name}: {}@{}:{} ({:?}), sender {}",
@@ -258,15 +262,23 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
             account.tls_mode(),
             account.sender()
         )?;
+        if let Some(provider) = account.provider {
+            outln!("  preset {provider}: {}", preset(provider).setup_for(name))?;
+        }
     }
     for (name, user) in &config.users {
         outln!(
             "user {name}: sends through {}",
-            user.account.as_deref().unwrap_or("-")
+            user.account
+                .as_deref()
+                .unwrap_or("the account its routes choose")
         )?;
     }
     if let Some(user) = &config.sendmail.user {
         outln!("sendmail: sends as user {user}")?;
+    }
+    for (n, route) in Routes::new(&config.routes).views().iter().enumerate() {
+        outln!("route {}: {route}", n + 1)?;
     }
     if !config.server.trusted_networks.is_empty() {
         outln!(
@@ -344,6 +356,9 @@ fn status_tables(status: &Status) -> String {
         .map(|(state, count)| format!("{state} {count}"))
         .collect();
     text += &format!("\nQUEUE  {}\n", counts.join("  "));
+    for (n, route) in status.routes.iter().enumerate() {
+        text += &format!("ROUTE {}  {route}\n", n + 1);
+    }
     if status.rejections.is_empty() {
         text += "\nLAST REJECTIONS  none\n";
         return text;
@@ -541,5 +556,35 @@ mod tests {
         for (reply, cell) in table {
             assert_eq!(first_line(reply), cell);
         }
+    }
+
+    #[test]
+    fn status_lists_the_routes_in_order_after_the_queue() {
+        let route = |sender: &str, account: &str| crate::routes::RouteView {
+            sender: sender.to_string(),
+            matches: crate::config::RouteMatch::Envelope,
+            account: account.to_string(),
+            users: Vec::new(),
+        };
+        let status = Status {
+            accounts: Vec::new(),
+            queue: [("held".to_string(), 0)].into(),
+            rejections: Vec::new(),
+            notices: Vec::new(),
+            routes: vec![route("@billing.example", "billing"), route("*", "gmail")],
+        };
+        let text = status_tables(&status);
+        let routes: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("ROUTE"))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                "ROUTE 1  @billing.example (envelope sender) → billing, for every client",
+                "ROUTE 2  * (envelope sender) → gmail, for every client",
+            ],
+            "{text}"
+        );
     }
 }

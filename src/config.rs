@@ -6,6 +6,7 @@
 
 mod listeners;
 mod load;
+mod presets;
 mod startup;
 mod validate;
 mod values;
@@ -22,6 +23,7 @@ use crate::secret::Secret;
 use values::{duration, networks, optional_address};
 
 pub use listeners::{Listener, ListenerConfig, ListenerTls, TlsProfile};
+pub use presets::{Preset, Provider, preset};
 pub use startup::Startup;
 
 const GMAIL_HOST: &str = "smtp.gmail.com";
@@ -75,6 +77,12 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub notify: NotifyConfig,
+    /// `[[routes]]`, in order: the first that matches chooses the account.
+    pub routes: Vec<RouteConfig>,
+    /// What loading changed on its own (a cleaned app password), for the
+    /// log at start and reload, and `check`; never a secret.
+    #[serde(skip)]
+    pub notes: Vec<String>,
     pub sendmail: SendmailConfig,
     /// `[[listeners]]`, after `server.listen` and `server.listen_tls`.
     pub listeners: Vec<ListenerConfig>,
@@ -202,6 +210,8 @@ pub struct ServerConfig {
     /// without argon2; zero turns the cache off.
     #[serde(deserialize_with = "duration")]
     pub auth_cache_ttl: Duration,
+    /// The SASL mechanisms offered in EHLO and accepted in AUTH.
+    pub auth_mechanisms: Vec<AuthMechanism>,
 }
 
 impl Default for ServerConfig {
@@ -224,6 +234,7 @@ impl Default for ServerConfig {
             auth_failure_limit: 10,
             auth_failure_window: Duration::from_secs(15 * 60),
             auth_cache_ttl: Duration::from_secs(3600),
+            auth_mechanisms: vec![AuthMechanism::Plain, AuthMechanism::Login],
         }
     }
 }
@@ -252,6 +263,67 @@ impl Default for TlsConfig {
     }
 }
 
+/// A SASL mechanism local users may sign in with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "LOGIN")]
+    Login,
+    /// RFC 2195; needs the user's plain password (`password` or
+    /// `password_file`), which a `password_hash` cannot give.
+    #[serde(rename = "CRAM-MD5")]
+    CramMd5,
+}
+
+impl AuthMechanism {
+    /// As SMTP names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::Login => "LOGIN",
+            AuthMechanism::CramMd5 => "CRAM-MD5",
+        }
+    }
+}
+
+/// `[[routes]]`: mail whose sender matches goes through `account`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `a@x.example` (the local part exact, the domain in any case),
+    /// `@x.example` (any address at the domain) or `*` (every sender).
+    pub sender: String,
+    pub account: String,
+    /// Only for these signed-in users; without it, for every user and for
+    /// trusted-network clients.
+    #[serde(default)]
+    pub users: Option<Vec<String>>,
+    /// Which address `sender` is matched against.
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteMatch {
+    /// The envelope sender (MAIL FROM): decided at MAIL.
+    #[default]
+    Envelope,
+    /// The address in the From header field: decided at the end of DATA.
+    From,
+}
+
+impl RouteConfig {
+    /// Whether the route is for the user named `user` (configuration keys
+    /// are compared in any case, as sign-ins are).
+    pub fn applies_to(&self, user: &str) -> bool {
+        self.users
+            .as_ref()
+            .is_none_or(|users| users.iter().any(|name| name.eq_ignore_ascii_case(user)))
+    }
+}
+
 /// A local login of a legacy program.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -260,11 +332,12 @@ pub struct UserConfig {
     pub password_hash: Option<String>,
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
-    /// The upstream account this login sends through.
+    /// The upstream account this login sends through, unless a route
+    /// chooses another; may be left out when routes decide for it.
     pub account: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamTls {
     Starttls,
@@ -276,6 +349,9 @@ pub enum UpstreamTls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccountConfig {
+    /// Host, port, TLS and sign-in as this provider documents them; the
+    /// keys set here override it (README, "Provider presets").
+    pub provider: Option<Provider>,
     pub host: String,
     pub port: u16,
     /// Defaults from the port: 465 is implicit TLS, anything else STARTTLS.
@@ -314,7 +390,7 @@ pub struct AccountConfig {
     pub oauth2: Option<OAuth2Config>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMethod {
     /// AUTH PLAIN/LOGIN with `password` (an app password).
@@ -324,7 +400,7 @@ pub enum AuthMethod {
     Oauth2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OAuthProvider {
     Google,
@@ -399,6 +475,7 @@ pub enum LongLines {
 impl Default for AccountConfig {
     fn default() -> Self {
         AccountConfig {
+            provider: None,
             host: GMAIL_HOST.to_string(),
             port: 587,
             tls: None,
@@ -648,6 +725,61 @@ mod tests {
     fn unknown_accounts_are_refused() {
         let err = Config::from_toml(&format!("{GMAIL}\naccount = \"outlook\"")).unwrap_err();
         assert_eq!(err.key, "users.invoices.account");
+    }
+
+    #[test]
+    fn routes_must_name_known_accounts_and_users() {
+        let two =
+            format!("{GMAIL}\n[accounts.m365]\nusername = \"me@x.example\"\npassword = \"x\"");
+        let route = |body: &str| {
+            format!(
+                "{two}\n[[routes]]\nsender = \"@x.example\"\naccount = \"m365\"\n[[routes]]\n{body}"
+            )
+        };
+        // (second route, the key named in the error)
+        let cases = [
+            ("sender = \"*\"\naccount = \"outlook\"", "routes.1.account"),
+            (
+                "sender = \"*\"\naccount = \"gmail\"\nusers = [\"nobody\"]",
+                "routes.1.users",
+            ),
+            (
+                "sender = \"*\"\naccount = \"gmail\"\nusers = []",
+                "routes.1.users",
+            ),
+            (
+                "sender = \"x.example\"\naccount = \"gmail\"",
+                "routes.1.sender",
+            ),
+            (
+                "sender = \"*\"\naccount = \"gmail\"\nmatch = \"subject\"",
+                "routes.1.match",
+            ),
+        ];
+        for (body, key) in cases {
+            let err = Config::from_toml(&route(body)).unwrap_err();
+            assert_eq!(err.key, key, "{body}: {err}");
+        }
+        let config = Config::from_toml(&route(
+            "sender = \"*\"\naccount = \"gmail\"\nusers = [\"INVOICES\"]\nmatch = \"from\"",
+        ))
+        .unwrap();
+        assert_eq!(config.routes[1].matches, RouteMatch::From);
+    }
+
+    #[test]
+    fn a_user_needs_an_account_unless_a_route_is_for_it() {
+        let two =
+            format!("{GMAIL}\n[accounts.m365]\nusername = \"me@x.example\"\npassword = \"x\"");
+        let err = Config::from_toml(&two).unwrap_err();
+        assert_eq!(err.key, "users.invoices.account");
+        assert!(err.problem.contains("[[routes]]"), "{err}");
+        for users in ["users = [\"invoices\"]", ""] {
+            let routed =
+                format!("{two}\n[[routes]]\nsender = \"@x.example\"\naccount = \"m365\"\n{users}");
+            let config = Config::from_toml(&routed).unwrap();
+            assert_eq!(config.users["invoices"].account, None, "{users}");
+        }
     }
 
     #[test]

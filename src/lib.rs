@@ -19,6 +19,7 @@ pub mod provider_replies;
 pub mod relay;
 pub mod reply;
 pub mod rewrite;
+pub mod routes;
 pub mod secret;
 pub mod send_window;
 pub mod sendmail;

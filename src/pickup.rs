@@ -24,9 +24,10 @@ use tracing::{error, info, warn};
 use crate::address::{Role, parse_path};
 use crate::maildrop::{DropEnvelope, Maildrop};
 use crate::observe;
-use crate::policy::Trust;
+use crate::policy::{Choice, Denied, Trust};
 use crate::reply::{Refusal, Reply};
-use crate::rewrite::{RewriteError, RewritePolicy, Trace, rewrite};
+use crate::rewrite::{RewriteError, RewritePolicy, Trace, from_address, rewrite};
+use crate::routes::FromHeader;
 use crate::session::{SessionContext, Settings};
 use crate::spool::{Envelope, State, unix_millis};
 use crate::transport::BodyFlags;
@@ -243,7 +244,13 @@ fn local_submission(
     mut message: Vec<u8>,
     now_unix: u64,
 ) -> Result<Local, Refused> {
-    let (user, account, policy) = sending_account(settings)?;
+    // Routes see the sender asked for with -f, else the From field's.
+    let from = from_address(&message);
+    let routing_sender = match &dropped.mail_from {
+        Some(asked) => parse_path(asked.as_bytes(), Role::Sender, true).unwrap_or_default(),
+        None => from.clone().unwrap_or_default(),
+    };
+    let (user, account, policy) = sending_account(settings, &routing_sender, from.as_deref())?;
     let max = settings.server.max_message_size;
     if message.len() > max {
         return Err(refused(
@@ -307,8 +314,13 @@ fn local_submission(
 }
 
 /// `sendmail.user`, the account it sends through (chosen as for a client
-/// signed in as that user) and that account's rewrites.
-fn sending_account(settings: &Settings) -> Result<(String, String, &RewritePolicy), Refused> {
+/// signed in as that user, by its routes for `sender` and `from`) and that
+/// account's rewrites.
+fn sending_account<'a>(
+    settings: &'a Settings,
+    sender: &str,
+    from: Option<&str>,
+) -> Result<(String, String, &'a RewritePolicy), Refused> {
     let Some(name) = &settings.sendmail_user else {
         return Err(refused(
             451,
@@ -331,15 +343,17 @@ fn sending_account(settings: &Settings) -> Result<(String, String, &RewritePolic
     let account = settings
         .policy
         .account_for(
-            Some(&user.account),
+            Some(&user.user),
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             // A drop is the user's, never a trusted network's.
             &Trust::Nobody,
+            sender,
+            FromHeader::Received(from),
         )
-        .map_err(|reply| {
-            let hint = format!("users.{name} may not send");
-            (reply, Refusal::new("relay_denied", hint))
-        })?;
+        .map_err(|Denied { reply, refusal }| (reply, refusal))?;
+    let Choice::Account(account) = account else {
+        unreachable!("with the From field known the policy always chooses")
+    };
     let Some(policy) = settings.rewrites.get(&account) else {
         return Err(refused(
             451,

@@ -75,6 +75,7 @@ impl Relay {
         stop: CancellationToken,
         tokens: TokenSource,
     ) -> anyhow::Result<Relay> {
+        log_notes(config);
         let certificate =
             crate::tls::certificate(&config.tls, &config.server.hostname, &config.spool.dir)?;
         let listeners = Listeners::bind(config, certificate.as_ref()).await?;
@@ -110,8 +111,16 @@ impl Relay {
             close_sessions,
         );
         // The admin interface stops when shutdown begins.
-        let admin = admin_listener
-            .map(|listener| Admin::new(listener, &config.admin, delivery.clone(), stop.clone()));
+        let admin = admin_listener.map(|listener| {
+            let sessions = ctx.clone();
+            Admin::new(
+                listener,
+                &config.admin,
+                delivery.clone(),
+                sessions,
+                stop.clone(),
+            )
+        });
         stop_delivery_on_error.disarm();
         Ok(Relay {
             server,
@@ -185,6 +194,13 @@ impl Relay {
     }
 }
 
+/// What loading the configuration changed on its own.
+fn log_notes(config: &Config) {
+    for note in &config.notes {
+        info!("{note}");
+    }
+}
+
 /// Keeps the transcripts directory within its age and size bounds until
 /// `stop` is cancelled.
 async fn keep_transcripts_clean(
@@ -221,6 +237,7 @@ impl Reloader {
     /// about changes to startup settings, which wait for a restart.
     pub async fn reload(&self, config: Config) -> anyhow::Result<()> {
         let mut running = self.running.lock().await;
+        log_notes(&config);
         let config = Arc::new(config);
         let settings = {
             let config = config.clone();

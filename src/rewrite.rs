@@ -185,6 +185,23 @@ pub fn rewrite(
     })
 }
 
+/// The first address of the message's first From field, for routes that
+/// match on it.
+pub fn from_address(message: &[u8]) -> Option<String> {
+    let section = read_header_section(&mut InputLines::new(message));
+    let parsed = header::header_parser().parse_headers(&section.bytes)?;
+    let from = parsed
+        .headers()
+        .iter()
+        .find(|field| field.name == HeaderName::From)?;
+    let address = from
+        .value
+        .as_address()?
+        .iter()
+        .find_map(|mailbox| mailbox.address())?;
+    Some(address.to_string())
+}
+
 /// "1 line", "3 lines".
 fn plural(count: usize, noun: &str) -> String {
     match count {
@@ -299,6 +316,33 @@ mod tests {
             .map(|line| line.strip_suffix(b"\r").unwrap_or(line).len())
             .max()
             .unwrap_or(0)
+    }
+
+    #[test]
+    fn from_address_is_the_first_mailbox_of_the_first_from_field() {
+        let cases: [(&[u8], Option<&str>); 6] = [
+            (b"From: a@b.example\r\n\r\nbody\r\n", Some("a@b.example")),
+            (
+                b"Subject: x\r\nFrom: \"B, C\" <b@c.example>, d@e.example\r\n\r\n",
+                Some("b@c.example"),
+            ),
+            (
+                b"From: (a@x.example) Name\r\n <n@y.example>\r\nFrom: z@z.example\r\n\r\n",
+                Some("n@y.example"),
+            ),
+            (b"Subject: no from\r\n\r\nFrom: body@x.example\r\n", None),
+            (b"From: undisclosed\r\n\r\n", None),
+            (b"", None),
+        ];
+        for (message, expected) in cases {
+            let from = from_address(message);
+            assert_eq!(
+                from.as_deref(),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(message)
+            );
+        }
     }
 
     #[test]

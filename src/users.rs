@@ -3,6 +3,7 @@
 //! skipped for credentials verified a short while ago.
 
 mod cache;
+pub mod cram_md5;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -15,8 +16,9 @@ use argon2::{Algorithm, Argon2, Block, Params, Version};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::warn;
 
-use crate::config::Config;
+use crate::config::{AuthMechanism, Config};
 use crate::secret::Secret;
 pub use cache::CredentialCache;
 use cache::Digest;
@@ -43,14 +45,16 @@ struct Check {
 /// A signed-in local user.
 #[derive(Debug, Clone)]
 pub struct SignedIn {
+    /// As configured: the key of `[users.<name>]`.
     pub user: String,
-    pub account: String,
 }
 
 struct LocalUser {
     name: String,
     password_hash: String,
-    account: String,
+    /// Kept only while CRAM-MD5 is offered, which needs the password
+    /// itself.
+    cram_md5_password: Option<Secret>,
 }
 
 /// The configured local users, keyed by lower-case name: configuration
@@ -96,15 +100,31 @@ impl LocalUser {
     fn signed_in(&self) -> SignedIn {
         SignedIn {
             user: self.name.clone(),
-            account: self.account.clone(),
         }
     }
 }
 
 impl Users {
     /// Plain-text passwords from the config are hashed here, once, so every
-    /// check takes the same constant-time argon2 path.
+    /// check takes the same constant-time argon2 path; CRAM-MD5, when
+    /// offered, keeps them too. Warns about users CRAM-MD5 cannot sign in.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let cram_md5 = config
+            .server
+            .auth_mechanisms
+            .contains(&AuthMechanism::CramMd5);
+        let hash_only: Vec<&str> = config
+            .users
+            .iter()
+            .filter(|(_, user)| user.password.is_none())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if cram_md5 && !hash_only.is_empty() {
+            warn!(
+                users = hash_only.join(", "),
+                "server.auth_mechanisms lists CRAM-MD5, but these users have only a password_hash, from which CRAM-MD5 cannot be checked: they can sign in with PLAIN or LOGIN only; give them password or password_file (users.<name>.password) if their device needs CRAM-MD5"
+            );
+        }
         let mut by_name = HashMap::new();
         for (name, user) in &config.users {
             let password_hash = match (&user.password_hash, &user.password) {
@@ -112,16 +132,12 @@ impl Users {
                 (None, Some(password)) => hash_password(password)?,
                 (None, None) => unreachable!("config validation requires a password"),
             };
-            let account = user
-                .account
-                .clone()
-                .expect("config validation sets the account");
             by_name.insert(
                 name.to_lowercase(),
                 Arc::new(LocalUser {
                     name: name.clone(),
                     password_hash,
-                    account,
+                    cram_md5_password: user.password.clone().filter(|_| cram_md5),
                 }),
             );
         }
@@ -181,6 +197,23 @@ impl Users {
     pub fn local(&self, name: &str) -> Option<SignedIn> {
         self.by_name
             .get(&name.to_lowercase())
+            .map(|user| user.signed_in())
+    }
+
+    /// Checks a CRAM-MD5 answer: `digest` to `challenge` from `username`.
+    /// Cheap, so on the runtime; unknown users and users without a plain
+    /// password are checked against a made-up one, as long as a real check.
+    pub fn check_cram_md5(
+        &self,
+        username: &str,
+        challenge: &str,
+        digest: &str,
+    ) -> Option<SignedIn> {
+        let user = self.by_name.get(&username.to_lowercase());
+        let password = user.and_then(|user| user.cram_md5_password.as_ref());
+        let unknown = Secret::new("no such user");
+        let matches = cram_md5::verify(password.unwrap_or(&unknown), challenge, digest);
+        user.filter(|_| matches && password.is_some())
             .map(|user| user.signed_in())
     }
 
@@ -358,10 +391,7 @@ mod tests {
     async fn check_accepts_only_the_right_password() {
         let users = users();
         let signed_in = sign_in(&users, "INVOICES", "old-password").await.unwrap();
-        assert_eq!(
-            (signed_in.user.as_str(), signed_in.account.as_str()),
-            ("Invoices", "gmail")
-        );
+        assert_eq!(signed_in.user, "Invoices");
         assert!(sign_in(&users, "invoices", "wrong").await.is_none());
         assert!(sign_in(&users, "nobody", "old-password").await.is_none());
     }

@@ -156,6 +156,49 @@ async fn config_file_and_env_combine() {
     assert!(!stdout.contains(APP_PASSWORD));
 }
 
+/// A preset account signs in with an app password pasted as Google shows
+/// it; `check` shows the preset's setup steps, says that the spaces were
+/// removed (never the password) and lists the routes.
+#[tokio::test]
+async fn check_shows_the_preset_the_cleaned_app_password_and_the_routes() {
+    let upstream = start_upstream(UpstreamTls::StartTls).await;
+    let dir = tempfile::tempdir().unwrap();
+    let grouped: Vec<&str> = APP_PASSWORD
+        .as_bytes()
+        .chunks(4)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    let grouped = grouped.join(" ");
+    let keys = format!(
+        "provider = \"gmail\"\npassword = \"{grouped}\"\n{}",
+        trusting(&upstream)
+    );
+    write_config(
+        dir.path(),
+        &[
+            account("gmail", &upstream, &keys),
+            "[users.invoices]\npassword = \"x\"\n".to_string(),
+            "[[routes]]\nsender = \"@billing.example\"\naccount = \"gmail\"\nusers = [\"invoices\"]\n".to_string(),
+        ],
+    );
+
+    let (code, stdout, stderr) = check(dir.path(), &[]).await;
+
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert_eq!(row(&stdout, "gmail")[3], "ok", "signed in: {stdout}");
+    for expected in [
+        "note: accounts.gmail.password: removed the spaces from the app password",
+        "  preset gmail: Gmail: turn on 2-Step Verification, create an app password at https://myaccount.google.com/apppasswords and set it as accounts.gmail.password",
+        "route 1: @billing.example (envelope sender) → gmail, for invoices",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
+    }
+    assert!(
+        !stdout.contains(APP_PASSWORD) && !stdout.contains(&grouped),
+        "{stdout}"
+    );
+}
+
 #[tokio::test]
 async fn check_signs_in_to_every_account_and_shows_the_tls_version() {
     let starttls = start_upstream(UpstreamTls::StartTls).await;

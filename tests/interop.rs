@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::fake_upstream::FakeUpstream;
 use common::relay::{LOCAL_PASSWORD, LOCAL_USER, Relay, UPSTREAM_USER, relay_with_upstream};
+use common::smtp::Client;
 use common::tools::tool_available;
 use tokio::process::Command;
 
@@ -70,7 +71,12 @@ impl Transport {
 
 /// A fake Gmail and a relay in front of it, with the implicit-TLS listener on.
 async fn start() -> (FakeUpstream, Relay) {
-    relay_with_upstream("[server]\nlisten_tls = \"127.0.0.1:0\"").await
+    start_with("").await
+}
+
+/// `start` with more `[server]` settings.
+async fn start_with(server: &str) -> (FakeUpstream, Relay) {
+    relay_with_upstream(&format!("[server]\nlisten_tls = \"127.0.0.1:0\"\n{server}")).await
 }
 
 /// Runs a client to completion with no input; a client still running after
@@ -168,6 +174,16 @@ async fn curl(relay: &Relay, transport: Transport) -> Output {
 
 /// Sends swaks's own test message, subject "swaks test", body "hello".
 async fn swaks(relay: &Relay, transport: Transport) -> Output {
+    swaks_signing_in(relay, transport, "PLAIN", LOCAL_PASSWORD).await
+}
+
+/// `swaks` signing in with SASL `mechanism` and `password`.
+async fn swaks_signing_in(
+    relay: &Relay,
+    transport: Transport,
+    mechanism: &str,
+    password: &str,
+) -> Output {
     // "localhost", the name in the certificate, for swaks versions that
     // check it; -4 because the relay listens on 127.0.0.1 only.
     let (host, tls_args): (&str, &[&str]) = match transport {
@@ -178,8 +194,8 @@ async fn swaks(relay: &Relay, transport: Transport) -> Output {
     let mut command = Command::new("swaks");
     command
         .args(["--server", &format!("{host}:{}", transport.port(relay))])
-        .args(["--auth", "PLAIN", "--auth-user", LOCAL_USER])
-        .args(["--auth-password", LOCAL_PASSWORD])
+        .args(["--auth", mechanism, "--auth-user", LOCAL_USER])
+        .args(["--auth-password", password])
         .args(["--from", SENDER, "--to", &RECIPIENTS.join(",")])
         .args(["--header", "Subject: swaks test", "--body", "hello"])
         .args(["--silent", "2"])
@@ -333,3 +349,88 @@ test_each_transport!(swaks_relays_message:
     swaks_auth_plain,
     swaks_starttls_verifying_the_relay_certificate,
     swaks_tls_on_connect_to_the_implicit_tls_listener);
+
+const WITH_CRAM_MD5: &str = r#"auth_mechanisms = ["PLAIN", "LOGIN", "CRAM-MD5"]"#;
+
+/// Ricoh-style devices sign in with CRAM-MD5 (RFC 2195) when it is offered.
+#[tokio::test]
+async fn swaks_auth_cram_md5_with_the_right_and_a_wrong_password() {
+    if !tool_available("swaks") {
+        return;
+    }
+    let (upstream, relay) = start_with(WITH_CRAM_MD5).await;
+
+    let right = swaks_signing_in(&relay, Transport::Plain, "CRAM-MD5", LOCAL_PASSWORD).await;
+    let wrong = swaks_signing_in(&relay, Transport::Plain, "CRAM-MD5", "wrong-password").await;
+
+    assert_success(&right);
+    let received = upstream.wait_for_messages(1, WAIT).await;
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert!(!wrong.status.success(), "{wrong:?}");
+    assert!(
+        text(&wrong.stdout).contains("535 5.7.8 Authentication credentials invalid"),
+        "{wrong:?}"
+    );
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "nothing sent after the wrong one"
+    );
+}
+
+/// smtplib prefers CRAM-MD5 over PLAIN and LOGIN when the relay offers it;
+/// its debug output shows the AUTH command it sent.
+const SMTPLIB_CRAM_MD5_SCRIPT: &str = r#"
+import smtplib, sys
+
+port, user, password = sys.argv[1:]
+smtp = smtplib.SMTP("127.0.0.1", int(port), timeout=30)
+smtp.set_debuglevel(1)
+smtp.login(user, password)
+smtp.sendmail("billing@legacy.example", ["customer@example.com"], "Subject: cram\r\n\r\nhi\r\n")
+smtp.quit()
+"#;
+
+#[tokio::test]
+async fn python_smtplib_picks_cram_md5_when_offered() {
+    if !tool_available("python3") {
+        return;
+    }
+    let (upstream, relay) = start_with(WITH_CRAM_MD5).await;
+
+    let output = run(Command::new("python3")
+        .args(["-c", SMTPLIB_CRAM_MD5_SCRIPT])
+        .arg(relay.addr.port().to_string())
+        .args([LOCAL_USER, LOCAL_PASSWORD]))
+    .await;
+
+    assert_success(&output);
+    let debug = text(&output.stderr);
+    assert!(debug.contains("send: 'AUTH CRAM-MD5\\r\\n'"), "{debug}");
+    assert!(debug.contains("reply: retcode (235)"), "{debug}");
+    assert_eq!(upstream.wait_for_messages(1, WAIT).await.len(), 1);
+}
+
+#[tokio::test]
+async fn cram_md5_is_offered_and_accepted_only_when_auth_mechanisms_lists_it() {
+    let (_upstream, relay) = start().await;
+    let mut client = Client::connect(relay.addr).await;
+    let ehlo = client.ehlo().await;
+    assert!(ehlo.text.contains("AUTH PLAIN LOGIN\n"), "{ehlo:?}");
+    assert!(!ehlo.text.contains("CRAM-MD5"), "{ehlo:?}");
+    let reply = client.cmd("AUTH CRAM-MD5").await;
+    assert_eq!(
+        (reply.code, reply.text.as_str()),
+        (
+            504,
+            "5.5.4 Unrecognized authentication type; use PLAIN or LOGIN"
+        )
+    );
+
+    let (_upstream, relay) = start_with(WITH_CRAM_MD5).await;
+    let mut client = Client::connect(relay.addr).await;
+    let ehlo = client.ehlo().await;
+    assert!(ehlo.text.contains("CRAM-MD5"), "{ehlo:?}");
+    let challenge = client.cmd("AUTH CRAM-MD5").await;
+    assert_eq!(challenge.code, 334, "{challenge:?}");
+}

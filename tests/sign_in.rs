@@ -21,7 +21,7 @@ use common::relay::{
 };
 use common::smtp::{Client, plain};
 use sendbridge::secret::Secret;
-use sendbridge::users::hash_password;
+use sendbridge::users::{cram_md5, hash_password};
 
 const FLOOD: Duration = Duration::from_secs(3);
 const FLOOD_THREADS: usize = 4;
@@ -317,6 +317,39 @@ async fn a_reload_that_changes_a_password_drops_its_cached_sign_in() {
 
     let _spool = relay.stop().await;
     assert_eq!(verified_by(&logs), ["argon2", "cache", "argon2", "cache"]);
+}
+
+/// CRAM-MD5 needs the password itself, which an argon2 hash cannot give:
+/// such a user is refused even with the right answer, and the start says
+/// which users CRAM-MD5 cannot sign in.
+#[tokio::test(flavor = "current_thread")]
+async fn cram_md5_cannot_sign_in_a_user_with_only_a_password_hash() {
+    let logs = LogCapture::start();
+    let options = FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
+    let upstream = FakeUpstream::start(options).await;
+    let extra = r#"[server]
+        auth_mechanisms = ["PLAIN", "CRAM-MD5"]"#;
+    let mut config = config_for(&upstream, UpstreamTls::StartTls, extra);
+    let user = config.users.get_mut(LOCAL_USER).unwrap();
+    user.password = None;
+    user.password_hash = Some(hash_password(&Secret::new(LOCAL_PASSWORD)).unwrap());
+    let relay = Relay::start(config).await;
+
+    let warnings = logs.lines_with("CRAM-MD5 cannot be checked");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0]["users"], LOCAL_USER);
+    let mut client = relay.greeted_client().await;
+    let challenge = client.cmd("AUTH CRAM-MD5").await;
+    assert_eq!(challenge.code, 334, "{challenge:?}");
+    let challenge = String::from_utf8(BASE64.decode(&challenge.text).unwrap()).unwrap();
+    let digest = cram_md5::digest_of(&Secret::new(LOCAL_PASSWORD), &challenge);
+    let answer = client
+        .cmd(&BASE64.encode(format!("{LOCAL_USER} {digest}")))
+        .await;
+    assert_eq!(answer.code, 535, "{answer:?}");
+    // PLAIN still works for it.
+    let reply = client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await;
+    assert_eq!(reply.code, 235, "{reply:?}");
 }
 
 /// How each logged sign-in was verified, in order: `argon2` or `cache`.

@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 use crate::config::AdminConfig;
 use crate::delivery::Delivery;
 use crate::observe::metrics::{self, QueueGauges};
+use crate::session::SessionContext;
 use crate::spool;
 use crate::spool::operations::{self, RetryTarget};
 use access::{Access, FormToken};
@@ -76,6 +77,8 @@ pub struct Admin {
 /// What the handlers share.
 struct Shared {
     delivery: Arc<Delivery>,
+    /// The current session settings, for the routes the status shows.
+    sessions: Arc<SessionContext>,
     access: Access,
     form_token: FormToken,
     stop: CancellationToken,
@@ -88,6 +91,7 @@ impl Admin {
         listener: TcpListener,
         config: &AdminConfig,
         delivery: Arc<Delivery>,
+        sessions: Arc<SessionContext>,
         stop: CancellationToken,
     ) -> Admin {
         let listen = listener.local_addr().ok();
@@ -99,6 +103,7 @@ impl Admin {
         }
         let shared = Arc::new(Shared {
             delivery,
+            sessions,
             access: Access::new(config.token.clone()),
             form_token: FormToken::random(),
             stop: stop.clone(),
@@ -263,8 +268,13 @@ fn queue_gauges(spool: &spool::Spool) -> std::io::Result<QueueGauges> {
     })
 }
 
+fn collect_status(shared: &Shared) -> std::io::Result<Status> {
+    let routes = shared.sessions.settings().policy.routes().views();
+    Status::collect(&shared.delivery, routes)
+}
+
 async fn status_json(State(shared): State<Arc<Shared>>) -> Response {
-    match blocking(&shared, |shared| Status::collect(&shared.delivery)).await {
+    match blocking(&shared, collect_status).await {
         Ok(status) => Json(status).into_response(),
         Err(response) => response,
     }
@@ -280,7 +290,7 @@ async fn status_page(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<PageQuery>,
 ) -> Response {
-    let status = match blocking(&shared, |shared| Status::collect(&shared.delivery)).await {
+    let status = match blocking(&shared, collect_status).await {
         Ok(status) => status,
         Err(response) => return response,
     };

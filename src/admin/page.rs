@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use super::status::{AccountStatus, Rejection, Status};
 use crate::notify::Recent;
+use crate::routes::RouteView;
 use crate::spool::unix_millis;
 use crate::terminal::format_time;
 
@@ -79,6 +80,8 @@ pub fn render(status: &Status, page: &PageContext) -> String {
     rejections(&mut html, &status.rejections);
     html += "<h2>Recent notices</h2>";
     notices(&mut html, &status.notices);
+    html += "<h2>Routes</h2>";
+    routes(&mut html, &status.routes);
     html += "<p class=\"muted\">Retrying makes the messages due now, as \
              <code>sendbridge queue retry</code> does; held mail also checks \
              whether the account can sign in again.</p></body></html>";
@@ -153,6 +156,21 @@ fn notices(html: &mut String, notices: &[Recent]) {
         header,
         rows,
     );
+}
+
+fn routes(html: &mut String, routes: &[RouteView]) {
+    let rows = routes.iter().enumerate().map(|(n, route)| {
+        [
+            (PLAIN, (n + 1).to_string()),
+            (PLAIN, escape(&route.sender)),
+            (PLAIN, route.matched_on().to_string()),
+            (PLAIN, escape(&route.for_whom())),
+            (PLAIN, escape(&route.account)),
+        ]
+    });
+    let header = ["#", "Sender", "Matched on", "For", "Account"];
+    let empty = "None: every user sends through its own account (users.&lt;name&gt;.account).";
+    table(html, "routes", empty, header, rows);
 }
 
 /// The class attribute of a table cell.
@@ -249,6 +267,12 @@ mod tests {
                 channel: "email".into(),
                 outcome: "queued as 0002 via gmail".into(),
             }],
+            routes: vec![RouteView {
+                sender: "<i>@x.example".into(),
+                matches: crate::config::RouteMatch::From,
+                account: "gmail".into(),
+                users: vec!["invoices".into()],
+            }],
         };
         let page = PageContext {
             form_token: "f0",
@@ -268,6 +292,12 @@ mod tests {
         assert!(
             html.contains("550 5.1.1 &lt;no such user&gt;<br> https://help/?p=NoSuchUser&amp;x"),
             "the whole reply, line by line: {html}"
+        );
+        assert!(
+            html.contains(
+                "<td>&lt;i&gt;@x.example</td><td>From field</td><td>invoices</td><td>gmail</td>"
+            ),
+            "routes listed: {html}"
         );
         assert!(html.contains("Retry held mail (1)"));
         assert!(!html.contains("Retry rejected mail"), "nothing to retry");

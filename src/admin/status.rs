@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::delivery::Delivery;
 use crate::notify::Recent;
+use crate::routes::RouteView;
 use crate::spool::{Envelope, State};
 
 const OK: &str = "ok";
@@ -95,6 +96,9 @@ pub struct Status {
     /// The last notices (bounces, delay warnings, alerts), newest first.
     #[serde(default)]
     pub notices: Vec<Recent>,
+    /// `[[routes]]` as the running relay applies them, in order.
+    #[serde(default)]
+    pub routes: Vec<RouteView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -168,7 +172,7 @@ impl From<Envelope> for Rejection {
 }
 
 impl Status {
-    pub fn collect(delivery: &Delivery) -> std::io::Result<Status> {
+    pub fn collect(delivery: &Delivery, routes: Vec<RouteView>) -> std::io::Result<Status> {
         let spool = delivery.spool();
         let mut queue = BTreeMap::new();
         for state in State::ALL {
@@ -200,6 +204,7 @@ impl Status {
             queue,
             rejections,
             notices: delivery.recent_notices(),
+            routes,
         })
     }
 }

@@ -62,6 +62,7 @@ impl Config {
                 figment = figment.merge(Serialized::global(key.as_str(), raw));
             }
         }
+        let figment = super::presets::join(figment);
         let mut config: Config = figment.extract().map_err(describe_figment_error)?;
         config.validate_needing(secrets)?;
         Ok(config)

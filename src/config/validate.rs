@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use super::presets::ungrouped_app_password;
 use super::{
     AccountConfig, AdminConfig, AuthMethod, Config, ConfigError, GMAIL_HOST, MICROSOFT_HOST,
-    OAuth2Config, OAuthFlow, OAuthProvider, Secrets, UserConfig,
+    OAuth2Config, OAuthFlow, OAuthProvider, Preset, Secrets, UserConfig, preset,
 };
+use crate::address::SenderPattern;
 use crate::secret::Secret;
 
 impl Config {
@@ -50,6 +52,12 @@ impl Config {
                 "must be longer than zero",
             ));
         }
+        if self.server.auth_mechanisms.is_empty() {
+            return Err(ConfigError::new(
+                "server.auth_mechanisms",
+                "empty: list at least one of \"PLAIN\", \"LOGIN\", \"CRAM-MD5\" (default [\"PLAIN\", \"LOGIN\"])",
+            ));
+        }
         if self.server.max_recipients == 0 {
             return Err(ConfigError::new(
                 "server.max_recipients",
@@ -59,7 +67,7 @@ impl Config {
         let all = secrets == Secrets::All;
         self.validate_listeners()?;
         for (name, account) in &mut self.accounts {
-            account.validate(name, all)?;
+            account.validate(name, all, &mut self.notes)?;
         }
         if let Some(default) = &self.server.default_account {
             if !self.accounts.contains_key(default) {
@@ -69,9 +77,17 @@ impl Config {
                 ));
             }
         }
+        self.validate_routes()?;
         let fallback_account = self.fallback_account().map(str::to_string);
         for (name, user) in &mut self.users {
-            user.validate(name, fallback_account.as_deref(), &self.accounts, all)?;
+            let routed = self.routes.iter().any(|route| route.applies_to(name));
+            user.validate(
+                name,
+                fallback_account.as_deref(),
+                routed,
+                &self.accounts,
+                all,
+            )?;
         }
         if let Some(user) = &self.sendmail.user {
             if !self.users.contains_key(user) {
@@ -86,6 +102,41 @@ impl Config {
             return Ok(());
         }
         self.admin.validate()
+    }
+
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        for (n, route) in self.routes.iter().enumerate() {
+            // Numbered from 0, as figment names the entries in type errors.
+            let key = |field: &str| format!("routes.{n}.{field}");
+            if let Err(problem) = SenderPattern::parse(&route.sender) {
+                return Err(ConfigError::new(key("sender"), problem));
+            }
+            if !self.accounts.contains_key(&route.account) {
+                return Err(ConfigError::new(
+                    key("account"),
+                    format!("no account named \"{}\" in [accounts]", route.account),
+                ));
+            }
+            let Some(users) = &route.users else { continue };
+            if users.is_empty() {
+                return Err(ConfigError::new(
+                    key("users"),
+                    "empty: list the users the route is for, or leave users out to route every client",
+                ));
+            }
+            let known = |user: &String| {
+                self.users
+                    .keys()
+                    .any(|name| name.eq_ignore_ascii_case(user))
+            };
+            if let Some(unknown) = users.iter().find(|user| !known(user)) {
+                return Err(ConfigError::new(
+                    key("users"),
+                    format!("no user named \"{unknown}\" in [users]"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_notify(&self) -> Result<(), ConfigError> {
@@ -146,7 +197,13 @@ impl AdminConfig {
 
 impl AccountConfig {
     /// `secrets`: read and require the password (or OAuth client secret).
-    fn validate(&mut self, name: &str, secrets: bool) -> Result<(), ConfigError> {
+    /// `notes` gets what was changed on the way (a cleaned app password).
+    fn validate(
+        &mut self,
+        name: &str,
+        secrets: bool,
+        notes: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
         let key = |field: &str| format!("accounts.{name}.{field}");
         // The name also names files in the spool.
         if !name
@@ -197,11 +254,16 @@ impl AccountConfig {
                 "missing: set it to the mailbox address, e.g. me@gmail.com",
             ));
         }
-        let password = if secrets {
+        let mut password = if secrets {
             resolve_secret(&key("password"), self.password.take(), &self.password_file)?
         } else {
             None
         };
+        let preset = self.provider.map(preset);
+        if let Some(preset) = &preset {
+            self.check_preset(name, preset, &mut password, notes)?;
+        }
+        let setup = preset.map(|preset| format!("; {}", preset.setup_for(name)));
         match (self.auth, password, &mut self.oauth2) {
             (AuthMethod::Password, Some(password), _) => self.password = Some(password),
             (AuthMethod::Password, None, _) if !secrets => {}
@@ -214,7 +276,10 @@ impl AccountConfig {
             (AuthMethod::Oauth2, _, None) => {
                 return Err(ConfigError::new(
                     key("oauth2"),
-                    "missing: auth = \"oauth2\" needs [accounts.<name>.oauth2] with provider and client_id",
+                    format!(
+                        "missing: auth = \"oauth2\" needs [accounts.<name>.oauth2] with provider and client_id{}",
+                        setup.unwrap_or_default()
+                    ),
                 ));
             }
             (AuthMethod::Oauth2, _, Some(oauth2)) => {
@@ -232,6 +297,47 @@ impl AccountConfig {
                     format!("{} does not exist", ca_file.display()),
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl AccountConfig {
+    /// Refuses a sign-in the provider does not accept, and takes out the
+    /// spaces of an app password pasted as Google shows it.
+    fn check_preset(
+        &self,
+        name: &str,
+        preset: &Preset,
+        password: &mut Option<Secret>,
+        notes: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("accounts.{name}.{field}");
+        let provider = self.provider.expect("a preset comes from the provider");
+        if !preset.accepts.contains(&self.auth) {
+            return Err(ConfigError::new(
+                key("auth"),
+                format!("{provider} does not accept it: {}", preset.setup_for(name)),
+            ));
+        }
+        if password.is_some() && !preset.accepts.contains(&AuthMethod::Password) {
+            return Err(ConfigError::new(
+                key("password"),
+                format!(
+                    "{provider} does not accept passwords: {}",
+                    preset.setup_for(name)
+                ),
+            ));
+        }
+        let grouped = password
+            .as_ref()
+            .filter(|_| preset.grouped_app_password)
+            .and_then(|secret| ungrouped_app_password(secret.expose()));
+        if let Some(ungrouped) = grouped {
+            *password = Some(Secret::new(ungrouped));
+            notes.push(format!(
+                "accounts.{name}.password: removed the spaces from the app password, which Google shows in four groups of four letters; the password is the 16 letters without them"
+            ));
         }
         Ok(())
     }
@@ -280,6 +386,7 @@ impl UserConfig {
         &mut self,
         name: &str,
         fallback_account: Option<&str>,
+        routed: bool,
         accounts: &BTreeMap<String, AccountConfig>,
         secrets: bool,
     ) -> Result<(), ConfigError> {
@@ -322,9 +429,12 @@ impl UserConfig {
                 key("account"),
                 format!("no account named \"{account}\" in [accounts]"),
             )),
+            // Routes choose the account of each message; one no route
+            // matches is refused at MAIL.
+            None if routed => Ok(()),
             None => Err(ConfigError::new(
                 key("account"),
-                "missing: name the upstream account this login sends through",
+                "missing: name the upstream account this login sends through, or add [[routes]] for its senders",
             )),
         }
     }

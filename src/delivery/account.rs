@@ -51,6 +51,7 @@ impl AccountSettings {
     ) -> anyhow::Result<Self> {
         let AccountConfig {
             // The transport's: built anew below.
+            provider: _,
             host: _,
             port: _,
             tls: _,

@@ -8,10 +8,12 @@ use tracing::info;
 use super::connection::{READ_BUFFER, Reader, Recorded};
 use super::dot_reader::DotReader;
 use super::memory::Reservation;
-use super::{Flow, Session, Stop};
+use super::{Flow, Session, Stop, Transaction};
 use crate::observe;
+use crate::policy::{Choice, Denied};
 use crate::reply::{Refusal, Reply};
-use crate::rewrite::{RewriteError, Trace, rewrite};
+use crate::rewrite::{RewriteError, Trace, from_address, rewrite};
+use crate::routes::FromHeader;
 use crate::spool::{Envelope, State};
 
 pub(super) enum DataEnd {
@@ -119,7 +121,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         self.conn.record.message(&message);
-        let account = transaction.account.clone();
+        let Some(account) = self.account_of(&transaction, &message) else {
+            return Ok(Flow::Continue);
+        };
         let Some(policy) = self.settings.rewrites.get(&account) else {
             // The account was removed by a reload during the transaction.
             let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
@@ -157,7 +161,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             session_id: self.id.clone(),
             client: self.peer.to_string(),
             user: self.signed_in.as_ref().map(|s| s.user.clone()),
-            account: transaction.account,
+            account: account.clone(),
             mail_from: transaction.mail_from,
             recipients: transaction.recipients,
             flags: transaction.flags,
@@ -193,6 +197,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.reply(submitted.reply);
         Ok(Flow::Continue)
+    }
+
+    /// The transaction's account. A route on the From field decides now,
+    /// by the message's; a sender no route allows is refused (answered,
+    /// `None`) with the same reply as at MAIL.
+    fn account_of(&mut self, transaction: &Transaction, message: &[u8]) -> Option<String> {
+        let from = match &transaction.account {
+            Choice::Account(account) => return Some(account.clone()),
+            Choice::AfterData => from_address(message),
+        };
+        let user = self.signed_in.as_ref().map(|s| s.user.as_str());
+        let from = FromHeader::Received(from.as_deref());
+        let chosen = self.settings.policy.account_for(
+            user,
+            self.peer.ip(),
+            &self.listener.trust,
+            &transaction.mail_from,
+            from,
+        );
+        match chosen {
+            Ok(Choice::Account(account)) => Some(account),
+            Ok(Choice::AfterData) => unreachable!("with the From field known, routes decide"),
+            Err(Denied { reply, refusal }) => {
+                self.rejected(&reply, refusal, None);
+                self.reply(reply);
+                None
+            }
+        }
     }
 
     pub(super) fn too_large(&self) -> (Reply, Refusal) {

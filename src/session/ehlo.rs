@@ -1,11 +1,12 @@
 //! EHLO, HELO and STARTTLS: the greeting phase and what it advertises.
 
 use smtp_proto::{
-    AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_AUTH, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING,
-    EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse,
+    EXT_8BIT_MIME, EXT_AUTH, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8,
+    EXT_START_TLS, EhloResponse,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::sign_in::offered;
 use super::{Flow, Session};
 use crate::reply::Reply;
 
@@ -25,7 +26,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         ehlo.size = self.settings.server.max_message_size;
         if self.auth_allowed() && self.signed_in.is_none() {
             ehlo.capabilities |= EXT_AUTH;
-            ehlo.auth_mechanisms = AUTH_PLAIN | AUTH_LOGIN;
+            ehlo.auth_mechanisms = offered(&self.settings.server.auth_mechanisms);
         }
         if !self.tls && self.listener.offers_starttls {
             ehlo.capabilities |= EXT_START_TLS;

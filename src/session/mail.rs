@@ -6,8 +6,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Session, Transaction};
 use crate::address::{AddressError, Role, parse_command_path};
-use crate::policy::Trust;
+use crate::policy::{Denied, Trust};
 use crate::reply::{Refusal, Reply};
+use crate::routes::FromHeader;
 use crate::transport::BodyFlags;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -35,16 +36,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.transaction.is_some() {
             return self.error(Reply::new(503, [5, 5, 1], "Nested MAIL command"));
         }
-        let user_account = self.signed_in.as_ref().map(|s| s.account.as_str());
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        let mail_from = match parse_command_path(self.conn.line(), Role::Sender, smtputf8) {
+            Ok(address) => address,
+            Err(error) => return self.bad_address(error, Role::Sender),
+        };
+        // Who may send, and through which account, comes first: a client
+        // that may not send learns nothing of the limits.
+        let user = self.signed_in.as_ref().map(|s| s.user.as_str());
         let account = match self.settings.policy.account_for(
-            user_account,
+            user,
             self.peer.ip(),
             &self.listener.trust,
+            &mail_from,
+            FromHeader::NotYetReceived,
         ) {
             Ok(account) => account,
-            Err(reply) => {
-                let hint = self.relay_denied_hint();
-                self.rejected(&reply, Refusal::new("relay_denied", hint), None);
+            Err(Denied { reply, refusal }) => {
+                // Only the session knows the listener whose key to name.
+                let refusal = match reply.code {
+                    530 => Refusal::new("relay_denied", self.relay_denied_hint()),
+                    _ => refusal,
+                };
+                self.rejected(&reply, refusal, None);
                 return self.error(reply);
             }
         };
@@ -60,11 +74,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.rejected(&reply, refusal, None);
             return self.error(reply);
         }
-        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
-        let mail_from = match parse_command_path(self.conn.line(), Role::Sender, smtputf8) {
-            Ok(address) => address,
-            Err(error) => return self.bad_address(error, Role::Sender),
-        };
         self.transaction = Some(Transaction {
             account,
             mail_from,

@@ -28,7 +28,7 @@ pub use transcript::clean as clean_transcripts;
 
 use crate::config::{Config, ServerConfig, Transcripts};
 use crate::delivery::Delivery;
-use crate::policy::{Policy, Trust};
+use crate::policy::{Choice, Policy, Trust};
 use crate::reply::{Refusal, Reply};
 use crate::rewrite::RewritePolicy;
 use crate::transport::BodyFlags;
@@ -148,7 +148,7 @@ pub enum SessionEnd<S> {
 }
 
 struct Transaction {
-    account: String,
+    account: Choice,
     mail_from: String,
     recipients: Vec<String>,
     flags: BodyFlags,

@@ -1,5 +1,6 @@
-//! SASL PLAIN and LOGIN (RFC 4616, RFC 4954): decoding the client's
-//! responses into a user name and password for the AUTH phase.
+//! SASL PLAIN, LOGIN and CRAM-MD5 (RFC 4616, RFC 4954, RFC 2195):
+//! decoding the client's responses into a user name and password (or
+//! CRAM-MD5 digest) for the AUTH phase.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -47,6 +48,22 @@ pub fn parse_login_field(decoded: Vec<u8>) -> Result<String, SaslError> {
     String::from_utf8(decoded).map_err(|_| SaslError::Malformed)
 }
 
+/// CRAM-MD5 (RFC 2195): `user SP digest`, the digest 32 hex digits. The
+/// user name may hold spaces; the digest cannot.
+pub fn parse_cram_md5(decoded: &[u8]) -> Result<(String, String), SaslError> {
+    let text = std::str::from_utf8(decoded).map_err(|_| SaslError::Malformed)?;
+    let (user, digest) = text.rsplit_once(' ').ok_or(SaslError::Malformed)?;
+    if user.is_empty() || digest.len() != 32 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(SaslError::Malformed);
+    }
+    Ok((user.to_string(), digest.to_string()))
+}
+
+/// A 334 challenge's text.
+pub fn encode_challenge(challenge: &str) -> String {
+    BASE64.encode(challenge)
+}
+
 pub const LOGIN_USERNAME_CHALLENGE: &str = "VXNlcm5hbWU6"; // "Username:"
 pub const LOGIN_PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6"; // "Password:"
 
@@ -69,6 +86,46 @@ mod tests {
         assert_eq!(
             parse_plain(b"no-separators").unwrap_err(),
             SaslError::Malformed
+        );
+    }
+
+    #[test]
+    fn cram_md5_is_a_user_a_space_and_a_hex_digest() {
+        let digest = "b913a602c7eda7a495b4e6e7334d3890";
+        // (decoded response, user and digest)
+        type Case<'a> = (&'a [u8], Option<(&'a str, &'a str)>);
+        let cases: [Case; 7] = [
+            (
+                b"tim b913a602c7eda7a495b4e6e7334d3890",
+                Some(("tim", digest)),
+            ),
+            (
+                b"first last b913a602c7eda7a495b4e6e7334d3890",
+                Some(("first last", digest)),
+            ),
+            (
+                b"tim B913A602C7EDA7A495B4E6E7334D3890",
+                Some(("tim", "B913A602C7EDA7A495B4E6E7334D3890")),
+            ),
+            (b"timb913a602c7eda7a495b4e6e7334d3890", None),
+            (b" b913a602c7eda7a495b4e6e7334d3890", None),
+            (b"tim b913a602c7eda7a495b4e6e7334d389", None),
+            (b"tim zz13a602c7eda7a495b4e6e7334d3890", None),
+        ];
+        for (decoded, expected) in cases {
+            let parsed = parse_cram_md5(decoded).ok();
+            let parsed = parsed.as_ref().map(|(u, d)| (u.as_str(), d.as_str()));
+            assert_eq!(parsed, expected, "{:?}", String::from_utf8_lossy(decoded));
+        }
+        // RFC 2195's example response, as the client sends it.
+        let decoded = decode_response("dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw").unwrap();
+        assert_eq!(
+            parse_cram_md5(&decoded).unwrap(),
+            ("tim".to_string(), digest.to_string())
+        );
+        assert_eq!(
+            encode_challenge("<1896.697170952@postoffice.reston.mci.net>"),
+            "PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2UucmVzdG9uLm1jaS5uZXQ+"
         );
     }
 

@@ -1,10 +1,10 @@
-//! AUTH (RFC 4954): the SASL PLAIN and LOGIN exchanges with the client
-//! and the answer to a password check.
+//! AUTH (RFC 4954): the SASL PLAIN, LOGIN and CRAM-MD5 exchanges with the
+//! client and the answer to a password check.
 
 use std::net::IpAddr;
 use std::sync::{Arc, MutexGuard};
 
-use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
+use smtp_proto::{AUTH_CRAM_MD5, AUTH_LOGIN, AUTH_PLAIN};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -13,15 +13,36 @@ use super::connection::{Line, Stop};
 use super::sasl::{self, SaslError};
 use super::throttle::{Budget, SignInThrottle, Verdict};
 use super::{Flow, MAX_AUTH_FAILURES, Session, SessionContext};
+use crate::config::AuthMechanism;
 use crate::reply::{Refusal, Reply};
 use crate::secret::Secret;
-use crate::users::{Checked, SignedIn};
+use crate::users::{Checked, SignedIn, cram_md5};
 
-/// A user name and password from a SASL exchange.
-type Credentials = (String, Secret);
+/// A user name and its proof from a SASL exchange.
+type Credentials = (String, Proof);
+
+/// How a client proves it knows the user's password.
+enum Proof {
+    /// PLAIN and LOGIN send the password itself.
+    Password(Secret),
+    /// CRAM-MD5: the HMAC-MD5 of our challenge keyed with the password.
+    CramMd5 { challenge: String, digest: String },
+}
+
+/// The smtp-proto bits of the mechanisms in `server.auth_mechanisms`.
+pub(super) fn offered(mechanisms: &[AuthMechanism]) -> u64 {
+    mechanisms
+        .iter()
+        .map(|mechanism| match mechanism {
+            AuthMechanism::Plain => AUTH_PLAIN,
+            AuthMechanism::Login => AUTH_LOGIN,
+            AuthMechanism::CramMd5 => AUTH_CRAM_MD5,
+        })
+        .fold(0, |bits, bit| bits | bit)
+}
 
 enum PasswordCheck {
-    /// With how: `"argon2"` or `"cache"`, for the log.
+    /// With how: `"argon2"`, `"cache"` or `"cram-md5"`, for the log.
     Matched(SignedIn, &'static str),
     Wrong,
     /// Refused before a check; the client has its answer.
@@ -57,19 +78,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.error(reply);
             return Ok(Flow::Continue);
         }
-        let credentials = match mechanism {
+        let mechanisms = &self.settings.server.auth_mechanisms;
+        let credentials = match mechanism & offered(mechanisms) {
             AUTH_PLAIN => self.sasl_plain(initial_response).await?,
             AUTH_LOGIN => self.sasl_login(initial_response).await?,
+            AUTH_CRAM_MD5 => self.sasl_cram_md5(initial_response).await?,
             _ => {
+                let names: Vec<&str> = mechanisms.iter().map(AuthMechanism::name).collect();
                 self.error(Reply::new(
                     504,
                     [5, 5, 4],
-                    "Unrecognized authentication type; use PLAIN or LOGIN",
+                    format!(
+                        "Unrecognized authentication type; use {}",
+                        names.join(" or ")
+                    ),
                 ));
                 return Ok(Flow::Continue);
             }
         };
-        let (username, password) = match credentials {
+        let (username, proof) = match credentials {
             Ok(credentials) => credentials,
             Err(SaslError::Cancelled) => {
                 self.error(Reply::new(501, [5, 0, 0], "Authentication cancelled"));
@@ -84,12 +111,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Flow::Continue);
             }
         };
-        let (signed_in, verified_by) = match self.check_password(&username, password).await? {
+        let (signed_in, verified_by) = match self.check_password(&username, proof).await? {
             PasswordCheck::Matched(signed_in, verified_by) => (signed_in, verified_by),
             PasswordCheck::Wrong => return Ok(self.wrong_credentials(&username)),
             PasswordCheck::NotRun => return Ok(Flow::Continue),
         };
-        info!(user = %signed_in.user, account = %signed_in.account, verified_by, "client signed in");
+        info!(user = %signed_in.user, verified_by, "client signed in");
         self.conn.record.signed_in(&signed_in.user);
         self.signed_in = Some(signed_in);
         self.reply(Reply::new(235, [2, 7, 0], "Authentication successful"));
@@ -99,12 +126,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Checks the password, unless the client's address is over its budget
     /// of failures or every checker is busy: both are answered `454` here,
     /// without running argon2. Credentials verified recently are accepted
-    /// from the cache, after the same admission. A client that hangs up
-    /// meanwhile ends the session and drops its check.
+    /// from the cache, and CRAM-MD5 answers checked, after the same
+    /// admission. A client that hangs up meanwhile ends the session and
+    /// drops its check.
     async fn check_password(
         &mut self,
         username: &str,
-        password: Secret,
+        proof: Proof,
     ) -> Result<PasswordCheck, Stop> {
         let address = self.peer.ip();
         let server = &self.settings.server;
@@ -153,6 +181,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !delay.is_zero() {
             self.conn.unless_hung_up(tokio::time::sleep(delay)).await?;
         }
+        let password = match proof {
+            Proof::Password(password) => password,
+            Proof::CramMd5 { challenge, digest } => {
+                let users = &self.settings.users;
+                let Some(signed_in) = users.check_cram_md5(username, &challenge, &digest) else {
+                    return Ok(PasswordCheck::Wrong);
+                };
+                attempt.settle(SignInThrottle::succeeded);
+                return Ok(PasswordCheck::Matched(signed_in, "cram-md5"));
+            }
+        };
         let ttl = server.auth_cache_ttl;
         let checked = self
             .settings
@@ -227,7 +266,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             initial
         };
-        Ok(sasl::decode_response(&response).and_then(|decoded| sasl::parse_plain(&decoded)))
+        Ok(sasl::decode_response(&response)
+            .and_then(|decoded| sasl::parse_plain(&decoded))
+            .map(|(user, password)| (user, Proof::Password(password))))
     }
 
     async fn sasl_login(
@@ -251,7 +292,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(self.read_auth_line().await?.and_then(|password| {
             sasl::decode_response(&password)
                 .and_then(sasl::parse_login_field)
-                .map(|password| (username, Secret::new(password)))
+                .map(|password| (username, Proof::Password(Secret::new(password))))
+        }))
+    }
+
+    /// CRAM-MD5 has no initial response (RFC 2195): the challenge comes
+    /// first, and is new for every exchange.
+    async fn sasl_cram_md5(
+        &mut self,
+        initial: String,
+    ) -> Result<Result<Credentials, SaslError>, Stop> {
+        if !initial.is_empty() {
+            return Ok(Err(SaslError::Malformed));
+        }
+        let now = crate::spool::unix_millis() / 1000;
+        let challenge = cram_md5::challenge(&self.settings.server.hostname, now);
+        self.reply(Reply::bare(334, sasl::encode_challenge(&challenge)));
+        Ok(self.read_auth_line().await?.and_then(|line| {
+            let (user, digest) = sasl::parse_cram_md5(&sasl::decode_response(&line)?)?;
+            Ok((user, Proof::CramMd5 { challenge, digest }))
         }))
     }
 

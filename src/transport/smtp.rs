@@ -22,7 +22,7 @@ use tracing::warn;
 
 use super::{BodyFlags, Failure, Outcome, Sent};
 use crate::access_tokens::{AccessTokens, TokenFailure, TokenSource};
-use crate::config::{AccountConfig, AuthMethod, UpstreamTls};
+use crate::config::{AccountConfig, AuthMethod, UpstreamTls, preset};
 use crate::observe::metrics;
 use crate::provider_replies::diagnose;
 use crate::reply::Reply;
@@ -66,6 +66,8 @@ pub struct SmtpTransport {
     sign_in: SignIn,
     sender: String,
     timeout: Duration,
+    /// The provider preset's setup steps, added to sign-in hints.
+    setup: Option<String>,
 }
 
 /// Any stream mail-send can speak SMTP over (TCP, or TLS over TCP).
@@ -127,6 +129,9 @@ impl SmtpTransport {
             sign_in,
             sender: account.sender().to_string(),
             timeout: account.timeout,
+            setup: account
+                .provider
+                .map(|provider| preset(provider).setup_for(name)),
         })
     }
 
@@ -139,7 +144,11 @@ impl SmtpTransport {
     /// freshly refreshed one too: the password hints do not apply.
     pub fn sign_in_refused(&self, reply: Reply) -> Failure {
         let oauth2 = matches!(self.sign_in, SignIn::OAuth2 { .. });
-        sign_in_refused(&self.name, oauth2, reply)
+        let mut failure = sign_in_refused(&self.name, oauth2, reply);
+        if let (Some(hint), Some(setup)) = (&mut failure.hint, &self.setup) {
+            *hint = format!("{hint}. {setup}");
+        }
+        failure
     }
 
     /// Connects, secures and signs in; the error is the attempt's outcome.
