@@ -527,6 +527,30 @@ mod tests {
     }
 
     #[test]
+    fn a_drop_is_routed_by_its_sender_or_else_its_from_field() {
+        let toml = "[sendmail]\nuser = \"invoices\"\n\
+            [accounts.gmail]\nusername = \"me@gmail.com\"\npassword = \"abcdabcdabcdabcd\"\n\
+            [accounts.billing]\nusername = \"billing@gmail.com\"\npassword = \"abcdabcdabcdabcd\"\n\
+            [users.invoices]\npassword = \"old-password\"\naccount = \"gmail\"\n\
+            [[routes]]\nsender = \"@billing.example\"\naccount = \"billing\"\n";
+        let settings = Settings::new(&Config::from_toml(toml).unwrap()).unwrap();
+        // (-f, message, account)
+        let cases = [
+            (Some("a@billing.example"), "Subject: x\r\n\r\nb\r\n", "billing"),
+            (None, "From: b@billing.example\r\n\r\nb\r\n", "billing"),
+            // -f decides over the From field.
+            (Some("c@else.example"), "From: b@billing.example\r\n\r\nb\r\n", "gmail"),
+            (None, "Subject: x\r\n\r\nb\r\n", "gmail"),
+        ];
+        for (from, message, account) in cases {
+            let drop = dropped(from, None, &["a@example.com"]);
+            let local =
+                local_submission(&settings, "d1", drop, message.into(), 1_700_000_000).unwrap();
+            assert_eq!(local.envelope.account, account, "{from:?} {message:?}");
+        }
+    }
+
+    #[test]
     fn drops_smtp_would_refuse_are_refused_naming_the_key() {
         let large = format!("Subject: x\r\n\r\n{}\r\n", "x".repeat(200));
         // (sendmail section, recipients, message, reason, hint names)
