@@ -5,6 +5,7 @@
 //! settings take effect only at start in `startup`.
 
 mod load;
+mod service_account;
 mod startup;
 mod validate;
 mod values;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::secret::Secret;
 use values::{duration, networks, optional_address};
 
+pub use service_account::ServiceAccountKey;
 pub use startup::Startup;
 
 const GMAIL_HOST: &str = "smtp.gmail.com";
@@ -311,6 +313,9 @@ pub enum OAuthFlow {
     DeviceCode,
     /// App-only, no person involved (Microsoft `SMTP.SendAsApp`).
     ClientCredentials,
+    /// A Google service account with domain-wide delegation signs in as
+    /// the mailbox (JWT bearer grant, RFC 7523), no person involved.
+    ServiceAccount,
 }
 
 /// `[accounts.<name>.oauth2]`.
@@ -318,6 +323,8 @@ pub enum OAuthFlow {
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     pub provider: OAuthProvider,
+    /// Required, except with `flow = "service_account"` (from the key file).
+    #[serde(default)]
     pub client_id: String,
     #[serde(default)]
     pub client_secret: Option<Secret>,
@@ -339,6 +346,12 @@ pub struct OAuth2Config {
     pub device_url: Option<String>,
     #[serde(default)]
     pub scopes: Option<Vec<String>>,
+    /// The service account's JSON key (`flow = "service_account"`).
+    #[serde(default)]
+    pub service_account_file: Option<PathBuf>,
+    /// Read from `service_account_file` by validation.
+    #[serde(skip)]
+    pub service_account: Option<ServiceAccountKey>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::io::AsyncWriteExt;
 
 use common::interactive::{Cli, query};
-use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint, USER_CODE};
+use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint, USER_CODE, service_account_key};
 use sendbridge::oauth::Store;
 
 const CODE: &str = "code-SECRET";
@@ -261,4 +261,57 @@ async fn a_declined_sign_in_ends_the_login() {
     );
     assert_eq!(endpoint.requests("authorization_code"), 0);
     assert!(!dir.path().join("spool/oauth/gmail.json").exists());
+}
+
+#[tokio::test]
+async fn a_service_account_needs_no_login_and_its_status_check_signs_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    let (key_file, assertions) = service_account_key(
+        dir.path(),
+        &endpoint.url("/token"),
+        "printer@example.com",
+        "https://mail.google.com/",
+    );
+    endpoint.script().service_account = Some(assertions);
+    let config = format!(
+        r#"
+        [spool]
+        dir = "{spool}"
+        [accounts.ws]
+        username = "printer@example.com"
+        auth = "oauth2"
+        [accounts.ws.oauth2]
+        provider = "google"
+        flow = "service_account"
+        service_account_file = "{key}"
+        "#,
+        spool = dir.path().join("spool").display(),
+        key = key_file.display(),
+    );
+    std::fs::write(dir.path().join("sendbridge.toml"), config).unwrap();
+
+    let (status, output) = oauth_cli(dir.path(), &["oauth", "login", "ws"])
+        .finish()
+        .await;
+    assert!(status.success(), "{output}");
+    assert!(output.contains("no sign-in is needed"), "{output}");
+    let grant = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+    assert_eq!(endpoint.requests(grant), 0);
+
+    let (status, output) = oauth_cli(dir.path(), &["oauth", "status", "--check"])
+        .finish()
+        .await;
+    assert!(status.success(), "{output}");
+    let row = output.lines().find(|line| line.starts_with("ws")).unwrap();
+    assert!(
+        row.contains("service_account") && row.contains("not needed"),
+        "{output}"
+    );
+    assert!(row.trim_end().ends_with("ok"), "{output}");
+    assert_eq!(endpoint.requests(grant), 1);
+    assert!(
+        !output.contains("SECRET") && !output.contains("PRIVATE KEY"),
+        "{output}"
+    );
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::{
     AccountConfig, AdminConfig, AuthMethod, Config, ConfigError, GMAIL_HOST, MICROSOFT_HOST,
-    OAuth2Config, OAuthFlow, OAuthProvider, UserConfig,
+    OAuth2Config, OAuthFlow, OAuthProvider, ServiceAccountKey, UserConfig,
 };
 use crate::secret::Secret;
 
@@ -215,6 +215,34 @@ impl AccountConfig {
 impl OAuth2Config {
     fn validate(&mut self, prefix: &str) -> Result<(), ConfigError> {
         let key = |field: &str| format!("{prefix}.{field}");
+        match (&self.service_account_file, self.flow) {
+            (Some(path), OAuthFlow::ServiceAccount) => {
+                let service_account = ServiceAccountKey::read(prefix, path)?;
+                if self.client_id.trim().is_empty() {
+                    self.client_id = service_account.client_id.clone();
+                }
+                self.service_account = Some(service_account);
+            }
+            (None, OAuthFlow::ServiceAccount) => {
+                return Err(ConfigError::new(
+                    key("service_account_file"),
+                    "missing: flow = \"service_account\" needs the service account's JSON key",
+                ));
+            }
+            (Some(_), _) => {
+                return Err(ConfigError::new(
+                    key("service_account_file"),
+                    "only used with flow = \"service_account\"",
+                ));
+            }
+            (None, _) => {}
+        }
+        if self.flow == OAuthFlow::ServiceAccount && self.provider != OAuthProvider::Google {
+            return Err(ConfigError::new(
+                key("flow"),
+                "\"service_account\" is Google's: set provider = \"google\"",
+            ));
+        }
         if self.client_id.trim().is_empty() {
             return Err(ConfigError::new(key("client_id"), "must not be empty"));
         }
@@ -298,7 +326,7 @@ impl UserConfig {
 
 /// Exactly one of an inline secret and a secret file; a file's trailing
 /// newline (as editors and `echo` leave it) is not part of the secret.
-fn resolve_secret(
+pub(super) fn resolve_secret(
     key: &str,
     inline: Option<Secret>,
     file: &Option<PathBuf>,

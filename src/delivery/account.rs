@@ -36,7 +36,7 @@ enum SignIn {
     },
     OAuth2 {
         username: String,
-        oauth2: Option<OAuth2Config>,
+        oauth2: Option<Box<OAuth2Config>>,
     },
 }
 
@@ -86,7 +86,7 @@ impl AccountSettings {
                 },
                 AuthMethod::Oauth2 => SignIn::OAuth2 {
                     username: username.clone(),
-                    oauth2: oauth2.clone(),
+                    oauth2: oauth2.clone().map(Box::new),
                 },
             },
         })

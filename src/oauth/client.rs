@@ -15,6 +15,7 @@ use crate::secret::Secret;
 /// Bounds each request as a whole, connecting included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// Tokens the endpoint issued.
 #[derive(Debug)]
@@ -149,6 +150,16 @@ impl TokenClient {
         issued(self.post(self.endpoints.token_url.clone(), form).await?)
     }
 
+    /// A service account's signed assertion for a token (RFC 7523 §2.1):
+    /// the assertion is the credential, no client ID or secret goes along.
+    pub async fn jwt_bearer(&self, assertion: &Secret) -> Result<Issued, EndpointError> {
+        let form = vec![
+            ("grant_type", JWT_BEARER_GRANT.to_string()),
+            ("assertion", assertion.expose().to_string()),
+        ];
+        issued(self.send(self.endpoints.token_url.clone(), form).await?)
+    }
+
     pub async fn device_authorization(&self) -> Result<DeviceAuthorization, EndpointError> {
         let url = self.endpoints.device_url.clone().ok_or_else(|| {
             EndpointError::Unreachable("no device_url for this provider".to_string())
@@ -181,8 +192,7 @@ impl TokenClient {
         issued(self.post(self.endpoints.token_url.clone(), form).await?)
     }
 
-    /// POSTs `form` plus the client's credentials; an OAuth error answer
-    /// becomes `Refused`, anything unusable `Unreachable`.
+    /// POSTs `form` plus the client's credentials.
     async fn post(
         &self,
         url: String,
@@ -192,6 +202,16 @@ impl TokenClient {
         if let Some(secret) = &self.client_secret {
             form.push(("client_secret", secret.expose().to_string()));
         }
+        self.send(url, form).await
+    }
+
+    /// POSTs `form` as it is; an OAuth error answer becomes `Refused`,
+    /// anything unusable `Unreachable`.
+    async fn send(
+        &self,
+        url: String,
+        form: Vec<(&'static str, String)>,
+    ) -> Result<Answer, EndpointError> {
         let agent = self.agent.clone();
         let call = move || -> Result<(u16, String), String> {
             let mut response = agent

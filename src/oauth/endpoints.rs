@@ -54,6 +54,11 @@ impl Endpoints {
             }
             OAuthProvider::Custom => (None, None, None, Vec::new()),
         };
+        // A service account's key names its token endpoint.
+        let token = match &config.service_account {
+            Some(key) => Some(key.token_uri.clone()),
+            None => token,
+        };
         Endpoints {
             provider: config.provider,
             // Validation makes custom accounts name a token_url.

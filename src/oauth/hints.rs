@@ -44,9 +44,49 @@ pub fn sign_in_hint(
     }
 }
 
+/// The hint for a service account whose assertion was refused with the
+/// OAuth `error` (`None`: its key could not sign). Google answers
+/// `unauthorized_client` when domain-wide delegation lacks the scope and
+/// `invalid_grant` for a bad key, subject or clock.
+pub fn service_account_hint(
+    account: &str,
+    client_id: &str,
+    scope: &str,
+    error: Option<&str>,
+) -> String {
+    let key = format!("accounts.{account}.oauth2.service_account_file");
+    let delegation = format!(
+        "in the Google Admin console (Security, Access and data control, API controls, Manage Domain Wide Delegation) the service account's client ID {client_id} must be listed with the scope {scope}; a new entry can take hours to apply"
+    );
+    match error {
+        None => format!(
+            "the key in {key} cannot sign: download a new JSON key (Cloud console, IAM & Admin, Service accounts, Keys)"
+        ),
+        Some("unauthorized_client") => {
+            format!("domain-wide delegation does not cover this sign-in: {delegation}")
+        }
+        Some(_) => format!(
+            "Google refused the service account's assertion: \"Invalid JWT Signature\" means the key in {key} was deleted or disabled (make a new one); \"Invalid email or User ID\" means accounts.{account}.username is not a user of the Workspace domain; a clock off by minutes is refused too (keep it in sync with NTP). And {delegation}"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_service_account_is_told_about_delegation_and_its_key() {
+        let scope = "https://www.googleapis.com/auth/gmail.send";
+        let hint = |error| service_account_hint("workspace", "1098765", scope, error);
+        for error in [Some("unauthorized_client"), Some("invalid_grant")] {
+            let hint = hint(error);
+            assert!(hint.contains("Domain Wide Delegation"), "{hint}");
+            assert!(hint.contains("client ID 1098765 must be listed with the scope https://www.googleapis.com/auth/gmail.send"), "{hint}");
+        }
+        assert!(hint(Some("invalid_grant")).contains("accounts.workspace.username"));
+        assert!(hint(None).contains("accounts.workspace.oauth2.service_account_file"));
+    }
 
     #[test]
     fn each_refusal_gets_its_own_advice() {

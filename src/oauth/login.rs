@@ -54,6 +54,16 @@ pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> an
                 .unwrap_or_default()
         )
     };
+    if oauth2.flow == OAuthFlow::ServiceAccount {
+        outln!(
+            "account {account} signs in as a service account with its key ({}): no sign-in is needed; `sendbridge oauth status --check` tries it",
+            oauth2
+                .service_account_file
+                .as_ref()
+                .map_or(String::new(), |path| path.display().to_string())
+        )?;
+        return Ok(());
+    }
     if oauth2.flow == OAuthFlow::ClientCredentials {
         client.client_credentials().await.map_err(refused)?;
         outln!(

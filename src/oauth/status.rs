@@ -26,7 +26,10 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
     for (name, account, oauth2) in accounts {
         let store = Store::new(&config.spool.dir, name)?;
         let stored = store.load()?;
-        let app_only = oauth2.flow == OAuthFlow::ClientCredentials;
+        let app_only = matches!(
+            oauth2.flow,
+            OAuthFlow::ClientCredentials | OAuthFlow::ServiceAccount
+        );
         let yes_no = |yes: bool| if yes { "yes" } else { "no" }.to_string();
         let (file, refresh_token) = match (&stored, app_only) {
             (_, true) => ("not needed".to_string(), "not needed".to_string()),
@@ -64,6 +67,7 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
             OAuthFlow::AuthorizationCode => "authorization_code",
             OAuthFlow::DeviceCode => "device_code",
             OAuthFlow::ClientCredentials => "client_credentials",
+            OAuthFlow::ServiceAccount => "service_account",
         };
         rows.push((
             [

@@ -10,7 +10,8 @@ use anyhow::Context;
 use tokio::time::Instant;
 
 use super::client::{EndpointError, Issued, TokenClient};
-use super::hints::sign_in_hint;
+use super::hints::{service_account_hint, sign_in_hint};
+use super::service_account::{Claims, assertion};
 use super::store::{Store, Stored};
 use crate::access_tokens::{AccessTokens, TokenFailure, TokenFuture};
 use crate::config::{AccountConfig, OAuth2Config, OAuthFlow};
@@ -27,6 +28,8 @@ const REFRESH_AHEAD: Duration = Duration::from_secs(300);
 /// hold the account; `Unavailable` means retry later.
 pub struct Tokens {
     account: String,
+    /// The mailbox (`username`): a service account's subject.
+    mailbox: String,
     config: OAuth2Config,
     client: TokenClient,
     store: Store,
@@ -63,6 +66,7 @@ impl Tokens {
             .with_context(|| format!("account {account} has no [accounts.{account}.oauth2]"))?;
         Ok(Arc::new(Tokens {
             account: account.to_string(),
+            mailbox: config.username.clone(),
             client: TokenClient::new(&oauth2),
             config: oauth2,
             store: Store::new(spool_dir, account)?,
@@ -125,12 +129,16 @@ impl Tokens {
     /// A new access token from the endpoint; a rotated refresh token is
     /// stored before it is used.
     async fn fetch(&self) -> Result<Issued, TokenFailure> {
-        if self.config.flow == OAuthFlow::ClientCredentials {
-            return self
-                .client
-                .client_credentials()
-                .await
-                .map_err(|err| self.failure(err));
+        match self.config.flow {
+            OAuthFlow::ClientCredentials => {
+                return self
+                    .client
+                    .client_credentials()
+                    .await
+                    .map_err(|err| self.failure(err));
+            }
+            OAuthFlow::ServiceAccount => return self.service_account_token().await,
+            OAuthFlow::AuthorizationCode | OAuthFlow::DeviceCode => {}
         }
         let stored = match self.store.load() {
             Ok(stored) => stored.unwrap_or_default(),
@@ -171,6 +179,30 @@ impl Tokens {
         Ok(issued)
     }
 
+    /// A token for a new assertion as the mailbox.
+    async fn service_account_token(&self) -> Result<Issued, TokenFailure> {
+        let key = self
+            .config
+            .service_account
+            .as_ref()
+            .expect("validation reads the service account's key");
+        let endpoints = self.client.endpoints();
+        let claims = Claims {
+            subject: &self.mailbox,
+            scope: &endpoints.scope(),
+            audience: &endpoints.token_url,
+            issued_at: unix_millis() / 1000,
+        };
+        let assertion = assertion(key, &claims).map_err(|reason| TokenFailure::SignInNeeded {
+            reason,
+            hint: self.hint(None),
+        })?;
+        self.client
+            .jwt_bearer(&assertion)
+            .await
+            .map_err(|err| self.failure(err))
+    }
+
     fn failure(&self, err: EndpointError) -> TokenFailure {
         match err {
             EndpointError::Unreachable(reason) => TokenFailure::Unavailable { reason },
@@ -182,6 +214,14 @@ impl Tokens {
     }
 
     fn hint(&self, error: Option<&str>) -> String {
+        if self.config.flow == OAuthFlow::ServiceAccount {
+            return service_account_hint(
+                &self.account,
+                &self.config.client_id,
+                &self.client.endpoints().scope(),
+                error,
+            );
+        }
         sign_in_hint(&self.account, self.config.provider, self.config.flow, error)
     }
 }
