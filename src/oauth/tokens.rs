@@ -63,7 +63,7 @@ impl Tokens {
             .with_context(|| format!("account {account} has no [accounts.{account}.oauth2]"))?;
         Ok(Arc::new(Tokens {
             account: account.to_string(),
-            client: TokenClient::new(&oauth2),
+            client: TokenClient::new(config)?,
             config: oauth2,
             store: Store::new(spool_dir, account)?,
             cached: Mutex::new(None),
