@@ -138,7 +138,10 @@ impl AccountConfig {
                 "account names may use letters, digits, - and _ only",
             ));
         }
-        if self.host.trim().is_empty() {
+        // The API transports reach their provider at `api_url` instead.
+        if self.transport.is_api() {
+            self.validate_api(name)?;
+        } else if self.host.trim().is_empty() {
             return Err(ConfigError::new(key("host"), "must not be empty"));
         }
         if self.port == 0 {
@@ -205,6 +208,32 @@ impl AccountConfig {
                 return Err(ConfigError::new(
                     key("ca_file"),
                     format!("{} does not exist", ca_file.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AccountConfig {
+    /// `transport = "graph"` or `"gmail-api"`: signed in with OAuth 2.0 (the
+    /// APIs take no passwords), over HTTPS only.
+    fn validate_api(&self, name: &str) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("accounts.{name}.{field}");
+        if self.auth != AuthMethod::Oauth2 {
+            return Err(ConfigError::new(
+                key("auth"),
+                format!(
+                    "transport = \"{}\" needs auth = \"oauth2\" with [accounts.{name}.oauth2]",
+                    self.transport.name()
+                ),
+            ));
+        }
+        if let Some(url) = &self.api_url {
+            if !url.starts_with("https://") {
+                return Err(ConfigError::new(
+                    key("api_url"),
+                    "must be an https:// URL (the bare base, e.g. https://graph.microsoft.com)",
                 ));
             }
         }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::hold::Hold;
 use super::worker::Job;
 use crate::access_tokens::TokenSource;
-use crate::config::{AccountConfig, AuthMethod, OAuth2Config};
+use crate::config::{AccountConfig, AuthMethod, OAuth2Config, TransportKind};
 use crate::secret::Secret;
 use crate::send_window::SendWindow;
 use crate::spool::Spool;
@@ -37,6 +37,9 @@ enum SignIn {
     OAuth2 {
         username: String,
         oauth2: Option<Box<OAuth2Config>>,
+        /// A token for one API is no token for another.
+        transport: TransportKind,
+        api_url: Option<String>,
     },
 }
 
@@ -73,6 +76,10 @@ impl AccountSettings {
             allowed_from: _,
             remove_headers: _,
             long_lines: _,
+            transport,
+            api_url,
+            // The transport's: built anew below.
+            save_to_sent_items: _,
         } = config;
         Ok(AccountSettings {
             transport: Transport::new(name, config, helo_name, tokens)?,
@@ -87,6 +94,8 @@ impl AccountSettings {
                 AuthMethod::Oauth2 => SignIn::OAuth2 {
                     username: username.clone(),
                     oauth2: oauth2.clone().map(Box::new),
+                    transport: *transport,
+                    api_url: api_url.clone(),
                 },
             },
         })

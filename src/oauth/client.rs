@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use ureq::http::Method;
 
 use super::endpoints::Endpoints;
-use crate::config::OAuth2Config;
+use crate::config::AccountConfig;
 use crate::secret::Secret;
+use crate::transport::http::{HttpClient, Request};
 
 /// Bounds each request as a whole, connecting included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -79,34 +81,26 @@ struct Answer {
 
 #[derive(Clone)]
 pub struct TokenClient {
-    agent: ureq::Agent,
+    http: HttpClient,
     endpoints: Arc<Endpoints>,
     client_id: String,
     client_secret: Option<Secret>,
 }
 
 impl TokenClient {
-    pub fn new(config: &OAuth2Config) -> TokenClient {
-        let tls = ureq::tls::TlsConfig::builder()
-            // Explicit, so the library works before (or without) a
-            // process-wide default provider.
-            .unversioned_rustls_crypto_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(REQUEST_TIMEOUT))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .tls_config(tls)
-            .build()
-            .into();
-        TokenClient {
-            agent,
-            endpoints: Arc::new(Endpoints::resolve(config)),
+    /// The token client of `account`, an `auth = "oauth2"` account; its
+    /// `ca_file` is trusted for the token endpoint too.
+    pub fn new(account: &AccountConfig) -> anyhow::Result<TokenClient> {
+        let config = account
+            .oauth2
+            .as_ref()
+            .expect("config validation requires [oauth2] with auth = \"oauth2\"");
+        Ok(TokenClient {
+            http: HttpClient::new(account.ca_file.as_deref(), REQUEST_TIMEOUT)?,
+            endpoints: Arc::new(Endpoints::resolve(account)),
             client_id: config.client_id.clone(),
             client_secret: config.client_secret.clone(),
-        }
+        })
     }
 
     pub fn endpoints(&self) -> &Endpoints {
@@ -212,24 +206,18 @@ impl TokenClient {
         url: String,
         form: Vec<(&'static str, String)>,
     ) -> Result<Answer, EndpointError> {
-        let agent = self.agent.clone();
-        let call = move || -> Result<(u16, String), String> {
-            let mut response = agent
-                .post(&url)
-                .header("Accept", "application/json")
-                .send_form(form)
-                .map_err(|err| format!("no answer from the token endpoint {url}: {err}"))?;
-            let body = response
-                .body_mut()
-                .read_to_string()
-                .map_err(|err| format!("reading the answer of {url}: {err}"))?;
-            Ok((response.status().as_u16(), body))
-        };
-        let (status, body) = tokio::task::spawn_blocking(call)
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let request = Request::new(Method::POST, url)
+            .body("application/x-www-form-urlencoded", body.into_bytes());
+        let response = self
+            .http
+            .send(request)
             .await
-            .map_err(|err| EndpointError::Unreachable(err.to_string()))?
             .map_err(EndpointError::Unreachable)?;
-        let answer: Answer = serde_json::from_str(&body).unwrap_or_default();
+        let status = response.status;
+        let answer: Answer = serde_json::from_slice(&response.body).unwrap_or_default();
         match (status, answer.error.clone()) {
             (200..=299, None) => Ok(answer),
             (400..=499, Some(error)) if error != "temporarily_unavailable" => {

@@ -39,7 +39,7 @@ pub struct LoginOptions {
 
 pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> anyhow::Result<()> {
     let (account_config, oauth2) = oauth2_account(config, account)?;
-    let client = TokenClient::new(oauth2);
+    let client = TokenClient::new(account_config)?;
     let refused = |err: EndpointError| {
         let error = match &err {
             EndpointError::Refused { error, .. } => Some(error.as_str()),

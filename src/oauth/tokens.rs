@@ -67,7 +67,7 @@ impl Tokens {
         Ok(Arc::new(Tokens {
             account: account.to_string(),
             mailbox: config.username.clone(),
-            client: TokenClient::new(&oauth2),
+            client: TokenClient::new(config)?,
             config: oauth2,
             store: Store::new(spool_dir, account)?,
             cached: Mutex::new(None),

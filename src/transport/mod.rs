@@ -4,12 +4,14 @@
 //! as Microsoft Graph sendMail or the Gmail API) is a module beside `smtp`
 //! and one variant of each enum here; delivery does not change.
 
+pub mod api_recipients;
+pub mod http;
 pub mod smtp;
 
 use rustls::ProtocolVersion;
 
 use crate::access_tokens::TokenSource;
-use crate::config::AccountConfig;
+use crate::config::{AccountConfig, TransportKind};
 use crate::provider_replies::{Class, Diagnosis, diagnose};
 use crate::reply::Reply;
 
@@ -182,7 +184,15 @@ impl Transport {
         helo_name: &str,
         tokens: &TokenSource,
     ) -> anyhow::Result<Self> {
-        smtp::SmtpTransport::new(name, account, helo_name, tokens).map(Transport::Smtp)
+        match account.transport {
+            TransportKind::Smtp => {
+                smtp::SmtpTransport::new(name, account, helo_name, tokens).map(Transport::Smtp)
+            }
+            kind @ (TransportKind::Graph | TransportKind::GmailApi) => anyhow::bail!(
+                "accounts.{name}.transport: \"{}\" is not available in this build",
+                kind.name()
+            ),
+        }
     }
 
     pub fn name(&self) -> &str {
