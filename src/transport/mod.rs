@@ -5,15 +5,19 @@
 //! and one variant of each enum here; delivery does not change.
 
 pub mod api_recipients;
+pub mod graph;
+mod graph_large;
+mod graph_token;
 pub mod http;
 pub mod smtp;
 
 use rustls::ProtocolVersion;
 
-use crate::access_tokens::TokenSource;
+use crate::access_tokens::{AccessTokens, TokenFailure, TokenSource};
 use crate::config::{AccountConfig, TransportKind};
 use crate::provider_replies::{Class, Diagnosis, diagnose};
 use crate::reply::Reply;
+use crate::secret::Secret;
 
 /// How one attempt to hand a message to the provider ended (DESIGN.md,
 /// "Outcome classes").
@@ -50,6 +54,9 @@ pub struct Deferral {
     pub what: String,
     pub reason: &'static str,
     pub hint: Option<String>,
+    /// How long the provider asked us to wait (HTTP `Retry-After`): the
+    /// next attempt comes no sooner.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 /// The reason code of a refused sign-in that only a person can fix by
@@ -94,6 +101,7 @@ impl Outcome {
                 reply: Some(reply),
                 reason,
                 hint,
+                retry_after: None,
             }),
         }
     }
@@ -105,6 +113,7 @@ impl Outcome {
             what: what.into(),
             reason: UNAVAILABLE,
             hint,
+            retry_after: None,
         })
     }
 
@@ -167,12 +176,15 @@ pub struct Sent {
 /// One configured account's way to the provider, ready to open connections.
 pub enum Transport {
     Smtp(smtp::SmtpTransport),
+    Graph(graph::GraphTransport),
 }
 
 /// An open, signed-in connection of a [`Transport`], reusable for several
 /// messages.
 pub enum Connection {
     Smtp(smtp::SmtpConnection),
+    /// HTTPS connections are the client's to reuse; nothing is open here.
+    Graph,
 }
 
 impl Transport {
@@ -188,7 +200,10 @@ impl Transport {
             TransportKind::Smtp => {
                 smtp::SmtpTransport::new(name, account, helo_name, tokens).map(Transport::Smtp)
             }
-            kind @ (TransportKind::Graph | TransportKind::GmailApi) => anyhow::bail!(
+            TransportKind::Graph => {
+                graph::GraphTransport::new(name, account, tokens).map(Transport::Graph)
+            }
+            kind @ TransportKind::GmailApi => anyhow::bail!(
                 "accounts.{name}.transport: \"{}\" is not available in this build",
                 kind.name()
             ),
@@ -198,6 +213,7 @@ impl Transport {
     pub fn name(&self) -> &str {
         match self {
             Transport::Smtp(smtp) => smtp.name(),
+            Transport::Graph(graph) => graph.name(),
         }
     }
 
@@ -205,6 +221,7 @@ impl Transport {
     pub async fn connect(&self) -> Result<Connection, Outcome> {
         match self {
             Transport::Smtp(smtp) => smtp.connect(&mut None).await.map(Connection::Smtp),
+            Transport::Graph(graph) => graph.connect().await.map(|()| Connection::Graph),
         }
     }
 
@@ -222,6 +239,8 @@ impl Transport {
             (Transport::Smtp(smtp), Connection::Smtp(connection)) => {
                 smtp.send(connection, recipients, flags, message).await
             }
+            (Transport::Graph(graph), Connection::Graph) => graph.send(recipients, message).await,
+            _ => unreachable!("a connection is used with the transport that opened it"),
         }
     }
 
@@ -239,6 +258,7 @@ impl Transport {
     ) -> Result<Connection, Outcome> {
         match self {
             Transport::Smtp(smtp) => smtp.connect(tls_version).await.map(Connection::Smtp),
+            Transport::Graph(graph) => graph.connect().await.map(|()| Connection::Graph),
         }
     }
 
@@ -247,6 +267,7 @@ impl Transport {
     pub fn sign_in_refused(&self, reply: Reply) -> Failure {
         match self {
             Transport::Smtp(smtp) => smtp.sign_in_refused(reply),
+            Transport::Graph(graph) => graph.sign_in_refused(reply),
         }
     }
 }
@@ -256,6 +277,42 @@ impl Connection {
     pub async fn quit(self) {
         match self {
             Connection::Smtp(connection) => connection.quit().await,
+            Connection::Graph => {}
+        }
+    }
+}
+
+/// The current access token of an OAuth 2.0 account, within the account's
+/// `timeout`: a token service that hangs must not hold up the account's
+/// workers for good.
+async fn access_token(
+    tokens: &dyn AccessTokens,
+    timeout: std::time::Duration,
+) -> Result<Secret, Outcome> {
+    match tokio::time::timeout(timeout, tokens.current()).await {
+        Ok(token) => token.map_err(token_failure),
+        Err(_) => Err(token_failure(TokenFailure::Unavailable {
+            reason: format!("no answer within {}s", timeout.as_secs()),
+        })),
+    }
+}
+
+/// No access token: a person must sign in again (the account goes on hold,
+/// with the token service's hint), or the token service is unreachable for
+/// now (retried).
+fn token_failure(failure: TokenFailure) -> Outcome {
+    match failure {
+        TokenFailure::SignInNeeded { reason, hint } => Outcome::AuthFailed(Failure {
+            reply: Reply::new(
+                535,
+                [5, 7, 8],
+                format!("OAuth 2.0 sign-in needed: {reason}"),
+            ),
+            reason: SIGN_IN_NEEDED,
+            hint: Some(hint),
+        }),
+        TokenFailure::Unavailable { reason } => {
+            Outcome::unavailable(format!("no OAuth 2.0 access token: {reason}"), None)
         }
     }
 }
@@ -319,5 +376,36 @@ mod tests {
             assert_eq!(deferral.reason, "upstream_unavailable");
             assert_eq!(deferral.explained(), explained);
         }
+    }
+
+    #[test]
+    fn a_needed_oauth_sign_in_holds_with_the_token_services_hint() {
+        let failure = TokenFailure::SignInNeeded {
+            reason: "invalid_grant".into(),
+            hint: "run `sendbridge oauth login gmail`".into(),
+        };
+        let Outcome::AuthFailed(failure) = token_failure(failure) else {
+            panic!("a needed sign-in is a refused sign-in");
+        };
+        assert_eq!(
+            failure.reply.to_string(),
+            "535 5.7.8 OAuth 2.0 sign-in needed: invalid_grant"
+        );
+        assert_eq!(
+            failure.hint.as_deref(),
+            Some("run `sendbridge oauth login gmail`")
+        );
+        assert_eq!(failure.reason, "signin_needed", "its own alert");
+    }
+
+    #[test]
+    fn an_unavailable_token_service_defers() {
+        let failure = TokenFailure::Unavailable {
+            reason: "timeout".into(),
+        };
+        assert_eq!(
+            token_failure(failure),
+            Outcome::unavailable("no OAuth 2.0 access token: timeout", None)
+        );
     }
 }
