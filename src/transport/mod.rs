@@ -5,6 +5,7 @@
 //! and one variant of each enum here; delivery does not change.
 
 pub mod api_recipients;
+pub mod gmail_api;
 pub mod graph;
 mod graph_large;
 mod graph_token;
@@ -177,6 +178,7 @@ pub struct Sent {
 pub enum Transport {
     Smtp(smtp::SmtpTransport),
     Graph(graph::GraphTransport),
+    GmailApi(gmail_api::GmailApiTransport),
 }
 
 /// An open, signed-in connection of a [`Transport`], reusable for several
@@ -185,6 +187,8 @@ pub enum Connection {
     Smtp(smtp::SmtpConnection),
     /// HTTPS connections are the client's to reuse; nothing is open here.
     Graph,
+    /// Likewise.
+    GmailApi,
 }
 
 impl Transport {
@@ -203,10 +207,9 @@ impl Transport {
             TransportKind::Graph => {
                 graph::GraphTransport::new(name, account, tokens).map(Transport::Graph)
             }
-            kind @ TransportKind::GmailApi => anyhow::bail!(
-                "accounts.{name}.transport: \"{}\" is not available in this build",
-                kind.name()
-            ),
+            TransportKind::GmailApi => {
+                gmail_api::GmailApiTransport::new(name, account, tokens).map(Transport::GmailApi)
+            }
         }
     }
 
@@ -214,6 +217,7 @@ impl Transport {
         match self {
             Transport::Smtp(smtp) => smtp.name(),
             Transport::Graph(graph) => graph.name(),
+            Transport::GmailApi(gmail) => gmail.name(),
         }
     }
 
@@ -222,6 +226,7 @@ impl Transport {
         match self {
             Transport::Smtp(smtp) => smtp.connect(&mut None).await.map(Connection::Smtp),
             Transport::Graph(graph) => graph.connect().await.map(|()| Connection::Graph),
+            Transport::GmailApi(gmail) => gmail.connect().await.map(|()| Connection::GmailApi),
         }
     }
 
@@ -240,6 +245,9 @@ impl Transport {
                 smtp.send(connection, recipients, flags, message).await
             }
             (Transport::Graph(graph), Connection::Graph) => graph.send(recipients, message).await,
+            (Transport::GmailApi(gmail), Connection::GmailApi) => {
+                gmail.send(recipients, message).await
+            }
             _ => unreachable!("a connection is used with the transport that opened it"),
         }
     }
@@ -259,6 +267,7 @@ impl Transport {
         match self {
             Transport::Smtp(smtp) => smtp.connect(tls_version).await.map(Connection::Smtp),
             Transport::Graph(graph) => graph.connect().await.map(|()| Connection::Graph),
+            Transport::GmailApi(gmail) => gmail.connect().await.map(|()| Connection::GmailApi),
         }
     }
 
@@ -268,6 +277,7 @@ impl Transport {
         match self {
             Transport::Smtp(smtp) => smtp.sign_in_refused(reply),
             Transport::Graph(graph) => graph.sign_in_refused(reply),
+            Transport::GmailApi(gmail) => gmail.sign_in_refused(reply),
         }
     }
 }
@@ -277,7 +287,7 @@ impl Connection {
     pub async fn quit(self) {
         match self {
             Connection::Smtp(connection) => connection.quit().await,
-            Connection::Graph => {}
+            Connection::Graph | Connection::GmailApi => {}
         }
     }
 }

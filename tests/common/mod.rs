@@ -3,7 +3,9 @@
 
 pub mod fake_upstream;
 pub mod frozen_clock;
+pub mod gmail_api;
 pub mod http;
+pub mod https;
 pub mod interactive;
 pub mod log_capture;
 pub mod process;
