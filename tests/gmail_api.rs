@@ -117,6 +117,11 @@ async fn submit(relay: &Relay, recipients: &[&str], content: &str) -> common::sm
     reply
 }
 
+/// The invoice to the customer; the client's reply code.
+async fn submit_invoice(relay: &Relay) -> u16 {
+    submit(relay, &["customer@example.com"], CONTENT).await.code
+}
+
 fn in_state(relay: &Relay, state: State) -> usize {
     Spool::open(&relay.spool)
         .unwrap()
@@ -186,12 +191,7 @@ async fn a_refused_token_is_refreshed_once_then_the_account_is_held() {
     let setup = signed_in_by_a_person("").await;
     // Revoked early: a fresh token goes through.
     setup.api.refuse_token("access-SECRET-1");
-    assert_eq!(
-        submit(&setup.relay, &["customer@example.com"], CONTENT)
-            .await
-            .code,
-        250
-    );
+    assert_eq!(submit_invoice(&setup.relay).await, 250);
     let sent = setup.api.wait_for_sent(1, WAIT).await;
     assert_eq!(sent[0].token, "access-SECRET-2");
     assert_eq!(setup.endpoint.requests("refresh_token"), 2);
@@ -200,12 +200,7 @@ async fn a_refused_token_is_refreshed_once_then_the_account_is_held() {
     let log = LogCapture::start();
     setup.api.refuse_token("access-SECRET-2");
     setup.api.refuse_token("access-SECRET-3");
-    assert_eq!(
-        submit(&setup.relay, &["customer@example.com"], CONTENT)
-            .await
-            .code,
-        250
-    );
+    assert_eq!(submit_invoice(&setup.relay).await, 250);
     assert_eq!(in_state(&setup.relay, State::Held), 1);
     let hold = log.lines_with("account on hold");
     assert_eq!(hold.len(), 1, "{}", log.text());
@@ -354,12 +349,7 @@ async fn retry_after_holds_the_next_attempt_back() {
         )
     });
     let started = tokio::time::Instant::now();
-    assert_eq!(
-        submit(&setup.relay, &["customer@example.com"], CONTENT)
-            .await
-            .code,
-        250
-    );
+    assert_eq!(submit_invoice(&setup.relay).await, 250);
     let sent = setup.api.wait_for_sent(1, WAIT).await;
     assert_eq!(sent[0].as_written_after(""), CONTENT);
     assert!(
@@ -390,12 +380,7 @@ async fn a_service_account_sends_as_the_mailbox_with_only_gmail_send() {
 async fn a_service_account_without_delegation_is_held_with_the_admin_console_steps() {
     let log = LogCapture::start();
     let setup = signed_in_by_a_service_account("https://mail.google.com/").await;
-    assert_eq!(
-        submit(&setup.relay, &["customer@example.com"], CONTENT)
-            .await
-            .code,
-        250
-    );
+    assert_eq!(submit_invoice(&setup.relay).await, 250);
     assert_eq!(in_state(&setup.relay, State::Held), 1);
     assert!(setup.api.requests().is_empty(), "no token, no call");
     let hold = log.lines_with("account on hold");

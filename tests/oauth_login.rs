@@ -13,7 +13,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::io::AsyncWriteExt;
 
 use common::interactive::{Cli, query};
-use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint, USER_CODE, service_account_key};
+use common::token_endpoint::{
+    CLIENT_SECRET, TokenEndpoint, USER_CODE, service_account_key, service_account_toml,
+};
 use sendbridge::oauth::Store;
 
 const CODE: &str = "code-SECRET";
@@ -274,20 +276,11 @@ async fn a_service_account_needs_no_login_and_its_status_check_signs_in() {
         "https://mail.google.com/",
     );
     endpoint.script().service_account = Some(assertions);
+    let spool = dir.path().join("spool");
     let config = format!(
-        r#"
-        [spool]
-        dir = "{spool}"
-        [accounts.ws]
-        username = "printer@example.com"
-        auth = "oauth2"
-        [accounts.ws.oauth2]
-        provider = "google"
-        flow = "service_account"
-        service_account_file = "{key}"
-        "#,
-        spool = dir.path().join("spool").display(),
-        key = key_file.display(),
+        "[spool]\ndir = \"{}\"\n{}",
+        spool.display(),
+        service_account_toml(&key_file)
     );
     std::fs::write(dir.path().join("sendbridge.toml"), config).unwrap();
 

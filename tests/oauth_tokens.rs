@@ -15,7 +15,7 @@ use sendbridge::secret::Secret;
 use common::frozen_clock::FrozenClock;
 use common::token_endpoint::{
     SERVICE_ACCOUNT_CLIENT_ID, TokenEndpoint, gmail_tokens, service_account_key,
-    store_refresh_token,
+    service_account_toml, store_refresh_token,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -209,19 +209,7 @@ fn service_account(endpoint: &TokenEndpoint, dir: &Path, delegated: &str) -> Arc
         delegated,
     );
     endpoint.script().service_account = Some(assertions);
-    let config = sendbridge::config::Config::from_toml(&format!(
-        r#"
-        [accounts.ws]
-        username = "printer@example.com"
-        auth = "oauth2"
-        [accounts.ws.oauth2]
-        provider = "google"
-        flow = "service_account"
-        service_account_file = "{}"
-        "#,
-        key_file.display()
-    ))
-    .unwrap();
+    let config = sendbridge::config::Config::from_toml(&service_account_toml(&key_file)).unwrap();
     Tokens::new("ws", &config.accounts["ws"], &dir.join("spool")).unwrap()
 }
 

@@ -65,6 +65,23 @@ pub struct Assertions {
 pub const SERVICE_ACCOUNT_EMAIL: &str = "relay@project.iam.gserviceaccount.com";
 pub const SERVICE_ACCOUNT_CLIENT_ID: &str = "109876543210987654321";
 
+/// The TOML of account `ws`, the mailbox printer@example.com, signed in by
+/// the service account whose key is `key_file`.
+pub fn service_account_toml(key_file: &Path) -> String {
+    format!(
+        r#"
+        [accounts.ws]
+        username = "printer@example.com"
+        auth = "oauth2"
+        [accounts.ws.oauth2]
+        provider = "google"
+        flow = "service_account"
+        service_account_file = "{}"
+        "#,
+        key_file.display()
+    )
+}
+
 /// A service account JSON key (a fresh RSA key) written into `dir` as the
 /// Cloud console downloads it, and what the endpoint must then accept from
 /// `subject` for `scope` at `token_uri`.

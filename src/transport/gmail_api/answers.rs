@@ -104,21 +104,24 @@ pub fn judge(signer: &Signer<'_>, status: u16, body: &str) -> Verdict {
             .iter()
             .any(|detail| detail.reason == "ACCESS_TOKEN_SCOPE_INSUFFICIENT");
     let no_gmail = reason == "failedPrecondition" || lower.contains("mail service not enabled");
-    let hold = |reason_code: &'static str, hint: String| {
-        Verdict::Done(Outcome::AuthFailed(Failure {
-            reply: said(535, [5, 7, 8]),
-            reason: reason_code,
-            hint: Some(hint),
-        }))
+    let failure = |reply: Reply, reason: &'static str, hint: Option<String>| Failure {
+        reply,
+        reason,
+        hint,
+    };
+    let hold = |reason: &'static str, hint: String| {
+        Verdict::Done(Outcome::AuthFailed(failure(
+            said(535, [5, 7, 8]),
+            reason,
+            Some(hint),
+        )))
     };
     match (status, reason.as_str()) {
-        (401, _) => Verdict::TokenRefused(Outcome::AuthFailed(Failure {
-            reply: said(535, [5, 7, 8]),
-            reason: "api_auth",
-            hint: Some(format!(
-                "Google refused a fresh access token too: {sign_in_again}"
-            )),
-        })),
+        (401, _) => Verdict::TokenRefused(Outcome::AuthFailed(failure(
+            said(535, [5, 7, 8]),
+            "api_auth",
+            Some(format!("Google refused a fresh access token too: {sign_in_again}")),
+        ))),
         (403, _) if scope_missing => hold(
             "api_permission",
             format!("the access token lacks the scope {SEND_SCOPE}: {sign_in_again}"),
@@ -129,46 +132,44 @@ pub fn judge(signer: &Signer<'_>, status: u16, body: &str) -> Verdict {
                 "the Workspace administrator has not allowed this app for the domain of accounts.{account}.username (Admin console, Security, API controls)"
             ),
         ),
-        (403, "dailyLimitExceeded") => Verdict::Done(Outcome::OverLimit(Failure {
-            reply: said(550, [5, 4, 5]),
-            reason: "daily_limit",
-            hint: Some(format!(
+        (403, "dailyLimitExceeded") => Verdict::Done(Outcome::OverLimit(failure(
+            said(550, [5, 4, 5]),
+            "daily_limit",
+            Some(format!(
                 "Google's daily limit for this mailbox or project is reached; mail waits in the queue. Set accounts.{account}.daily_message_limit below it"
             )),
-        })),
+        ))),
         (400, _) if no_gmail => hold(
             "mail_service_not_enabled",
             format!(
                 "the mailbox accounts.{account}.username has no Gmail: in the Google Admin console give the user a licence with Gmail, or turn Gmail on for the user's organisational unit (Apps, Google Workspace, Gmail)"
             ),
         ),
-        (400, _) if is_recipient_problem(&lower) => Verdict::Done(Outcome::Rejected(Failure {
-            reply: said(550, [5, 1, 3]),
-            reason: "invalid_recipient",
-            hint: None,
-        })),
+        (400, _) if is_recipient_problem(&lower) => Verdict::Done(Outcome::Rejected(failure(
+            said(550, [5, 1, 3]),
+            "invalid_recipient",
+            None,
+        ))),
         (404, _) => hold(
             "unknown_mailbox",
             format!(
                 "Google knows no mailbox for the signed-in user: check accounts.{account}.username"
             ),
         ),
-        (413, _) => Verdict::TooLarge(Outcome::Rejected(Failure {
-            reply: said(552, [5, 3, 4]),
-            reason: "too_large",
-            hint: Some(
-                "the Gmail API takes messages up to 35 MB; lower server.max_message_size so the program is told at once".to_string(),
-            ),
-        })),
+        (413, _) => Verdict::TooLarge(Outcome::Rejected(failure(
+            said(552, [5, 3, 4]),
+            "too_large",
+            Some("the Gmail API takes messages up to 35 MB; lower server.max_message_size so the program is told at once".to_string()),
+        ))),
         (429, _) | (403, "rateLimitExceeded" | "userRateLimitExceeded") => {
             Verdict::Done(deferred(said(451, [4, 7, 0]), "rate_limited"))
         }
         (500..=599, _) => Verdict::Done(deferred(said(451, [4, 3, 0]), "provider_unavailable")),
-        (400..=499, _) => Verdict::Done(Outcome::Rejected(Failure {
-            reply: said(554, [5, 6, 0]),
-            reason: "api_refused",
-            hint: None,
-        })),
+        (400..=499, _) => Verdict::Done(Outcome::Rejected(failure(
+            said(554, [5, 6, 0]),
+            "api_refused",
+            None,
+        ))),
         _ => Verdict::Done(deferred(said(451, [4, 3, 0]), "provider_unavailable")),
     }
 }
