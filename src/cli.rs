@@ -132,12 +132,23 @@ impl CheckRow {
         result: Result<(), Outcome>,
     ) -> Self {
         let (auth, detail, hint) = match result {
-            Ok(()) => ("ok", format!("signed in as {}", account.username), None),
+            Ok(()) => {
+                let signed_in = format!("signed in as {}", account.username);
+                let detail = match upstream.check_note() {
+                    Some(note) => format!("{signed_in}; {note}"),
+                    None => signed_in,
+                };
+                ("ok", detail, None)
+            }
             Err(outcome) => failure(outcome),
         };
         CheckRow {
             account: upstream.name().to_string(),
-            server: format!("{}:{}", account.host, account.port),
+            // An API transport's server is its base URL.
+            server: account.api_url().map_or_else(
+                || format!("{}:{}", account.host, account.port),
+                str::to_string,
+            ),
             tls: tls_name(tls_version, account.tls_mode()),
             auth,
             detail,

@@ -8,9 +8,11 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::gmail_api::{Failure, FakeGmailApi};
+use common::interactive::Cli;
 use common::log_capture::LogCapture;
 use common::relay::{LOCAL_PASSWORD, LOCAL_USER, Relay};
 use common::token_endpoint::{
@@ -37,7 +39,11 @@ struct Setup {
 /// Account `gmail` with `transport = "gmail-api"`, signed in by `sign_in`
 /// (the oauth2 table's lines).
 fn config(api: &FakeGmailApi, sign_in: &str, extra: &str) -> Config {
-    Config::from_toml(&format!(
+    Config::from_toml(&config_toml(api, sign_in, extra)).expect("test configuration is valid")
+}
+
+fn config_toml(api: &FakeGmailApi, sign_in: &str, extra: &str) -> String {
+    format!(
         r#"
         [accounts.gmail]
         transport = "gmail-api"
@@ -56,22 +62,27 @@ fn config(api: &FakeGmailApi, sign_in: &str, extra: &str) -> Config {
         "#,
         api_url = api.base(),
         ca_file = api.ca_file().display(),
-    ))
-    .expect("test configuration is valid")
+    )
+}
+
+/// The oauth2 lines of a person's sign-in at `endpoint`, and its stored
+/// refresh token under `spool`, as `oauth login` leaves it.
+fn person_signed_in(endpoint: &TokenEndpoint, spool: &Path) -> String {
+    endpoint.script().refresh_token = Some("refresh-SECRET-0".into());
+    store_refresh_token(spool, "gmail", MAILBOX, "refresh-SECRET-0");
+    format!(
+        "client_id = \"client-id\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"",
+        endpoint.url("/token")
+    )
 }
 
 /// A person signed in once (`oauth login`): a stored refresh token.
 async fn signed_in_by_a_person(extra: &str) -> Setup {
     let api = FakeGmailApi::start().await;
     let endpoint = TokenEndpoint::start().await;
-    endpoint.script().refresh_token = Some("refresh-SECRET-0".into());
     let spool_dir = tempfile::tempdir().unwrap();
     let spool = spool_dir.path().join("spool");
-    store_refresh_token(&spool, "gmail", MAILBOX, "refresh-SECRET-0");
-    let sign_in = format!(
-        "client_id = \"client-id\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"",
-        endpoint.url("/token")
-    );
+    let sign_in = person_signed_in(&endpoint, &spool);
     let relay = Relay::start_with_spool(config(&api, &sign_in, extra), spool).await;
     Setup {
         api,
@@ -394,4 +405,53 @@ async fn a_service_account_without_delegation_is_held_with_the_admin_console_ste
         "{hint}"
     );
     assert!(!log.text().contains("PRIVATE KEY"));
+}
+
+/// `sendbridge check` with the token endpoint granting `scope`.
+async fn check_granting(scope: &str) -> (bool, String, FakeGmailApi) {
+    let api = FakeGmailApi::start().await;
+    let endpoint = TokenEndpoint::start().await;
+    endpoint.script().scope = Some(scope.to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let sign_in = person_signed_in(&endpoint, &spool);
+    let config = format!(
+        "[spool]\ndir = \"{}\"\n{}",
+        spool.display(),
+        config_toml(&api, &sign_in, "")
+    );
+    std::fs::write(dir.path().join("sendbridge.toml"), config).unwrap();
+    let args = ["--config", "sendbridge.toml", "check", "gmail"];
+    let (status, output) = Cli::start(dir.path(), &args, &[]).finish().await;
+    assert!(!output.contains("SECRET"), "{output}");
+    (status.success(), output, api)
+}
+
+#[tokio::test]
+async fn check_gets_a_token_and_says_what_it_grants_and_what_cannot_be_proven() {
+    let (success, output, api) = check_granting(SEND_SCOPE).await;
+    assert!(success, "{output}");
+    let row = output
+        .lines()
+        .find(|line| line.starts_with("gmail"))
+        .unwrap();
+    assert!(row.contains(" ok "), "{output}");
+    assert!(
+        row.contains(&format!("token grants: {SEND_SCOPE}"))
+            && row.contains("users.getProfile needs a read scope"),
+        "{output}"
+    );
+    assert!(api.requests().is_empty(), "nothing is sent to prove it");
+}
+
+#[tokio::test]
+async fn check_refuses_a_token_that_cannot_send() {
+    let (success, output, _api) =
+        check_granting("https://www.googleapis.com/auth/gmail.readonly").await;
+    assert!(!success, "{output}");
+    assert!(output.contains("refused"), "{output}");
+    assert!(
+        output.contains(&format!("hint: the access token lacks the scope {SEND_SCOPE}: run `sendbridge oauth login gmail`")),
+        "{output}"
+    );
 }

@@ -26,6 +26,9 @@ pub struct Issued {
     pub expires_in: Duration,
     /// A new refresh token, when the provider issued or rotated one.
     pub refresh_token: Option<Secret>,
+    /// The scopes granted, space-separated, when the endpoint says
+    /// (RFC 6749 §5.1).
+    pub scope: Option<String>,
 }
 
 /// A device code to show a person (RFC 8628 §3.2).
@@ -70,6 +73,7 @@ struct Answer {
     access_token: Option<String>,
     expires_in: Option<serde_json::Value>,
     refresh_token: Option<String>,
+    scope: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
     device_code: Option<String>,
@@ -243,6 +247,7 @@ fn issued(answer: Answer) -> Result<Issued, EndpointError> {
         // Without expires_in, assume the common hour.
         expires_in: seconds(answer.expires_in.as_ref()).unwrap_or(Duration::from_secs(3600)),
         refresh_token: answer.refresh_token.map(Secret::new),
+        scope: answer.scope,
     })
 }
 

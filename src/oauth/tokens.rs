@@ -41,6 +41,7 @@ pub struct Tokens {
 
 struct Cached {
     token: Secret,
+    scope: Option<String>,
     obtained: Instant,
     expires: Instant,
 }
@@ -110,6 +111,7 @@ impl Tokens {
                 let token = issued.access_token.clone();
                 *self.cached.lock().unwrap() = Some(Cached {
                     token: issued.access_token,
+                    scope: issued.scope,
                     obtained,
                     expires: obtained + issued.expires_in,
                 });
@@ -229,6 +231,11 @@ impl Tokens {
 impl AccessTokens for Tokens {
     fn current(&self) -> TokenFuture<'_> {
         Box::pin(self.obtain())
+    }
+
+    fn granted_scope(&self) -> Option<String> {
+        let cached = self.cached.lock().unwrap();
+        cached.as_ref()?.scope.clone()
     }
 
     fn refused(&self, token: &Secret) {

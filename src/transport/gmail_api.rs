@@ -29,7 +29,7 @@ use crate::access_tokens::{AccessTokens, TokenSource};
 use crate::config::{AccountConfig, OAuthFlow};
 use crate::observe::metrics;
 use crate::reply::Reply;
-use answers::{Signer, Verdict, judge};
+use answers::{Signer, Verdict, cannot_send, judge};
 
 pub use answers::SEND_SCOPE;
 
@@ -83,13 +83,29 @@ impl GmailApiTransport {
         }
     }
 
-    /// Gets an access token. With only `gmail.send` no Gmail call proves
-    /// the permission short of sending (`users.getProfile` needs a read
-    /// scope), so signing in is all there is to check.
+    /// Gets an access token, and refuses one whose granted scopes (when
+    /// the token endpoint lists them) cannot send. With only `gmail.send`
+    /// no Gmail call proves the permission short of sending
+    /// (`users.getProfile` needs a read scope), so that is all there is to
+    /// check.
     pub async fn connect(&self) -> Result<(), Outcome> {
-        super::access_token(self.tokens.as_ref(), self.timeout)
-            .await
-            .map(|_| ())
+        super::access_token(self.tokens.as_ref(), self.timeout).await?;
+        let granted = self.tokens.granted_scope();
+        match granted.and_then(|granted| cannot_send(&self.signer(), &granted)) {
+            Some(refused) => Err(refused),
+            None => Ok(()),
+        }
+    }
+
+    /// What `sendbridge check` adds to a sign-in that worked.
+    pub fn check_note(&self) -> String {
+        let granted = self
+            .tokens
+            .granted_scope()
+            .unwrap_or_else(|| "scopes not listed by the token endpoint".to_string());
+        format!(
+            "token grants: {granted}; with only {SEND_SCOPE} Gmail has no call that proves sending short of sending a message (users.getProfile needs a read scope)"
+        )
     }
 
     /// A refused sign-in with `reply` (a hold carried over from the

@@ -271,6 +271,15 @@ impl Transport {
         }
     }
 
+    /// What `sendbridge check` says about a sign-in that worked, beyond
+    /// the account's name: for an API, what it could and could not prove.
+    pub fn check_note(&self) -> Option<String> {
+        match self {
+            Transport::GmailApi(gmail) => Some(gmail.check_note()),
+            Transport::Smtp(_) | Transport::Graph(_) => None,
+        }
+    }
+
     /// A refused sign-in with `reply`, with the hint that fits this account
     /// (for a hold carried over from the previous run).
     pub fn sign_in_refused(&self, reply: Reply) -> Failure {

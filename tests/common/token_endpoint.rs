@@ -48,6 +48,8 @@ pub struct Script {
     pub forms: Vec<BTreeMap<String, String>>,
     /// The service account whose assertions are accepted.
     pub service_account: Option<Assertions>,
+    /// The `scope` field of every answer with a token, when set.
+    pub scope: Option<String>,
 }
 
 /// What a service account's assertion must say, and the key it is signed
@@ -132,6 +134,7 @@ impl TokenEndpoint {
             requests: BTreeMap::new(),
             forms: Vec::new(),
             service_account: None,
+            scope: None,
         }));
         let app = Router::new()
             .route("/token", post(token))
@@ -262,6 +265,9 @@ fn issue(script: &mut Script, refresh: bool) -> Response {
         "token_type": "Bearer",
         "expires_in": script.expires_in,
     });
+    if let Some(scope) = &script.scope {
+        answer["scope"] = json!(scope);
+    }
     if refresh {
         let token = format!("refresh-SECRET-{n}");
         answer["refresh_token"] = json!(token);

@@ -11,6 +11,13 @@ use crate::transport::{Deferral, Failure, Outcome};
 
 /// The scope `messages.send` needs.
 pub const SEND_SCOPE: &str = "https://www.googleapis.com/auth/gmail.send";
+/// Every scope that lets `messages.send` send (Gmail API reference).
+const SENDING_SCOPES: [&str; 4] = [
+    SEND_SCOPE,
+    "https://www.googleapis.com/auth/gmail.compose",
+    "https://www.googleapis.com/auth/gmail.modify",
+    "https://mail.google.com/",
+];
 
 /// Longest stretch of Google's message kept in a reply.
 const MESSAGE_LIMIT: usize = 200;
@@ -89,14 +96,7 @@ pub fn judge(signer: &Signer<'_>, status: u16, body: &str) -> Verdict {
         )
     };
     let account = signer.account;
-    let sign_in_again = match signer.service_account {
-        Some(client_id) => format!(
-            "in the Google Admin console (Security, Access and data control, API controls, Manage Domain Wide Delegation) the service account's client ID {client_id} must be listed with the scope {SEND_SCOPE}"
-        ),
-        None => format!(
-            "run `sendbridge oauth login {account}` and allow sending mail, so the token carries the scope {SEND_SCOPE} (accounts.{account}.oauth2.scopes, if set, must include it)"
-        ),
-    };
+    let sign_in_again = sign_in_again(signer);
     let lower = message.to_ascii_lowercase();
     let scope_missing = reason == "insufficientPermissions"
         || error
@@ -172,6 +172,45 @@ pub fn judge(signer: &Signer<'_>, status: u16, body: &str) -> Verdict {
         ))),
         _ => Verdict::Done(deferred(said(451, [4, 3, 0]), "provider_unavailable")),
     }
+}
+
+/// What gets a token with the scope `messages.send` needs.
+fn sign_in_again(signer: &Signer<'_>) -> String {
+    let account = signer.account;
+    match signer.service_account {
+        Some(client_id) => format!(
+            "in the Google Admin console (Security, Access and data control, API controls, Manage Domain Wide Delegation) the service account's client ID {client_id} must be listed with the scope {SEND_SCOPE}"
+        ),
+        None => format!(
+            "run `sendbridge oauth login {account}` and allow sending mail, so the token carries the scope {SEND_SCOPE} (accounts.{account}.oauth2.scopes, if set, must include it)"
+        ),
+    }
+}
+
+/// A token whose `granted` scopes (as the token endpoint listed them)
+/// cannot send: refused before any message is tried.
+pub fn cannot_send(signer: &Signer<'_>, granted: &str) -> Option<Outcome> {
+    if granted
+        .split(' ')
+        .any(|scope| SENDING_SCOPES.contains(&scope))
+    {
+        return None;
+    }
+    Some(Outcome::AuthFailed(Failure {
+        reply: Reply::new(
+            535,
+            [5, 7, 8],
+            format!(
+                "Gmail API: the access token grants only {}",
+                printable(granted)
+            ),
+        ),
+        reason: "api_permission",
+        hint: Some(format!(
+            "the access token lacks the scope {SEND_SCOPE}: {}",
+            sign_in_again(signer)
+        )),
+    }))
 }
 
 fn deferred(reply: Reply, reason: &'static str) -> Outcome {
@@ -340,6 +379,28 @@ mod tests {
         assert!(
             no_gmail.contains("accounts.ws.username") && no_gmail.contains("licence"),
             "{no_gmail}"
+        );
+    }
+
+    #[test]
+    fn a_token_without_a_sending_scope_is_refused_before_sending() {
+        let user = Signer {
+            account: "gmail",
+            service_account: None,
+        };
+        assert_eq!(cannot_send(&user, SEND_SCOPE), None);
+        assert_eq!(cannot_send(&user, "openid https://mail.google.com/"), None);
+        let Some(Outcome::AuthFailed(failure)) =
+            cannot_send(&user, "https://www.googleapis.com/auth/gmail.readonly")
+        else {
+            panic!("a read-only token cannot send");
+        };
+        assert_eq!(failure.reason, "api_permission");
+        assert!(
+            failure
+                .hint
+                .unwrap()
+                .contains("sendbridge oauth login gmail")
         );
     }
 
