@@ -234,30 +234,15 @@ impl GmailApiTransport {
         }
     }
 
-    /// A request with the current access token; when Google refuses the
-    /// token (401), once more with a fresh one.
+    /// `method url` with what `build` adds, and the access token.
     async fn call(
         &self,
         build: impl Fn(Request) -> Request,
         method: Method,
         url: &str,
     ) -> Result<Response, Outcome> {
-        let mut answer = None;
-        for _ in 0..2 {
-            let token = super::access_token(self.tokens.as_ref(), self.timeout).await?;
-            let request = build(Request::new(method.clone(), url).bearer(&token));
-            let response = self
-                .http
-                .send(request)
-                .await
-                .map_err(|what| Outcome::unavailable(what, None))?;
-            if response.status != 401 {
-                return Ok(response);
-            }
-            self.tokens.refused(&token);
-            answer = Some(response);
-        }
-        Ok(answer.expect("two refusals"))
+        let request = || build(Request::new(method.clone(), url));
+        super::send_with_token(&self.http, self.tokens.as_ref(), self.timeout, request).await
     }
 }
 

@@ -316,6 +316,31 @@ async fn access_token(
     }
 }
 
+/// Sends the request `request` builds with the current access token; when
+/// the API refuses the token (401), once more with a fresh one, and that
+/// answer stands. For the HTTP API transports.
+async fn send_with_token(
+    http: &http::HttpClient,
+    tokens: &dyn AccessTokens,
+    timeout: std::time::Duration,
+    request: impl Fn() -> http::Request,
+) -> Result<http::Response, Outcome> {
+    let mut refused = None;
+    for _ in 0..2 {
+        let token = access_token(tokens, timeout).await?;
+        let response = http
+            .send(request().bearer(&token))
+            .await
+            .map_err(|what| Outcome::unavailable(what, None))?;
+        if response.status != 401 {
+            return Ok(response);
+        }
+        tokens.refused(&token);
+        refused = Some(response);
+    }
+    Ok(refused.expect("two refusals"))
+}
+
 /// No access token: a person must sign in again (the account goes on hold,
 /// with the token service's hint), or the token service is unreachable for
 /// now (retried).
