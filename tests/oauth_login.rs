@@ -308,3 +308,33 @@ async fn a_service_account_needs_no_login_and_its_status_check_signs_in() {
         "{output}"
     );
 }
+
+#[tokio::test]
+async fn login_for_the_gmail_api_asks_only_for_gmail_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    write_config(dir.path(), &endpoint);
+    let args = [
+        "--config",
+        "sendbridge.toml",
+        "oauth",
+        "login",
+        "gmail",
+        "--no-browser-listener",
+    ];
+    let env = [("SENDBRIDGE_ACCOUNTS__GMAIL__TRANSPORT", "gmail-api")];
+    let mut cli = Cli::start(dir.path(), &args, &env);
+    let params = query(&cli.line_starting(&endpoint.url("/auth?")).await);
+    let send_scope = "https://www.googleapis.com/auth/gmail.send";
+    assert_eq!(params["scope"], send_scope, "not https://mail.google.com/");
+    let pasted = format!("?code={CODE}&state={}\n", params["state"]);
+    cli.stdin.write_all(pasted.as_bytes()).await.unwrap();
+    let (status, output) = cli.finish().await;
+    assert!(status.success(), "{output}");
+    let stored = Store::new(&dir.path().join("spool"), "gmail")
+        .unwrap()
+        .load()
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.scopes, [send_scope]);
+}
