@@ -321,6 +321,8 @@ pub fn reply_of(response: &Response) -> Reply {
         400 => (554, [5, 6, 0]),
         401 => (535, [5, 7, 8]),
         403 => (550, [5, 7, 1]),
+        // A draft gone between two calls, not the mailbox.
+        404 if code == "ErrorItemNotFound" => (451, [4, 3, 0]),
         404 => (550, [5, 1, 8]),
         413 => (552, [5, 3, 4]),
         429 => (451, [4, 7, 0]),
@@ -450,6 +452,13 @@ mod tests {
                 "554 5.6.0 Graph 400 ErrorMimeContentInvalidBase64String: Invalid base64 string for MIME content.",
                 Class::Rejected,
                 "upstream_rejected",
+            ),
+            (
+                404,
+                "ErrorItemNotFound",
+                "451 4.3.0 Graph 404 ErrorItemNotFound: The specified object was not found in the store.",
+                Class::Deferred,
+                "upstream_deferred",
             ),
             (
                 413,

@@ -391,16 +391,16 @@ impl Drop for FakeUpstream {
     }
 }
 
-struct TestPki {
-    ca_pem: String,
-    leaf_cert: CertificateDer<'static>,
-    leaf_key: PrivateKeyDer<'static>,
+pub struct TestPki {
+    pub ca_pem: String,
+    pub leaf_cert: CertificateDer<'static>,
+    pub leaf_key: PrivateKeyDer<'static>,
 }
 
 /// Creates a test CA and a server certificate for "localhost" and 127.0.0.1.
 /// The server certificate is signed by the CA when `trusted`, self-signed
 /// otherwise.
-fn generate_pki(trusted: bool) -> TestPki {
+pub fn generate_pki(trusted: bool) -> TestPki {
     let ca_key = KeyPair::generate().expect("generate CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
