@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64_URL};
 use common::fake_graph::{FakeGraph, MAX_REQUEST, Scripted};
 use common::log_capture::LogCapture;
+use common::process::sendbridge;
 use common::relay::{LOCAL_PASSWORD, LOCAL_USER, Relay};
 use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint};
 use common::tokens::TestTokens;
@@ -29,7 +30,11 @@ const MESSAGE: &str = "From: printer@contoso.com\r\nTo: a@example.com\r\nSubject
 /// Account `m365` sending through `graph` as `MAILBOX`, app-only; `extra`
 /// ends the account's table (more keys, or tables of its own).
 fn config(graph: &FakeGraph, token_url: &str, extra: &str) -> Config {
-    let toml = format!(
+    Config::from_toml(&config_toml(graph, token_url, extra)).expect("test configuration is valid")
+}
+
+fn config_toml(graph: &FakeGraph, token_url: &str, extra: &str) -> String {
+    format!(
         r#"
         [accounts.m365]
         transport = "graph"
@@ -56,8 +61,7 @@ fn config(graph: &FakeGraph, token_url: &str, extra: &str) -> Config {
         "#,
         api_url = graph.url(),
         ca_file = graph.ca_file().display(),
-    );
-    Config::from_toml(&toml).expect("test configuration is valid")
+    )
 }
 
 async fn relay(graph: &FakeGraph, tokens: &Arc<TestTokens>, extra: &str) -> Relay {
@@ -357,4 +361,65 @@ async fn without_sent_items_the_draft_is_marked_to_be_deleted_after_sending() {
     assert_eq!(sent[0].via, "draft");
     assert_eq!(sent[0].patched, ["\"Boolean 0x0E01\"=\"true\""]);
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_without_mail_send_holds_the_account_before_any_graph_request() {
+    let graph = FakeGraph::start(TOKEN).await;
+    // An app-only token issued before admin consent: no roles.
+    let claims = BASE64_URL.encode(r#"{"aud":"https://graph.microsoft.com","roles":[]}"#);
+    let jwt = format!("eyJ0eXAiOiJKV1QifQ.{claims}.c2ln");
+    let relay = relay(&graph, &TestTokens::new(&jwt), "").await;
+
+    send(&relay, &["a@example.com"], MESSAGE).await;
+
+    eventually("held", || async {
+        envelopes(&relay.spool, State::Held).len() == 1
+    })
+    .await;
+    let held = &envelopes(&relay.spool, State::Held)[0];
+    let last = held.last_reply.clone().unwrap_or_default();
+    assert!(last.contains("Graph 403 no Mail.Send"), "{last}");
+    assert!(graph.seen().is_empty(), "nothing was sent to Graph");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn check_gets_a_token_and_says_which_permissions_each_way_needs() {
+    let endpoint = TokenEndpoint::start().await;
+    let graph = FakeGraph::start("access-SECRET-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    let toml = config_toml(&graph, &endpoint.url("/token"), "");
+    std::fs::write(dir.path().join("config/sendbridge.toml"), toml).unwrap();
+
+    let command = sendbridge(dir.path(), &["check"], &[]).output();
+    let out = tokio::time::timeout(WAIT, command).await.unwrap().unwrap();
+
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("m365 "))
+        .expect("a row for m365");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells[..4],
+        ["m365", graph.url().as_str(), "https", "ok"],
+        "{stdout}"
+    );
+    assert!(
+        row.contains("Mail.Send") && row.contains("Mail.ReadWrite"),
+        "{row}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "account m365: {MAILBOX} through graph at {}",
+            graph.url()
+        )),
+        "{stdout}"
+    );
+    assert_eq!(endpoint.requests("client_credentials"), 1);
+    assert!(graph.seen().is_empty(), "check sends nothing");
+    assert!(!stdout.contains("SECRET"));
 }

@@ -262,6 +262,15 @@ impl Transport {
         }
     }
 
+    /// What an API transport's access allows, for `sendbridge check`; `None`
+    /// for SMTP, where signing in says it all.
+    pub async fn access(&self) -> Option<String> {
+        match self {
+            Transport::Smtp(_) => None,
+            Transport::Graph(graph) => Some(graph.access().await),
+        }
+    }
+
     /// A refused sign-in with `reply`, with the hint that fits this account
     /// (for a hold carried over from the previous run).
     pub fn sign_in_refused(&self, reply: Reply) -> Failure {
