@@ -423,3 +423,22 @@ async fn check_gets_a_token_and_says_which_permissions_each_way_needs() {
     assert!(graph.seen().is_empty(), "check sends nothing");
     assert!(!stdout.contains("SECRET"));
 }
+
+#[tokio::test]
+async fn the_status_page_and_metrics_show_the_transport() {
+    let graph = FakeGraph::start(TOKEN).await;
+    let relay = relay(&graph, &TestTokens::new(TOKEN), "").await;
+    let admin = relay.admin_addr.unwrap();
+
+    let status = common::http::get(admin, "/status.json", &[]).await;
+    let status: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    assert_eq!(status["accounts"][0]["transport"], "graph", "{status}");
+    let page = common::http::get(admin, "/", &[]).await.body;
+    assert!(page.contains("<td>m365</td><td>graph</td>"), "{page}");
+    let metrics = common::http::get(admin, "/metrics", &[]).await.body;
+    assert!(
+        metrics.contains("sendbridge_account_info{account=\"m365\",transport=\"graph\"} 1"),
+        "{metrics}"
+    );
+    relay.stop().await;
+}

@@ -210,6 +210,14 @@ impl Transport {
         }
     }
 
+    /// Which transport this is (`accounts.<name>.transport`).
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            Transport::Smtp(_) => TransportKind::Smtp,
+            Transport::Graph(_) => TransportKind::Graph,
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             Transport::Smtp(smtp) => smtp.name(),
