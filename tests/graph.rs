@@ -422,6 +422,25 @@ async fn check_gets_a_token_and_says_which_permissions_each_way_needs() {
     assert_eq!(endpoint.requests("client_credentials"), 1);
     assert!(graph.seen().is_empty(), "check sends nothing");
     assert!(!stdout.contains("SECRET"));
+
+    // `oauth status` names the flow and the scope Graph gets asked for.
+    let command = sendbridge(dir.path(), &["oauth", "status", "--check"], &[]).output();
+    let out = tokio::time::timeout(WAIT, command).await.unwrap().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("m365 "))
+        .expect("a row for m365");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    let scope = format!("{}/.default", graph.url());
+    assert_eq!(
+        cells[..3],
+        ["m365", "client_credentials", scope.as_str()],
+        "{stdout}"
+    );
+    assert!(row.trim_end().ends_with("ok"), "{stdout}");
+    assert!(!stdout.contains("SECRET"));
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use super::client::{EndpointError, Issued, TokenClient};
 use super::hints::sign_in_hint;
 use super::store::{Store, Stored};
 use crate::access_tokens::{AccessTokens, TokenFailure, TokenFuture};
-use crate::config::{AccountConfig, OAuth2Config, OAuthFlow};
+use crate::config::{AccountConfig, OAuth2Config, OAuthFlow, TransportKind};
 use crate::secret::Secret;
 use crate::spool::unix_millis;
 
@@ -28,6 +28,7 @@ const REFRESH_AHEAD: Duration = Duration::from_secs(300);
 pub struct Tokens {
     account: String,
     config: OAuth2Config,
+    transport: TransportKind,
     client: TokenClient,
     store: Store,
     cached: Mutex<Option<Cached>>,
@@ -65,6 +66,7 @@ impl Tokens {
             account: account.to_string(),
             client: TokenClient::new(config)?,
             config: oauth2,
+            transport: config.transport,
             store: Store::new(spool_dir, account)?,
             cached: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
@@ -182,7 +184,8 @@ impl Tokens {
     }
 
     fn hint(&self, error: Option<&str>) -> String {
-        sign_in_hint(&self.account, self.config.provider, self.config.flow, error)
+        let OAuth2Config { provider, flow, .. } = self.config;
+        sign_in_hint(&self.account, provider, flow, self.transport, error)
     }
 }
 
