@@ -66,8 +66,12 @@ pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
         .collect();
     let mut rows = Vec::new();
     for (((_, account), upstream), attempt) in accounts.into_iter().zip(&upstreams).zip(attempts) {
-        let (tls_version, result) = attempt.await?;
-        rows.push(CheckRow::new(upstream, account, tls_version, result));
+        let (tls_version, result, access) = attempt.await?;
+        let mut row = CheckRow::new(upstream, account, tls_version, result);
+        if let (Some(access), "ok") = (access, row.auth) {
+            row.detail = access;
+        }
+        rows.push(row);
     }
     out!("\n{}", check_table(&rows))?;
     let failed = rows.iter().filter(|row| row.auth != "ok").count();
@@ -105,11 +109,17 @@ fn accounts_to_check<'a>(
 
 /// Connects, secures, signs in and says goodbye: what `run` does before
 /// its first message. The TLS version negotiated, also when signing in
-/// then failed.
-async fn sign_in(upstream: Arc<Transport>) -> (Option<ProtocolVersion>, Result<(), Outcome>) {
+/// then failed, and for an API transport what its access allows.
+async fn sign_in(
+    upstream: Arc<Transport>,
+) -> (Option<ProtocolVersion>, Result<(), Outcome>, Option<String>) {
     let mut tls_version = None;
     let result = upstream.probe(&mut tls_version).await;
-    (tls_version, result)
+    let access = match result {
+        Ok(()) => upstream.access().await,
+        Err(_) => None,
+    };
+    (tls_version, result, access)
 }
 
 /// One account's line in the `check` table.
@@ -132,24 +142,19 @@ impl CheckRow {
         result: Result<(), Outcome>,
     ) -> Self {
         let (auth, detail, hint) = match result {
-            Ok(()) => {
-                let signed_in = format!("signed in as {}", account.username);
-                let detail = match upstream.check_note() {
-                    Some(note) => format!("{signed_in}; {note}"),
-                    None => signed_in,
-                };
-                ("ok", detail, None)
-            }
+            Ok(()) => ("ok", format!("signed in as {}", account.username), None),
             Err(outcome) => failure(outcome),
         };
         CheckRow {
             account: upstream.name().to_string(),
-            // An API transport's server is its base URL.
-            server: account.api_url().map_or_else(
-                || format!("{}:{}", account.host, account.port),
-                str::to_string,
-            ),
-            tls: tls_name(tls_version, account.tls_mode()),
+            server: match account.api_url() {
+                Some(url) => url.to_string(),
+                None => format!("{}:{}", account.host, account.port),
+            },
+            tls: match account.transport.is_api() {
+                true => "https".to_string(),
+                false => tls_name(tls_version, account.tls_mode()),
+            },
             auth,
             detail,
             hint,
@@ -223,14 +228,21 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
         outln!("listen_tls: {tls}")?;
     }
     for (name, account) in &config.accounts {
-        outln!(
-            "account {name}: {}@{}:{} ({:?}), sender {}",
-            account.username,
-            account.host,
-            account.port,
-            account.tls_mode(),
-            account.sender()
-        )?;
+        match account.api_url() {
+            Some(url) => outln!(
+                "account {name}: {} through {} at {url}",
+                account.username,
+                account.transport.name()
+            )?,
+            None => outln!(
+                "account {name}: {}@{}:{} ({:?}), sender {}",
+                account.username,
+                account.host,
+                account.port,
+                account.tls_mode(),
+                account.sender()
+            )?,
+        }
     }
     for (name, user) in &config.users {
         outln!(

@@ -12,6 +12,7 @@ use super::hold::Hold;
 use super::worker::Job;
 use crate::access_tokens::TokenSource;
 use crate::config::{AccountConfig, AuthMethod, OAuth2Config, TransportKind};
+use crate::observe::metrics;
 use crate::secret::Secret;
 use crate::send_window::SendWindow;
 use crate::spool::Spool;
@@ -126,6 +127,7 @@ impl Account {
             settings.daily_recipient_limit,
             now,
         );
+        metrics::account_transport(name, settings.transport.kind().name(), true);
         Account {
             name: name.to_string(),
             settings: RwLock::new(Arc::new(settings)),
@@ -151,6 +153,11 @@ impl Account {
     pub(super) fn replace(&self, settings: AccountSettings) -> bool {
         let mut current = self.settings.write().expect("settings lock");
         let sign_in_changed = current.sign_in != settings.sign_in;
+        let (was, is) = (current.transport.kind(), settings.transport.kind());
+        if was != is {
+            metrics::account_transport(&self.name, was.name(), false);
+            metrics::account_transport(&self.name, is.name(), true);
+        }
         self.window
             .lock()
             .expect("window lock")

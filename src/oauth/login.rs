@@ -45,8 +45,16 @@ pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> an
             EndpointError::Refused { error, .. } => Some(error.as_str()),
             EndpointError::Unreachable(_) => None,
         };
-        let hint =
-            error.map(|error| sign_in_hint(account, oauth2.provider, oauth2.flow, Some(error)));
+        let transport = account_config.transport;
+        let hint = error.map(|error| {
+            sign_in_hint(
+                account,
+                oauth2.provider,
+                oauth2.flow,
+                transport,
+                Some(error),
+            )
+        });
         anyhow::anyhow!(
             "{}{}",
             err.reason(),

@@ -7,6 +7,7 @@ use crate::config::{AuthMethod, Config, OAuthFlow};
 use crate::terminal::{format_time, table};
 use crate::{out, outln};
 
+use super::endpoints::Endpoints;
 use super::store::Store;
 use super::tokens::Tokens;
 
@@ -73,6 +74,7 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
             [
                 name.clone(),
                 flow.to_string(),
+                Endpoints::resolve(account).scope(),
                 file,
                 refresh_token,
                 expires,
@@ -87,6 +89,7 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
             [
                 "ACCOUNT",
                 "FLOW",
+                "SCOPES",
                 "TOKEN STORE",
                 "REFRESH TOKEN",
                 "LAST ACCESS TOKEN EXPIRES",

@@ -14,7 +14,7 @@ use super::hints::{service_account_hint, sign_in_hint};
 use super::service_account::{Claims, assertion};
 use super::store::{Store, Stored};
 use crate::access_tokens::{AccessTokens, TokenFailure, TokenFuture};
-use crate::config::{AccountConfig, OAuth2Config, OAuthFlow};
+use crate::config::{AccountConfig, OAuth2Config, OAuthFlow, TransportKind};
 use crate::secret::Secret;
 use crate::spool::unix_millis;
 
@@ -31,6 +31,7 @@ pub struct Tokens {
     /// The mailbox (`username`): a service account's subject.
     mailbox: String,
     config: OAuth2Config,
+    transport: TransportKind,
     client: TokenClient,
     store: Store,
     cached: Mutex<Option<Cached>>,
@@ -70,6 +71,7 @@ impl Tokens {
             mailbox: config.username.clone(),
             client: TokenClient::new(config)?,
             config: oauth2,
+            transport: config.transport,
             store: Store::new(spool_dir, account)?,
             cached: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
@@ -224,7 +226,8 @@ impl Tokens {
                 error,
             );
         }
-        sign_in_hint(&self.account, self.config.provider, self.config.flow, error)
+        let OAuth2Config { provider, flow, .. } = self.config;
+        sign_in_hint(&self.account, provider, flow, self.transport, error)
     }
 }
 

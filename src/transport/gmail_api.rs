@@ -41,6 +41,8 @@ pub const MAX_MESSAGE: usize = 35 * 1024 * 1024;
 
 pub struct GmailApiTransport {
     name: String,
+    /// `username`, the mailbox signed in as.
+    mailbox: String,
     /// `{api_url}`, the base every URL of this account starts with.
     api_url: String,
     http: HttpClient,
@@ -61,6 +63,7 @@ impl GmailApiTransport {
             .map(|oauth2| oauth2.client_id.clone());
         Ok(GmailApiTransport {
             name: name.to_string(),
+            mailbox: account.username.clone(),
             api_url: account
                 .api_url()
                 .expect("gmail-api has an API URL")
@@ -97,14 +100,15 @@ impl GmailApiTransport {
         }
     }
 
-    /// What `sendbridge check` adds to a sign-in that worked.
-    pub fn check_note(&self) -> String {
+    /// What the token allows, for `sendbridge check`.
+    pub fn access(&self) -> String {
         let granted = self
             .tokens
             .granted_scope()
             .unwrap_or_else(|| "scopes not listed by the token endpoint".to_string());
         format!(
-            "token grants: {granted}; with only {SEND_SCOPE} Gmail has no call that proves sending short of sending a message (users.getProfile needs a read scope)"
+            "signed in as {}; token grants: {granted}; with only {SEND_SCOPE} Gmail has no call that proves sending short of sending a message (users.getProfile needs a read scope)",
+            self.mailbox
         )
     }
 

@@ -98,6 +98,16 @@ impl GraphTransport {
         }
     }
 
+    /// For `sendbridge check`: what the access token grants, as far as it
+    /// says (its claims, not verified), and what each way of sending needs.
+    pub async fn access(&self) -> String {
+        let token = super::access_token(self.tokens.as_ref(), self.timeout).await;
+        let permissions = token
+            .ok()
+            .and_then(|token| super::graph_token::permissions(&token));
+        access_report(permissions.as_deref(), self.save_to_sent_items)
+    }
+
     /// A refused sign-in with `reply`, with the table's hint for it.
     pub fn sign_in_refused(&self, reply: Reply) -> Failure {
         let diagnosis = crate::provider_replies::diagnose(&self.name, &reply);
@@ -295,6 +305,27 @@ impl GraphTransport {
     }
 }
 
+/// What a token's permissions allow: `Mail.Send` for messages up to 3 MB
+/// sent whole; `Mail.ReadWrite` too for larger ones (and for all without
+/// Sent Items), which go as drafts.
+fn access_report(permissions: Option<&[String]>, save_to_sent_items: bool) -> String {
+    let Some(permissions) = permissions else {
+        return "token issued; it does not say what it grants: Graph needs Mail.Send, and Mail.ReadWrite for messages over 3 MB".to_string();
+    };
+    let has = |name: &str| permissions.iter().any(|p| p == name);
+    let drafts = match save_to_sent_items {
+        true => "messages over 3 MB",
+        false => "every message (save_to_sent_items = false sends drafts)",
+    };
+    match (has("Mail.Send"), has("Mail.ReadWrite")) {
+        (true, true) => {
+            "token grants Mail.Send and Mail.ReadWrite: every message can go".to_string()
+        }
+        (true, false) => format!("token grants Mail.Send; {drafts} also need Mail.ReadWrite"),
+        (false, _) => "token lacks Mail.Send".to_string(),
+    }
+}
+
 /// A failed request without an answer (connecting, TLS, a timeout).
 fn unanswered(what: String) -> Outcome {
     Outcome::unavailable(what, None)
@@ -321,6 +352,8 @@ pub fn reply_of(response: &Response) -> Reply {
         400 => (554, [5, 6, 0]),
         401 => (535, [5, 7, 8]),
         403 => (550, [5, 7, 1]),
+        // A draft gone between two calls, not the mailbox.
+        404 if code == "ErrorItemNotFound" => (451, [4, 3, 0]),
         404 => (550, [5, 1, 8]),
         413 => (552, [5, 3, 4]),
         429 => (451, [4, 7, 0]),
@@ -452,6 +485,13 @@ mod tests {
                 "upstream_rejected",
             ),
             (
+                404,
+                "ErrorItemNotFound",
+                "451 4.3.0 Graph 404 ErrorItemNotFound: The specified object was not found in the store.",
+                Class::Deferred,
+                "upstream_deferred",
+            ),
+            (
                 413,
                 "ErrorRequestEntityTooLarge",
                 "552 5.3.4 Graph 413 ErrorRequestEntityTooLarge: The request is too large.",
@@ -554,6 +594,35 @@ mod tests {
         assert_eq!(refused_recipient(&unnamed, &pending), None);
         let throttled = Outcome::from_reply("m365", reply_of(&answer(429, "")));
         assert_eq!(refused_recipient(&throttled, &pending), None);
+    }
+
+    #[test]
+    fn check_says_what_the_tokens_permissions_allow() {
+        let granted = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        // (permissions, Sent Items kept, report contains)
+        let table = [
+            (
+                Some(granted(&["Mail.Send"])),
+                true,
+                "messages over 3 MB also need Mail.ReadWrite",
+            ),
+            (
+                Some(granted(&["Mail.Send"])),
+                false,
+                "every message (save_to_sent_items = false sends drafts) also need Mail.ReadWrite",
+            ),
+            (
+                Some(granted(&["Mail.ReadWrite", "Mail.Send"])),
+                true,
+                "every message can go",
+            ),
+            (Some(granted(&["User.Read"])), true, "lacks Mail.Send"),
+            (None, true, "does not say what it grants"),
+        ];
+        for (permissions, kept, expected) in table {
+            let report = access_report(permissions.as_deref(), kept);
+            assert!(report.contains(expected), "{permissions:?}: {report}");
+        }
     }
 
     #[test]

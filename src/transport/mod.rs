@@ -213,6 +213,15 @@ impl Transport {
         }
     }
 
+    /// Which transport this is (`accounts.<name>.transport`).
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            Transport::Smtp(_) => TransportKind::Smtp,
+            Transport::Graph(_) => TransportKind::Graph,
+            Transport::GmailApi(_) => TransportKind::GmailApi,
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             Transport::Smtp(smtp) => smtp.name(),
@@ -271,12 +280,13 @@ impl Transport {
         }
     }
 
-    /// What `sendbridge check` says about a sign-in that worked, beyond
-    /// the account's name: for an API, what it could and could not prove.
-    pub fn check_note(&self) -> Option<String> {
+    /// What an API transport's access allows, for `sendbridge check`; `None`
+    /// for SMTP, where signing in says it all.
+    pub async fn access(&self) -> Option<String> {
         match self {
-            Transport::GmailApi(gmail) => Some(gmail.check_note()),
-            Transport::Smtp(_) | Transport::Graph(_) => None,
+            Transport::Smtp(_) => None,
+            Transport::Graph(graph) => Some(graph.access().await),
+            Transport::GmailApi(gmail) => Some(gmail.access()),
         }
     }
 

@@ -1,6 +1,7 @@
 // Each test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub mod fake_graph;
 pub mod fake_upstream;
 pub mod frozen_clock;
 pub mod gmail_api;
