@@ -29,15 +29,13 @@ use crate::access_tokens::{AccessTokens, TokenSource};
 use crate::config::{AccountConfig, OAuthFlow};
 use crate::observe::metrics;
 use crate::reply::Reply;
-use answers::{Signer, Verdict, cannot_send, judge};
-
-pub use answers::SEND_SCOPE;
+use answers::{SEND_SCOPE, Signer, Verdict, cannot_send, judge};
 
 /// Messages up to this size go as JSON: base64 makes the request a third
 /// larger, and Google advises simple requests up to about 5 MB.
 const JSON_UP_TO: usize = 3 * 1024 * 1024;
 /// Gmail's limit for `messages.send` through the upload URI.
-pub const MAX_MESSAGE: usize = 35 * 1024 * 1024;
+const MAX_MESSAGE: usize = 35 * 1024 * 1024;
 
 pub struct GmailApiTransport {
     name: String,
