@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64_URL};
+use base64::engine::general_purpose::STANDARD as BASE64;
 use common::fake_graph::{FakeGraph, MAX_REQUEST, Scripted};
 use common::log_capture::LogCapture;
 use common::process::sendbridge;
@@ -364,27 +364,6 @@ async fn without_sent_items_the_draft_is_marked_to_be_deleted_after_sending() {
 }
 
 #[tokio::test]
-async fn a_token_without_mail_send_holds_the_account_before_any_graph_request() {
-    let graph = FakeGraph::start(TOKEN).await;
-    // An app-only token issued before admin consent: no roles.
-    let claims = BASE64_URL.encode(r#"{"aud":"https://graph.microsoft.com","roles":[]}"#);
-    let jwt = format!("eyJ0eXAiOiJKV1QifQ.{claims}.c2ln");
-    let relay = relay(&graph, &TestTokens::new(&jwt), "").await;
-
-    send(&relay, &["a@example.com"], MESSAGE).await;
-
-    eventually("held", || async {
-        envelopes(&relay.spool, State::Held).len() == 1
-    })
-    .await;
-    let held = &envelopes(&relay.spool, State::Held)[0];
-    let last = held.last_reply.clone().unwrap_or_default();
-    assert!(last.contains("Graph 403 no Mail.Send"), "{last}");
-    assert!(graph.seen().is_empty(), "nothing was sent to Graph");
-    relay.stop().await;
-}
-
-#[tokio::test]
 async fn check_gets_a_token_and_says_which_permissions_each_way_needs() {
     let endpoint = TokenEndpoint::start().await;
     let graph = FakeGraph::start("access-SECRET-1").await;
@@ -420,7 +399,9 @@ async fn check_gets_a_token_and_says_which_permissions_each_way_needs() {
         "{stdout}"
     );
     assert_eq!(endpoint.requests("client_credentials"), 1);
-    assert!(graph.seen().is_empty(), "check sends nothing");
+    assert!(graph.sent().is_empty(), "check sends nothing");
+    let seen = graph.seen();
+    assert_eq!(seen.len(), 1, "one probe: {seen:?}");
     assert!(!stdout.contains("SECRET"));
 
     // `oauth status` names the flow and the scope Graph gets asked for.
@@ -458,6 +439,45 @@ async fn the_status_page_and_metrics_show_the_transport() {
     assert!(
         metrics.contains("sendbridge_account_info{account=\"m365\",transport=\"graph\"} 1"),
         "{metrics}"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_access_denied_hold_stays_until_graph_lets_the_mailbox_send() {
+    let graph = FakeGraph::start(TOKEN).await;
+    let denied = "Access is denied. Check credentials and try again.";
+    graph.script(Scripted::error(
+        "/sendMail",
+        403,
+        "ErrorAccessDenied",
+        denied,
+    ));
+    // The probe (a message without recipients) is refused the same way.
+    graph.script(Scripted::error(
+        "/sendMail",
+        403,
+        "ErrorAccessDenied",
+        denied,
+    ));
+    let mut config = config(&graph, "http://127.0.0.1:9/token", "");
+    config.delivery.retry_initial = Duration::from_millis(200);
+    let relay = Relay::start_with(config, Some(TestTokens::new(TOKEN).source())).await;
+
+    send(&relay, &["a@example.com"], MESSAGE).await;
+
+    // Held; the first probe finds access still denied, the second one
+    // passes (the admin consented) and the held message goes out.
+    let sent = graph.wait_for_sent(1, WAIT).await;
+    assert!(text(&sent[0].mime).contains("Invoice attached."));
+    let sendmails = graph
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with("/sendMail"))
+        .count();
+    assert_eq!(
+        sendmails, 4,
+        "message, refused probe, passing probe, message"
     );
     relay.stop().await;
 }

@@ -290,6 +290,13 @@ async fn answer(
                     "Invalid base64 string for MIME content.",
                 );
             };
+            if !names_recipients(&mime) {
+                return graph_error(
+                    400,
+                    "ErrorInvalidRecipients",
+                    "At least one recipient is not valid., A message can't be sent because it contains no recipients.",
+                );
+            }
             let mailbox = mailbox.to_string();
             sent.send_modify(|sent| {
                 sent.push(GraphSent {
@@ -507,4 +514,18 @@ fn percent_decoded(path: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the header section has a To, Cc or Bcc field.
+fn names_recipients(mime: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(mime);
+    let header = text.split("\r\n\r\n").next().unwrap_or_default();
+    header.split("\r\n").any(|line| {
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        matches!(name.as_str(), "to" | "cc" | "bcc")
+    })
 }
