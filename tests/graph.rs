@@ -81,6 +81,12 @@ fn envelopes(spool: &Path, state: State) -> Vec<sendbridge::spool::Envelope> {
     Spool::open(spool).unwrap().list(state).unwrap()
 }
 
+/// The `sendbridge` command with `args`, run in `dir`.
+async fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    let command = sendbridge(dir, args, &[]).output();
+    tokio::time::timeout(WAIT, command).await.unwrap().unwrap()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -210,9 +216,7 @@ async fn throttling_defers_no_sooner_than_retry_after() {
             )
         });
         // A backoff far shorter than what Graph asks for.
-        let extra = "";
-        let config = config(&graph, "http://127.0.0.1:9/token", extra);
-        let mut config = config;
+        let mut config = config(&graph, "http://127.0.0.1:9/token", "");
         config.delivery.retry_initial = Duration::from_secs(1);
         let relay = Relay::start_with(config, Some(TestTokens::new(TOKEN).source())).await;
         let before = unix_millis();
@@ -372,8 +376,7 @@ async fn check_gets_a_token_and_says_which_permissions_each_way_needs() {
     let toml = config_toml(&graph, &endpoint.url("/token"), "");
     std::fs::write(dir.path().join("config/sendbridge.toml"), toml).unwrap();
 
-    let command = sendbridge(dir.path(), &["check"], &[]).output();
-    let out = tokio::time::timeout(WAIT, command).await.unwrap().unwrap();
+    let out = run(dir.path(), &["check"]).await;
 
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
@@ -405,8 +408,7 @@ async fn check_gets_a_token_and_says_which_permissions_each_way_needs() {
     assert!(!stdout.contains("SECRET"));
 
     // `oauth status` names the flow and the scope Graph gets asked for.
-    let command = sendbridge(dir.path(), &["oauth", "status", "--check"], &[]).output();
-    let out = tokio::time::timeout(WAIT, command).await.unwrap().unwrap();
+    let out = run(dir.path(), &["oauth", "status", "--check"]).await;
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     let row = stdout
@@ -479,5 +481,42 @@ async fn an_access_denied_hold_stays_until_graph_lets_the_mailbox_send() {
         sendmails, 4,
         "message, refused probe, passing probe, message"
     );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_graph_that_never_answers_defers_after_the_accounts_timeout() {
+    let graph = FakeGraph::start(TOKEN).await;
+    // Accepts connections and never says a word (not even TLS).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held_open = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let mut config = config(&graph, "http://127.0.0.1:9/token", "");
+    let account = config.accounts.get_mut("m365").unwrap();
+    account.api_url = Some(format!("https://127.0.0.1:{port}"));
+    account.timeout = Duration::from_secs(1);
+    let relay = Relay::start_with(config, Some(TestTokens::new(TOKEN).source())).await;
+
+    let started = std::time::Instant::now();
+    assert_eq!(send(&relay, &["a@example.com"], MESSAGE).await, 250);
+    eventually("deferred", || async {
+        envelopes(&relay.spool, State::Deferred).len() == 1
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let deferred = &envelopes(&relay.spool, State::Deferred)[0];
+    let last = deferred.last_reply.clone().unwrap_or_default();
+    assert!(last.contains("no answer to POST"), "{last}");
+    assert!(!last.contains(TOKEN));
+    held_open.abort();
     relay.stop().await;
 }
