@@ -37,8 +37,8 @@ const MAX_REQUEST: usize = 4_000_000;
 /// Attachments from this size on go through an upload session; smaller ones
 /// are attached in one request (Graph's documented threshold).
 const UPLOAD_SESSION_FROM: usize = 3 * 1024 * 1024;
-/// An upload session takes ranges in multiples of 320 KiB, at most 60 MiB;
-/// ten make a request under `MAX_REQUEST`.
+/// An upload session takes ranges of up to 4 MB per request; 320 KiB
+/// multiples, as Microsoft's upload sessions elsewhere require.
 const UPLOAD_CHUNK: usize = 10 * 320 * 1024;
 
 pub struct GraphTransport {
@@ -50,6 +50,10 @@ pub struct GraphTransport {
     timeout: Duration,
     save_to_sent_items: bool,
 }
+
+/// The probe's message: no recipient, so nothing can be sent.
+const PROBE_MESSAGE: &[u8] =
+    b"Subject: sendbridge access check (no recipients, never sent)\r\n\r\nNothing.\r\n";
 
 /// What a Graph call ended in: an answer, or an outcome without one.
 type Answered = Result<Response, Outcome>;
@@ -73,28 +77,27 @@ impl GraphTransport {
         &self.name
     }
 
-    /// Gets an access token: Graph has no sign-in of its own, and no call
-    /// that proves `Mail.Send` short of sending, so the token's permissions
-    /// are read from it (unverified) and a missing `Mail.Send` is refused
-    /// here already.
+    /// Gets an access token: Graph has no sign-in of its own. What the
+    /// token grants is not judged here: with RBAC for Applications, Exchange
+    /// grants Mail.Send without the token naming it.
     pub async fn connect(&self) -> Result<(), Outcome> {
-        let token = super::access_token(self.tokens.as_ref(), self.timeout).await?;
-        match super::graph_token::permissions(&token) {
-            Some(permissions) if !permissions.iter().any(|p| p == "Mail.Send") => {
-                Err(Outcome::AuthFailed(self.sign_in_refused(Reply::new(
-                    550,
-                    [5, 7, 1],
-                    format!(
-                        "Graph 403 no Mail.Send: the access token grants {}",
-                        if permissions.is_empty() {
-                            "no permissions".to_string()
-                        } else {
-                            permissions.join(", ")
-                        }
-                    ),
-                ))))
-            }
-            _ => Ok(()),
+        super::access_token(self.tokens.as_ref(), self.timeout)
+            .await
+            .map(drop)
+    }
+
+    /// Proves that the mailbox may send, without sending: a message without
+    /// recipients, which Graph refuses with `400 ErrorInvalidRecipients`
+    /// only after the token, the permission and the mailbox passed (`403`
+    /// and `404` come first). For the hold's probe and `sendbridge check`.
+    pub async fn probe(&self) -> Result<(), Outcome> {
+        let url = format!("{}/sendMail", self.mailbox_url);
+        let nobody = BASE64.encode(PROBE_MESSAGE).into_bytes();
+        let answered = self.call(Method::POST, &url, "text/plain", nobody).await;
+        match self.outcome(answered) {
+            Outcome::Delivered(_) => Ok(()),
+            Outcome::Rejected(failure) if failure.reason == "unknown_recipient" => Ok(()),
+            refused => Err(refused),
         }
     }
 
@@ -322,7 +325,7 @@ fn access_report(permissions: Option<&[String]>, save_to_sent_items: bool) -> St
             "token grants Mail.Send and Mail.ReadWrite: every message can go".to_string()
         }
         (true, false) => format!("token grants Mail.Send; {drafts} also need Mail.ReadWrite"),
-        (false, _) => "token lacks Mail.Send".to_string(),
+        (false, _) => "token does not name Mail.Send: Graph refuses to send unless RBAC for Applications grants it to the app".to_string(),
     }
 }
 
@@ -616,7 +619,11 @@ mod tests {
                 true,
                 "every message can go",
             ),
-            (Some(granted(&["User.Read"])), true, "lacks Mail.Send"),
+            (
+                Some(granted(&["User.Read"])),
+                true,
+                "unless RBAC for Applications",
+            ),
             (None, true, "does not say what it grants"),
         ];
         for (permissions, kept, expected) in table {

@@ -1,8 +1,8 @@
 //! What a Microsoft access token says it grants: the `roles` claim
 //! (application permissions) or `scp` (delegated scopes) of its JWT
 //! payload, read without verifying the signature. The token is for Graph,
-//! not for us; this only lets `check` and the hold's probe say early that
-//! `Mail.Send` is missing.
+//! not for us; this only lets `check` say what it seems to grant (with RBAC
+//! for Applications, Exchange grants Mail.Send without the token naming it).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -213,6 +213,14 @@ impl FakeGraph {
     }
 }
 
+fn not_found() -> Response {
+    graph_error(
+        404,
+        "ErrorItemNotFound",
+        "The specified object was not found in the store.",
+    )
+}
+
 fn graph_error(status: u16, code: &str, message: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap();
     let body = json!({"error": {"code": code, "message": message}}).to_string();
@@ -290,6 +298,13 @@ async fn answer(
                     "Invalid base64 string for MIME content.",
                 );
             };
+            if !names_recipients(&mime) {
+                return graph_error(
+                    400,
+                    "ErrorInvalidRecipients",
+                    "At least one recipient is not valid., A message can't be sent because it contains no recipients.",
+                );
+            }
             let mailbox = mailbox.to_string();
             sent.send_modify(|sent| {
                 sent.push(GraphSent {
@@ -326,11 +341,7 @@ async fn answer(
         }
         ("PATCH", ["v1.0", "users", _, "messages", id]) => {
             let Some(draft) = shared.drafts.get_mut(*id) else {
-                return graph_error(
-                    404,
-                    "ErrorItemNotFound",
-                    "The specified object was not found in the store.",
-                );
+                return not_found();
             };
             let patch: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             for property in patch["singleValueExtendedProperties"]
@@ -347,11 +358,7 @@ async fn answer(
         ("POST", ["v1.0", "users", _, "messages", id, "attachments"]) => {
             let attachment: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let Some(draft) = shared.drafts.get_mut(*id) else {
-                return graph_error(
-                    404,
-                    "ErrorItemNotFound",
-                    "The specified object was not found in the store.",
-                );
+                return not_found();
             };
             let bytes = BASE64
                 .decode(attachment["contentBytes"].as_str().unwrap_or_default())
@@ -373,11 +380,7 @@ async fn answer(
             ],
         ) => {
             if !shared.drafts.contains_key(*id) {
-                return graph_error(
-                    404,
-                    "ErrorItemNotFound",
-                    "The specified object was not found in the store.",
-                );
+                return not_found();
             }
             let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let item = &request["AttachmentItem"];
@@ -403,11 +406,7 @@ async fn answer(
         }
         ("POST", ["v1.0", "users", _, "messages", id, "send"]) => {
             let Some(draft) = shared.drafts.remove(*id) else {
-                return graph_error(
-                    404,
-                    "ErrorItemNotFound",
-                    "The specified object was not found in the store.",
-                );
+                return not_found();
             };
             sent.send_modify(|sent| {
                 sent.push(GraphSent {
@@ -507,4 +506,18 @@ fn percent_decoded(path: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the header section has a To, Cc or Bcc field.
+fn names_recipients(mime: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(mime);
+    let header = text.split("\r\n\r\n").next().unwrap_or_default();
+    header.split("\r\n").any(|line| {
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        matches!(name.as_str(), "to" | "cc" | "bcc")
+    })
 }
