@@ -407,11 +407,18 @@ async fn a_service_account_without_delegation_is_held_with_the_admin_console_ste
     assert!(!log.text().contains("PRIVATE KEY"));
 }
 
-/// `sendbridge check` with the token endpoint granting `scope`.
-async fn check_granting(scope: &str) -> (bool, String, FakeGmailApi) {
+/// `sendbridge check` with the token endpoint granting `scope` (when it
+/// lists scopes) and Gmail answering `failure` first.
+async fn check_granting(
+    scope: Option<&str>,
+    failure: Option<Failure>,
+) -> (bool, String, FakeGmailApi) {
     let api = FakeGmailApi::start().await;
+    if let Some(failure) = failure {
+        api.fail_next(failure);
+    }
     let endpoint = TokenEndpoint::start().await;
-    endpoint.script().scope = Some(scope.to_string());
+    endpoint.script().scope = scope.map(str::to_string);
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let sign_in = person_signed_in(&endpoint, &spool);
@@ -428,8 +435,8 @@ async fn check_granting(scope: &str) -> (bool, String, FakeGmailApi) {
 }
 
 #[tokio::test]
-async fn check_gets_a_token_and_says_what_it_grants_and_what_cannot_be_proven() {
-    let (success, output, api) = check_granting(SEND_SCOPE).await;
+async fn check_proves_sending_with_a_message_nobody_gets_and_says_what_the_token_grants() {
+    let (success, output, api) = check_granting(Some(SEND_SCOPE), None).await;
     assert!(success, "{output}");
     let row = output
         .lines()
@@ -438,20 +445,44 @@ async fn check_gets_a_token_and_says_what_it_grants_and_what_cannot_be_proven() 
     assert!(row.contains(" ok "), "{output}");
     assert!(
         row.contains(&format!("token grants: {SEND_SCOPE}"))
-            && row.contains("users.getProfile needs a read scope"),
+            && row.contains("users.getProfile needs a read scope")
+            && row.contains("Recipient address required"),
         "{output}"
     );
-    assert!(api.requests().is_empty(), "nothing is sent to prove it");
+    // Proven by a message without recipients, which Google refuses.
+    assert_eq!(api.requests(), ["POST /gmail/v1/users/me/messages/send"]);
+    assert!(api.sent().is_empty(), "nothing was sent");
 }
 
 #[tokio::test]
 async fn check_refuses_a_token_that_cannot_send() {
     let (success, output, _api) =
-        check_granting("https://www.googleapis.com/auth/gmail.readonly").await;
+        check_granting(Some("https://www.googleapis.com/auth/gmail.readonly"), None).await;
     assert!(!success, "{output}");
     assert!(output.contains("refused"), "{output}");
     assert!(
         output.contains(&format!("hint: the access token lacks the scope {SEND_SCOPE}: run `sendbridge oauth login gmail`")),
         "{output}"
     );
+}
+
+#[tokio::test]
+async fn check_proves_the_scope_when_the_token_endpoint_does_not_list_it() {
+    let missing = failure(
+        403,
+        "insufficientPermissions",
+        "PERMISSION_DENIED",
+        "Request had insufficient authentication scopes.",
+    );
+    let (success, output, api) = check_granting(None, Some(missing)).await;
+    assert!(!success, "{output}");
+    assert!(
+        output.contains("refused") && output.contains("insufficientPermissions"),
+        "{output}"
+    );
+    assert!(
+        output.contains(&format!("lacks the scope {SEND_SCOPE}")),
+        "{output}"
+    );
+    assert!(api.sent().is_empty());
 }

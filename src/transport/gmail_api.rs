@@ -98,6 +98,23 @@ impl GmailApiTransport {
         }
     }
 
+    /// Proves that the token, its scope and the mailbox work without
+    /// sending anything (for a hold's probe and `sendbridge check`): a
+    /// message without recipients, which Google refuses with "Recipient
+    /// address required" only once all of those passed.
+    pub async fn probe(&self) -> Result<(), Outcome> {
+        self.connect().await?;
+        let nobody = format!(
+            "From: {}\r\nSubject: sendbridge sign-in check\r\n\r\nNot sent: it has no recipients.\r\n",
+            self.mailbox
+        );
+        match finished(self.send_json(nobody.as_bytes()).await) {
+            Outcome::Delivered(_) => Ok(()),
+            Outcome::Rejected(failure) if failure.reason == "invalid_recipient" => Ok(()),
+            refused => Err(refused),
+        }
+    }
+
     /// What the token allows, for `sendbridge check`.
     pub fn access(&self) -> String {
         let granted = self
@@ -105,7 +122,7 @@ impl GmailApiTransport {
             .granted_scope()
             .unwrap_or_else(|| "scopes not listed by the token endpoint".to_string());
         format!(
-            "signed in as {}; token grants: {granted}; with only {SEND_SCOPE} Gmail has no call that proves sending short of sending a message (users.getProfile needs a read scope)",
+            "signed in as {}; token grants: {granted}; with only {SEND_SCOPE} there is no read call (users.getProfile needs a read scope), so a message without recipients was sent, and Google refused it as it should (\"Recipient address required\")",
             self.mailbox
         )
     }
@@ -149,12 +166,7 @@ impl GmailApiTransport {
             return outcome;
         }
         if mime.len() <= JSON_UP_TO {
-            let url = format!("{}/gmail/v1/users/me/messages/send", self.api_url);
-            let body = serde_json::json!({ "raw": URL_SAFE.encode(mime) }).to_string();
-            match self
-                .verdict(&url, "application/json", body.into_bytes())
-                .await
-            {
+            match self.send_json(mime).await {
                 Verdict::TooLarge(_) => {}
                 verdict => return finished(verdict),
             }
@@ -211,12 +223,17 @@ impl GmailApiTransport {
             .is_some_and(|rest| rest.starts_with('/'))
     }
 
-    async fn verdict(&self, url: &str, content_type: &str, body: Vec<u8>) -> Verdict {
+    /// `messages.send` with the message as JSON (`raw`).
+    async fn send_json(&self, mime: &[u8]) -> Verdict {
+        let url = format!("{}/gmail/v1/users/me/messages/send", self.api_url);
+        let body = serde_json::json!({ "raw": URL_SAFE.encode(mime) })
+            .to_string()
+            .into_bytes();
         let answered = self
             .call(
-                |request| request.body(content_type, body.clone()),
+                |request| request.body("application/json", body.clone()),
                 Method::POST,
-                url,
+                &url,
             )
             .await;
         self.judged(answered)

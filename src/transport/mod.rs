@@ -265,11 +265,14 @@ impl Transport {
     /// check`), and notes in `tls_version` the TLS version as soon as it is
     /// negotiated, so that a refused sign-in still shows it.
     pub async fn probe(&self, tls_version: &mut Option<ProtocolVersion>) -> Result<(), Outcome> {
-        if let Transport::Graph(graph) = self {
-            return graph.probe().await;
+        match self {
+            Transport::Graph(graph) => graph.probe().await,
+            Transport::GmailApi(gmail) => gmail.probe().await,
+            Transport::Smtp(_) => {
+                self.connect_noting(tls_version).await?.quit().await;
+                Ok(())
+            }
         }
-        self.connect_noting(tls_version).await?.quit().await;
-        Ok(())
     }
 
     async fn connect_noting(
