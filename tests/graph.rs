@@ -532,3 +532,39 @@ async fn a_graph_that_never_answers_defers_after_the_accounts_timeout() {
     held_open.abort();
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn swaks_mail_with_a_blind_copy_reaches_graph_with_bcc_and_the_to_it_wrote() {
+    if !common::tools::tool_available("swaks") {
+        return;
+    }
+    let graph = FakeGraph::start(TOKEN).await;
+    let relay = relay(&graph, &TestTokens::new(TOKEN), "").await;
+
+    let mut command = tokio::process::Command::new("swaks");
+    command
+        .args(["--server", &relay.addr.to_string()])
+        .args(["--auth", "PLAIN", "--auth-user", LOCAL_USER])
+        .args(["--auth-password", LOCAL_PASSWORD])
+        .args(["--from", "billing@legacy.example"])
+        .args(["--to", "a@example.com,boss@example.com"])
+        .args([
+            "--header",
+            "To: a@example.com",
+            "--header",
+            "Subject: swaks test",
+        ])
+        .args(["--body", "hello", "--silent", "2"]);
+    let output = tokio::time::timeout(WAIT, command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    let sent = graph.wait_for_sent(1, WAIT).await;
+    let mime = text(&sent[0].mime);
+    assert!(mime.starts_with("Bcc: boss@example.com\r\n"), "{mime}");
+    assert!(mime.contains("\r\nTo: a@example.com\r\n"), "{mime}");
+    assert!(mime.contains("Subject: swaks test"), "{mime}");
+    relay.stop().await;
+}
