@@ -568,3 +568,38 @@ async fn swaks_mail_with_a_blind_copy_reaches_graph_with_bcc_and_the_to_it_wrote
     assert!(mime.contains("Subject: swaks test"), "{mime}");
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_without_an_answer_is_not_sent_again_at_once() {
+    let graph = FakeGraph::start(TOKEN).await;
+    let mut config = config(&graph, "http://127.0.0.1:9/token", "");
+    let account = config.accounts.get_mut("m365").unwrap();
+    account.timeout = Duration::from_secs(1);
+    // One worker: the second message goes over the first one's connection.
+    account.max_connections = 1;
+    let relay = Relay::start_with(config, Some(TestTokens::new(TOKEN).source())).await;
+    assert_eq!(send(&relay, &["a@example.com"], MESSAGE).await, 250);
+    graph.wait_for_sent(1, WAIT).await;
+
+    // The next sendMail gets its answer only after the relay gave up: Graph
+    // may have sent it.
+    graph.script(Scripted {
+        delay: Some(Duration::from_secs(3)),
+        ..Scripted::error("/sendMail", 503, "ServiceUnavailable", "late")
+    });
+    assert_eq!(send(&relay, &["a@example.com"], MESSAGE).await, 250);
+    eventually("deferred", || async {
+        envelopes(&relay.spool, State::Deferred).len() == 1
+    })
+    .await;
+    let sendmails = graph
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with("/sendMail"))
+        .count();
+    assert_eq!(
+        sendmails, 2,
+        "no second request right after the one unanswered"
+    );
+    relay.stop().await;
+}
