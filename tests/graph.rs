@@ -532,3 +532,74 @@ async fn a_graph_that_never_answers_defers_after_the_accounts_timeout() {
     held_open.abort();
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn swaks_mail_with_a_blind_copy_reaches_graph_with_bcc_and_the_to_it_wrote() {
+    if !common::tools::tool_available("swaks") {
+        return;
+    }
+    let graph = FakeGraph::start(TOKEN).await;
+    let relay = relay(&graph, &TestTokens::new(TOKEN), "").await;
+
+    let mut command = tokio::process::Command::new("swaks");
+    command
+        .args(["--server", &relay.addr.to_string()])
+        .args(["--auth", "PLAIN", "--auth-user", LOCAL_USER])
+        .args(["--auth-password", LOCAL_PASSWORD])
+        .args(["--from", "billing@legacy.example"])
+        .args(["--to", "a@example.com,boss@example.com"])
+        .args([
+            "--header",
+            "To: a@example.com",
+            "--header",
+            "Subject: swaks test",
+        ])
+        .args(["--body", "hello", "--silent", "2"]);
+    let output = tokio::time::timeout(WAIT, command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    let sent = graph.wait_for_sent(1, WAIT).await;
+    let mime = text(&sent[0].mime);
+    assert!(mime.starts_with("Bcc: boss@example.com\r\n"), "{mime}");
+    assert!(mime.contains("\r\nTo: a@example.com\r\n"), "{mime}");
+    assert!(mime.contains("Subject: swaks test"), "{mime}");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_without_an_answer_is_not_sent_again_at_once() {
+    let graph = FakeGraph::start(TOKEN).await;
+    let mut config = config(&graph, "http://127.0.0.1:9/token", "");
+    let account = config.accounts.get_mut("m365").unwrap();
+    account.timeout = Duration::from_secs(1);
+    // One worker: the second message goes over the first one's connection.
+    account.max_connections = 1;
+    let relay = Relay::start_with(config, Some(TestTokens::new(TOKEN).source())).await;
+    assert_eq!(send(&relay, &["a@example.com"], MESSAGE).await, 250);
+    graph.wait_for_sent(1, WAIT).await;
+
+    // The next sendMail gets its answer only after the relay gave up: Graph
+    // may have sent it.
+    graph.script(Scripted {
+        delay: Some(Duration::from_secs(3)),
+        ..Scripted::error("/sendMail", 503, "ServiceUnavailable", "late")
+    });
+    assert_eq!(send(&relay, &["a@example.com"], MESSAGE).await, 250);
+    eventually("deferred", || async {
+        envelopes(&relay.spool, State::Deferred).len() == 1
+    })
+    .await;
+    let sendmails = graph
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with("/sendMail"))
+        .count();
+    assert_eq!(
+        sendmails, 2,
+        "no second request right after the one unanswered"
+    );
+    relay.stop().await;
+}

@@ -111,14 +111,11 @@ impl GraphTransport {
         access_report(permissions.as_deref(), self.save_to_sent_items)
     }
 
-    /// A refused sign-in with `reply`, with the table's hint for it.
+    /// A refused sign-in with `reply`: Graph's own answers get the table's
+    /// hint; any other (a hold carried over from the previous run) says
+    /// what the probe checks.
     pub fn sign_in_refused(&self, reply: Reply) -> Failure {
-        let diagnosis = crate::provider_replies::diagnose(&self.name, &reply);
-        Failure {
-            reply,
-            reason: diagnosis.reason,
-            hint: diagnosis.hint,
-        }
+        sign_in_refused(&self.name, reply)
     }
 
     /// Sends `message` to exactly `recipients` (api_recipients). A recipient
@@ -305,6 +302,24 @@ impl GraphTransport {
             }
             other => other,
         }
+    }
+}
+
+fn sign_in_refused(account: &str, reply: Reply) -> Failure {
+    if reply.text.starts_with("Graph ") {
+        let diagnosis = crate::provider_replies::diagnose(account, &reply);
+        return Failure {
+            reply,
+            reason: diagnosis.reason,
+            hint: diagnosis.hint,
+        };
+    }
+    Failure {
+        reply,
+        reason: "upstream_auth",
+        hint: Some(format!(
+            "the next probe checks that Microsoft Graph lets the app send as accounts.{account}.username (token, Mail.Send, the mailbox)"
+        )),
     }
 }
 
@@ -629,6 +644,28 @@ mod tests {
         for (permissions, kept, expected) in table {
             let report = access_report(permissions.as_deref(), kept);
             assert!(report.contains(expected), "{permissions:?}: {report}");
+        }
+    }
+
+    #[test]
+    fn a_hold_carried_over_gets_a_graph_hint_not_gmails() {
+        // (reply, hint contains)
+        let table = [
+            (
+                reply_of(&answer(403, &error("ErrorAccessDenied", "x"))),
+                "admin consent",
+            ),
+            (
+                Reply::new(535, [5, 7, 8], "held at the previous run; checking sign-in"),
+                "the next probe checks that Microsoft Graph",
+            ),
+        ];
+        for (reply, expected) in table {
+            let hint = sign_in_refused("m365", reply).hint.unwrap();
+            assert!(
+                hint.contains(expected) && !hint.contains("app password"),
+                "{hint}"
+            );
         }
     }
 

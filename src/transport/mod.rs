@@ -308,6 +308,13 @@ impl Transport {
 }
 
 impl Connection {
+    /// Whether the server may have closed it while it was idle, so that a
+    /// failure without a reply says nothing about the message. An API
+    /// transport has no connection of its own to go stale.
+    pub fn may_have_gone_stale(&self) -> bool {
+        matches!(self, Connection::Smtp(_))
+    }
+
     /// Says goodbye; the connection is gone either way.
     pub async fn quit(self) {
         match self {

@@ -68,6 +68,8 @@ pub struct Scripted {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<&'static str>,
+    /// Answers only after this long (a Graph that is slow to answer).
+    pub delay: Option<Duration>,
 }
 
 impl Scripted {
@@ -83,6 +85,7 @@ impl Scripted {
             code,
             message: message.to_string(),
             retry_after: None,
+            delay: None,
         }
     }
 }
@@ -227,7 +230,25 @@ fn graph_error(status: u16, code: &str, message: &str) -> Response {
     (status, [("Content-Type", "application/json")], body).into_response()
 }
 
+/// Answers after the scripted delay, if any.
 async fn answer(
+    state: State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let response = respond(state, method, uri, headers, body);
+    if let Some(Delay(delay)) = response.extensions().get::<Delay>() {
+        tokio::time::sleep(*delay).await;
+    }
+    response
+}
+
+#[derive(Clone, Copy)]
+struct Delay(Duration);
+
+fn respond(
     State((shared, sent)): State<AppState>,
     method: Method,
     uri: Uri,
@@ -284,6 +305,9 @@ async fn answer(
             response
                 .headers_mut()
                 .insert("Retry-After", after.parse().unwrap());
+        }
+        if let Some(delay) = scripted.delay {
+            response.extensions_mut().insert(Delay(delay));
         }
         return response;
     }
