@@ -30,6 +30,11 @@ pub trait AccessTokens: Send + Sync {
     /// The upstream refused `token`: the next `current` refreshes instead
     /// of returning it again.
     fn refused(&self, token: &Secret);
+    /// The scopes the current token was granted (space-separated), when
+    /// the token endpoint said.
+    fn granted_scope(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Makes the access-token source of an `auth = "oauth2"` account from its

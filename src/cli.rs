@@ -84,8 +84,12 @@ pub async fn check(config: &Config, only: Option<&str>) -> anyhow::Result<()> {
         .collect();
     let mut rows = Vec::new();
     for (((_, account), upstream), attempt) in accounts.into_iter().zip(&upstreams).zip(attempts) {
-        let (tls_version, result) = attempt.await?;
-        rows.push(CheckRow::new(upstream, account, tls_version, result));
+        let (tls_version, result, access) = attempt.await?;
+        let mut row = CheckRow::new(upstream, account, tls_version, result);
+        if let (Some(access), "ok") = (access, row.auth) {
+            row.detail = access;
+        }
+        rows.push(row);
     }
     out!("\n{}", check_table(&rows))?;
     let failed = rows.iter().filter(|row| row.auth != "ok").count();
@@ -123,11 +127,17 @@ fn accounts_to_check<'a>(
 
 /// Connects, secures, signs in and says goodbye: what `run` does before
 /// its first message. The TLS version negotiated, also when signing in
-/// then failed.
-async fn sign_in(upstream: Arc<Transport>) -> (Option<ProtocolVersion>, Result<(), Outcome>) {
+/// then failed, and for an API transport what its access allows.
+async fn sign_in(
+    upstream: Arc<Transport>,
+) -> (Option<ProtocolVersion>, Result<(), Outcome>, Option<String>) {
     let mut tls_version = None;
     let result = upstream.probe(&mut tls_version).await;
-    (tls_version, result)
+    let access = match result {
+        Ok(()) => upstream.access().await,
+        Err(_) => None,
+    };
+    (tls_version, result, access)
 }
 
 /// One account's line in the `check` table.
@@ -155,8 +165,14 @@ impl CheckRow {
         };
         CheckRow {
             account: upstream.name().to_string(),
-            server: format!("{}:{}", account.host, account.port),
-            tls: tls_name(tls_version, account.tls_mode()),
+            server: match account.api_url() {
+                Some(url) => url.to_string(),
+                None => format!("{}:{}", account.host, account.port),
+            },
+            tls: match account.transport.is_api() {
+                true => "https".to_string(),
+                false => tls_name(tls_version, account.tls_mode()),
+            },
             auth,
             detail,
             hint,
@@ -254,14 +270,21 @@ fn summarise(config: &Config) -> anyhow::Result<()> {
         outln!("note: {note}")?;
     }
     for (name, account) in &config.accounts {
-        outln!(
-            "account {name}: {}@{}:{} ({:?}), sender {}",
-            account.username,
-            account.host,
-            account.port,
-            account.tls_mode(),
-            account.sender()
-        )?;
+        match account.api_url() {
+            Some(url) => outln!(
+                "account {name}: {} through {} at {url}",
+                account.username,
+                account.transport.name()
+            )?,
+            None => outln!(
+                "account {name}: {}@{}:{} ({:?}), sender {}",
+                account.username,
+                account.host,
+                account.port,
+                account.tls_mode(),
+                account.sender()
+            )?,
+        }
         if let Some(provider) = account.provider {
             outln!("  preset {provider}: {}", preset(provider).setup_for(name))?;
         }

@@ -7,6 +7,7 @@
 mod listeners;
 mod load;
 mod presets;
+mod service_account;
 mod startup;
 mod validate;
 mod values;
@@ -24,10 +25,13 @@ use values::{duration, networks, optional_address};
 
 pub use listeners::{Listener, ListenerConfig, ListenerTls, TlsProfile};
 pub use presets::{Preset, Provider, preset};
+pub use service_account::ServiceAccountKey;
 pub use startup::Startup;
 
 const GMAIL_HOST: &str = "smtp.gmail.com";
 const MICROSOFT_HOST: &str = "smtp.office365.com";
+const GRAPH_API_URL: &str = "https://graph.microsoft.com";
+const GMAIL_API_URL: &str = "https://gmail.googleapis.com";
 pub const DEFAULT_CONFIG_PATH: &str = "config/sendbridge.toml";
 /// Names another default path, still optional: the container image points
 /// it at a file that may or may not be mounted.
@@ -388,6 +392,54 @@ pub struct AccountConfig {
     pub auth: AuthMethod,
     /// Required with `auth = "oauth2"`.
     pub oauth2: Option<OAuth2Config>,
+    /// How messages leave for the provider: SMTP, or an HTTP API.
+    pub transport: TransportKind,
+    /// The API's bare base URL (`graph`, `gmail-api`), e.g.
+    /// `https://graph.microsoft.com`; defaults per transport. For tests and
+    /// sovereign clouds.
+    pub api_url: Option<String>,
+    /// Graph only: keep a copy in the mailbox's Sent Items (Graph's own
+    /// default).
+    pub save_to_sent_items: bool,
+}
+
+/// `accounts.<name>.transport`: the last hop. The spool, holds, retries,
+/// repairs, limits, notices and metrics are the same for each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// SMTP submission with `host`, `port` and `tls`.
+    #[default]
+    Smtp,
+    /// Microsoft Graph `sendMail` as the mailbox `username`.
+    Graph,
+    /// Gmail API `messages.send` as the mailbox `username`.
+    GmailApi,
+}
+
+impl TransportKind {
+    /// The name in the configuration, logs, metrics and the status page.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Smtp => "smtp",
+            TransportKind::Graph => "graph",
+            TransportKind::GmailApi => "gmail-api",
+        }
+    }
+
+    /// Whether this transport is an HTTP API (signs in with OAuth 2.0 only,
+    /// needs no `host` or `port`).
+    pub fn is_api(self) -> bool {
+        self != TransportKind::Smtp
+    }
+
+    fn default_api_url(self) -> Option<&'static str> {
+        match self {
+            TransportKind::Smtp => None,
+            TransportKind::Graph => Some(GRAPH_API_URL),
+            TransportKind::GmailApi => Some(GMAIL_API_URL),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -421,6 +473,9 @@ pub enum OAuthFlow {
     DeviceCode,
     /// App-only, no person involved (Microsoft `SMTP.SendAsApp`).
     ClientCredentials,
+    /// A Google service account with domain-wide delegation signs in as
+    /// the mailbox (JWT bearer grant, RFC 7523), no person involved.
+    ServiceAccount,
 }
 
 /// `[accounts.<name>.oauth2]`.
@@ -428,6 +483,8 @@ pub enum OAuthFlow {
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     pub provider: OAuthProvider,
+    /// Required, except with `flow = "service_account"` (from the key file).
+    #[serde(default)]
     pub client_id: String,
     #[serde(default)]
     pub client_secret: Option<Secret>,
@@ -449,6 +506,12 @@ pub struct OAuth2Config {
     pub device_url: Option<String>,
     #[serde(default)]
     pub scopes: Option<Vec<String>>,
+    /// The service account's JSON key (`flow = "service_account"`).
+    #[serde(default)]
+    pub service_account_file: Option<PathBuf>,
+    /// Read from `service_account_file` by validation.
+    #[serde(skip)]
+    pub service_account: Option<ServiceAccountKey>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -495,6 +558,9 @@ impl Default for AccountConfig {
             daily_recipient_limit: None,
             auth: AuthMethod::Password,
             oauth2: None,
+            transport: TransportKind::Smtp,
+            api_url: None,
+            save_to_sent_items: true,
         }
     }
 }
@@ -509,6 +575,16 @@ impl AccountConfig {
 
     pub fn sender(&self) -> &str {
         self.sender.as_deref().unwrap_or(&self.username)
+    }
+
+    /// The API's base URL without a trailing `/`: `api_url`, or the
+    /// transport's own; `None` for SMTP.
+    pub fn api_url(&self) -> Option<&str> {
+        let url = self
+            .api_url
+            .as_deref()
+            .or(self.transport.default_api_url())?;
+        Some(url.trim_end_matches('/'))
     }
 }
 
@@ -719,6 +795,55 @@ mod tests {
             let err = Config::from_toml(&format!("[server]\n{bad}")).unwrap_err();
             assert_eq!(err.key, key);
         }
+    }
+
+    #[test]
+    fn api_transports_have_their_base_url_and_need_oauth2() {
+        const APP: &str = "auth = \"oauth2\"\n[accounts.m365.oauth2]\nprovider = \"microsoft\"\nclient_id = \"id\"\nclient_secret = \"s\"\ntenant = \"contoso.com\"\nflow = \"client_credentials\"";
+        // (transport and api_url lines, transport, api_url)
+        let table = [
+            ("", TransportKind::Smtp, None),
+            (
+                "transport = \"graph\"",
+                TransportKind::Graph,
+                Some("https://graph.microsoft.com"),
+            ),
+            (
+                "transport = \"graph\"\napi_url = \"https://graph.microsoft.us/\"",
+                TransportKind::Graph,
+                Some("https://graph.microsoft.us"),
+            ),
+            (
+                "transport = \"gmail-api\"",
+                TransportKind::GmailApi,
+                Some("https://gmail.googleapis.com"),
+            ),
+        ];
+        for (lines, transport, api_url) in table {
+            let config = Config::from_toml(&format!(
+                "[accounts.m365]\nusername = \"me@contoso.com\"\n{lines}\n{APP}"
+            ))
+            .unwrap();
+            let account = &config.accounts["m365"];
+            assert_eq!(account.transport, transport, "{lines}");
+            assert_eq!(account.api_url(), api_url, "{lines}");
+            assert!(account.save_to_sent_items);
+        }
+        let err = Config::from_toml(
+            "[accounts.m365]\nusername = \"me@contoso.com\"\ntransport = \"graph\"\npassword = \"p\"",
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "accounts.m365.auth");
+        let err = Config::from_toml(&format!(
+            "[accounts.m365]\nusername = \"me@contoso.com\"\ntransport = \"graph\"\napi_url = \"http://graph.example\"\n{APP}"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key, "accounts.m365.api_url");
+        let err = Config::from_toml(
+            "[accounts.m365]\nusername = \"me@contoso.com\"\ntransport = \"ews\"",
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "accounts.m365.transport");
     }
 
     #[test]

@@ -536,10 +536,18 @@ mod tests {
         let settings = Settings::new(&Config::from_toml(toml).unwrap()).unwrap();
         // (-f, message, account)
         let cases = [
-            (Some("a@billing.example"), "Subject: x\r\n\r\nb\r\n", "billing"),
+            (
+                Some("a@billing.example"),
+                "Subject: x\r\n\r\nb\r\n",
+                "billing",
+            ),
             (None, "From: b@billing.example\r\n\r\nb\r\n", "billing"),
             // -f decides over the From field.
-            (Some("c@else.example"), "From: b@billing.example\r\n\r\nb\r\n", "gmail"),
+            (
+                Some("c@else.example"),
+                "From: b@billing.example\r\n\r\nb\r\n",
+                "gmail",
+            ),
             (None, "Subject: x\r\n\r\nb\r\n", "gmail"),
         ];
         for (from, message, account) in cases {

@@ -31,6 +31,62 @@ pub struct KnownReply {
 }
 
 pub static KNOWN_REPLIES: &[KnownReply] = &[
+    // Microsoft Graph answers as the Graph transport words them: "Graph
+    // {HTTP status} {error code}: {message}" (transport/graph.rs).
+    KnownReply {
+        provider: "Microsoft Graph",
+        code: 535,
+        status: [5, 7, 8],
+        text: "graph 401",
+        class: Class::AuthFailed,
+        reason: "upstream_auth",
+        hint: "Microsoft Graph refused a freshly issued access token: check [accounts.{account}.oauth2] tenant and client_id, and that accounts.{account}.api_url is the Graph of the cloud the token is for",
+    },
+    KnownReply {
+        provider: "Microsoft Graph",
+        code: 550,
+        status: [5, 7, 1],
+        text: "graph 403",
+        class: Class::AuthFailed,
+        reason: "upstream_auth",
+        hint: "the app may not send as accounts.{account}.username: in its Entra app registration grant the Microsoft Graph permission Mail.Send (application permission for flow = \"client_credentials\", delegated otherwise) and grant admin consent; if an application access policy (New-ApplicationAccessPolicy) or RBAC for Applications scopes the app, include this mailbox; messages over 3 MB also need Mail.ReadWrite",
+    },
+    KnownReply {
+        provider: "Microsoft Graph",
+        code: 550,
+        status: [5, 1, 8],
+        text: "graph 404",
+        class: Class::AuthFailed,
+        reason: "unknown_mailbox",
+        hint: "Microsoft Graph knows no such mailbox in this tenant: set accounts.{account}.username to the mailbox's user principal name or primary address (an Exchange Online mailbox with a licence), and check [accounts.{account}.oauth2] tenant",
+    },
+    KnownReply {
+        provider: "Microsoft Graph",
+        code: 550,
+        status: [5, 1, 1],
+        text: "graph 400 errorinvalidrecipients",
+        class: Class::Rejected,
+        reason: "unknown_recipient",
+        hint: "Microsoft 365 refused the recipient address; correct it in the sending program (the message went to the other recipients of accounts.{account})",
+    },
+    KnownReply {
+        provider: "Microsoft Graph",
+        code: 552,
+        status: [5, 3, 4],
+        text: "graph 413",
+        class: Class::Rejected,
+        reason: "too_large",
+        hint: "the message is over what Microsoft Graph takes (150 MB per attachment, and the mailbox's message size limit); lower server.max_message_size so the program is told at once",
+    },
+    KnownReply {
+        provider: "Microsoft Graph",
+        code: 451,
+        status: [4, 7, 0],
+        text: "graph 429",
+        class: Class::Deferred,
+        reason: "throttled",
+        hint: "Microsoft Graph is throttling this mailbox or app; sendbridge waits as long as its Retry-After asks. If it persists, lower accounts.{account}.max_connections",
+    },
     KnownReply {
         provider: "Gmail",
         code: 535,

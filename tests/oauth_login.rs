@@ -13,7 +13,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::io::AsyncWriteExt;
 
 use common::interactive::{Cli, query};
-use common::token_endpoint::{CLIENT_SECRET, TokenEndpoint, USER_CODE};
+use common::token_endpoint::{
+    CLIENT_SECRET, TokenEndpoint, USER_CODE, service_account_key, service_account_toml,
+};
 use sendbridge::oauth::Store;
 
 const CODE: &str = "code-SECRET";
@@ -261,4 +263,78 @@ async fn a_declined_sign_in_ends_the_login() {
     );
     assert_eq!(endpoint.requests("authorization_code"), 0);
     assert!(!dir.path().join("spool/oauth/gmail.json").exists());
+}
+
+#[tokio::test]
+async fn a_service_account_needs_no_login_and_its_status_check_signs_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    let (key_file, assertions) = service_account_key(
+        dir.path(),
+        &endpoint.url("/token"),
+        "printer@example.com",
+        "https://mail.google.com/",
+    );
+    endpoint.script().service_account = Some(assertions);
+    let spool = dir.path().join("spool");
+    let config = format!(
+        "[spool]\ndir = \"{}\"\n{}",
+        spool.display(),
+        service_account_toml(&key_file)
+    );
+    std::fs::write(dir.path().join("sendbridge.toml"), config).unwrap();
+
+    let (status, output) = oauth_cli(dir.path(), &["oauth", "login", "ws"])
+        .finish()
+        .await;
+    assert!(status.success(), "{output}");
+    assert!(output.contains("no sign-in is needed"), "{output}");
+    let grant = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+    assert_eq!(endpoint.requests(grant), 0);
+
+    let (status, output) = oauth_cli(dir.path(), &["oauth", "status", "--check"])
+        .finish()
+        .await;
+    assert!(status.success(), "{output}");
+    let row = output.lines().find(|line| line.starts_with("ws")).unwrap();
+    assert!(
+        row.contains("service_account") && row.contains("not needed"),
+        "{output}"
+    );
+    assert!(row.trim_end().ends_with("ok"), "{output}");
+    assert_eq!(endpoint.requests(grant), 1);
+    assert!(
+        !output.contains("SECRET") && !output.contains("PRIVATE KEY"),
+        "{output}"
+    );
+}
+
+#[tokio::test]
+async fn login_for_the_gmail_api_asks_only_for_gmail_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    write_config(dir.path(), &endpoint);
+    let args = [
+        "--config",
+        "sendbridge.toml",
+        "oauth",
+        "login",
+        "gmail",
+        "--no-browser-listener",
+    ];
+    let env = [("SENDBRIDGE_ACCOUNTS__GMAIL__TRANSPORT", "gmail-api")];
+    let mut cli = Cli::start(dir.path(), &args, &env);
+    let params = query(&cli.line_starting(&endpoint.url("/auth?")).await);
+    let send_scope = "https://www.googleapis.com/auth/gmail.send";
+    assert_eq!(params["scope"], send_scope, "not https://mail.google.com/");
+    let pasted = format!("?code={CODE}&state={}\n", params["state"]);
+    cli.stdin.write_all(pasted.as_bytes()).await.unwrap();
+    let (status, output) = cli.finish().await;
+    assert!(status.success(), "{output}");
+    let stored = Store::new(&dir.path().join("spool"), "gmail")
+        .unwrap()
+        .load()
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.scopes, [send_scope]);
 }

@@ -13,7 +13,10 @@ use sendbridge::oauth::{Store, Tokens};
 use sendbridge::secret::Secret;
 
 use common::frozen_clock::FrozenClock;
-use common::token_endpoint::{TokenEndpoint, gmail_tokens, store_refresh_token};
+use common::token_endpoint::{
+    SERVICE_ACCOUNT_CLIENT_ID, TokenEndpoint, gmail_tokens, service_account_key,
+    service_account_toml, store_refresh_token,
+};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -193,4 +196,93 @@ async fn client_credentials_need_no_store() {
         "https://mail.google.com/"
     );
     assert!(!spool.path().join("oauth").exists());
+}
+
+/// A service account account `ws` acting as the mailbox printer@example.com
+/// (its key's token_uri is `endpoint`), domain-wide delegation granting it
+/// `delegated`.
+fn service_account(endpoint: &TokenEndpoint, dir: &Path, delegated: &str) -> Arc<Tokens> {
+    let (key_file, assertions) = service_account_key(
+        dir,
+        &endpoint.url("/token"),
+        "printer@example.com",
+        delegated,
+    );
+    endpoint.script().service_account = Some(assertions);
+    let config = sendbridge::config::Config::from_toml(&service_account_toml(&key_file)).unwrap();
+    Tokens::new("ws", &config.accounts["ws"], &dir.join("spool")).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_account_signs_an_assertion_for_each_token_and_stores_nothing() {
+    let clock = FrozenClock::new();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    let tokens = service_account(&endpoint, dir.path(), "https://mail.google.com/");
+    // The fake verified the signature and every claim before issuing.
+    let first = current(&clock, &tokens).await.unwrap();
+    assert_eq!(first.expose(), "access-SECRET-1");
+    assert_eq!(current(&clock, &tokens).await.unwrap(), first, "cached");
+    let form = endpoint.last_form("urn:ietf:params:oauth:grant-type:jwt-bearer");
+    assert_eq!(
+        form.keys().collect::<Vec<_>>(),
+        ["assertion", "grant_type"],
+        "the assertion is the only credential"
+    );
+    // No refresh token: a refused or expiring token gets a new assertion.
+    tokens.refused(&first);
+    assert_eq!(
+        current(&clock, &tokens).await.unwrap().expose(),
+        "access-SECRET-2"
+    );
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    current(&clock, &tokens).await.unwrap();
+    assert_eq!(
+        endpoint.requests("urn:ietf:params:oauth:grant-type:jwt-bearer"),
+        3
+    );
+    assert!(!dir.path().join("spool").exists(), "nothing to store");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_account_without_delegation_for_the_scope_is_held_with_the_admin_steps() {
+    let clock = FrozenClock::new();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    let tokens = service_account(
+        &endpoint,
+        dir.path(),
+        "https://www.googleapis.com/auth/calendar",
+    );
+    let Err(TokenFailure::SignInNeeded { reason, hint }) = current(&clock, &tokens).await else {
+        panic!("expected SignInNeeded");
+    };
+    assert!(
+        reason.starts_with("unauthorized_client: Client is unauthorized"),
+        "{reason}"
+    );
+    assert!(hint.contains("Manage Domain Wide Delegation"), "{hint}");
+    assert!(
+        hint.contains(&format!(
+            "client ID {SERVICE_ACCOUNT_CLIENT_ID} must be listed with the scope https://mail.google.com/"
+        )),
+        "{hint}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_account_key_for_another_mailbox_is_refused_with_google_s_words() {
+    let clock = FrozenClock::new();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    let tokens = service_account(&endpoint, dir.path(), "https://mail.google.com/");
+    endpoint.script().service_account.as_mut().unwrap().subject = "someone-else@example.com".into();
+    let Err(TokenFailure::SignInNeeded { reason, hint }) = current(&clock, &tokens).await else {
+        panic!("expected SignInNeeded");
+    };
+    assert_eq!(reason, "invalid_grant: Invalid email or User ID");
+    assert!(
+        hint.contains("accounts.ws.username is not a user"),
+        "{hint}"
+    );
 }

@@ -68,7 +68,12 @@ fn the_samples_cover_every_known_reply() {
         .iter()
         .map(|(_, raw)| lookup(&parse(raw)).expect("a known reply") as *const _)
         .collect();
-    for known in KNOWN_REPLIES {
+    // The HTTP APIs' answers are not SMTP replies: tests/graph.rs sends
+    // them from the fake Graph.
+    for known in KNOWN_REPLIES
+        .iter()
+        .filter(|known| known.provider != "Microsoft Graph")
+    {
         assert!(
             matched.contains(&(known as *const _)),
             "no sample for {} {:?} {:?}",

@@ -64,13 +64,13 @@ pub fn render(status: &Status, page: &PageContext) -> String {
             "<p class=\"notice\" id=\"notice\">{count} message(s) are due again; the relay is sending them now.</p>"
         );
     }
-    html += "<h2>Accounts</h2><table id=\"accounts\"><tr><th>Account</th><th>State</th>\
-             <th class=\"n\">Held</th><th class=\"n\">Rejected</th><th>Actions</th></tr>";
+    html += "<h2>Accounts</h2><table id=\"accounts\"><tr><th>Account</th><th>Transport</th>\
+             <th>State</th><th class=\"n\">Held</th><th class=\"n\">Rejected</th><th>Actions</th></tr>";
     for account in &status.accounts {
         account_row(&mut html, account, page, &query);
     }
     if status.accounts.is_empty() {
-        html += "<tr><td colspan=\"5\">No upstream account configured.</td></tr>";
+        html += "<tr><td colspan=\"6\">No upstream account configured.</td></tr>";
     }
     html += "</table><h2>Queue</h2><div class=\"counts\" id=\"queue\">";
     for (state, count) in &status.queue {
@@ -101,9 +101,11 @@ fn account_row(html: &mut String, account: &AccountStatus, page: &PageContext, q
     };
     let _ = write!(
         html,
-        "<tr id=\"account-{name}\"><td>{name}</td><td>{state}</td><td class=\"n\">{}</td>\
-         <td class=\"n\">{}</td><td>",
-        account.held, account.rejected
+        "<tr id=\"account-{name}\"><td>{name}</td><td>{}</td><td>{state}</td>\
+         <td class=\"n\">{}</td><td class=\"n\">{}</td><td>",
+        escape(&account.transport),
+        account.held,
+        account.rejected
     );
     for (state, count) in [("held", account.held), ("rejected", account.rejected)] {
         if count > 0 {
@@ -245,6 +247,7 @@ mod tests {
         let status = Status {
             accounts: vec![AccountStatus {
                 name: "gmail".into(),
+                transport: "smtp".into(),
                 hold: Some(HoldStatus {
                     reply: "535 5.7.8 <script>alert(1)</script>".into(),
                     hint: "set \"password\"".into(),

@@ -104,6 +104,9 @@ pub struct Status {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct AccountStatus {
     pub name: String,
+    /// `accounts.<name>.transport`: smtp, graph, gmail-api.
+    #[serde(default)]
+    pub transport: String,
     /// Set while the account is on hold.
     pub hold: Option<HoldStatus>,
     /// Messages of this account in `held/` and in `rejected/`.
@@ -186,10 +189,16 @@ impl Status {
                 .filter(|envelope| envelope.account == account)
                 .count()
         };
+        let transports = delivery.account_transports();
         let accounts = delivery
             .account_holds()
             .into_iter()
             .map(|(name, hold)| AccountStatus {
+                transport: transports
+                    .get(&name)
+                    .copied()
+                    .unwrap_or_default()
+                    .to_string(),
                 hold: hold.map(HoldStatus::from),
                 held: count(&held, &name),
                 rejected: count(&rejected, &name),

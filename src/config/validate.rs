@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::presets::ungrouped_app_password;
 use super::{
     AccountConfig, AdminConfig, AuthMethod, Config, ConfigError, GMAIL_HOST, MICROSOFT_HOST,
-    OAuth2Config, OAuthFlow, OAuthProvider, Preset, Secrets, UserConfig, preset,
+    OAuth2Config, OAuthFlow, OAuthProvider, Preset, Secrets, ServiceAccountKey, UserConfig, preset,
 };
 use crate::address::SenderPattern;
 use crate::secret::Secret;
@@ -215,7 +215,10 @@ impl AccountConfig {
                 "account names may use letters, digits, - and _ only",
             ));
         }
-        if self.host.trim().is_empty() {
+        // The API transports reach their provider at `api_url` instead.
+        if self.transport.is_api() {
+            self.validate_api(name)?;
+        } else if self.host.trim().is_empty() {
             return Err(ConfigError::new(key("host"), "must not be empty"));
         }
         if self.port == 0 {
@@ -341,11 +344,63 @@ impl AccountConfig {
         }
         Ok(())
     }
+
+    /// `transport = "graph"` or `"gmail-api"`: signed in with OAuth 2.0 (the
+    /// APIs take no passwords), over HTTPS only.
+    fn validate_api(&self, name: &str) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("accounts.{name}.{field}");
+        if self.auth != AuthMethod::Oauth2 {
+            return Err(ConfigError::new(
+                key("auth"),
+                format!(
+                    "transport = \"{}\" needs auth = \"oauth2\" with [accounts.{name}.oauth2]",
+                    self.transport.name()
+                ),
+            ));
+        }
+        if let Some(url) = &self.api_url {
+            if !url.starts_with("https://") {
+                return Err(ConfigError::new(
+                    key("api_url"),
+                    "must be an https:// URL (the bare base, e.g. https://graph.microsoft.com)",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl OAuth2Config {
     fn validate(&mut self, prefix: &str, secrets: bool) -> Result<(), ConfigError> {
         let key = |field: &str| format!("{prefix}.{field}");
+        match (&self.service_account_file, self.flow) {
+            (Some(path), OAuthFlow::ServiceAccount) => {
+                let service_account = ServiceAccountKey::read(prefix, path)?;
+                if self.client_id.trim().is_empty() {
+                    self.client_id = service_account.client_id.clone();
+                }
+                self.service_account = Some(service_account);
+            }
+            (None, OAuthFlow::ServiceAccount) => {
+                return Err(ConfigError::new(
+                    key("service_account_file"),
+                    "missing: flow = \"service_account\" needs the service account's JSON key",
+                ));
+            }
+            (Some(_), _) => {
+                return Err(ConfigError::new(
+                    key("service_account_file"),
+                    "only used with flow = \"service_account\"",
+                ));
+            }
+            (None, _) => {}
+        }
+        if self.flow == OAuthFlow::ServiceAccount && self.provider != OAuthProvider::Google {
+            return Err(ConfigError::new(
+                key("flow"),
+                "\"service_account\" is Google's: set provider = \"google\"",
+            ));
+        }
         if self.client_id.trim().is_empty() {
             return Err(ConfigError::new(key("client_id"), "must not be empty"));
         }
@@ -442,7 +497,7 @@ impl UserConfig {
 
 /// Exactly one of an inline secret and a secret file; a file's trailing
 /// newline (as editors and `echo` leave it) is not part of the secret.
-fn resolve_secret(
+pub(super) fn resolve_secret(
     key: &str,
     inline: Option<Secret>,
     file: &Option<PathBuf>,

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use super::hold::Hold;
 use super::worker::Job;
 use crate::access_tokens::TokenSource;
-use crate::config::{AccountConfig, AuthMethod, OAuth2Config};
+use crate::config::{AccountConfig, AuthMethod, OAuth2Config, TransportKind};
+use crate::observe::metrics;
 use crate::secret::Secret;
 use crate::send_window::SendWindow;
 use crate::spool::Spool;
@@ -36,7 +37,10 @@ enum SignIn {
     },
     OAuth2 {
         username: String,
-        oauth2: Option<OAuth2Config>,
+        oauth2: Option<Box<OAuth2Config>>,
+        /// A token for one API is no token for another.
+        transport: TransportKind,
+        api_url: Option<String>,
     },
 }
 
@@ -74,6 +78,10 @@ impl AccountSettings {
             allowed_from: _,
             remove_headers: _,
             long_lines: _,
+            transport,
+            api_url,
+            // The transport's: built anew below.
+            save_to_sent_items: _,
         } = config;
         Ok(AccountSettings {
             transport: Transport::new(name, config, helo_name, tokens)?,
@@ -87,7 +95,9 @@ impl AccountSettings {
                 },
                 AuthMethod::Oauth2 => SignIn::OAuth2 {
                     username: username.clone(),
-                    oauth2: oauth2.clone(),
+                    oauth2: oauth2.clone().map(Box::new),
+                    transport: *transport,
+                    api_url: api_url.clone(),
                 },
             },
         })
@@ -118,6 +128,7 @@ impl Account {
             settings.daily_recipient_limit,
             now,
         );
+        metrics::account_transport(name, settings.transport.kind().name(), true);
         Account {
             name: name.to_string(),
             settings: RwLock::new(Arc::new(settings)),
@@ -143,6 +154,11 @@ impl Account {
     pub(super) fn replace(&self, settings: AccountSettings) -> bool {
         let mut current = self.settings.write().expect("settings lock");
         let sign_in_changed = current.sign_in != settings.sign_in;
+        let (was, is) = (current.transport.kind(), settings.transport.kind());
+        if was != is {
+            metrics::account_transport(&self.name, was.name(), false);
+            metrics::account_transport(&self.name, is.name(), true);
+        }
         self.window
             .lock()
             .expect("window lock")

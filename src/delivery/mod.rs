@@ -16,6 +16,7 @@ mod settle;
 mod submit;
 mod worker;
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -244,6 +245,16 @@ impl Delivery {
             .collect();
         holds.sort_by(|a, b| a.0.cmp(&b.0));
         holds
+    }
+
+    /// Each account's transport (`smtp`, `graph`, …), by account name.
+    pub fn account_transports(&self) -> BTreeMap<String, &'static str> {
+        self.accounts
+            .read()
+            .expect("accounts lock")
+            .iter()
+            .map(|(name, account)| (name.clone(), account.settings().transport.kind().name()))
+            .collect()
     }
 
     /// The last notices (bounces, warnings, alerts), newest first.

@@ -292,7 +292,9 @@ fn decide(
                 };
                 stays(Next::Rejected, last_reply, log)
             } else {
-                let delay = retry_delay(settings, envelope.attempts);
+                // The provider's Retry-After, when it is later than ours.
+                let delay = retry_delay(settings, envelope.attempts)
+                    .max(deferral.retry_after.unwrap_or_default());
                 let log = Log::Deferred {
                     retry_in_s: delay.as_secs(),
                     reason: deferral.reason,
@@ -509,6 +511,7 @@ mod tests {
             what: "timed out after 30s".into(),
             reason: "upstream_unavailable",
             hint: None,
+            retry_after: None,
         }
     }
 
@@ -576,6 +579,26 @@ mod tests {
                 false,
                 Next::Rejected,
             ),
+            // A Retry-After later than the backoff is honoured; an earlier
+            // one does not make the retry come sooner.
+            (
+                &Verdict::Deferred(Deferral {
+                    retry_after: Some(Duration::from_secs(600)),
+                    ..deferral()
+                }),
+                envelope(day, &[]),
+                false,
+                Next::Deferred { at: NOW + 600_000 },
+            ),
+            (
+                &Verdict::Deferred(Deferral {
+                    retry_after: Some(Duration::from_secs(5)),
+                    ..deferral()
+                }),
+                envelope(day, &[]),
+                false,
+                Next::Deferred { at: NOW + 60_000 },
+            ),
             (
                 &postponed,
                 envelope(max_age, &[]),
@@ -619,6 +642,7 @@ mod tests {
             what: "the server does not offer STARTTLS".into(),
             reason: "upstream_unavailable",
             hint: Some("set accounts.a.tls".into()),
+            retry_after: None,
         });
         let step = transition(
             &envelope(0, &[]),

@@ -200,7 +200,9 @@ impl Delivery {
     }
 }
 /// One transaction over a reused or new connection. A reused connection the
-/// server closed meanwhile is replaced once.
+/// server closed meanwhile is replaced once (not for an HTTP API, where a
+/// request without an answer may have been sent: sending it again at once
+/// could deliver twice).
 async fn send_part(
     transport: &Transport,
     connection: &mut Option<Connection>,
@@ -209,7 +211,9 @@ async fn send_part(
     message: &[u8],
 ) -> Sent {
     for _ in 0..2 {
-        let reused = connection.is_some();
+        let reused = connection
+            .as_ref()
+            .is_some_and(Connection::may_have_gone_stale);
         let mut current = match connection.take() {
             Some(current) => current,
             None => match transport.connect().await {

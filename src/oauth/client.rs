@@ -7,14 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use ureq::http::Method;
 
 use super::endpoints::Endpoints;
-use crate::config::OAuth2Config;
+use crate::config::AccountConfig;
 use crate::secret::Secret;
+use crate::transport::http::{HttpClient, Request};
 
 /// Bounds each request as a whole, connecting included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// Tokens the endpoint issued.
 #[derive(Debug)]
@@ -23,6 +26,9 @@ pub struct Issued {
     pub expires_in: Duration,
     /// A new refresh token, when the provider issued or rotated one.
     pub refresh_token: Option<Secret>,
+    /// The scopes granted, space-separated, when the endpoint says
+    /// (RFC 6749 §5.1).
+    pub scope: Option<String>,
 }
 
 /// A device code to show a person (RFC 8628 §3.2).
@@ -67,6 +73,7 @@ struct Answer {
     access_token: Option<String>,
     expires_in: Option<serde_json::Value>,
     refresh_token: Option<String>,
+    scope: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
     device_code: Option<String>,
@@ -78,34 +85,26 @@ struct Answer {
 
 #[derive(Clone)]
 pub struct TokenClient {
-    agent: ureq::Agent,
+    http: HttpClient,
     endpoints: Arc<Endpoints>,
     client_id: String,
     client_secret: Option<Secret>,
 }
 
 impl TokenClient {
-    pub fn new(config: &OAuth2Config) -> TokenClient {
-        let tls = ureq::tls::TlsConfig::builder()
-            // Explicit, so the library works before (or without) a
-            // process-wide default provider.
-            .unversioned_rustls_crypto_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(REQUEST_TIMEOUT))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .tls_config(tls)
-            .build()
-            .into();
-        TokenClient {
-            agent,
-            endpoints: Arc::new(Endpoints::resolve(config)),
+    /// The token client of `account`, an `auth = "oauth2"` account; its
+    /// `ca_file` is trusted for the token endpoint too.
+    pub fn new(account: &AccountConfig) -> anyhow::Result<TokenClient> {
+        let config = account
+            .oauth2
+            .as_ref()
+            .expect("config validation requires [oauth2] with auth = \"oauth2\"");
+        Ok(TokenClient {
+            http: HttpClient::new(account.ca_file.as_deref(), REQUEST_TIMEOUT)?,
+            endpoints: Arc::new(Endpoints::resolve(account)),
             client_id: config.client_id.clone(),
             client_secret: config.client_secret.clone(),
-        }
+        })
     }
 
     pub fn endpoints(&self) -> &Endpoints {
@@ -149,6 +148,16 @@ impl TokenClient {
         issued(self.post(self.endpoints.token_url.clone(), form).await?)
     }
 
+    /// A service account's signed assertion for a token (RFC 7523 §2.1):
+    /// the assertion is the credential, no client ID or secret goes along.
+    pub async fn jwt_bearer(&self, assertion: &Secret) -> Result<Issued, EndpointError> {
+        let form = vec![
+            ("grant_type", JWT_BEARER_GRANT.to_string()),
+            ("assertion", assertion.expose().to_string()),
+        ];
+        issued(self.send(self.endpoints.token_url.clone(), form).await?)
+    }
+
     pub async fn device_authorization(&self) -> Result<DeviceAuthorization, EndpointError> {
         let url = self.endpoints.device_url.clone().ok_or_else(|| {
             EndpointError::Unreachable("no device_url for this provider".to_string())
@@ -181,8 +190,7 @@ impl TokenClient {
         issued(self.post(self.endpoints.token_url.clone(), form).await?)
     }
 
-    /// POSTs `form` plus the client's credentials; an OAuth error answer
-    /// becomes `Refused`, anything unusable `Unreachable`.
+    /// POSTs `form` plus the client's credentials.
     async fn post(
         &self,
         url: String,
@@ -192,24 +200,28 @@ impl TokenClient {
         if let Some(secret) = &self.client_secret {
             form.push(("client_secret", secret.expose().to_string()));
         }
-        let agent = self.agent.clone();
-        let call = move || -> Result<(u16, String), String> {
-            let mut response = agent
-                .post(&url)
-                .header("Accept", "application/json")
-                .send_form(form)
-                .map_err(|err| format!("no answer from the token endpoint {url}: {err}"))?;
-            let body = response
-                .body_mut()
-                .read_to_string()
-                .map_err(|err| format!("reading the answer of {url}: {err}"))?;
-            Ok((response.status().as_u16(), body))
-        };
-        let (status, body) = tokio::task::spawn_blocking(call)
+        self.send(url, form).await
+    }
+
+    /// POSTs `form` as it is; an OAuth error answer becomes `Refused`,
+    /// anything unusable `Unreachable`.
+    async fn send(
+        &self,
+        url: String,
+        form: Vec<(&'static str, String)>,
+    ) -> Result<Answer, EndpointError> {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let request = Request::new(Method::POST, url)
+            .body("application/x-www-form-urlencoded", body.into_bytes());
+        let response = self
+            .http
+            .send(request)
             .await
-            .map_err(|err| EndpointError::Unreachable(err.to_string()))?
             .map_err(EndpointError::Unreachable)?;
-        let answer: Answer = serde_json::from_str(&body).unwrap_or_default();
+        let status = response.status;
+        let answer: Answer = serde_json::from_slice(&response.body).unwrap_or_default();
         match (status, answer.error.clone()) {
             (200..=299, None) => Ok(answer),
             (400..=499, Some(error)) if error != "temporarily_unavailable" => {
@@ -235,6 +247,7 @@ fn issued(answer: Answer) -> Result<Issued, EndpointError> {
         // Without expires_in, assume the common hour.
         expires_in: seconds(answer.expires_in.as_ref()).unwrap_or(Duration::from_secs(3600)),
         refresh_token: answer.refresh_token.map(Secret::new),
+        scope: answer.scope,
     })
 }
 

@@ -1,7 +1,8 @@
 //! Where each provider's OAuth 2.0 endpoints are and which scopes mail
-//! sending needs. The `*_url` and `scopes` overrides always win.
+//! sending needs, through the account's transport (SMTP, Graph, the Gmail
+//! API). The `*_url` and `scopes` overrides always win.
 
-use crate::config::{OAuth2Config, OAuthFlow, OAuthProvider};
+use crate::config::{AccountConfig, OAuthFlow, OAuthProvider, TransportKind};
 
 const GOOGLE_AUTH: &str = "https://accounts.google.com/o/oauth2/v2/auth";
 const GOOGLE_TOKEN: &str = "https://oauth2.googleapis.com/token";
@@ -11,6 +12,11 @@ const MICROSOFT_BASE: &str = "https://login.microsoftonline.com";
 const MICROSOFT_DELEGATED_SCOPES: [&str; 2] =
     ["https://outlook.office.com/SMTP.Send", "offline_access"];
 const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Graph's permissions are named under its base URL (another one in
+/// sovereign clouds): `{api_url}/.default` for the application permissions
+/// granted, `{api_url}/Mail.Send` delegated.
+const GRAPH_DELEGATED_SCOPES: [&str; 2] = ["Mail.Send", "offline_access"];
+const GMAIL_SEND_SCOPE: &str = "https://www.googleapis.com/auth/gmail.send";
 
 /// An account's resolved endpoints and scopes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,13 +31,22 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
-    pub fn resolve(config: &OAuth2Config) -> Endpoints {
+    /// The endpoints of `account`, an `auth = "oauth2"` account.
+    pub fn resolve(account: &AccountConfig) -> Endpoints {
+        let config = account
+            .oauth2
+            .as_ref()
+            .expect("config validation requires [oauth2] with auth = \"oauth2\"");
+        let api_url = account.api_url().unwrap_or_default();
         let (token, auth, device, scopes) = match config.provider {
             OAuthProvider::Google => (
                 Some(GOOGLE_TOKEN.to_string()),
                 Some(GOOGLE_AUTH.to_string()),
                 Some(GOOGLE_DEVICE.to_string()),
-                vec![GOOGLE_MAIL_SCOPE.to_string()],
+                match account.transport {
+                    TransportKind::GmailApi => vec![GMAIL_SEND_SCOPE.to_string()],
+                    _ => vec![GOOGLE_MAIL_SCOPE.to_string()],
+                },
             ),
             OAuthProvider::Microsoft => {
                 let tenant = config.tenant.as_deref().unwrap_or(match config.flow {
@@ -41,8 +56,15 @@ impl Endpoints {
                 });
                 let url =
                     |endpoint: &str| format!("{MICROSOFT_BASE}/{tenant}/oauth2/v2.0/{endpoint}");
-                let scopes = match config.flow {
-                    OAuthFlow::ClientCredentials => vec![MICROSOFT_APP_SCOPE.to_string()],
+                let scopes = match (account.transport, config.flow) {
+                    (TransportKind::Graph, OAuthFlow::ClientCredentials) => {
+                        vec![format!("{api_url}/.default")]
+                    }
+                    (TransportKind::Graph, _) => vec![
+                        format!("{api_url}/{}", GRAPH_DELEGATED_SCOPES[0]),
+                        GRAPH_DELEGATED_SCOPES[1].to_string(),
+                    ],
+                    (_, OAuthFlow::ClientCredentials) => vec![MICROSOFT_APP_SCOPE.to_string()],
                     _ => MICROSOFT_DELEGATED_SCOPES.map(String::from).to_vec(),
                 };
                 (
@@ -53,6 +75,11 @@ impl Endpoints {
                 )
             }
             OAuthProvider::Custom => (None, None, None, Vec::new()),
+        };
+        // A service account's key names its token endpoint.
+        let token = match &config.service_account {
+            Some(key) => Some(key.token_uri.clone()),
+            None => token,
         };
         Endpoints {
             provider: config.provider,
@@ -74,12 +101,58 @@ impl Endpoints {
 mod tests {
     use super::*;
 
-    fn oauth2(toml: &str) -> OAuth2Config {
+    fn oauth2(toml: &str) -> AccountConfig {
+        on("", toml)
+    }
+
+    /// An account with `account` lines and `[oauth2]` lines.
+    fn on(account: &str, oauth2: &str) -> AccountConfig {
         let config = crate::config::Config::from_toml(&format!(
-            "[accounts.a]\nusername = \"me@example.com\"\nauth = \"oauth2\"\n[accounts.a.oauth2]\nclient_id = \"id\"\n{toml}"
+            "[accounts.a]\nusername = \"me@example.com\"\nauth = \"oauth2\"\n{account}\n[accounts.a.oauth2]\nclient_id = \"id\"\n{oauth2}"
         ))
         .unwrap();
-        config.accounts["a"].oauth2.clone().unwrap()
+        config.accounts["a"].clone()
+    }
+
+    #[test]
+    fn the_api_transports_ask_for_their_own_scopes() {
+        const APP: &str = "provider = \"microsoft\"\nflow = \"client_credentials\"\ntenant = \"contoso.com\"\nclient_secret = \"s\"";
+        // (account lines, oauth2 lines, scope)
+        let table = [
+            (
+                "transport = \"graph\"",
+                APP,
+                "https://graph.microsoft.com/.default",
+            ),
+            (
+                "transport = \"graph\"",
+                "provider = \"microsoft\"",
+                "https://graph.microsoft.com/Mail.Send offline_access",
+            ),
+            // A sovereign cloud names its permissions under its own base.
+            (
+                "transport = \"graph\"\napi_url = \"https://graph.microsoft.us\"",
+                APP,
+                "https://graph.microsoft.us/.default",
+            ),
+            (
+                "transport = \"gmail-api\"",
+                "provider = \"google\"",
+                "https://www.googleapis.com/auth/gmail.send",
+            ),
+            (
+                "transport = \"graph\"",
+                &format!("{APP}\nscopes = [\"x\"]"),
+                "x",
+            ),
+        ];
+        for (account, oauth2, scope) in table {
+            assert_eq!(
+                Endpoints::resolve(&on(account, oauth2)).scope(),
+                scope,
+                "{account} {oauth2}"
+            );
+        }
     }
 
     #[test]

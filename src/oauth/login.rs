@@ -39,14 +39,22 @@ pub struct LoginOptions {
 
 pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> anyhow::Result<()> {
     let (account_config, oauth2) = oauth2_account(config, account)?;
-    let client = TokenClient::new(oauth2);
+    let client = TokenClient::new(account_config)?;
     let refused = |err: EndpointError| {
         let error = match &err {
             EndpointError::Refused { error, .. } => Some(error.as_str()),
             EndpointError::Unreachable(_) => None,
         };
-        let hint =
-            error.map(|error| sign_in_hint(account, oauth2.provider, oauth2.flow, Some(error)));
+        let transport = account_config.transport;
+        let hint = error.map(|error| {
+            sign_in_hint(
+                account,
+                oauth2.provider,
+                oauth2.flow,
+                transport,
+                Some(error),
+            )
+        });
         anyhow::anyhow!(
             "{}{}",
             err.reason(),
@@ -54,6 +62,16 @@ pub async fn login(config: &Config, account: &str, options: &LoginOptions) -> an
                 .unwrap_or_default()
         )
     };
+    if oauth2.flow == OAuthFlow::ServiceAccount {
+        outln!(
+            "account {account} signs in as a service account with its key ({}): no sign-in is needed; `sendbridge oauth status --check` tries it",
+            oauth2
+                .service_account_file
+                .as_ref()
+                .map_or(String::new(), |path| path.display().to_string())
+        )?;
+        return Ok(());
+    }
     if oauth2.flow == OAuthFlow::ClientCredentials {
         client.client_credentials().await.map_err(refused)?;
         outln!(

@@ -12,6 +12,7 @@ mod client;
 mod endpoints;
 mod hints;
 mod login;
+mod service_account;
 mod status;
 mod store;
 mod tokens;

@@ -7,6 +7,7 @@ use crate::config::{AuthMethod, Config, OAuthFlow};
 use crate::terminal::{format_time, table};
 use crate::{out, outln};
 
+use super::endpoints::Endpoints;
 use super::store::Store;
 use super::tokens::Tokens;
 
@@ -26,7 +27,10 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
     for (name, account, oauth2) in accounts {
         let store = Store::new(&config.spool.dir, name)?;
         let stored = store.load()?;
-        let app_only = oauth2.flow == OAuthFlow::ClientCredentials;
+        let app_only = matches!(
+            oauth2.flow,
+            OAuthFlow::ClientCredentials | OAuthFlow::ServiceAccount
+        );
         let yes_no = |yes: bool| if yes { "yes" } else { "no" }.to_string();
         let (file, refresh_token) = match (&stored, app_only) {
             (_, true) => ("not needed".to_string(), "not needed".to_string()),
@@ -64,11 +68,13 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
             OAuthFlow::AuthorizationCode => "authorization_code",
             OAuthFlow::DeviceCode => "device_code",
             OAuthFlow::ClientCredentials => "client_credentials",
+            OAuthFlow::ServiceAccount => "service_account",
         };
         rows.push((
             [
                 name.clone(),
                 flow.to_string(),
+                Endpoints::resolve(account).scope(),
                 file,
                 refresh_token,
                 expires,
@@ -83,6 +89,7 @@ pub async fn status(config: &Config, check: bool) -> anyhow::Result<()> {
             [
                 "ACCOUNT",
                 "FLOW",
+                "SCOPES",
                 "TOKEN STORE",
                 "REFRESH TOKEN",
                 "LAST ACCESS TOKEN EXPIRES",

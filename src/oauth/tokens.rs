@@ -10,10 +10,11 @@ use anyhow::Context;
 use tokio::time::Instant;
 
 use super::client::{EndpointError, Issued, TokenClient};
-use super::hints::sign_in_hint;
+use super::hints::{service_account_hint, sign_in_hint};
+use super::service_account::{Claims, assertion};
 use super::store::{Store, Stored};
 use crate::access_tokens::{AccessTokens, TokenFailure, TokenFuture};
-use crate::config::{AccountConfig, OAuth2Config, OAuthFlow};
+use crate::config::{AccountConfig, OAuth2Config, OAuthFlow, TransportKind};
 use crate::secret::Secret;
 use crate::spool::unix_millis;
 
@@ -27,7 +28,10 @@ const REFRESH_AHEAD: Duration = Duration::from_secs(300);
 /// hold the account; `Unavailable` means retry later.
 pub struct Tokens {
     account: String,
+    /// The mailbox (`username`): a service account's subject.
+    mailbox: String,
     config: OAuth2Config,
+    transport: TransportKind,
     client: TokenClient,
     store: Store,
     cached: Mutex<Option<Cached>>,
@@ -38,6 +42,7 @@ pub struct Tokens {
 
 struct Cached {
     token: Secret,
+    scope: Option<String>,
     obtained: Instant,
     expires: Instant,
 }
@@ -63,8 +68,10 @@ impl Tokens {
             .with_context(|| format!("account {account} has no [accounts.{account}.oauth2]"))?;
         Ok(Arc::new(Tokens {
             account: account.to_string(),
-            client: TokenClient::new(&oauth2),
+            mailbox: config.username.clone(),
+            client: TokenClient::new(config)?,
             config: oauth2,
+            transport: config.transport,
             store: Store::new(spool_dir, account)?,
             cached: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
@@ -106,6 +113,7 @@ impl Tokens {
                 let token = issued.access_token.clone();
                 *self.cached.lock().unwrap() = Some(Cached {
                     token: issued.access_token,
+                    scope: issued.scope,
                     obtained,
                     expires: obtained + issued.expires_in,
                 });
@@ -125,12 +133,16 @@ impl Tokens {
     /// A new access token from the endpoint; a rotated refresh token is
     /// stored before it is used.
     async fn fetch(&self) -> Result<Issued, TokenFailure> {
-        if self.config.flow == OAuthFlow::ClientCredentials {
-            return self
-                .client
-                .client_credentials()
-                .await
-                .map_err(|err| self.failure(err));
+        match self.config.flow {
+            OAuthFlow::ClientCredentials => {
+                return self
+                    .client
+                    .client_credentials()
+                    .await
+                    .map_err(|err| self.failure(err));
+            }
+            OAuthFlow::ServiceAccount => return self.service_account_token().await,
+            OAuthFlow::AuthorizationCode | OAuthFlow::DeviceCode => {}
         }
         let stored = match self.store.load() {
             Ok(stored) => stored.unwrap_or_default(),
@@ -171,6 +183,30 @@ impl Tokens {
         Ok(issued)
     }
 
+    /// A token for a new assertion as the mailbox.
+    async fn service_account_token(&self) -> Result<Issued, TokenFailure> {
+        let key = self
+            .config
+            .service_account
+            .as_ref()
+            .expect("validation reads the service account's key");
+        let endpoints = self.client.endpoints();
+        let claims = Claims {
+            subject: &self.mailbox,
+            scope: &endpoints.scope(),
+            audience: &endpoints.token_url,
+            issued_at: unix_millis() / 1000,
+        };
+        let assertion = assertion(key, &claims).map_err(|reason| TokenFailure::SignInNeeded {
+            reason,
+            hint: self.hint(None),
+        })?;
+        self.client
+            .jwt_bearer(&assertion)
+            .await
+            .map_err(|err| self.failure(err))
+    }
+
     fn failure(&self, err: EndpointError) -> TokenFailure {
         match err {
             EndpointError::Unreachable(reason) => TokenFailure::Unavailable { reason },
@@ -182,13 +218,27 @@ impl Tokens {
     }
 
     fn hint(&self, error: Option<&str>) -> String {
-        sign_in_hint(&self.account, self.config.provider, self.config.flow, error)
+        if self.config.flow == OAuthFlow::ServiceAccount {
+            return service_account_hint(
+                &self.account,
+                &self.config.client_id,
+                &self.client.endpoints().scope(),
+                error,
+            );
+        }
+        let OAuth2Config { provider, flow, .. } = self.config;
+        sign_in_hint(&self.account, provider, flow, self.transport, error)
     }
 }
 
 impl AccessTokens for Tokens {
     fn current(&self) -> TokenFuture<'_> {
         Box::pin(self.obtain())
+    }
+
+    fn granted_scope(&self) -> Option<String> {
+        let cached = self.cached.lock().unwrap();
+        cached.as_ref()?.scope.clone()
     }
 
     fn refused(&self, token: &Secret) {

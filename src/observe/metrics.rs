@@ -24,6 +24,7 @@ const QUEUE: &str = "sendbridge_queue_messages";
 const SPOOL_BYTES: &str = "sendbridge_spool_bytes";
 const SPOOL_FULL: &str = "sendbridge_spool_full";
 const NOTICES: &str = "sendbridge_notices_total";
+const ACCOUNT_INFO: &str = "sendbridge_account_info";
 
 /// From a second to a day: hybrid deliveries take seconds, held mail days.
 const DELIVERY_BUCKETS: [f64; 12] = [
@@ -113,10 +114,20 @@ fn describe() {
         SPOOL_FULL,
         "1 while the spool's disk is full (new mail gets 452 4.3.1), else 0"
     );
+    describe_gauge!(
+        ACCOUNT_INFO,
+        "1 for each account and the transport it sends through (smtp, graph, gmail-api)"
+    );
     describe_counter!(
         NOTICES,
         "Notices handed to a channel (email, webhook), or none when no channel could take them, by event (bounce, delay_warning, account_held, ...)"
     );
+}
+
+/// `account` sends through `transport` (1), or no longer does (0).
+pub fn account_transport(account: &str, transport: &str, current: bool) {
+    gauge!(ACCOUNT_INFO, "account" => account.to_string(), "transport" => transport.to_string())
+        .set(if current { 1.0 } else { 0.0 });
 }
 
 pub fn session_opened() {

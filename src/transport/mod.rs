@@ -4,14 +4,21 @@
 //! as Microsoft Graph sendMail or the Gmail API) is a module beside `smtp`
 //! and one variant of each enum here; delivery does not change.
 
+pub mod api_recipients;
+pub mod gmail_api;
+pub mod graph;
+mod graph_large;
+mod graph_token;
+pub mod http;
 pub mod smtp;
 
 use rustls::ProtocolVersion;
 
-use crate::access_tokens::TokenSource;
-use crate::config::AccountConfig;
+use crate::access_tokens::{AccessTokens, TokenFailure, TokenSource};
+use crate::config::{AccountConfig, TransportKind};
 use crate::provider_replies::{Class, Diagnosis, diagnose};
 use crate::reply::Reply;
+use crate::secret::Secret;
 
 /// How one attempt to hand a message to the provider ended (DESIGN.md,
 /// "Outcome classes").
@@ -48,6 +55,9 @@ pub struct Deferral {
     pub what: String,
     pub reason: &'static str,
     pub hint: Option<String>,
+    /// How long the provider asked us to wait (HTTP `Retry-After`): the
+    /// next attempt comes no sooner.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 /// The reason code of a refused sign-in that only a person can fix by
@@ -92,6 +102,7 @@ impl Outcome {
                 reply: Some(reply),
                 reason,
                 hint,
+                retry_after: None,
             }),
         }
     }
@@ -103,6 +114,7 @@ impl Outcome {
             what: what.into(),
             reason: UNAVAILABLE,
             hint,
+            retry_after: None,
         })
     }
 
@@ -165,12 +177,18 @@ pub struct Sent {
 /// One configured account's way to the provider, ready to open connections.
 pub enum Transport {
     Smtp(smtp::SmtpTransport),
+    Graph(graph::GraphTransport),
+    GmailApi(gmail_api::GmailApiTransport),
 }
 
 /// An open, signed-in connection of a [`Transport`], reusable for several
 /// messages.
 pub enum Connection {
     Smtp(smtp::SmtpConnection),
+    /// HTTPS connections are the client's to reuse; nothing is open here.
+    Graph,
+    /// Likewise.
+    GmailApi,
 }
 
 impl Transport {
@@ -182,12 +200,33 @@ impl Transport {
         helo_name: &str,
         tokens: &TokenSource,
     ) -> anyhow::Result<Self> {
-        smtp::SmtpTransport::new(name, account, helo_name, tokens).map(Transport::Smtp)
+        match account.transport {
+            TransportKind::Smtp => {
+                smtp::SmtpTransport::new(name, account, helo_name, tokens).map(Transport::Smtp)
+            }
+            TransportKind::Graph => {
+                graph::GraphTransport::new(name, account, tokens).map(Transport::Graph)
+            }
+            TransportKind::GmailApi => {
+                gmail_api::GmailApiTransport::new(name, account, tokens).map(Transport::GmailApi)
+            }
+        }
+    }
+
+    /// Which transport this is (`accounts.<name>.transport`).
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            Transport::Smtp(_) => TransportKind::Smtp,
+            Transport::Graph(_) => TransportKind::Graph,
+            Transport::GmailApi(_) => TransportKind::GmailApi,
+        }
     }
 
     pub fn name(&self) -> &str {
         match self {
             Transport::Smtp(smtp) => smtp.name(),
+            Transport::Graph(graph) => graph.name(),
+            Transport::GmailApi(gmail) => gmail.name(),
         }
     }
 
@@ -195,6 +234,8 @@ impl Transport {
     pub async fn connect(&self) -> Result<Connection, Outcome> {
         match self {
             Transport::Smtp(smtp) => smtp.connect(&mut None).await.map(Connection::Smtp),
+            Transport::Graph(graph) => graph.connect().await.map(|()| Connection::Graph),
+            Transport::GmailApi(gmail) => gmail.connect().await.map(|()| Connection::GmailApi),
         }
     }
 
@@ -212,6 +253,11 @@ impl Transport {
             (Transport::Smtp(smtp), Connection::Smtp(connection)) => {
                 smtp.send(connection, recipients, flags, message).await
             }
+            (Transport::Graph(graph), Connection::Graph) => graph.send(recipients, message).await,
+            (Transport::GmailApi(gmail), Connection::GmailApi) => {
+                gmail.send(recipients, message).await
+            }
+            _ => unreachable!("a connection is used with the transport that opened it"),
         }
     }
 
@@ -219,8 +265,14 @@ impl Transport {
     /// check`), and notes in `tls_version` the TLS version as soon as it is
     /// negotiated, so that a refused sign-in still shows it.
     pub async fn probe(&self, tls_version: &mut Option<ProtocolVersion>) -> Result<(), Outcome> {
-        self.connect_noting(tls_version).await?.quit().await;
-        Ok(())
+        match self {
+            Transport::Graph(graph) => graph.probe().await,
+            Transport::GmailApi(gmail) => gmail.probe().await,
+            Transport::Smtp(_) => {
+                self.connect_noting(tls_version).await?.quit().await;
+                Ok(())
+            }
+        }
     }
 
     async fn connect_noting(
@@ -229,6 +281,18 @@ impl Transport {
     ) -> Result<Connection, Outcome> {
         match self {
             Transport::Smtp(smtp) => smtp.connect(tls_version).await.map(Connection::Smtp),
+            Transport::Graph(graph) => graph.connect().await.map(|()| Connection::Graph),
+            Transport::GmailApi(gmail) => gmail.connect().await.map(|()| Connection::GmailApi),
+        }
+    }
+
+    /// What an API transport's access allows, for `sendbridge check`; `None`
+    /// for SMTP, where signing in says it all.
+    pub async fn access(&self) -> Option<String> {
+        match self {
+            Transport::Smtp(_) => None,
+            Transport::Graph(graph) => Some(graph.access().await),
+            Transport::GmailApi(gmail) => Some(gmail.access()),
         }
     }
 
@@ -237,15 +301,85 @@ impl Transport {
     pub fn sign_in_refused(&self, reply: Reply) -> Failure {
         match self {
             Transport::Smtp(smtp) => smtp.sign_in_refused(reply),
+            Transport::Graph(graph) => graph.sign_in_refused(reply),
+            Transport::GmailApi(gmail) => gmail.sign_in_refused(reply),
         }
     }
 }
 
 impl Connection {
+    /// Whether the server may have closed it while it was idle, so that a
+    /// failure without a reply says nothing about the message. An API
+    /// transport has no connection of its own to go stale.
+    pub fn may_have_gone_stale(&self) -> bool {
+        matches!(self, Connection::Smtp(_))
+    }
+
     /// Says goodbye; the connection is gone either way.
     pub async fn quit(self) {
         match self {
             Connection::Smtp(connection) => connection.quit().await,
+            Connection::Graph | Connection::GmailApi => {}
+        }
+    }
+}
+
+/// The current access token of an OAuth 2.0 account, within the account's
+/// `timeout`: a token service that hangs must not hold up the account's
+/// workers for good.
+async fn access_token(
+    tokens: &dyn AccessTokens,
+    timeout: std::time::Duration,
+) -> Result<Secret, Outcome> {
+    match tokio::time::timeout(timeout, tokens.current()).await {
+        Ok(token) => token.map_err(token_failure),
+        Err(_) => Err(token_failure(TokenFailure::Unavailable {
+            reason: format!("no answer within {}s", timeout.as_secs()),
+        })),
+    }
+}
+
+/// Sends the request `request` builds with the current access token; when
+/// the API refuses the token (401), once more with a fresh one, and that
+/// answer stands. For the HTTP API transports.
+async fn send_with_token(
+    http: &http::HttpClient,
+    tokens: &dyn AccessTokens,
+    timeout: std::time::Duration,
+    request: impl Fn() -> http::Request,
+) -> Result<http::Response, Outcome> {
+    let mut refused = None;
+    for _ in 0..2 {
+        let token = access_token(tokens, timeout).await?;
+        let response = http
+            .send(request().bearer(&token))
+            .await
+            .map_err(|what| Outcome::unavailable(what, None))?;
+        if response.status != 401 {
+            return Ok(response);
+        }
+        tokens.refused(&token);
+        refused = Some(response);
+    }
+    Ok(refused.expect("two refusals"))
+}
+
+/// No access token: a person must sign in again (the account goes on hold,
+/// with the token service's hint), or the token service is unreachable for
+/// now (retried).
+fn token_failure(failure: TokenFailure) -> Outcome {
+    match failure {
+        TokenFailure::SignInNeeded { reason, hint } => Outcome::AuthFailed(Failure {
+            reply: Reply::new(
+                535,
+                [5, 7, 8],
+                format!("OAuth 2.0 sign-in needed: {reason}"),
+            ),
+            reason: SIGN_IN_NEEDED,
+            hint: Some(hint),
+        }),
+        TokenFailure::Unavailable { reason } => {
+            Outcome::unavailable(format!("no OAuth 2.0 access token: {reason}"), None)
         }
     }
 }
@@ -309,5 +443,36 @@ mod tests {
             assert_eq!(deferral.reason, "upstream_unavailable");
             assert_eq!(deferral.explained(), explained);
         }
+    }
+
+    #[test]
+    fn a_needed_oauth_sign_in_holds_with_the_token_services_hint() {
+        let failure = TokenFailure::SignInNeeded {
+            reason: "invalid_grant".into(),
+            hint: "run `sendbridge oauth login gmail`".into(),
+        };
+        let Outcome::AuthFailed(failure) = token_failure(failure) else {
+            panic!("a needed sign-in is a refused sign-in");
+        };
+        assert_eq!(
+            failure.reply.to_string(),
+            "535 5.7.8 OAuth 2.0 sign-in needed: invalid_grant"
+        );
+        assert_eq!(
+            failure.hint.as_deref(),
+            Some("run `sendbridge oauth login gmail`")
+        );
+        assert_eq!(failure.reason, "signin_needed", "its own alert");
+    }
+
+    #[test]
+    fn an_unavailable_token_service_defers() {
+        let failure = TokenFailure::Unavailable {
+            reason: "timeout".into(),
+        };
+        assert_eq!(
+            token_failure(failure),
+            Outcome::unavailable("no OAuth 2.0 access token: timeout", None)
+        );
     }
 }

@@ -21,7 +21,7 @@ use tokio_rustls::client::TlsStream;
 use tracing::warn;
 
 use super::{BodyFlags, Failure, Outcome, Sent};
-use crate::access_tokens::{AccessTokens, TokenFailure, TokenSource};
+use crate::access_tokens::{AccessTokens, TokenSource};
 use crate::config::{AccountConfig, AuthMethod, UpstreamTls, preset};
 use crate::observe::metrics;
 use crate::provider_replies::diagnose;
@@ -184,7 +184,7 @@ impl SmtpTransport {
     ) -> Result<SmtpConnection, Outcome> {
         let mut refusal = None;
         for _ in 0..2 {
-            let token = self.access_token(tokens).await?;
+            let token = super::access_token(tokens, self.timeout).await?;
             match self
                 .connect_with(
                     Auth::XOAuth2 {
@@ -203,17 +203,6 @@ impl SmtpTransport {
             }
         }
         Err(refusal.expect("two refusals"))
-    }
-
-    /// The current token, within the account's `timeout`: a token service
-    /// that hangs must not hold up the account's workers for good.
-    async fn access_token(&self, tokens: &dyn AccessTokens) -> Result<Secret, Outcome> {
-        match tokio::time::timeout(self.timeout, tokens.current()).await {
-            Ok(token) => token.map_err(token_failure),
-            Err(_) => Err(token_failure(TokenFailure::Unavailable {
-                reason: format!("no answer within {}s", self.timeout.as_secs()),
-            })),
-        }
     }
 
     async fn connect_with(
@@ -495,26 +484,6 @@ fn boxed_tls(
     boxed(client)
 }
 
-/// No access token: a person must sign in again (the account goes on hold,
-/// with the token service's hint), or the token service is unreachable for
-/// now (retried).
-fn token_failure(failure: TokenFailure) -> Outcome {
-    match failure {
-        TokenFailure::SignInNeeded { reason, hint } => Outcome::AuthFailed(Failure {
-            reply: Reply::new(
-                535,
-                [5, 7, 8],
-                format!("OAuth 2.0 sign-in needed: {reason}"),
-            ),
-            reason: super::SIGN_IN_NEEDED,
-            hint: Some(hint),
-        }),
-        TokenFailure::Unavailable { reason } => {
-            Outcome::unavailable(format!("no OAuth 2.0 access token: {reason}"), None)
-        }
-    }
-}
-
 /// The reason code of every refused sign-in.
 const SIGN_IN_REFUSED: &str = "upstream_auth";
 
@@ -714,37 +683,6 @@ mod tests {
             let hint = failure.hint.unwrap();
             assert!(hint.contains(expected), "{code}: {hint}");
         }
-    }
-
-    #[test]
-    fn a_needed_oauth_sign_in_holds_with_the_token_services_hint() {
-        let failure = TokenFailure::SignInNeeded {
-            reason: "invalid_grant".into(),
-            hint: "run `sendbridge oauth login gmail`".into(),
-        };
-        let Outcome::AuthFailed(failure) = token_failure(failure) else {
-            panic!("a needed sign-in is a refused sign-in");
-        };
-        assert_eq!(
-            failure.reply.to_string(),
-            "535 5.7.8 OAuth 2.0 sign-in needed: invalid_grant"
-        );
-        assert_eq!(
-            failure.hint.as_deref(),
-            Some("run `sendbridge oauth login gmail`")
-        );
-        assert_eq!(failure.reason, "signin_needed", "its own alert");
-    }
-
-    #[test]
-    fn an_unavailable_token_service_defers() {
-        let failure = TokenFailure::Unavailable {
-            reason: "timeout".into(),
-        };
-        assert_eq!(
-            token_failure(failure),
-            Outcome::unavailable("no OAuth 2.0 access token: timeout", None)
-        );
     }
 
     #[test]

@@ -75,20 +75,7 @@ impl Received {
     /// The message as the legacy program wrote it: without the Received
     /// field sendbridge puts first (checked to be there, and ours).
     pub fn without_trace(&self) -> String {
-        let text = String::from_utf8_lossy(&self.data);
-        assert!(text.starts_with("Received: from "), "{text}");
-        let mut lines = text.split_inclusive("\r\n");
-        let first = lines.next().unwrap_or_default();
-        let continued: Vec<&str> = lines
-            .clone()
-            .take_while(|line| line.starts_with([' ', '\t']))
-            .collect();
-        let trace = [first]
-            .into_iter()
-            .chain(continued.iter().copied())
-            .collect::<String>();
-        assert!(trace.contains("(sendbridge)"), "{trace}");
-        text[trace.len()..].to_string()
+        without_trace(&String::from_utf8_lossy(&self.data))
     }
 
     /// Everything after the empty line that ends the header section.
@@ -391,16 +378,34 @@ impl Drop for FakeUpstream {
     }
 }
 
-struct TestPki {
-    ca_pem: String,
-    leaf_cert: CertificateDer<'static>,
-    leaf_key: PrivateKeyDer<'static>,
+/// `text` without the Received field sendbridge puts first (checked to be
+/// there, and ours): the message as the legacy program wrote it.
+pub fn without_trace(text: &str) -> String {
+    assert!(text.starts_with("Received: from "), "{text}");
+    let mut lines = text.split_inclusive("\r\n");
+    let first = lines.next().unwrap_or_default();
+    let continued: Vec<&str> = lines
+        .clone()
+        .take_while(|line| line.starts_with([' ', '\t']))
+        .collect();
+    let trace = [first]
+        .into_iter()
+        .chain(continued.iter().copied())
+        .collect::<String>();
+    assert!(trace.contains("(sendbridge)"), "{trace}");
+    text[trace.len()..].to_string()
+}
+
+pub struct TestPki {
+    pub ca_pem: String,
+    pub leaf_cert: CertificateDer<'static>,
+    pub leaf_key: PrivateKeyDer<'static>,
 }
 
 /// Creates a test CA and a server certificate for "localhost" and 127.0.0.1.
 /// The server certificate is signed by the CA when `trusted`, self-signed
 /// otherwise.
-fn generate_pki(trusted: bool) -> TestPki {
+pub fn generate_pki(trusted: bool) -> TestPki {
     let ca_key = KeyPair::generate().expect("generate CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -1,9 +1,12 @@
 // Each test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub mod fake_graph;
 pub mod fake_upstream;
 pub mod frozen_clock;
+pub mod gmail_api;
 pub mod http;
+pub mod https;
 pub mod interactive;
 pub mod log_capture;
 pub mod process;
