@@ -328,10 +328,12 @@ async fn a_reload_that_changes_a_password_drops_its_cached_sign_in() {
     assert_eq!(verified_by(&logs), ["argon2", "cache", "argon2", "cache"]);
 }
 
-/// How each logged sign-in was verified, in order: `argon2` or `cache`.
+/// How each signed-in session's sign-in was verified, in order: `argon2`
+/// or `cache`, from the sessions' closing lines.
 fn verified_by(logs: &LogCapture) -> Vec<String> {
-    logs.lines_with("client signed in")
+    logs.lines_with("session closed")
         .iter()
+        .filter(|line| line["user"] != "-")
         .map(|line| line["verified_by"].as_str().unwrap_or("-").to_string())
         .collect()
 }
