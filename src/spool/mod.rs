@@ -587,15 +587,18 @@ mod tests {
         }
     }
 
+    /// A message stored in `state`, as [`Spool::accept`] leaves it.
+    fn accepted(spool: &Spool, message: &[u8], state: State) -> Envelope {
+        let mut accepted = envelope();
+        spool.accept(&mut accepted, message, state).unwrap();
+        accepted
+    }
+
     #[test]
     fn accept_stores_bytes_and_envelope() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let mut envelope = envelope();
-
-        spool
-            .accept(&mut envelope, b"Subject: hi\r\n\r\nbody\r\n", State::Active)
-            .unwrap();
+        let envelope = accepted(&spool, b"Subject: hi\r\n\r\nbody\r\n", State::Active);
 
         assert_eq!(spool.find(&envelope.id).unwrap(), Some(State::Active));
         assert_eq!(
@@ -631,10 +634,7 @@ mod tests {
     fn state_moves_are_renames_and_keep_updates() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let mut envelope = envelope();
-        spool
-            .accept(&mut envelope, b"x\r\n", State::Active)
-            .unwrap();
+        let mut envelope = accepted(&spool, b"x\r\n", State::Active);
 
         envelope.attempts = 1;
         envelope.last_reply = Some("421 4.7.0 Try again later".into());
@@ -665,14 +665,8 @@ mod tests {
     fn recovery_cleans_torn_writes_and_reactivates() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let mut acknowledged = envelope();
-        spool
-            .accept(&mut acknowledged, b"kept\r\n", State::Active)
-            .unwrap();
-        let mut deferred = envelope();
-        spool
-            .accept(&mut deferred, b"also kept\r\n", State::Deferred)
-            .unwrap();
+        let acknowledged = accepted(&spool, b"kept\r\n", State::Active);
+        let deferred = accepted(&spool, b"also kept\r\n", State::Deferred);
         // A crash mid-accept: a file written but never renamed into its
         // state; and from earlier versions, truncated bytes, a truncated
         // envelope in incoming/, and bytes whose envelope never got written.
@@ -707,10 +701,7 @@ mod tests {
     fn writability_check_leaves_nothing_behind_and_data_bytes_add_up() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let mut stored = envelope();
-        spool
-            .accept(&mut stored, b"12345\r\n", State::Active)
-            .unwrap();
+        let stored = accepted(&spool, b"12345\r\n", State::Active);
 
         spool.check_writable().unwrap();
 
@@ -730,10 +721,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let mut envelope = envelope();
-        spool
-            .accept(&mut envelope, b"{not json}\r\n", State::Active)
-            .unwrap();
+        let mut envelope = accepted(&spool, b"{not json}\r\n", State::Active);
         let data = spool.data_path(&envelope.id);
         let state_entry = spool.envelope_path(State::Active, &envelope.id);
         assert!(!data.exists());
@@ -781,14 +769,8 @@ mod tests {
     fn removing_leaves_nothing_whether_or_not_the_envelope_was_updated() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let mut first_attempt = envelope();
-        spool
-            .accept(&mut first_attempt, b"delivered at once\r\n", State::Active)
-            .unwrap();
-        let mut retried = envelope();
-        spool
-            .accept(&mut retried, b"delivered later\r\n", State::Active)
-            .unwrap();
+        let first_attempt = accepted(&spool, b"delivered at once\r\n", State::Active);
+        let mut retried = accepted(&spool, b"delivered later\r\n", State::Active);
         retried.attempts = 1;
         spool
             .update(&retried, State::Active, State::Deferred)
@@ -808,19 +790,13 @@ mod tests {
         let spool = Spool::open(dir.path()).unwrap();
         // Mid-update: the bytes got their data/ name, the new envelope was
         // written but not renamed into place.
-        let mut updating = envelope();
-        spool
-            .accept(&mut updating, b"being updated\r\n", State::Active)
-            .unwrap();
+        let mut updating = accepted(&spool, b"being updated\r\n", State::Active);
         let current = spool.envelope_path(State::Active, &updating.id);
         fs::hard_link(&current, spool.data_path(&updating.id)).unwrap();
         fs::write(spool.temp_path(State::Active, &updating.id), b"{\"id\":").unwrap();
         // Mid-remove: the envelope of an updated message is gone, its bytes
         // are not.
-        let mut removing = envelope();
-        spool
-            .accept(&mut removing, b"being removed\r\n", State::Active)
-            .unwrap();
+        let mut removing = accepted(&spool, b"being removed\r\n", State::Active);
         removing.attempts = 1;
         spool
             .update(&removing, State::Active, State::Deferred)
