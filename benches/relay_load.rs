@@ -175,7 +175,7 @@ impl Options {
 
 /// N messages of `size` bytes from `sessions` concurrent clients; each sends
 /// its share one after another.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 struct Scenario {
     messages: usize,
     sessions: usize,
@@ -904,6 +904,11 @@ impl Report {
                 result.relay_rss_at_end_mib
             );
         }
+        if let Some(ratio) = self.sign_in_per_message_ratio() {
+            println!(
+                "\nsign-in per message / one session per client, relay msg/s (same load): {ratio:.3}"
+            );
+        }
         if !self.memory_checks.is_empty() {
             println!("\nrelay memory checks");
         }
@@ -917,6 +922,28 @@ impl Report {
                 if check.passed { "ok" } else { "FAILED" }
             );
         }
+    }
+
+    /// The relay's throughput with a connection and sign-in per message
+    /// over that of the same load over one session per client, when both
+    /// ran: what the sign-in per connection costs.
+    fn sign_in_per_message_ratio(&self) -> Option<f64> {
+        let rate = |connections| {
+            let per_message = self
+                .scenarios
+                .iter()
+                .find(|result| result.scenario.connections == Connections::PerMessage)?;
+            let wanted = Scenario {
+                connections,
+                ..per_message.scenario
+            };
+            let result = self
+                .scenarios
+                .iter()
+                .find(|result| result.scenario == wanted)?;
+            Some(result.relay.messages_per_second)
+        };
+        Some(rate(Connections::PerMessage)? / rate(Connections::PerSession)?)
     }
 
     fn write_json(&self, path: &Path) -> anyhow::Result<()> {

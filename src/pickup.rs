@@ -168,7 +168,12 @@ async fn take(maildrop: &Maildrop, ctx: &SessionContext, id: &str) {
         local.envelope.recipients.len(),
         local.message.len(),
     );
-    let submitted = ctx.delivery.submit(local.envelope, local.message).await;
+    let submitted = ctx
+        .delivery
+        .submit(local.envelope, local.message)
+        .await
+        .answer_for_no_client()
+        .await;
     // The drop goes first, so the log line below means it is done.
     match &submitted.refusal {
         None => {

@@ -293,8 +293,9 @@ async fn spool_failure_is_452_and_nothing_is_acknowledged() {
     let upstream = upstream_with(Script::default()).await;
     let relay = relay(&upstream, "").await;
     let mut client = relay.signed_in_client().await;
-    // The spool's data directory disappears (a broken disk or mount).
-    std::fs::remove_dir_all(relay.spool.join("data")).unwrap();
+    // The directory new messages are stored in disappears (a broken disk
+    // or mount).
+    std::fs::remove_dir_all(relay.spool.join("active")).unwrap();
 
     let reply = send(&mut client, 1).await;
 

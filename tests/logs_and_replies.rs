@@ -114,7 +114,8 @@ async fn json_log_lines_carry_json_values_and_the_session_fields() {
 }
 
 /// A delivered message's story in the log: received (and stored), then
-/// delivered; one line each.
+/// delivered; one line each, in that order (the default `hybrid` mode
+/// answers the client after the first attempt).
 #[tokio::test]
 async fn a_delivered_message_is_two_log_lines() {
     let log = json_log_of_one_delivered_message().await;
@@ -124,6 +125,8 @@ async fn a_delivered_message_is_two_log_lines() {
     let id = received["id"].as_str().expect("the message's id");
     let lines: Vec<&String> = log.iter().filter(|line| line.contains(id)).collect();
     assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(lines[0].contains("message received"), "{lines:#?}");
+    assert!(lines[1].contains("message delivered"), "{lines:#?}");
 }
 
 #[tokio::test]

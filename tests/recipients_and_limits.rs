@@ -167,7 +167,7 @@ async fn mail_over_the_daily_cap_waits_and_goes_out_when_the_window_frees() {
     let clock = FrozenClock::new();
     let upstream = upstream_with(Script::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    // Hybrid: `submit` returns once the first attempt has settled.
+    // Hybrid: the answer comes once the first attempt has settled.
     let mut config = config(&upstream, "", |gmail| gmail.daily_message_limit = Some(2));
     config.spool.dir = dir.path().to_path_buf();
     // No delay warning to the sender (it would wait for the window too).
@@ -182,7 +182,10 @@ async fn mail_over_the_daily_cap_waits_and_goes_out_when_the_window_frees() {
             recipients: vec![format!("customer{n}@x.example")],
             ..Envelope::default()
         };
-        let submitted = delivery.submit(envelope, CONTENT.as_bytes().to_vec());
+        let submitted = async {
+            let submission = delivery.submit(envelope, CONTENT.as_bytes().to_vec());
+            submission.await.answer().await
+        };
         let reply = clock.within(WAIT, submitted).await.reply;
         assert_eq!(reply.code, 250, "accepted even over the cap");
     }

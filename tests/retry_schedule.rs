@@ -52,6 +52,8 @@ async fn dead_upstream_engine_with_an_invoice(extra: &str) -> (Arc<Delivery>, te
     };
     let reply = delivery
         .submit(envelope, b"Subject: s\r\n\r\nbody\r\n".to_vec())
+        .await
+        .answer()
         .await;
     assert_eq!(reply.reply.code, 250);
     (delivery, dir)

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, Received, UpstreamTls};
+use common::fake_upstream::{FakeUpstream, FakeUpstreamOptions, Received, Script, UpstreamTls};
 use common::process::RelayProcess;
 use common::relay::{LOCAL_PASSWORD, UPSTREAM_PASSWORD, UPSTREAM_USER};
 
@@ -31,12 +31,15 @@ struct Setup {
 impl Setup {
     /// `keys`: TOML lines added to `[server]`.
     async fn new(server_keys: &str) -> Setup {
-        let upstream = FakeUpstream::start(FakeUpstreamOptions::new(
-            UpstreamTls::StartTls,
-            UPSTREAM_USER,
-            UPSTREAM_PASSWORD,
-        ))
-        .await;
+        Setup::with_upstream_script(server_keys, Script::default()).await
+    }
+
+    /// `new` with an upstream that answers as `script` says.
+    async fn with_upstream_script(server_keys: &str, script: Script) -> Setup {
+        let mut options =
+            FakeUpstreamOptions::new(UpstreamTls::StartTls, UPSTREAM_USER, UPSTREAM_PASSWORD);
+        options.script = script;
+        let upstream = FakeUpstream::start(options).await;
         let relay_dir = tempfile::tempdir().unwrap();
         let spool = relay_dir.path().join("spool");
         std::fs::create_dir(&spool).unwrap();
@@ -548,5 +551,39 @@ async fn a_drop_the_relay_refuses_is_kept_aside_with_the_key_to_fix() {
     assert_eq!(drops(&setup.maildrop()), 0);
     assert_eq!(drops(&setup.maildrop().join("refused")), 1);
     assert!(setup.upstream.received().is_empty());
+    relay.terminate().await;
+}
+
+/// A drop whose recipient the provider refuses is the queue's like any
+/// message told `250`: nobody heard the refusal, so it bounces to the
+/// sender. (Merged with the log-order change, the pickup first took the
+/// hybrid mode's 5xx as its own answer: the drop was set aside as refused
+/// and the sender heard nothing.)
+#[tokio::test]
+async fn a_drop_the_provider_refuses_bounces_to_its_sender() {
+    let refused = "nobody@example.com";
+    let script = Script {
+        rcpt_for: vec![(
+            refused.to_string(),
+            "550 5.1.1 The email account that you tried to reach does not exist.".to_string(),
+        )],
+        ..Script::default()
+    };
+    let setup = Setup::with_upstream_script("", script).await;
+    let relay = setup.start_relay().await;
+
+    let output = setup
+        .sendmail(&["-f", "backup@example.com", refused], "Subject: s\n\nx\n")
+        .await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let bounce = setup.upstream.wait_for_messages(1, WAIT).await.remove(0);
+    assert_eq!(bounce.rcpt_to, ["backup@example.com"]);
+    assert!(
+        String::from_utf8_lossy(&bounce.data).contains(refused),
+        "the bounce names the refused recipient"
+    );
+    assert_eq!(drops(&setup.maildrop()), 0);
+    assert_eq!(drops(&setup.maildrop().join("refused")), 0);
     relay.terminate().await;
 }

@@ -352,10 +352,12 @@ async fn cram_md5_cannot_sign_in_a_user_with_only_a_password_hash() {
     assert_eq!(reply.code, 235, "{reply:?}");
 }
 
-/// How each logged sign-in was verified, in order: `argon2` or `cache`.
+/// How each signed-in session's sign-in was verified, in order: `argon2`
+/// or `cache`, from the sessions' closing lines.
 fn verified_by(logs: &LogCapture) -> Vec<String> {
-    logs.lines_with("client signed in")
+    logs.lines_with("session closed")
         .iter()
+        .filter(|line| line["user"] != "-")
         .map(|line| line["verified_by"].as_str().unwrap_or("-").to_string())
         .collect()
 }

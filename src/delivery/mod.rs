@@ -36,7 +36,7 @@ use account::{Account, AccountSettings};
 use scheduler::Unsaved;
 
 pub use hold::Hold;
-pub use submit::Submitted;
+pub use submit::{Submission, Submitted};
 
 /// Unix milliseconds that follow tokio's clock, so retry schedules can be
 /// tested with a paused clock. Anchored to the wall clock at start.

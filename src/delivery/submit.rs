@@ -2,6 +2,7 @@
 //! for the first attempt.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tracing::error;
@@ -16,19 +17,20 @@ use crate::spool_space::is_full;
 use crate::transport::{Deferral, Outcome};
 
 impl Delivery {
-    /// Stores a message and answers the client per the delivery mode.
-    pub async fn submit(&self, mut envelope: Envelope, message: Vec<u8>) -> Submitted {
+    /// Stores a message; [`Submission::answer`] then answers the client per
+    /// the delivery mode.
+    pub async fn submit(&self, mut envelope: Envelope, message: Vec<u8>) -> Submission {
         let account_name = envelope.account.clone();
         let Some(account) = self.account(&account_name) else {
             let reply = Reply::new(451, [4, 3, 5], "No such upstream account configured");
             let hint = format!("add [accounts.{account_name}] to the configuration");
-            return Submitted::refused(reply, None, Refusal::new("no_account", hint));
+            return Submitted::refused(reply, None, Refusal::new("no_account", hint)).into();
         };
         let hold = account.hold();
         if let (Some(hold), DeliveryMode::Passthrough) = (&hold, self.settings.mode) {
             // The client keeps the message; no need to store it first.
             let outcome = Outcome::AuthFailed(hold.failure.clone());
-            return Submitted::from_outcome(&account.name, None, &outcome);
+            return Submitted::from_outcome(&account.name, None, &outcome).into();
         }
         let state = if hold.is_some() {
             State::Held
@@ -78,7 +80,7 @@ impl Delivery {
                     [4, 3, 1],
                     "Insufficient system storage, try again later",
                 );
-                return Submitted::refused(reply, None, refusal);
+                return Submitted::refused(reply, None, refusal).into();
             }
             Err(_) => {
                 let reply = Reply::new(451, [4, 3, 0], "Internal error, try again later");
@@ -86,7 +88,8 @@ impl Delivery {
                     reply,
                     None,
                     Refusal::new("internal", "see the error above"),
-                );
+                )
+                .into();
             }
         };
         let id = envelope.id.clone();
@@ -98,54 +101,111 @@ impl Delivery {
         }
         let queued = Submitted {
             reply: Reply::new(250, [2, 0, 0], format!("OK queued as {id}")),
-            id: Some(id.clone()),
+            id: Some(id),
             state: Some(state),
             refusal: None,
         };
         if hold.is_some() {
-            return queued;
+            return queued.into();
         }
-        let wait = self.settings.mode != DeliveryMode::Queue;
-        let (verdict, outcome) = if wait {
+        let mode = self.settings.mode;
+        let (verdict, outcome) = if mode == DeliveryMode::Queue {
+            (None, None)
+        } else {
             let (sender, receiver) = oneshot::channel();
             (Some(sender), Some(receiver))
-        } else {
-            (None, None)
         };
         let job = Job {
             envelope,
-            message: wait.then_some(message),
+            message: outcome.is_some().then_some(message),
             verdict,
         };
         if account.jobs.send(job).is_err() {
             // Shutting down: the message is safe in active/ and resumes at start.
-            return queued;
+            return queued.into();
         }
-        let Some(outcome) = outcome else {
-            return queued;
+        Submission {
+            stored: queued,
+            first_attempt: outcome.map(|outcome| FirstAttempt {
+                outcome,
+                mode,
+                sync_timeout: self.settings.sync_timeout,
+                account: account.name.clone(),
+            }),
+        }
+    }
+}
+
+/// A message handed over: what storing it answered, and, per the delivery
+/// mode, the first attempt whose verdict may be the client's answer.
+pub struct Submission {
+    stored: Submitted,
+    first_attempt: Option<FirstAttempt>,
+}
+
+struct FirstAttempt {
+    outcome: oneshot::Receiver<Outcome>,
+    mode: DeliveryMode,
+    sync_timeout: Duration,
+    account: String,
+}
+
+impl From<Submitted> for Submission {
+    fn from(stored: Submitted) -> Self {
+        Submission {
+            stored,
+            first_attempt: None,
+        }
+    }
+}
+
+impl Submission {
+    /// The answer as the message was stored (or refused), before any
+    /// delivery attempt.
+    pub fn stored(&self) -> &Submitted {
+        &self.stored
+    }
+
+    /// For a submitter no client waits on (the maildrop): in `passthrough`
+    /// mode it keeps the message until the first attempt's verdict, so it
+    /// gets that verdict; otherwise what storing answered, and a later
+    /// refusal bounces to the sender, who heard nothing.
+    pub async fn answer_for_no_client(self) -> Submitted {
+        match &self.first_attempt {
+            Some(first) if first.mode == DeliveryMode::Passthrough => self.answer().await,
+            _ => self.stored,
+        }
+    }
+
+    /// What the client hears: in `hybrid` mode a refusal of the first
+    /// attempt within `sync_timeout`, in `passthrough` mode its verdict.
+    pub async fn answer(self) -> Submitted {
+        let Some(first) = self.first_attempt else {
+            return self.stored;
         };
-        let id = Some(id);
-        let answer = match self.settings.mode {
+        let queued = self.stored;
+        let (account, id) = (&first.account, queued.id.clone());
+        let answer = match first.mode {
             DeliveryMode::Hybrid => {
-                match tokio::time::timeout(self.settings.sync_timeout, outcome).await {
+                match tokio::time::timeout(first.sync_timeout, first.outcome).await {
                     Ok(Ok(rejected @ Outcome::Rejected(_))) => {
-                        Submitted::from_outcome(&account.name, id, &rejected)
+                        Submitted::from_outcome(account, id, &rejected)
                     }
-                    _ => queued,
+                    _ => return queued,
                 }
             }
-            DeliveryMode::Passthrough => match outcome.await {
-                Ok(Outcome::Delivered(_)) => queued,
-                Ok(other) => Submitted::from_outcome(&account.name, id, &other),
+            DeliveryMode::Passthrough => match first.outcome.await {
+                Ok(Outcome::Delivered(_)) => return queued,
+                Ok(other) => Submitted::from_outcome(account, id, &other),
                 Err(_) => {
                     let reply = Reply::new(451, [4, 3, 0], "Delivery interrupted, try again later");
                     Submitted::refused(reply, id, Refusal::new("internal", "the relay is stopping"))
                 }
             },
-            DeliveryMode::Queue => queued,
+            DeliveryMode::Queue => return queued,
         };
         Submitted {
-            state: Some(state),
+            state: queued.state,
             ..answer
         }
     }

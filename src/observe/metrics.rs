@@ -108,7 +108,7 @@ fn describe() {
     describe_gauge!(
         SPOOL_BYTES,
         Unit::Bytes,
-        "Size of the stored messages (spool data/), at scrape time"
+        "Size of the queue on disk: messages and envelopes (spool data/ and state folders), at scrape time"
     );
     describe_gauge!(
         SPOOL_FULL,

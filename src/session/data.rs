@@ -177,20 +177,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // delivery mode, attempted): flush what we owe it now.
         self.conn.flush().await.map_err(Stop::Io)?;
         let started = Instant::now();
-        let submitted = self.ctx.delivery.submit(envelope, rewritten.message).await;
+        let submission = self.ctx.delivery.submit(envelope, rewritten.message).await;
+        // Logged once stored, before the first attempt's own line.
+        let stored = submission.stored();
         info!(
-            id = submitted.id.as_deref().unwrap_or("-"),
-            state = submitted.state.map_or("-", State::dir_name),
+            id = stored.id.as_deref().unwrap_or("-"),
+            state = stored.state.map_or("-", State::dir_name),
             user = user.as_deref().unwrap_or("-"),
             account = %account,
             from = from.as_str(),
             recipients,
             size,
             rewrites = observe::list(&rewritten.changes),
-            reply = %submitted.reply,
+            reply = %stored.reply,
             duration_ms = started.elapsed().as_millis() as u64,
             "message received"
         );
+        let submitted = submission.answer().await;
         match submitted.refusal {
             Some(refusal) => self.rejected(&submitted.reply, refusal, submitted.id),
             None => self.conn.record.accepted(),

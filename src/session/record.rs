@@ -29,6 +29,8 @@ pub struct SessionRecord {
     rejections: u32,
     messages: u32,
     user: Option<String>,
+    /// How the user's password was verified: `argon2` or `cache`.
+    verified_by: Option<&'static str>,
 }
 
 impl SessionRecord {
@@ -44,6 +46,7 @@ impl SessionRecord {
             rejections: 0,
             messages: 0,
             user: None,
+            verified_by: None,
         }
     }
 
@@ -77,8 +80,9 @@ impl SessionRecord {
         }
     }
 
-    pub(super) fn signed_in(&mut self, user: &str) {
+    pub(super) fn signed_in(&mut self, user: &str, verified_by: &'static str) {
         self.user = Some(user.to_string());
+        self.verified_by = Some(verified_by);
     }
 
     pub(super) fn accepted(&mut self) {
@@ -124,11 +128,13 @@ impl SessionRecord {
         };
         let transcript = transcript.as_deref().unwrap_or("-");
         let user = self.user.as_deref().unwrap_or("-");
+        let verified_by = self.verified_by.unwrap_or("-");
         match &self.rejection {
             None => info!(
                 session = %self.id,
                 client = %self.peer,
                 user,
+                verified_by,
                 messages = self.messages,
                 transcript,
                 "session closed"
@@ -137,6 +143,7 @@ impl SessionRecord {
                 session = %self.id,
                 client = %self.peer,
                 user,
+                verified_by,
                 messages = self.messages,
                 rejections = self.rejections,
                 reason = rejection.refusal.reason,

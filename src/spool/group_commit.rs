@@ -1,32 +1,24 @@
 //! Group commit: acceptances in flight at the same time share their
 //! directory fsyncs, as a database's transactions share one log flush.
 //!
-//! Each acceptance writes and fsyncs its own file, then hands the link
-//! that makes it visible to [`GroupCommit::commit`] and waits. Whoever
-//! finds no commit running leads one for everything queued so far: one
-//! fsync of `data/`, the links, one fsync of each state directory they
-//! went to; then everyone in that batch hears its own result. Those who
-//! queued meanwhile form the next batch. With one session each message
-//! has its own two directory fsyncs; with ten, several messages share them.
+//! Each acceptance writes and fsyncs its own file, renames it to its name
+//! in its state directory, then asks [`GroupCommit::commit`] to make that
+//! name durable and waits. Whoever finds no commit running leads one for
+//! everything queued so far: one fsync of each directory named; then
+//! everyone in that batch hears its own result. Those who queued meanwhile
+//! form the next batch (their names may have been made after the running
+//! fsync began). With one session each message has its own directory
+//! fsync; with ten, several messages share one.
 
-use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io;
 use std::mem;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-/// A new message's file in `data/` and the name in its state directory
-/// that is to lead to it too (a hard link: no second file to create).
-pub struct Link {
-    pub existing: PathBuf,
-    pub new: PathBuf,
-}
-
+#[derive(Default)]
 pub struct GroupCommit {
-    /// Where the bytes' files are created; their names must be durable
-    /// before any envelope naming them is.
-    data_dir: PathBuf,
     queue: Mutex<Queue>,
     committed: Condvar,
 }
@@ -34,28 +26,20 @@ pub struct GroupCommit {
 #[derive(Default)]
 struct Queue {
     next_ticket: u64,
-    pending: Vec<(u64, Link)>,
+    /// The directory each waiting caller needs synced.
+    pending: Vec<(u64, PathBuf)>,
     done: HashMap<u64, io::Result<()>>,
     committing: bool,
 }
 
 impl GroupCommit {
-    pub fn new(data_dir: PathBuf) -> GroupCommit {
-        GroupCommit {
-            data_dir,
-            queue: Mutex::default(),
-            committed: Condvar::new(),
-        }
-    }
-
-    /// Links `link.new` to `link.existing` and returns once that link and
-    /// every file already created in the data directory survive a power
-    /// cut. The file's contents must already be fsync'd.
-    pub fn commit(&self, link: Link) -> io::Result<()> {
+    /// Returns once every name made in `dir` before the call survives a
+    /// power cut.
+    pub fn commit(&self, dir: &Path) -> io::Result<()> {
         let mut queue = self.lock();
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
-        queue.pending.push((ticket, link));
+        queue.pending.push((ticket, dir.to_path_buf()));
         loop {
             if let Some(result) = queue.done.remove(&ticket) {
                 return result;
@@ -70,7 +54,7 @@ impl GroupCommit {
             queue.committing = true;
             let batch = mem::take(&mut queue.pending);
             drop(queue);
-            let results = self.run(batch);
+            let results = run(batch);
             queue = self.lock();
             queue.done.extend(results);
             queue.committing = false;
@@ -83,44 +67,19 @@ impl GroupCommit {
         // must not stop acceptance.
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
-
-    fn run(&self, batch: Vec<(u64, Link)>) -> Vec<(u64, io::Result<()>)> {
-        // First the files' names in `data/`: after a power cut no state
-        // entry may lead to a message whose `data/` name is gone.
-        if let Err(err) = sync_dir(&self.data_dir) {
-            return batch
-                .into_iter()
-                .map(|(ticket, _)| (ticket, Err(copy(&err))))
-                .collect();
-        }
-        let mut results = Vec::with_capacity(batch.len());
-        let mut dirs = BTreeSet::new();
-        for (ticket, Link { existing, new }) in batch {
-            let linked = fs::hard_link(&existing, &new);
-            if linked.is_ok() {
-                dirs.insert(parent(&new).to_path_buf());
-            }
-            results.push((ticket, linked, new));
-        }
-        // Then the links: only now may anyone in the batch answer `250`.
-        for dir in dirs {
-            if let Err(err) = sync_dir(&dir) {
-                for (_, result, to) in &mut results {
-                    if result.is_ok() && parent(to) == dir {
-                        *result = Err(copy(&err));
-                    }
-                }
-            }
-        }
-        results
-            .into_iter()
-            .map(|(ticket, result, _)| (ticket, result))
-            .collect()
-    }
 }
 
-fn parent(path: &Path) -> &Path {
-    path.parent().unwrap_or(Path::new("."))
+/// One fsync per directory in the batch; each caller gets its directory's
+/// result.
+fn run(batch: Vec<(u64, PathBuf)>) -> Vec<(u64, io::Result<()>)> {
+    let mut synced: BTreeMap<PathBuf, io::Result<()>> = BTreeMap::new();
+    batch
+        .into_iter()
+        .map(|(ticket, dir)| {
+            let result = synced.entry(dir).or_insert_with_key(|dir| sync_dir(dir));
+            (ticket, result.as_ref().map(|_| ()).map_err(copy))
+        })
+        .collect()
 }
 
 /// One failed fsync fails everyone who shared it; `io::Error` is not
@@ -142,56 +101,41 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn setup() -> (tempfile::TempDir, GroupCommit) {
-        let dir = tempfile::tempdir().unwrap();
-        for sub in ["data", "active", "deferred"] {
-            fs::create_dir(dir.path().join(sub)).unwrap();
-        }
-        let commit = GroupCommit::new(dir.path().join("data"));
-        (dir, commit)
-    }
-
-    fn link(root: &Path, name: &str, state: &str) -> Link {
-        let existing = root.join("data").join(name);
-        fs::write(&existing, name).unwrap();
-        Link {
-            existing,
-            new: root.join(state).join(name),
-        }
-    }
-
     #[test]
-    fn concurrent_commits_each_get_their_own_link_done() {
-        let (dir, commit) = setup();
+    fn concurrent_commits_all_return_once_their_directory_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = GroupCommit::default();
         std::thread::scope(|scope| {
             for n in 0..40 {
                 let (root, commit) = (dir.path(), &commit);
-                let state = ["active", "deferred"][n % 2];
-                scope.spawn(move || commit.commit(link(root, &format!("{n}.json"), state)));
+                scope.spawn(move || {
+                    std::fs::write(root.join(format!("{n}.json")), "x").unwrap();
+                    commit.commit(root).unwrap();
+                });
             }
         });
-        for n in 0..40 {
-            let state = ["active", "deferred"][n % 2];
-            let linked = dir.path().join(state).join(format!("{n}.json"));
-            assert_eq!(fs::read_to_string(linked).unwrap(), format!("{n}.json"));
-        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 40);
     }
 
     #[test]
-    fn a_failed_link_fails_only_its_own_caller() {
-        let (dir, commit) = setup();
-        let missing = Link {
-            existing: dir.path().join("data/never-written.json"),
-            new: dir.path().join("active/never-written.json"),
-        };
+    fn a_batch_syncs_each_directory_once_and_a_failure_reaches_only_its_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fine, missing) = (dir.path().join("active"), dir.path().join("gone"));
+        std::fs::create_dir(&fine).unwrap();
+        let batch = vec![
+            (1, fine.clone()),
+            (2, missing.clone()),
+            (3, fine),
+            (4, missing),
+        ];
 
-        let err = commit.commit(missing).unwrap_err();
-        commit
-            .commit(link(dir.path(), "fine.json", "active"))
-            .unwrap();
+        let results: Vec<(u64, Option<io::ErrorKind>)> = run(batch)
+            .into_iter()
+            .map(|(ticket, result)| (ticket, result.err().map(|err| err.kind())))
+            .collect();
 
-        assert_eq!(err.kind(), io::ErrorKind::NotFound);
-        assert!(dir.path().join("active/fine.json").exists());
+        let missing = Some(io::ErrorKind::NotFound);
+        assert_eq!(results, [(1, None), (2, missing), (3, None), (4, missing)]);
     }
 
     #[test]
