@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,16 +19,10 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use serde_json::json;
-use tempfile::TempDir;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
-use super::fake_upstream::generate_pki;
+use super::https::HttpsServer;
 
 /// Graph's request limit.
 pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
@@ -117,11 +111,9 @@ struct Shared {
 }
 
 pub struct FakeGraph {
-    pub addr: SocketAddr,
+    server: HttpsServer,
     shared: Arc<Mutex<Shared>>,
     sent: watch::Sender<Vec<GraphSent>>,
-    ca_file: PathBuf,
-    _ca_dir: TempDir,
 }
 
 type AppState = (Arc<Mutex<Shared>>, watch::Sender<Vec<GraphSent>>);
@@ -129,20 +121,7 @@ type AppState = (Arc<Mutex<Shared>>, watch::Sender<Vec<GraphSent>>);
 impl FakeGraph {
     /// Accepts `token` as the bearer of every request but uploads.
     pub async fn start(token: &str) -> FakeGraph {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let pki = generate_pki(true);
-        let ca_dir = TempDir::new().unwrap();
-        let ca_file = ca_dir.path().join("graph-ca.pem");
-        std::fs::write(&ca_file, &pki.ca_pem).unwrap();
-        let tls = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![pki.leaf_cert], pki.leaf_key)
-            .unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(tls));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared {
-            addr: Some(addr),
             token: token.to_string(),
             ..Shared::default()
         }));
@@ -151,38 +130,23 @@ impl FakeGraph {
             .fallback(answer)
             .layer(DefaultBodyLimit::max(4 * MAX_REQUEST))
             .with_state((shared.clone(), sent.clone()));
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
-                        .await;
-                });
-            }
-        });
+        let server = HttpsServer::start(app).await;
+        // Upload URLs name the server; no request comes before this returns.
+        shared.lock().unwrap().addr = Some(server.addr);
         FakeGraph {
-            addr,
+            server,
             shared,
             sent,
-            ca_file,
-            _ca_dir: ca_dir,
         }
     }
 
     /// `api_url` for the account.
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.addr.port())
+        self.server.base()
     }
 
     pub fn ca_file(&self) -> &Path {
-        &self.ca_file
+        self.server.ca_file()
     }
 
     pub fn set_token(&self, token: &str) {
@@ -322,7 +286,7 @@ fn respond(
                     "Invalid base64 string for MIME content.",
                 );
             };
-            if !names_recipients(&mime) {
+            if !super::https::names_a_recipient(&mime) {
                 return graph_error(
                     400,
                     "ErrorInvalidRecipients",
@@ -530,18 +494,4 @@ fn percent_decoded(path: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Whether the header section has a To, Cc or Bcc field.
-fn names_recipients(mime: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(mime);
-    let header = text.split("\r\n\r\n").next().unwrap_or_default();
-    header.split("\r\n").any(|line| {
-        let name = line
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        matches!(name.as_str(), "to" | "cc" | "bcc")
-    })
 }

@@ -242,7 +242,7 @@ async fn send_json(State(shared): Api, headers: HeaderMap, body: Bytes) -> Respo
             retry_after: None,
         });
     };
-    if !names_a_recipient(&mime) {
+    if !super::https::names_a_recipient(&mime) {
         return google_error(&Failure {
             status: 400,
             reason: "invalidArgument",
@@ -252,21 +252,6 @@ async fn send_json(State(shared): Api, headers: HeaderMap, body: Bytes) -> Respo
         });
     }
     accepted(&shared, mime, "json", token)
-}
-
-/// Whether the header section has a To, Cc or Bcc field (Google sends to
-/// those).
-fn names_a_recipient(mime: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(mime);
-    let header = text.split("\r\n\r\n").next().unwrap_or_default();
-    header.split("\r\n").any(|line| {
-        let name = line
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        ["to", "cc", "bcc"].contains(&name.as_str())
-    })
 }
 
 #[derive(serde::Deserialize)]

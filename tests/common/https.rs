@@ -78,3 +78,18 @@ impl Drop for HttpsServer {
         self.task.abort();
     }
 }
+
+/// Whether the header section of `mime` has a To, Cc or Bcc field: the
+/// fields both APIs send to.
+pub fn names_a_recipient(mime: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(mime);
+    let header = text.split("\r\n\r\n").next().unwrap_or_default();
+    header.split("\r\n").any(|line| {
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        ["to", "cc", "bcc"].contains(&name.as_str())
+    })
+}
