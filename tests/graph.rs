@@ -64,6 +64,19 @@ fn config_toml(graph: &FakeGraph, token_url: &str, extra: &str) -> String {
     )
 }
 
+/// A Graph whose next sendMail gets `status` with Graph's error `code` and
+/// `message`, and a relay in front of it.
+async fn graph_refusing_once(
+    status: u16,
+    code: &'static str,
+    message: &'static str,
+) -> (FakeGraph, Relay) {
+    let graph = FakeGraph::start(TOKEN).await;
+    graph.script(Scripted::error("/sendMail", status, code, message));
+    let relay = relay(&graph, &TestTokens::new(TOKEN), "").await;
+    (graph, relay)
+}
+
 async fn relay(graph: &FakeGraph, tokens: &Arc<TestTokens>, extra: &str) -> Relay {
     let config = config(graph, "http://127.0.0.1:9/token", extra);
     Relay::start_with(config, Some(tokens.source())).await
@@ -184,9 +197,7 @@ async fn graph_errors_land_in_their_outcome_class_with_hints() {
         ),
     ];
     for (status, code, message, state, hint) in table {
-        let graph = FakeGraph::start(TOKEN).await;
-        graph.script(Scripted::error("/sendMail", status, code, message));
-        let relay = relay(&graph, &TestTokens::new(TOKEN), "").await;
+        let (graph, relay) = graph_refusing_once(status, code, message).await;
         send(&relay, &["a@example.com"], MESSAGE).await;
         eventually(code, || async { envelopes(&relay.spool, state).len() == 1 }).await;
         let last = envelopes(&relay.spool, state)[0].last_reply.clone();
@@ -250,14 +261,7 @@ async fn throttling_defers_no_sooner_than_retry_after() {
 
 #[tokio::test]
 async fn a_recipient_graph_refuses_by_name_is_refused_alone() {
-    let graph = FakeGraph::start(TOKEN).await;
-    graph.script(Scripted::error(
-        "/sendMail",
-        400,
-        "ErrorInvalidRecipients",
-        "At least one recipient is not valid., Recipient 'nobody@example.com' is not resolved. All recipients must be resolved before a message can be submitted.",
-    ));
-    let relay = relay(&graph, &TestTokens::new(TOKEN), "").await;
+    let (graph, relay) = graph_refusing_once(400, "ErrorInvalidRecipients", "At least one recipient is not valid., Recipient 'nobody@example.com' is not resolved. All recipients must be resolved before a message can be submitted.").await;
     let content = "From: printer@contoso.com\r\nTo: a@example.com, nobody@example.com\r\nSubject: invoice\r\n\r\nInvoice.\r\n";
 
     send(&relay, &["a@example.com", "nobody@example.com"], content).await;
@@ -344,14 +348,12 @@ async fn a_large_message_goes_as_a_draft_with_its_attachment_through_an_upload_s
 
 #[tokio::test]
 async fn a_413_from_send_mail_takes_the_draft_way() {
-    let graph = FakeGraph::start(TOKEN).await;
-    graph.script(Scripted::error(
-        "/sendMail",
+    let (graph, relay) = graph_refusing_once(
         413,
         "ErrorRequestEntityTooLarge",
         "The request is too large.",
-    ));
-    let relay = relay(&graph, &TestTokens::new(TOKEN), "").await;
+    )
+    .await;
     let (content, _) = with_attachments(1000);
 
     assert_eq!(send(&relay, &["a@example.com"], &content).await, 250);
