@@ -7,21 +7,22 @@ pub mod cram_md5;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::mpsc::{self, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use subtle::ConstantTimeEq;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::{AuthMechanism, Config};
 use crate::secret::Secret;
 pub use cache::CredentialCache;
-use cache::Digest;
+use cache::{Answer, Digest, Flight};
 
 /// Password checks run on this many dedicated threads, each reusing one
 /// argon2 memory buffer (~19 MiB with default parameters). Allocating it per
@@ -35,11 +36,39 @@ const CHECK_THREADS: usize = 2;
 /// slot, and its check would run long after it gave up.
 const CHECK_QUEUE: usize = 2 * CHECK_THREADS * 4;
 
-/// A password to check against a PHC hash; the answer goes to `reply`.
+/// A password to check against a PHC hash; the answer goes to everyone
+/// waiting on `answer`.
 struct Check {
     hash: String,
     password: Secret,
-    reply: oneshot::Sender<bool>,
+    answer: Answer,
+    /// Where a shared check ends and a match is remembered.
+    landing: Option<Landing>,
+}
+
+/// The cache a check's answer lands in: a configured user, the cache on.
+struct Landing {
+    cache: Arc<CredentialCache>,
+    user: String,
+    digest: Digest,
+    /// Whether sign-ins with the same credentials joined this check.
+    shared: bool,
+    /// When the check was asked for: an entry expires counting from then
+    /// (and the checker threads have no runtime clock).
+    asked_at: Instant,
+}
+
+impl Landing {
+    /// A match is remembered before the shared check ends, so a sign-in
+    /// meanwhile finds one or the other.
+    fn land(self, answer: &Answer, matches: bool) {
+        if matches {
+            self.cache.remember(&self.user, self.digest, self.asked_at);
+        }
+        if self.shared {
+            self.cache.land(&self.user, answer);
+        }
+    }
 }
 
 /// A signed-in local user.
@@ -75,23 +104,24 @@ pub enum Checked {
     Pending(PendingCheck),
 }
 
-/// A queued password check. Dropping it before the answer drops the check
-/// too, if no thread has started it yet.
+/// A queued password check, or one this sign-in joined. Dropping it before
+/// the answer drops the check too, if nobody else waits for it and no
+/// thread has started it yet.
 pub struct PendingCheck {
     user: Option<Arc<LocalUser>>,
-    answer: oneshot::Receiver<bool>,
-    /// Where a match is remembered: a configured user, the cache on.
-    remember: Option<(Arc<CredentialCache>, String, Digest)>,
+    answer: watch::Receiver<Option<bool>>,
 }
 
 impl PendingCheck {
     /// The signed-in user, when the name and the password match.
-    pub async fn outcome(self) -> Option<SignedIn> {
-        let matches = self.answer.await.unwrap_or(false);
+    pub async fn outcome(mut self) -> Option<SignedIn> {
+        // A closed channel without an answer: the checker threads are gone.
+        let matches = self
+            .answer
+            .wait_for(Option::is_some)
+            .await
+            .is_ok_and(|answer| *answer == Some(true));
         let user = self.user.filter(|_| matches)?;
-        if let Some((cache, key, digest)) = self.remember {
-            cache.remember(&key, digest, Instant::now());
-        }
         Some(user.signed_in())
     }
 }
@@ -162,34 +192,57 @@ impl Users {
     ) -> Result<Checked, Busy> {
         let key = username.to_lowercase();
         let user = self.by_name.get(&key).cloned();
-        let remember = match &user {
+        let (answer, landing) = match &user {
             Some(user) if !ttl.is_zero() => {
                 let digest = cache.digest(&key, &user.password_hash, &password);
-                if cache.verified(&key, &digest, Instant::now(), ttl) {
+                let asked_at = Instant::now();
+                if cache.verified(&key, &digest, asked_at, ttl) {
                     return Ok(Checked::Cached(user.signed_in()));
                 }
-                Some((cache.clone(), key, digest))
+                let (answer, shared) = match cache.take_off(&key, &digest) {
+                    Flight::Joined(answer) => {
+                        let user = Some(user.clone());
+                        return Ok(Checked::Pending(PendingCheck { user, answer }));
+                    }
+                    Flight::Started(answer) => (answer, true),
+                    Flight::Alone(answer) => (answer, false),
+                };
+                let cache = cache.clone();
+                let landing = Landing {
+                    cache,
+                    user: key,
+                    digest,
+                    shared,
+                    asked_at,
+                };
+                (answer, Some(landing))
             }
-            _ => None,
+            _ => (Answer::new(None), None),
         };
         let hash = match &user {
             Some(user) => user.password_hash.clone(),
             None => dummy_hash().to_string(),
         };
-        let (reply, answer) = oneshot::channel();
-        // Disconnected means the checker threads are gone: as busy as can be.
-        self.checks
-            .try_send(Check {
-                hash,
-                password,
-                reply,
-            })
-            .map_err(|_| Busy)?;
-        Ok(Checked::Pending(PendingCheck {
+        let pending = PendingCheck {
             user,
+            answer: answer.subscribe(),
+        };
+        let check = Check {
+            hash,
+            password,
             answer,
-            remember,
-        }))
+            landing,
+        };
+        // Disconnected means the checker threads are gone: as busy as can be.
+        match self.checks.try_send(check) {
+            Ok(()) => Ok(Checked::Pending(pending)),
+            Err(TrySendError::Full(check) | TrySendError::Disconnected(check)) => {
+                if let Some(landing) = check.landing {
+                    landing.land(&check.answer, false);
+                }
+                Err(Busy)
+            }
+        }
     }
 
     /// A configured user as if signed in, without a password: for mail the
@@ -267,14 +320,15 @@ fn start_checkers() -> std::io::Result<mpsc::SyncSender<Check>> {
     Ok(sender)
 }
 
-/// Answers a check, unless its client has gone: argon2 is the expensive
-/// part of a sign-in, and nobody would hear the answer.
+/// Answers a check, unless every client waiting for it has gone: argon2 is
+/// the expensive part of a sign-in, and nobody would hear the answer.
 fn run(check: Check, memory: &mut Vec<Block>) {
-    if check.reply.is_closed() {
-        return;
+    let matches = check.answer.receiver_count() > 0
+        && verify(check.password.expose().as_bytes(), &check.hash, memory);
+    if let Some(landing) = check.landing {
+        landing.land(&check.answer, matches);
     }
-    let matches = verify(check.password.expose().as_bytes(), &check.hash, memory);
-    let _ = check.reply.send(matches);
+    check.answer.send_replace(Some(matches));
 }
 
 /// Checks `password` against a PHC string in constant time, computing the
@@ -397,23 +451,57 @@ mod tests {
     }
 
     #[test]
-    fn a_check_whose_client_has_gone_is_not_run() {
+    fn a_check_whose_clients_have_gone_is_not_run() {
         let hash = hash_password(&Secret::new("old-password")).unwrap();
-        let check = |reply| Check {
+        let check = |answer| Check {
             hash: hash.clone(),
             password: Secret::new("old-password"),
-            reply,
+            answer,
+            landing: None,
         };
         let mut memory = Vec::new();
-        let (reply, answer) = oneshot::channel();
-        drop(answer);
 
-        run(check(reply), &mut memory);
+        run(check(Answer::new(None)), &mut memory);
 
         assert!(memory.is_empty(), "argon2 did not run");
-        let (reply, mut answer) = oneshot::channel();
-        run(check(reply), &mut memory);
-        assert_eq!(answer.try_recv(), Ok(true));
+        let answer = Answer::new(None);
+        let waiting = answer.subscribe();
+        run(check(answer), &mut memory);
+        assert_eq!(*waiting.borrow(), Some(true));
+    }
+
+    #[tokio::test]
+    async fn sign_ins_with_the_same_credentials_meanwhile_share_one_check() {
+        let (cache, users) = (cache(), users());
+        for (password, expected) in [("old-password", true), ("guess", false)] {
+            // More than the queue holds: each would need a place of its own.
+            let checks: Vec<PendingCheck> = (0..3 * (CHECK_THREADS + CHECK_QUEUE))
+                .map(
+                    |_| match users.check("invoices", Secret::new(password), &cache, TTL) {
+                        Ok(Checked::Pending(check)) => check,
+                        Ok(Checked::Cached(_)) => {
+                            panic!("{password}: cached before the check ended")
+                        }
+                        Err(Busy) => panic!("{password}: a sign-in took a place in the queue"),
+                    },
+                )
+                .collect();
+            let mut checks = checks.into_iter();
+            // The one who started the check leaves: the others still hear.
+            drop(checks.next());
+            for check in checks {
+                assert_eq!(check.outcome().await.is_some(), expected, "{password}");
+            }
+        }
+        assert_eq!(
+            decided(&users, &cache, TTL, "invoices", "old-password").await,
+            "cache"
+        );
+        let guess = users.check("invoices", Secret::new("guess"), &cache, TTL);
+        assert!(
+            matches!(guess, Ok(Checked::Pending(_))),
+            "a failure is not remembered after its check"
+        );
     }
 
     #[test]
@@ -560,10 +648,11 @@ mod tests {
             decided(&users, &cache, TTL, "invoices", "old-password").await,
             "argon2"
         );
-        let queued: Vec<_> =
-            std::iter::repeat_with(|| users.check("invoices", Secret::new("guess"), &cache, TTL))
-                .take_while(Result::is_ok)
-                .collect();
+        // Different guesses: the same one would share one check.
+        let queued: Vec<_> = (0..)
+            .map(|n| users.check("invoices", Secret::new(format!("guess {n}")), &cache, TTL))
+            .take_while(Result::is_ok)
+            .collect();
         assert!(queued.len() >= CHECK_QUEUE, "{} queued", queued.len());
 
         let checked = users.check("invoices", Secret::new("old-password"), &cache, TTL);
