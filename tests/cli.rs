@@ -581,7 +581,11 @@ fn queue_deferred(dir: &Path, envelope: &mut sendbridge::spool::Envelope) {
     use sendbridge::spool::{Spool, State};
     Spool::open(dir)
         .unwrap()
-        .accept(envelope, b"Subject: s\r\n\r\nbody\r\n", State::Deferred)
+        .accept(
+            envelope,
+            &std::sync::Arc::new(b"Subject: s\r\n\r\nbody\r\n".to_vec()),
+            State::Deferred,
+        )
         .unwrap();
 }
 

@@ -293,15 +293,18 @@ async fn spool_failure_is_452_and_nothing_is_acknowledged() {
     let upstream = upstream_with(Script::default()).await;
     let relay = relay(&upstream, "").await;
     let mut client = relay.signed_in_client().await;
+    assert_eq!(send(&mut client, 1).await.code, 250);
+    assert_eq!(upstream.wait_for_messages(1, WAIT).await.len(), 1);
     // The directory new messages are stored in disappears (a broken disk
-    // or mount).
-    std::fs::remove_dir_all(relay.spool.join("active")).unwrap();
+    // or mount), with the journal file being written to.
+    std::fs::remove_dir_all(relay.spool.join("journal")).unwrap();
 
-    let reply = send(&mut client, 1).await;
+    let reply = send(&mut client, 2).await;
 
     assert_eq!(reply.code, 452, "{reply:?}");
     assert!(reply.text.starts_with("4.3.1"), "{reply:?}");
-    assert_eq!(upstream.connections(), 0);
+    // Refused before any delivery job existed: nothing to wait for.
+    assert_eq!(upstream.received().len(), 1, "nothing more was sent");
 }
 
 #[tokio::test]

@@ -101,7 +101,7 @@ async fn mail_for_an_account_no_longer_configured_stays_deferred() {
     spool
         .accept(
             &mut envelope,
-            b"Subject: s\r\n\r\nbody\r\n",
+            &std::sync::Arc::new(b"Subject: s\r\n\r\nbody\r\n".to_vec()),
             State::Deferred,
         )
         .unwrap();

@@ -169,12 +169,19 @@ async fn a_full_spool_keeps_delivering_and_refuses_new_mail_until_space_returns(
     .await;
 
     // New mail is refused at once while the disk is full; the session's
-    // transcript cannot be saved either, which the warning covers.
+    // transcript cannot be saved either, which the warning covers. Each
+    // message is larger than a page: a smaller one may still fit in the
+    // journal's last page, and is then stored (and answered 250) rightly.
     fill(&filler);
     let mut refused = relay.signed_in_client().await;
     for n in 10..15 {
+        let larger_than_a_page = message(n) + &format!("{}\r\n", "x".repeat(76)).repeat(80);
         let reply = refused
-            .send_mail("billing@legacy.example", &["x@example.com"], &message(n))
+            .send_mail(
+                "billing@legacy.example",
+                &["x@example.com"],
+                &larger_than_a_page,
+            )
             .await;
         assert_eq!(reply.code, 452, "{reply:?}");
         assert!(reply.text.starts_with("4.3.1 "), "{reply:?}");

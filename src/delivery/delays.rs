@@ -147,7 +147,11 @@ mod tests {
                 ..Envelope::default()
             };
             spool
-                .accept(&mut envelope, b"Subject: s\r\n\r\nx\r\n", state)
+                .accept(
+                    &mut envelope,
+                    &std::sync::Arc::new(b"Subject: s\r\n\r\nx\r\n".to_vec()),
+                    state,
+                )
                 .unwrap();
             envelope.id
         };

@@ -296,7 +296,11 @@ mod tests {
             ..Envelope::default()
         };
         spool
-            .accept(&mut envelope, b"Subject: s\r\n\r\nx\r\n", State::Deferred)
+            .accept(
+                &mut envelope,
+                &std::sync::Arc::new(b"Subject: s\r\n\r\nx\r\n".to_vec()),
+                State::Deferred,
+            )
             .unwrap();
         envelope
     }

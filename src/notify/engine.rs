@@ -437,7 +437,11 @@ impl Notifier {
             ..Envelope::default()
         };
         envelope.record(now, format!("{label} notice generated"));
-        match self.spool.accept(&mut envelope, &message, State::Deferred) {
+        match self.spool.accept(
+            &mut envelope,
+            &std::sync::Arc::new(message),
+            State::Deferred,
+        ) {
             Ok(()) => {
                 info!(id = %envelope.id, notice = label, to = %list, account = %account, "notice queued");
                 let outcome = format!("queued as {} via {account}", envelope.id);

@@ -1,14 +1,12 @@
-//! Group commit: acceptances in flight at the same time share their
-//! directory fsyncs, as a database's transactions share one log flush.
+//! Group commit: work in flight at the same time shares one flush, as a
+//! database's transactions share one log flush.
 //!
-//! Each acceptance writes and fsyncs its own file, renames it to its name
-//! in its state directory, then asks [`GroupCommit::commit`] to make that
-//! name durable and waits. Whoever finds no commit running leads one for
-//! everything queued so far: one fsync of each directory named; then
+//! Each caller hands [`Batches::commit`] its item and waits. Whoever finds
+//! no batch running leads one for everything queued so far (one write and
+//! one `fdatasync` of the journal, or one fsync per directory named); then
 //! everyone in that batch hears its own result. Those who queued meanwhile
-//! form the next batch (their names may have been made after the running
-//! fsync began). With one session each message has its own directory
-//! fsync; with ten, several messages share one.
+//! form the next batch. With one session each item has a flush of its own;
+//! with ten, several share one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -17,29 +15,45 @@ use std::mem;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-#[derive(Default)]
-pub struct GroupCommit {
-    queue: Mutex<Queue>,
+pub struct Batches<T, R> {
+    queue: Mutex<Queue<T, R>>,
     committed: Condvar,
 }
 
-#[derive(Default)]
-struct Queue {
+struct Queue<T, R> {
     next_ticket: u64,
-    /// The directory each waiting caller needs synced.
-    pending: Vec<(u64, PathBuf)>,
-    done: HashMap<u64, io::Result<()>>,
+    /// The items of the waiting callers.
+    pending: Vec<(u64, T)>,
+    done: HashMap<u64, io::Result<R>>,
     committing: bool,
 }
 
-impl GroupCommit {
-    /// Returns once every name made in `dir` before the call survives a
-    /// power cut.
-    pub fn commit(&self, dir: &Path) -> io::Result<()> {
+impl<T, R> Default for Batches<T, R> {
+    fn default() -> Self {
+        Batches {
+            queue: Mutex::new(Queue {
+                next_ticket: 0,
+                pending: Vec::new(),
+                done: HashMap::new(),
+                committing: false,
+            }),
+            committed: Condvar::new(),
+        }
+    }
+}
+
+impl<T, R> Batches<T, R> {
+    /// Returns `item`'s result once a batch holding it ran: `run` gets a
+    /// batch and answers for each of its tickets.
+    pub fn commit(
+        &self,
+        item: T,
+        run: impl Fn(Vec<(u64, T)>) -> Vec<(u64, io::Result<R>)>,
+    ) -> io::Result<R> {
         let mut queue = self.lock();
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
-        queue.pending.push((ticket, dir.to_path_buf()));
+        queue.pending.push((ticket, item));
         loop {
             if let Some(result) = queue.done.remove(&ticket) {
                 return result;
@@ -62,11 +76,20 @@ impl GroupCommit {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Queue> {
+    fn lock(&self) -> MutexGuard<'_, Queue<T, R>> {
         // The queue is consistent between statements; a panic elsewhere
         // must not stop acceptance.
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Directory fsyncs shared by the renames made meanwhile.
+pub type DirSyncs = Batches<PathBuf, ()>;
+
+/// Returns once every name made in `dir` before the call survives a power
+/// cut.
+pub fn commit_dir(syncs: &DirSyncs, dir: &Path) -> io::Result<()> {
+    syncs.commit(dir.to_path_buf(), run)
 }
 
 /// One fsync per directory in the batch; each caller gets its directory's
@@ -85,7 +108,7 @@ fn run(batch: Vec<(u64, PathBuf)>) -> Vec<(u64, io::Result<()>)> {
 /// One failed fsync fails everyone who shared it; `io::Error` is not
 /// `Clone`, so each gets an equal copy (the OS code, so `ENOSPC` is still
 /// recognised as a full disk).
-fn copy(err: &io::Error) -> io::Error {
+pub fn copy(err: &io::Error) -> io::Error {
     match err.raw_os_error() {
         Some(code) => io::Error::from_raw_os_error(code),
         None => io::Error::new(err.kind(), err.to_string()),
@@ -104,13 +127,13 @@ mod tests {
     #[test]
     fn concurrent_commits_all_return_once_their_directory_is_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let commit = GroupCommit::default();
+        let syncs = DirSyncs::default();
         std::thread::scope(|scope| {
             for n in 0..40 {
-                let (root, commit) = (dir.path(), &commit);
+                let (root, syncs) = (dir.path(), &syncs);
                 scope.spawn(move || {
                     std::fs::write(root.join(format!("{n}.json")), "x").unwrap();
-                    commit.commit(root).unwrap();
+                    commit_dir(syncs, root).unwrap();
                 });
             }
         });

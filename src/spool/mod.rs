@@ -33,18 +33,21 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 mod group_commit;
+mod journal;
 pub mod operations;
 
 use crate::private_files;
 use crate::reply::Reply;
 use crate::transport::BodyFlags;
-use group_commit::{GroupCommit, sync_dir};
+use group_commit::{DirSyncs, commit_dir, sync_dir};
+use journal::{Journal, Location};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -176,7 +179,12 @@ pub struct FileVersion {
 
 pub struct Spool {
     root: PathBuf,
-    committer: GroupCommit,
+    dir_syncs: DirSyncs,
+    journal: Journal,
+    /// Set by [`Spool::recover`], which the relay alone runs: then every
+    /// record in the journal is one this process appended and knows of;
+    /// anyone else reads the journal from disk.
+    owns_journal: AtomicBool,
 }
 
 /// What recovery found on start.
@@ -194,7 +202,9 @@ impl Spool {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Spool> {
         let root = root.into();
         let spool = Spool {
-            committer: GroupCommit::default(),
+            dir_syncs: DirSyncs::default(),
+            journal: Journal::open(root.join("journal"))?,
+            owns_journal: AtomicBool::new(false),
             root,
         };
         for dir in ["data", "incoming", "limits", "transcripts"]
@@ -222,10 +232,29 @@ impl Spool {
     }
 
     /// Stores a new message durably in `state` and assigns its id. Returns
-    /// only after the bytes and the envelope are on disk.
-    pub fn accept(&self, envelope: &mut Envelope, message: &[u8], state: State) -> io::Result<()> {
+    /// only after the bytes and the envelope are on disk: in the journal
+    /// for `active/`, else in a file of its own.
+    pub fn accept(
+        &self,
+        envelope: &mut Envelope,
+        message: &Arc<Vec<u8>>,
+        state: State,
+    ) -> io::Result<()> {
         envelope.id = new_id();
         envelope.size = message.len() as u64;
+        if state != State::Active {
+            return self.store_file(envelope, message, state);
+        }
+        self.journal.append(journal::Pending {
+            id: envelope.id.clone(),
+            envelope: serde_json::to_vec(envelope)?,
+            message: message.clone(),
+        })
+    }
+
+    /// Writes a message with its envelope as one new file in `state`,
+    /// durably.
+    fn store_file(&self, envelope: &Envelope, message: &[u8], state: State) -> io::Result<()> {
         let temp = self.temp_path(state, &envelope.id);
         let placed = self.envelope_path(state, &envelope.id);
         let result = (|| {
@@ -235,8 +264,8 @@ impl Spool {
             // after a power cut.
             write_synced(&temp, &[&header, message])?;
             fs::rename(&temp, &placed)?;
-            // The directory fsync, shared with concurrent acceptances.
-            self.committer.commit(&self.state_dir(state))
+            // The directory fsync, shared with concurrent writers.
+            commit_dir(&self.dir_syncs, &self.state_dir(state))
         })();
         if result.is_err() {
             // Nothing was acknowledged: leave no half-written message behind
@@ -246,6 +275,56 @@ impl Spool {
             }
         }
         result
+    }
+
+    /// Where a message in the journal is: known to this process when it
+    /// owns the journal, else read from disk.
+    fn journal_record(&self, id: &str) -> io::Result<Option<Location>> {
+        if self.owns_journal.load(Ordering::Acquire) {
+            return Ok(self.journal.live(id));
+        }
+        if let Some(location) = self.journal.live(id) {
+            return Ok(Some(location));
+        }
+        let stored = self.journal.scan(false)?;
+        Ok(stored
+            .into_iter()
+            .find(|stored| stored.envelope.id == id)
+            .map(|stored| stored.location))
+    }
+
+    /// The envelopes of the messages in the journal, all `active`.
+    fn journal_envelopes(&self) -> io::Result<Vec<Envelope>> {
+        if !self.owns_journal.load(Ordering::Acquire) {
+            let stored = self.journal.scan(false)?;
+            return Ok(stored.into_iter().map(|stored| stored.envelope).collect());
+        }
+        let mut envelopes = Vec::new();
+        for id in self.journal.live_ids() {
+            if let Some(location) = self.journal.live(&id) {
+                envelopes.push(self.journal.read_envelope(&location)?);
+            }
+        }
+        Ok(envelopes)
+    }
+
+    /// Copies a message out of the journal into a file of its own in `to`
+    /// with `envelope`; it leaves the journal once that copy is durable.
+    fn copy_out(&self, envelope: &Envelope, location: &Location, to: State) -> io::Result<()> {
+        if self.journal.has_left(&envelope.id, location)? {
+            // Deleted by `sendbridge queue delete`: this process lets go too.
+            let _ = self.journal.leave(&envelope.id, location);
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} was deleted", envelope.id),
+            ));
+        }
+        let message = self.journal.read_message(location)?;
+        self.store_file(envelope, &message, to)?;
+        // The copy is what counts now; should the journal still list the
+        // message after a restart, recovery finds the copy and skips it.
+        let _ = self.journal.leave(&envelope.id, location);
+        Ok(())
     }
 
     /// Cleans up after a crash; see the module documentation.
@@ -265,13 +344,25 @@ impl Spool {
                 }
             }
         }
-        for id in self.ids(State::Active)? {
+        for id in self.file_ids(State::Active)? {
             fs::rename(
                 self.envelope_path(State::Active, &id),
                 self.envelope_path(State::Deferred, &id),
             )?;
             recovered.reactivated += 1;
         }
+        // Every valid record that did not leave, unless a copy of it was
+        // made before the crash; then the journal starts empty.
+        for stored in self.journal.scan(true)? {
+            let id = &stored.envelope.id;
+            if self.find_file(id)?.is_none() {
+                let message = self.journal.read_message(&stored.location)?;
+                self.store_file(&stored.envelope, &message, State::Deferred)?;
+                recovered.reactivated += 1;
+            }
+        }
+        self.journal.clear()?;
+        self.owns_journal.store(true, Ordering::Release);
         for entry in fs::read_dir(self.root.join("data"))? {
             let path = entry?.path();
             let Some(id) = id_of(&path, "msg").or_else(|| id_of(&path, "eml")) else {
@@ -292,8 +383,17 @@ impl Spool {
     /// A message's bytes, without the envelope stored before them: in
     /// `data/` once its envelope was updated, else still in its state entry.
     pub fn read_message(&self, id: &str) -> io::Result<Vec<u8>> {
+        if let Some(location) = self.journal.live(id) {
+            return self.journal.read_message(&location);
+        }
         let mut stored = match fs::read(self.data_path(id)) {
             Err(err) if err.kind() == io::ErrorKind::NotFound => match self.find(id)? {
+                Some(State::Active) if !self.envelope_path(State::Active, id).exists() => {
+                    match self.journal_record(id)? {
+                        Some(location) => return self.journal.read_message(&location),
+                        None => return Err(io::ErrorKind::NotFound.into()),
+                    }
+                }
                 Some(state) if !self.legacy_data_path(id).exists() => {
                     fs::read(self.envelope_path(state, id))?
                 }
@@ -309,7 +409,14 @@ impl Spool {
     /// Reads only the envelope, also from a file that goes on with the
     /// message's bytes.
     pub fn read_envelope(&self, state: State, id: &str) -> io::Result<Envelope> {
-        let file = BufReader::new(File::open(self.envelope_path(state, id))?);
+        let path = self.envelope_path(state, id);
+        if state == State::Active && !path.exists() {
+            return match self.journal_record(id)? {
+                Some(location) => self.journal.read_envelope(&location),
+                None => Err(io::ErrorKind::NotFound.into()),
+            };
+        }
+        let file = BufReader::new(File::open(path)?);
         match serde_json::Deserializer::from_reader(file)
             .into_iter()
             .next()
@@ -325,6 +432,12 @@ impl Spool {
     /// Rewrites a message's envelope and moves it from `from` to `to`.
     pub fn update(&self, envelope: &Envelope, from: State, to: State) -> io::Result<()> {
         let current = self.envelope_path(from, &envelope.id);
+        if from == State::Active
+            && !current.exists()
+            && let Some(location) = self.journal_record(&envelope.id)?
+        {
+            return self.copy_out(envelope, &location, to);
+        }
         if !current.exists() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -364,14 +477,36 @@ impl Spool {
 
     /// Moves a message's envelope to another state as it is: one rename,
     /// which works on a full disk too.
+    /// Out of the journal it is a copy instead.
     pub fn move_to(&self, id: &str, from: State, to: State) -> io::Result<()> {
-        fs::rename(self.envelope_path(from, id), self.envelope_path(to, id))
+        let current = self.envelope_path(from, id);
+        if from == State::Active
+            && !current.exists()
+            && let Some(location) = self.journal_record(id)?
+        {
+            let envelope = self.journal.read_envelope(&location)?;
+            return self.copy_out(&envelope, &location, to);
+        }
+        fs::rename(current, self.envelope_path(to, id))
     }
 
     /// Deletes a delivered (or operator-deleted) message: one unlink for a
     /// message delivered before any update.
     pub fn remove(&self, state: State, id: &str) -> io::Result<()> {
-        fs::remove_file(self.envelope_path(state, id))?;
+        if state == State::Active
+            && let Some(location) = self.journal.live(id)
+        {
+            // Delivered at the first attempt: the common case.
+            return self.journal.leave(id, &location);
+        }
+        let path = self.envelope_path(state, id);
+        if state == State::Active
+            && !path.exists()
+            && let Some(location) = self.journal_record(id)?
+        {
+            return self.journal.leave(id, &location);
+        }
+        fs::remove_file(path)?;
         let removed = match fs::remove_file(self.data_path(id)) {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 fs::remove_file(self.legacy_data_path(id))
@@ -386,6 +521,21 @@ impl Spool {
 
     /// The ids in a state, oldest first.
     pub fn ids(&self, state: State) -> io::Result<Vec<String>> {
+        let mut ids = self.file_ids(state)?;
+        if state == State::Active {
+            if self.owns_journal.load(Ordering::Acquire) {
+                ids.extend(self.journal.live_ids());
+            } else {
+                let stored = self.journal.scan(false)?;
+                ids.extend(stored.into_iter().map(|stored| stored.envelope.id));
+            }
+            ids.sort();
+        }
+        Ok(ids)
+    }
+
+    /// The ids with a file of their own in a state, oldest first.
+    fn file_ids(&self, state: State) -> io::Result<Vec<String>> {
         let mut ids = Vec::new();
         for entry in fs::read_dir(self.root.join(state.dir_name()))? {
             if let Some(id) = id_of(&entry?.path(), "json") {
@@ -426,18 +576,33 @@ impl Spool {
     /// listing (delivered meanwhile) are skipped.
     pub fn list(&self, state: State) -> io::Result<Vec<Envelope>> {
         let mut envelopes = Vec::new();
-        for id in self.ids(state)? {
+        for id in self.file_ids(state)? {
             match self.read_envelope(state, &id) {
                 Ok(envelope) => envelopes.push(envelope),
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(err),
             }
         }
+        if state == State::Active {
+            envelopes.extend(self.journal_envelopes()?);
+            envelopes.sort_by(|a, b| a.id.cmp(&b.id));
+        }
         Ok(envelopes)
     }
 
     /// Where a message is, if anywhere.
     pub fn find(&self, id: &str) -> io::Result<Option<State>> {
+        match self.find_file(id)? {
+            Some(state) => Ok(Some(state)),
+            None if is_valid_id(id) && self.journal_record(id)?.is_some() => {
+                Ok(Some(State::Active))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The state of a message with a file of its own.
+    fn find_file(&self, id: &str) -> io::Result<Option<State>> {
         if !is_valid_id(id) {
             return Ok(None);
         }
@@ -481,7 +646,13 @@ impl Spool {
                 }
             }
         }
-        Ok(total)
+        let journal = if self.owns_journal.load(Ordering::Acquire) {
+            self.journal.live_bytes()
+        } else {
+            let stored = self.journal.scan(false)?;
+            stored.iter().map(|stored| stored.location.len()).sum()
+        };
+        Ok(total + journal)
     }
 
     /// Where a message's bytes are kept, after its envelope as accepted,
@@ -590,7 +761,9 @@ mod tests {
     /// A message stored in `state`, as [`Spool::accept`] leaves it.
     fn accepted(spool: &Spool, message: &[u8], state: State) -> Envelope {
         let mut accepted = envelope();
-        spool.accept(&mut accepted, message, state).unwrap();
+        spool
+            .accept(&mut accepted, &Arc::new(message.to_vec()), state)
+            .unwrap();
         accepted
     }
 
@@ -701,7 +874,8 @@ mod tests {
     fn writability_check_leaves_nothing_behind_and_data_bytes_add_up() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let stored = accepted(&spool, b"12345\r\n", State::Active);
+        let journaled = accepted(&spool, b"12345\r\n", State::Active);
+        let filed = accepted(&spool, b"123\r\n", State::Deferred);
 
         spool.check_writable().unwrap();
 
@@ -711,9 +885,13 @@ mod tests {
                 .next()
                 .is_none()
         );
-        // The message and, before it, its envelope as accepted.
-        let header = serde_json::to_vec(&stored).unwrap().len() as u64 + 1;
-        assert_eq!(spool.data_bytes().unwrap(), header + 7);
+        // Each message and, before it, its envelope as accepted: in the
+        // journal after a frame, in a file of its own followed by a newline.
+        let envelope = |envelope| serde_json::to_vec(envelope).unwrap().len() as u64;
+        assert_eq!(
+            spool.data_bytes().unwrap(),
+            (20 + envelope(&journaled) + 7) + (envelope(&filed) + 1 + 5)
+        );
     }
 
     #[test]
@@ -721,9 +899,9 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let mut envelope = accepted(&spool, b"{not json}\r\n", State::Active);
+        let mut envelope = accepted(&spool, b"{not json}\r\n", State::Held);
         let data = spool.data_path(&envelope.id);
-        let state_entry = spool.envelope_path(State::Active, &envelope.id);
+        let state_entry = spool.envelope_path(State::Held, &envelope.id);
         assert!(!data.exists());
         assert_eq!(fs::metadata(&state_entry).unwrap().nlink(), 1);
         assert_eq!(spool.read_message(&envelope.id).unwrap(), b"{not json}\r\n");
@@ -731,7 +909,7 @@ mod tests {
 
         envelope.attempts = 1;
         spool
-            .update(&envelope, State::Active, State::Deferred)
+            .update(&envelope, State::Held, State::Deferred)
             .unwrap();
 
         // The bytes keep the inode they were fsync'd in, now under data/.
@@ -770,17 +948,170 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let first_attempt = accepted(&spool, b"delivered at once\r\n", State::Active);
-        let mut retried = accepted(&spool, b"delivered later\r\n", State::Active);
+        let mut retried = accepted(&spool, b"delivered later\r\n", State::Held);
         retried.attempts = 1;
         spool
-            .update(&retried, State::Active, State::Deferred)
+            .update(&retried, State::Held, State::Deferred)
             .unwrap();
-        assert_eq!(files(dir.path()).len(), 3);
+        assert_eq!(files(dir.path()).len(), 2);
 
         spool.remove(State::Active, &first_attempt.id).unwrap();
         spool.remove(State::Deferred, &retried.id).unwrap();
 
         assert_eq!(files(dir.path()), Vec::<String>::new());
+        assert_eq!(spool.ids(State::Active).unwrap(), Vec::<String>::new());
+    }
+
+    fn journal_files(dir: &Path) -> Vec<String> {
+        let mut found: Vec<String> = fs::read_dir(dir.join("journal"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().display().to_string())
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn the_journal_keeps_what_was_acknowledged_across_processes_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let delivered = accepted(&spool, b"delivered\r\n", State::Active);
+        let mut deferred = accepted(&spool, b"deferred\r\n", State::Active);
+        let waiting = accepted(&spool, b"still being sent\r\n", State::Active);
+        assert_eq!(
+            journal_files(dir.path()).len(),
+            1,
+            "one segment, no .done yet"
+        );
+        spool.remove(State::Active, &delivered.id).unwrap();
+        deferred.attempts = 1;
+        spool
+            .update(&deferred, State::Active, State::Deferred)
+            .unwrap();
+        assert_eq!(spool.read_message(&deferred.id).unwrap(), b"deferred\r\n");
+        // A crash in the middle of the next write: half a frame.
+        let segment = dir
+            .path()
+            .join("journal")
+            .join(&journal_files(dir.path())[0]);
+        let mut log = fs::OpenOptions::new().append(true).open(&segment).unwrap();
+        log.write_all(b"sbj1\x05\x00").unwrap();
+
+        // What another process (`sendbridge queue`) sees.
+        let other = Spool::open(dir.path()).unwrap();
+        assert_eq!(
+            other.ids(State::Active).unwrap(),
+            std::slice::from_ref(&waiting.id)
+        );
+        assert_eq!(
+            other.list(State::Active).unwrap(),
+            std::slice::from_ref(&waiting)
+        );
+        assert_eq!(other.find(&waiting.id).unwrap(), Some(State::Active));
+        assert_eq!(other.find(&delivered.id).unwrap(), None);
+        assert_eq!(other.find(&deferred.id).unwrap(), Some(State::Deferred));
+        assert_eq!(
+            other.read_message(&waiting.id).unwrap(),
+            b"still being sent\r\n"
+        );
+        assert_eq!(
+            other.read_envelope(State::Active, &waiting.id).unwrap(),
+            waiting
+        );
+
+        // A restart: what is left goes to deferred/, the journal is emptied.
+        let restarted = Spool::open(dir.path()).unwrap();
+        let recovered = restarted.recover().unwrap();
+        assert_eq!(recovered.reactivated, 1);
+        assert_eq!(journal_files(dir.path()), Vec::<String>::new());
+        assert_eq!(restarted.find(&waiting.id).unwrap(), Some(State::Deferred));
+        assert_eq!(
+            restarted.read_message(&waiting.id).unwrap(),
+            b"still being sent\r\n"
+        );
+        assert_eq!(
+            restarted
+                .read_envelope(State::Deferred, &deferred.id)
+                .unwrap(),
+            deferred,
+            "copied out once, as updated"
+        );
+        assert_eq!(restarted.ids(State::Deferred).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_damaged_record_is_skipped_and_the_ones_after_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let ids: Vec<String> = ["first\r\n", "second\r\n", "third\r\n"]
+            .into_iter()
+            .map(|body| accepted(&spool, body.as_bytes(), State::Active).id)
+            .collect();
+        let segment = dir
+            .path()
+            .join("journal")
+            .join(&journal_files(dir.path())[0]);
+        let mut bytes = fs::read(&segment).unwrap();
+        let at = bytes.windows(8).position(|w| w == b"second\r\n").unwrap();
+        bytes[at] = b'S';
+        fs::write(&segment, bytes).unwrap();
+
+        let restarted = Spool::open(dir.path()).unwrap();
+        restarted.recover().unwrap();
+
+        assert_eq!(
+            restarted.ids(State::Deferred).unwrap(),
+            [ids[0].clone(), ids[2].clone()]
+        );
+        assert_eq!(restarted.read_message(&ids[2]).unwrap(), b"third\r\n");
+    }
+
+    #[test]
+    fn a_message_deleted_by_another_process_is_not_copied_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = Spool::open(dir.path()).unwrap();
+        relay.recover().unwrap();
+        let mut envelope = accepted(&relay, b"x\r\n", State::Active);
+
+        let cli = Spool::open(dir.path()).unwrap();
+        operations::delete(&cli, &envelope.id).unwrap();
+        assert_eq!(cli.find(&envelope.id).unwrap(), None);
+
+        envelope.attempts = 1;
+        let updated = relay.update(&envelope, State::Active, State::Deferred);
+        assert_eq!(updated.unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert_eq!(relay.find(&envelope.id).unwrap(), None);
+    }
+
+    #[test]
+    fn a_drained_segment_goes_once_it_holds_a_megabyte_and_concurrent_acceptances_share_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let small = accepted(&spool, b"x\r\n", State::Active);
+        spool.remove(State::Active, &small.id).unwrap();
+        // Drained but small: kept, and written to next.
+        assert_eq!(
+            journal_files(dir.path()).len(),
+            2,
+            "{:?}",
+            journal_files(dir.path())
+        );
+        let large = vec![b'x'; 600 * 1024];
+        let ids: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| accepted(&spool, &large, State::Active).id))
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap())
+                .collect()
+        });
+        assert_eq!(journal_files(dir.path()).len(), 2, "the same segment");
+        for id in &ids {
+            assert_eq!(spool.read_message(id).unwrap().len(), large.len());
+            spool.remove(State::Active, id).unwrap();
+        }
+        assert_eq!(journal_files(dir.path()), Vec::<String>::new());
         assert_eq!(spool.data_bytes().unwrap(), 0);
     }
 
@@ -790,16 +1121,20 @@ mod tests {
         let spool = Spool::open(dir.path()).unwrap();
         // Mid-update: the bytes got their data/ name, the new envelope was
         // written but not renamed into place.
-        let mut updating = accepted(&spool, b"being updated\r\n", State::Active);
+        let mut updating = accepted(&spool, b"being updated\r\n", State::Deferred);
+        // Due again: back in active/ by a rename.
+        spool
+            .move_to(&updating.id, State::Deferred, State::Active)
+            .unwrap();
         let current = spool.envelope_path(State::Active, &updating.id);
         fs::hard_link(&current, spool.data_path(&updating.id)).unwrap();
         fs::write(spool.temp_path(State::Active, &updating.id), b"{\"id\":").unwrap();
         // Mid-remove: the envelope of an updated message is gone, its bytes
         // are not.
-        let mut removing = accepted(&spool, b"being removed\r\n", State::Active);
+        let mut removing = accepted(&spool, b"being removed\r\n", State::Held);
         removing.attempts = 1;
         spool
-            .update(&removing, State::Active, State::Deferred)
+            .update(&removing, State::Held, State::Deferred)
             .unwrap();
         fs::remove_file(spool.envelope_path(State::Deferred, &removing.id)).unwrap();
         // Mid-acceptance: written, never renamed, never acknowledged.
@@ -905,7 +1240,7 @@ mod tests {
         const EACH: usize = 100;
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let spool = std::sync::Arc::new(Spool::open(dir.path()).unwrap());
-        let message = vec![b'x'; 4096];
+        let message = Arc::new(vec![b'x'; 4096]);
         let cpu = || {
             // SAFETY: getrusage only writes the struct it is given.
             let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
