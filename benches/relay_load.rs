@@ -45,7 +45,7 @@ const UPSTREAM_TLS_NAME: &str = "localhost";
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 
-const STANDARD_SCENARIOS: [Scenario; 3] = [
+const STANDARD_SCENARIOS: [Scenario; 4] = [
     Scenario {
         messages: 2000,
         sessions: 10,
@@ -58,6 +58,14 @@ const STANDARD_SCENARIOS: [Scenario; 3] = [
         sessions: 10,
         size: 4 * KIB,
         connections: Connections::PerMessage,
+    },
+    // The same from a trusted network, without AUTH: what the sign-in
+    // costs is the difference.
+    Scenario {
+        messages: 2000,
+        sessions: 10,
+        size: 4 * KIB,
+        connections: Connections::PerMessageTrusted,
     },
     Scenario {
         messages: 200,
@@ -77,8 +85,8 @@ const RELAY_MAX_CONNECTIONS: &str = "2000";
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--connection-per-message] [--skip-memory-checks]]
-Without --messages/--sessions/--size/--connection-per-message it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes, one connection per session).";
+const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--connection-per-message | --connection-per-message-trusted] [--skip-memory-checks]]
+Without --messages/--sessions/--size/--connection-per-message* it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes, one connection per session).\n--connection-per-message-trusted sends without AUTH, from the trusted network 127.0.0.1.";
 
 fn main() -> ExitCode {
     let options = match Options::parse(std::env::args().skip(1)) {
@@ -156,6 +164,10 @@ impl Options {
                     custom.get_or_insert(STANDARD_SCENARIOS[0]).connections =
                         Connections::PerMessage
                 }
+                "--connection-per-message-trusted" => {
+                    custom.get_or_insert(STANDARD_SCENARIOS[0]).connections =
+                        Connections::PerMessageTrusted
+                }
                 "--skip-memory-checks" => memory_checks = false,
                 // cargo bench passes it to every bench target.
                 "--bench" => {}
@@ -192,6 +204,9 @@ enum Connections {
     PerSession,
     /// Connect, sign in, send one message, QUIT: for every message.
     PerMessage,
+    /// Connect, send one message, QUIT, without AUTH (the relay trusts
+    /// 127.0.0.1): for every message.
+    PerMessageTrusted,
 }
 
 impl Scenario {
@@ -208,6 +223,7 @@ impl Scenario {
         let clients = match self.connections {
             Connections::PerSession => "sessions",
             Connections::PerMessage => "clients, login/msg",
+            Connections::PerMessageTrusted => "clients, conn/msg, trusted",
         };
         format!(
             "{} x {} / {} {clients}",
@@ -319,7 +335,8 @@ fn append_body(bytes: &mut Vec<u8>, len: usize) {
 struct Target {
     addr: SocketAddr,
     starttls: Option<TlsConnector>,
-    credentials: Credentials<String>,
+    /// `None`: a client on a trusted network, which does not sign in.
+    credentials: Option<Credentials<String>>,
 }
 
 impl Target {
@@ -327,15 +344,20 @@ impl Target {
         Ok(Target {
             addr: upstream.addr(),
             starttls: Some(connector_trusting(upstream.ca_file())?),
-            credentials: Credentials::new(UPSTREAM_USER.into(), UPSTREAM_PASSWORD.into()),
+            credentials: Some(Credentials::new(
+                UPSTREAM_USER.into(),
+                UPSTREAM_PASSWORD.into(),
+            )),
         })
     }
 
-    fn relay(relay: &RelayProcess) -> Target {
+    fn relay(relay: &RelayProcess, connections: Connections) -> Target {
+        let signed_in = connections != Connections::PerMessageTrusted;
         Target {
             addr: relay.addr,
             starttls: None,
-            credentials: Credentials::new(LOCAL_USER.into(), LOCAL_PASSWORD.into()),
+            credentials: signed_in
+                .then(|| Credentials::new(LOCAL_USER.into(), LOCAL_PASSWORD.into())),
         }
     }
 }
@@ -409,12 +431,15 @@ impl Session {
     }
 }
 
+/// EHLO, then AUTH unless the client is trusted by its address.
 async fn sign_in<T: AsyncRead + AsyncWrite + Unpin>(
     client: &mut SmtpClient<T>,
-    credentials: &Credentials<String>,
+    credentials: &Option<Credentials<String>>,
 ) -> anyhow::Result<()> {
     let capabilities = client.ehlo(HELO).await?;
-    client.authenticate(credentials, &capabilities).await?;
+    if let Some(credentials) = credentials {
+        client.authenticate(credentials, &capabilities).await?;
+    }
     Ok(())
 }
 
@@ -447,7 +472,7 @@ async fn run_client(
             }
             session.quit().await
         }
-        Connections::PerMessage => {
+        Connections::PerMessage | Connections::PerMessageTrusted => {
             for sequence in sequences {
                 let mut session = Session::open(&target).await?;
                 session.send(&template.render(sequence)).await?;
@@ -634,6 +659,12 @@ fn relay_env(upstream: &FakeUpstream) -> Vec<(&'static str, String)> {
             LOCAL_PASSWORD.into(),
         ),
         ("SENDBRIDGE_USERS__INVOICES__ACCOUNT", "gmail".into()),
+        // For the scenario without AUTH; the others sign in all the same.
+        (
+            "SENDBRIDGE_SERVER__TRUSTED_NETWORKS",
+            "[\"127.0.0.1\"]".into(),
+        ),
+        ("SENDBRIDGE_SERVER__DEFAULT_ACCOUNT", "gmail".into()),
     ]
 }
 
@@ -700,7 +731,8 @@ async fn run_scenario(scenario: Scenario) -> anyhow::Result<ScenarioResult> {
     let upstream = start_upstream().await;
     let relay = RelayProcess::start(&upstream).await?;
     let cpu_before = relay.cpu_time()?;
-    let through_relay = measure_load(&Target::relay(&relay), &upstream, &scenario)
+    let target = Target::relay(&relay, scenario.connections);
+    let through_relay = measure_load(&target, &upstream, &scenario)
         .await
         .map_err(|err| relay.explain(err))
         .context("relay run")?;
@@ -760,7 +792,7 @@ async fn large_message_check() -> anyhow::Result<MemoryCheck> {
     let deadline = Duration::from_secs(120);
     // Sign in and relay a small message first: the argon2 password check
     // and the first upstream connection are not the large message's cost.
-    let mut session = Session::open(&Target::relay(&relay)).await?;
+    let mut session = Session::open(&Target::relay(&relay, Connections::PerSession)).await?;
     session
         .send(&MessageTemplate::new(4 * KIB)?.render(0))
         .await?;
@@ -881,7 +913,7 @@ impl Report {
     fn print(&self) {
         println!("\nsendbridge relay load ({} CPUs)\n", self.cpus);
         println!(
-            "{:<40} {:>12} {:>12} {:>10} {:>12} {:>8} {:>10} {:>12}",
+            "{:<46} {:>12} {:>12} {:>10} {:>12} {:>8} {:>10} {:>12}",
             "scenario",
             "ref msg/s",
             "relay msg/s",
@@ -893,7 +925,7 @@ impl Report {
         );
         for result in &self.scenarios {
             println!(
-                "{:<40} {:>12.1} {:>12.1} {:>10.3} {:>12.0} {:>8.0} {:>10.1} {:>12.1}",
+                "{:<46} {:>12.1} {:>12.1} {:>10.3} {:>12.0} {:>8.0} {:>10.1} {:>12.1}",
                 result.name,
                 result.reference.messages_per_second,
                 result.relay.messages_per_second,
@@ -904,17 +936,29 @@ impl Report {
                 result.relay_rss_at_end_mib
             );
         }
-        if let Some(ratio) = self.sign_in_per_message_ratio() {
-            println!(
-                "\nsign-in per message / one session per client, relay msg/s (same load): {ratio:.3}"
-            );
+        let ratios = [
+            (
+                Connections::PerMessageTrusted,
+                "sign-in per message / the same without AUTH from a trusted network",
+            ),
+            (
+                Connections::PerSession,
+                "connection and sign-in per message / one session per client",
+            ),
+        ];
+        let mut first = true;
+        for (reference, what) in ratios {
+            if let Some(ratio) = self.per_message_ratio(reference) {
+                let gap = if std::mem::take(&mut first) { "\n" } else { "" };
+                println!("{gap}{what}, relay msg/s (same load): {ratio:.3}");
+            }
         }
         if !self.memory_checks.is_empty() {
             println!("\nrelay memory checks");
         }
         for check in &self.memory_checks {
             println!(
-                "{:<40} +{:.1} MiB (limit {:.0} MiB), {}: {}",
+                "{:<46} +{:.1} MiB (limit {:.0} MiB), {}: {}",
                 check.name,
                 check.increase_mib,
                 check.limit_mib,
@@ -925,9 +969,9 @@ impl Report {
     }
 
     /// The relay's throughput with a connection and sign-in per message
-    /// over that of the same load over one session per client, when both
-    /// ran: what the sign-in per connection costs.
-    fn sign_in_per_message_ratio(&self) -> Option<f64> {
+    /// over that of the same load sent as `reference` says, when both ran:
+    /// what the sign-in (and the connection) per message costs.
+    fn per_message_ratio(&self, reference: Connections) -> Option<f64> {
         let rate = |connections| {
             let per_message = self
                 .scenarios
@@ -943,7 +987,7 @@ impl Report {
                 .find(|result| result.scenario == wanted)?;
             Some(result.relay.messages_per_second)
         };
-        Some(rate(Connections::PerMessage)? / rate(Connections::PerSession)?)
+        Some(rate(Connections::PerMessage)? / rate(reference)?)
     }
 
     fn write_json(&self, path: &Path) -> anyhow::Result<()> {
