@@ -50,7 +50,7 @@ const STANDARD_SCENARIOS: [Scenario; 4] = [
         messages: 2000,
         sessions: 10,
         size: 4 * KIB,
-        connections: Connections::PerSession,
+        connections: Connections::OneSession,
     },
     // A legacy program that signs in on every connection.
     Scenario {
@@ -71,7 +71,7 @@ const STANDARD_SCENARIOS: [Scenario; 4] = [
         messages: 200,
         sessions: 10,
         size: MIB,
-        connections: Connections::PerSession,
+        connections: Connections::OneSession,
     },
 ];
 
@@ -201,7 +201,7 @@ struct Scenario {
 #[serde(rename_all = "snake_case")]
 enum Connections {
     /// One connection, signed in once, for all of them.
-    PerSession,
+    OneSession,
     /// Connect, sign in, send one message, QUIT: for every message.
     PerMessage,
     /// Connect, send one message, QUIT, without AUTH (the relay trusts
@@ -221,7 +221,7 @@ impl Scenario {
 
     fn name(&self) -> String {
         let clients = match self.connections {
-            Connections::PerSession => "sessions",
+            Connections::OneSession => "sessions",
             Connections::PerMessage => "clients, login/msg",
             Connections::PerMessageTrusted => "clients, conn/msg, trusted",
         };
@@ -465,7 +465,7 @@ async fn run_client(
     connections: Connections,
 ) -> anyhow::Result<()> {
     match connections {
-        Connections::PerSession => {
+        Connections::OneSession => {
             let mut session = Session::open(&target).await?;
             for sequence in sequences {
                 session.send(&template.render(sequence)).await?;
@@ -792,7 +792,7 @@ async fn large_message_check() -> anyhow::Result<MemoryCheck> {
     let deadline = Duration::from_secs(120);
     // Sign in and relay a small message first: the argon2 password check
     // and the first upstream connection are not the large message's cost.
-    let mut session = Session::open(&Target::relay(&relay, Connections::PerSession)).await?;
+    let mut session = Session::open(&Target::relay(&relay, Connections::OneSession)).await?;
     session
         .send(&MessageTemplate::new(4 * KIB)?.render(0))
         .await?;
@@ -942,7 +942,7 @@ impl Report {
                 "sign-in per message / the same without AUTH from a trusted network",
             ),
             (
-                Connections::PerSession,
+                Connections::OneSession,
                 "connection and sign-in per message / one session per client",
             ),
         ];
