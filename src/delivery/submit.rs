@@ -48,13 +48,7 @@ impl Delivery {
             ),
         );
         let message = Arc::new(message);
-        let stored = if state == State::Active {
-            // The journal's writer thread does the blocking part.
-            match self.spool.accept_active(&mut envelope, &message) {
-                Ok(appending) => Ok(appending.stored().await.map(|()| envelope)),
-                Err(err) => Ok(Err(err)),
-            }
-        } else {
+        let stored = {
             let (spool, message) = (self.spool.clone(), message.clone());
             tokio::task::spawn_blocking(move || {
                 spool

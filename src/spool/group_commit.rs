@@ -1,13 +1,12 @@
-//! Group commit of directory fsyncs: renames in flight at the same time
-//! share one fsync per directory, as a database's transactions share one
-//! log flush (the journal's writer thread batches its records the same
-//! way, see `journal`).
+//! Group commit: work in flight at the same time shares one flush, as a
+//! database's transactions share one log flush.
 //!
 //! Each caller hands [`Batches::commit`] its item and waits. Whoever finds
-//! no batch running leads one for everything queued so far; then everyone
-//! in that batch hears its own result. Those who queued meanwhile form the
-//! next batch. With one caller each item has a flush of its own; with ten,
-//! several share one.
+//! no batch running leads one for everything queued so far (one write and
+//! one `fdatasync` of the journal, or one fsync per directory named); then
+//! everyone in that batch hears its own result. Those who queued meanwhile
+//! form the next batch. With one session each item has a flush of its own;
+//! with ten, several share one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;

@@ -32,12 +32,10 @@ use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, mpsc};
-
-use tokio::sync::oneshot;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use super::Envelope;
-use super::group_commit::{copy, sync_dir};
+use super::group_commit::{Batches, copy, sync_dir};
 use crate::private_files;
 
 const MAGIC: &[u8; 4] = b"sbj1";
@@ -102,84 +100,9 @@ pub struct Pending {
 pub struct Journal {
     dir: PathBuf,
     writer: Mutex<Option<Writer>>,
+    commits: Batches<Pending, Location>,
     /// The records this process appended that have not left.
     live: Mutex<HashMap<String, Location>>,
-}
-
-/// Records wait for the writer thread, which takes every record queued
-/// while it wrote and synced the last batch: concurrent acceptances share
-/// one write and one `fdatasync` (group commit), and no thread is woken
-/// and waited for per record but the writer. Started at the first record;
-/// it ends when this is dropped.
-#[derive(Default)]
-pub struct Appender {
-    records: Mutex<Option<mpsc::Sender<Append>>>,
-}
-
-struct Append {
-    pending: Pending,
-    stored: oneshot::Sender<io::Result<()>>,
-}
-
-/// At most this many records share a write.
-const MAX_BATCH: usize = 256;
-
-/// A record handed to the writer: done once it survives a power cut.
-pub struct Appending(oneshot::Receiver<io::Result<()>>);
-
-impl Appending {
-    /// Waits on this thread, which must not be one of the async runtime's.
-    pub fn wait(self) -> io::Result<()> {
-        self.0
-            .blocking_recv()
-            .unwrap_or_else(|_| Err(writer_stopped()))
-    }
-
-    pub async fn stored(self) -> io::Result<()> {
-        self.0.await.unwrap_or_else(|_| Err(writer_stopped()))
-    }
-}
-
-fn writer_stopped() -> io::Error {
-    io::Error::other("the spool journal's writer thread has stopped")
-}
-
-impl Appender {
-    pub fn append(&self, journal: &Arc<Journal>, pending: Pending) -> Appending {
-        let (stored, answer) = oneshot::channel();
-        let append = Append { pending, stored };
-        let mut records = lock(&self.records);
-        let sent = match &*records {
-            Some(records) => records.send(append).map_err(|unsent| unsent.0),
-            None => match start_writer(journal.clone()) {
-                Ok(started) => started.send(append).map_err(|unsent| unsent.0).map(|()| {
-                    *records = Some(started);
-                }),
-                Err(err) => {
-                    let _ = append.stored.send(Err(err));
-                    return Appending(answer);
-                }
-            },
-        };
-        if let Err(unsent) = sent {
-            let _ = unsent.stored.send(Err(writer_stopped()));
-        }
-        Appending(answer)
-    }
-}
-
-fn start_writer(journal: Arc<Journal>) -> io::Result<mpsc::Sender<Append>> {
-    let (sender, receiver) = mpsc::channel::<Append>();
-    std::thread::Builder::new()
-        .name("spool-journal".into())
-        .spawn(move || {
-            while let Ok(first) = receiver.recv() {
-                let mut batch = vec![first];
-                batch.extend(receiver.try_iter().take(MAX_BATCH - 1));
-                journal.commit(batch);
-            }
-        })?;
-    Ok(sender)
 }
 
 /// A record read back from a segment file.
@@ -194,8 +117,17 @@ impl Journal {
         Ok(Journal {
             dir,
             writer: Mutex::default(),
+            commits: Batches::default(),
             live: Mutex::default(),
         })
+    }
+
+    /// Appends a record; returns once it survives a power cut.
+    pub fn append(&self, pending: Pending) -> io::Result<()> {
+        let id = pending.id.clone();
+        let location = self.commits.commit(pending, |batch| self.write(batch))?;
+        lock(&self.live).insert(id, location);
+        Ok(())
     }
 
     /// A record this process appended and that has not left.
@@ -324,37 +256,28 @@ impl Journal {
         lock(&self.live).values().map(Location::len).sum()
     }
 
-    /// A batch's records written in one go after the segment's end, then
-    /// one `fdatasync`; each known as live before its sender hears.
-    fn commit(&self, batch: Vec<Append>) {
-        let (pending, answers): (Vec<Pending>, Vec<_>) = batch
-            .into_iter()
-            .map(|append| (append.pending, append.stored))
-            .unzip();
-        let written = self.write_batch(&mut lock(&self.writer), &pending);
+    /// The leader's part of a group commit: the batch's records written in
+    /// one go after the segment's end, then one `fdatasync`.
+    fn write(&self, batch: Vec<(u64, Pending)>) -> Vec<(u64, io::Result<Location>)> {
+        let mut writer = lock(&self.writer);
+        let written = self.write_batch(&mut writer, &batch);
         match written {
-            Ok(locations) => {
-                let mut live = lock(&self.live);
-                for (record, location) in pending.iter().zip(locations) {
-                    live.insert(record.id.clone(), location);
-                }
-                drop(live);
-                for answer in answers {
-                    let _ = answer.send(Ok(()));
-                }
-            }
-            Err(err) => {
-                for answer in answers {
-                    let _ = answer.send(Err(copy(&err)));
-                }
-            }
+            Ok(locations) => batch
+                .into_iter()
+                .zip(locations)
+                .map(|((ticket, _), location)| (ticket, Ok(location)))
+                .collect(),
+            Err(err) => batch
+                .into_iter()
+                .map(|(ticket, _)| (ticket, Err(copy(&err))))
+                .collect(),
         }
     }
 
     fn write_batch(
         &self,
         writer: &mut Option<Writer>,
-        batch: &[Pending],
+        batch: &[(u64, Pending)],
     ) -> io::Result<Vec<Location>> {
         let full = |writer: &Writer| {
             writer.end >= SEGMENT_BYTES
@@ -374,7 +297,7 @@ impl Journal {
             .as_ref()
             .is_none_or(|writer| full(writer) || unlinked(writer))
         {
-            let next = self.new_segment(&batch[0].id)?;
+            let next = self.new_segment(&batch[0].1.id)?;
             if let Some(full) = writer.replace(next)
                 && full.segment.live.load(Ordering::Acquire) == 0
             {
@@ -382,11 +305,11 @@ impl Journal {
             }
         }
         let Writer { segment, end } = writer.as_mut().expect("a segment to write");
-        let frames: Vec<[u8; FRAME]> = batch.iter().map(frame).collect();
+        let frames: Vec<[u8; FRAME]> = batch.iter().map(|(_, record)| frame(record)).collect();
         let mut parts = Vec::with_capacity(3 * batch.len());
         let mut locations = Vec::with_capacity(batch.len());
         let mut at = *end;
-        for (record, frame) in batch.iter().zip(&frames) {
+        for ((_, record), frame) in batch.iter().zip(&frames) {
             parts.extend([
                 IoSlice::new(frame),
                 IoSlice::new(&record.envelope),

@@ -47,8 +47,7 @@ use crate::private_files;
 use crate::reply::Reply;
 use crate::transport::BodyFlags;
 use group_commit::{DirSyncs, commit_dir, sync_dir};
-pub use journal::Appending;
-use journal::{Appender, Journal, Location};
+use journal::{Journal, Location};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -181,8 +180,7 @@ pub struct FileVersion {
 pub struct Spool {
     root: PathBuf,
     dir_syncs: DirSyncs,
-    journal: Arc<Journal>,
-    appender: Appender,
+    journal: Journal,
     /// Set by [`Spool::recover`], which the relay alone runs: then every
     /// record in the journal is one this process appended and knows of;
     /// anyone else reads the journal from disk.
@@ -205,8 +203,7 @@ impl Spool {
         let root = root.into();
         let spool = Spool {
             dir_syncs: DirSyncs::default(),
-            journal: Arc::new(Journal::open(root.join("journal"))?),
-            appender: Appender::default(),
+            journal: Journal::open(root.join("journal"))?,
             owns_journal: AtomicBool::new(false),
             root,
         };
@@ -236,38 +233,23 @@ impl Spool {
 
     /// Stores a new message durably in `state` and assigns its id. Returns
     /// only after the bytes and the envelope are on disk: in the journal
-    /// for `active/`, else in a file of its own. Blocks: not for the async
-    /// runtime's threads (see [`Spool::accept_active`]).
+    /// for `active/`, else in a file of its own.
     pub fn accept(
         &self,
         envelope: &mut Envelope,
         message: &Arc<Vec<u8>>,
         state: State,
     ) -> io::Result<()> {
-        if state == State::Active {
-            return self.accept_active(envelope, message)?.wait();
+        envelope.id = new_id();
+        envelope.size = message.len() as u64;
+        if state != State::Active {
+            return self.store_file(envelope, message, state);
         }
-        envelope.id = new_id();
-        envelope.size = message.len() as u64;
-        self.store_file(envelope, message, state)
-    }
-
-    /// Hands a new message for `active/` to the journal's writer and
-    /// assigns its id; it is stored once the [`Appending`] is done. Does
-    /// not block.
-    pub fn accept_active(
-        &self,
-        envelope: &mut Envelope,
-        message: &Arc<Vec<u8>>,
-    ) -> io::Result<Appending> {
-        envelope.id = new_id();
-        envelope.size = message.len() as u64;
-        let pending = journal::Pending {
+        self.journal.append(journal::Pending {
             id: envelope.id.clone(),
             envelope: serde_json::to_vec(envelope)?,
             message: message.clone(),
-        };
-        Ok(self.appender.append(&self.journal, pending))
+        })
     }
 
     /// Writes a message with its envelope as one new file in `state`,
