@@ -1,34 +1,37 @@
 //! The durable queue on disk.
 //!
 //! ```text
-//! spool/{active,deferred,held,rejected}/<id>.json   the envelope; right after
-//!                                          acceptance followed by the message bytes
-//! spool/data/<id>.msg                      the envelope as accepted, then the
-//!                                          message bytes, once the envelope was
-//!                                          first updated; never moved
+//! spool/journal/<segment>.{log,done}           new messages on their way out
+//!                                          (`active`), appended; see `journal`
+//! spool/{active,deferred,held,rejected}/<id>.json   a message with a file of
+//!                                          its own: the envelope; until its
+//!                                          first update followed by the bytes
+//! spool/data/<id>.msg                      the envelope as first stored, then
+//!                                          the message bytes, once the
+//!                                          envelope was updated; never moved
 //! spool/data/<id>.eml                      message bytes alone (spools of earlier versions)
 //! spool/incoming/                          the readiness probe; envelopes of earlier versions
 //! spool/limits/<account>.log               recent sends, for daily limits
 //! spool/transcripts/<session>.log          SMTP dialogues kept for operators
 //! ```
-//! A message's state is the directory holding its envelope (compact JSON),
-//! so every state change is one atomic rename. An envelope file is read up
-//! to the end of its first JSON value.
+//! Accepting a message for `active` is one record appended to the journal,
+//! acknowledged once the `fdatasync` it shares with the acceptances in
+//! flight at the same time returns; a message delivered at its first
+//! attempt then leaves it with one line in `.done`. A message that needs
+//! a state of its own is first copied out into a file: written and fsync'd
+//! under a temporary name in the state's directory, renamed to
+//! `<id>.json`, that directory fsync'd (shared, see `group_commit`). From
+//! then on a state is the directory holding the envelope, so every state
+//! change is one atomic rename. An envelope file is read up to the end of
+//! its first JSON value. The first update of such an envelope first gives
+//! the bytes a name of their own, `data/<id>.msg` (a hard link, made
+//! durable), then replaces the state entry with an envelope alone.
 //!
-//! Acceptance creates one file and one name: it writes and fsyncs the
-//! envelope (one line) and the bytes to a temporary name in the state's
-//! directory, renames it to `<id>.json` and fsyncs that directory: only
-//! then may the client hear `250`. The directory fsync is shared by the
-//! acceptances in flight at the same time (see `group_commit`). A message
-//! delivered at its first attempt, the common case, is then one unlink.
-//! The first update of the envelope first gives the bytes a name of their
-//! own, `data/<id>.msg` (a hard link, made durable), then replaces the
-//! state entry with an envelope alone.
-//!
-//! On start, temporary files, whatever is in `incoming/` and bytes in
-//! `data/` without an envelope were never acknowledged and are removed;
-//! `active/` returns to `deferred/`. Everything in it is private to the
-//! relay's user (see `private_files`).
+//! On start, what is left in the journal goes to `deferred/` and the
+//! journal is emptied; temporary files, whatever is in `incoming/` and
+//! bytes in `data/` without an envelope were never acknowledged and are
+//! removed; `active/` returns to `deferred/`. Everything in it is private
+//! to the relay's user (see `private_files`).
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Write};
