@@ -48,7 +48,10 @@ impl Delivery {
             ),
         );
         let message = Arc::new(message);
-        let stored = {
+        let stored = if state == State::Active {
+            let accepted = self.spool.accept_active(&mut envelope, &message).await;
+            Ok(accepted.map(|()| envelope))
+        } else {
             let (spool, message) = (self.spool.clone(), message.clone());
             tokio::task::spawn_blocking(move || {
                 spool

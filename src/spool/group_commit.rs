@@ -1,12 +1,15 @@
-//! Group commit: work in flight at the same time shares one flush, as a
-//! database's transactions share one log flush.
+//! Group commit: files placed in a state directory at the same time share
+//! its fsync, as a database's transactions share one log flush (the
+//! journal batches its appends the same way, see `journal`).
 //!
-//! Each caller hands [`Batches::commit`] its item and waits. Whoever finds
-//! no batch running leads one for everything queued so far (one write and
-//! one `fdatasync` of the journal, or one fsync per directory named); then
+//! Each writer writes and fsyncs its own file, renames it to its name
+//! in its state directory, then asks [`GroupCommit::commit`] to make that
+//! name durable and waits. Whoever finds no commit running leads one for
+//! everything queued so far: one fsync of each directory named; then
 //! everyone in that batch hears its own result. Those who queued meanwhile
-//! form the next batch. With one session each item has a flush of its own;
-//! with ten, several share one.
+//! form the next batch (their names may have been made after the running
+//! fsync began). With one session each message has its own directory
+//! fsync; with ten, several messages share one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -15,45 +18,29 @@ use std::mem;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-pub struct Batches<T, R> {
-    queue: Mutex<Queue<T, R>>,
+#[derive(Default)]
+pub struct GroupCommit {
+    queue: Mutex<Queue>,
     committed: Condvar,
 }
 
-struct Queue<T, R> {
+#[derive(Default)]
+struct Queue {
     next_ticket: u64,
-    /// The items of the waiting callers.
-    pending: Vec<(u64, T)>,
-    done: HashMap<u64, io::Result<R>>,
+    /// The directory each waiting caller needs synced.
+    pending: Vec<(u64, PathBuf)>,
+    done: HashMap<u64, io::Result<()>>,
     committing: bool,
 }
 
-impl<T, R> Default for Batches<T, R> {
-    fn default() -> Self {
-        Batches {
-            queue: Mutex::new(Queue {
-                next_ticket: 0,
-                pending: Vec::new(),
-                done: HashMap::new(),
-                committing: false,
-            }),
-            committed: Condvar::new(),
-        }
-    }
-}
-
-impl<T, R> Batches<T, R> {
-    /// Returns `item`'s result once a batch holding it ran: `run` gets a
-    /// batch and answers for each of its tickets.
-    pub fn commit(
-        &self,
-        item: T,
-        run: impl Fn(Vec<(u64, T)>) -> Vec<(u64, io::Result<R>)>,
-    ) -> io::Result<R> {
+impl GroupCommit {
+    /// Returns once every name made in `dir` before the call survives a
+    /// power cut.
+    pub fn commit(&self, dir: &Path) -> io::Result<()> {
         let mut queue = self.lock();
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
-        queue.pending.push((ticket, item));
+        queue.pending.push((ticket, dir.to_path_buf()));
         loop {
             if let Some(result) = queue.done.remove(&ticket) {
                 return result;
@@ -76,20 +63,11 @@ impl<T, R> Batches<T, R> {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Queue<T, R>> {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
         // The queue is consistent between statements; a panic elsewhere
         // must not stop acceptance.
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// Directory fsyncs shared by the renames made meanwhile.
-pub type DirSyncs = Batches<PathBuf, ()>;
-
-/// Returns once every name made in `dir` before the call survives a power
-/// cut.
-pub fn commit_dir(syncs: &DirSyncs, dir: &Path) -> io::Result<()> {
-    syncs.commit(dir.to_path_buf(), run)
 }
 
 /// One fsync per directory in the batch; each caller gets its directory's
@@ -127,13 +105,13 @@ mod tests {
     #[test]
     fn concurrent_commits_all_return_once_their_directory_is_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let syncs = DirSyncs::default();
+        let commit = GroupCommit::default();
         std::thread::scope(|scope| {
             for n in 0..40 {
-                let (root, syncs) = (dir.path(), &syncs);
+                let (root, commit) = (dir.path(), &commit);
                 scope.spawn(move || {
                     std::fs::write(root.join(format!("{n}.json")), "x").unwrap();
-                    commit_dir(syncs, root).unwrap();
+                    commit.commit(root).unwrap();
                 });
             }
         });

@@ -34,8 +34,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
+use tokio::sync::oneshot;
+
 use super::Envelope;
-use super::group_commit::{Batches, copy, sync_dir};
+use super::group_commit::{copy, sync_dir};
 use crate::private_files;
 
 const MAGIC: &[u8; 4] = b"sbj1";
@@ -100,9 +102,25 @@ pub struct Pending {
 pub struct Journal {
     dir: PathBuf,
     writer: Mutex<Option<Writer>>,
-    commits: Batches<Pending, Location>,
+    /// Records waiting to be written, and whether someone writes them.
+    waiting: Mutex<Waiting>,
     /// The records this process appended that have not left.
     live: Mutex<HashMap<String, Location>>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    records: Vec<Append>,
+    writing: bool,
+}
+
+struct Append {
+    pending: Pending,
+    stored: oneshot::Sender<io::Result<()>>,
+}
+
+fn writer_stopped() -> io::Error {
+    io::Error::other("the spool journal's writer stopped")
 }
 
 /// A record read back from a segment file.
@@ -117,17 +135,60 @@ impl Journal {
         Ok(Journal {
             dir,
             writer: Mutex::default(),
-            commits: Batches::default(),
+            waiting: Mutex::default(),
             live: Mutex::default(),
         })
     }
 
-    /// Appends a record; returns once it survives a power cut.
+    /// Appends a record; returns once it survives a power cut. Blocks, so
+    /// not for the async runtime's threads: see [`Journal::append_async`].
+    /// With no write running, this thread writes every record waiting.
     pub fn append(&self, pending: Pending) -> io::Result<()> {
-        let id = pending.id.clone();
-        let location = self.commits.commit(pending, |batch| self.write(batch))?;
-        lock(&self.live).insert(id, location);
-        Ok(())
+        let (stored, writes) = self.enqueue(pending);
+        if writes {
+            self.write_waiting();
+        }
+        stored
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(writer_stopped()))
+    }
+
+    /// Appends a record from the async runtime. The first record while no
+    /// write runs starts a blocking task that writes batch after batch
+    /// until no record waits: under load one task serves every session,
+    /// with no blocking thread woken, and no handoff, per record.
+    pub async fn append_async(self: &Arc<Self>, pending: Pending) -> io::Result<()> {
+        let (stored, writes) = self.enqueue(pending);
+        if writes {
+            let journal = self.clone();
+            tokio::task::spawn_blocking(move || journal.write_waiting());
+        }
+        stored.await.unwrap_or_else(|_| Err(writer_stopped()))
+    }
+
+    /// Queues a record; says whether the caller is to write.
+    fn enqueue(&self, pending: Pending) -> (oneshot::Receiver<io::Result<()>>, bool) {
+        let (stored, answer) = oneshot::channel();
+        let mut waiting = lock(&self.waiting);
+        waiting.records.push(Append { pending, stored });
+        let writes = !std::mem::replace(&mut waiting.writing, true);
+        (answer, writes)
+    }
+
+    /// Group commit: writes every record waiting in one batch, then those
+    /// that came meanwhile, until none is left.
+    fn write_waiting(&self) {
+        loop {
+            let batch = {
+                let mut waiting = lock(&self.waiting);
+                if waiting.records.is_empty() {
+                    waiting.writing = false;
+                    return;
+                }
+                std::mem::take(&mut waiting.records)
+            };
+            self.commit(batch);
+        }
     }
 
     /// A record this process appended and that has not left.
@@ -256,28 +317,37 @@ impl Journal {
         lock(&self.live).values().map(Location::len).sum()
     }
 
-    /// The leader's part of a group commit: the batch's records written in
-    /// one go after the segment's end, then one `fdatasync`.
-    fn write(&self, batch: Vec<(u64, Pending)>) -> Vec<(u64, io::Result<Location>)> {
-        let mut writer = lock(&self.writer);
-        let written = self.write_batch(&mut writer, &batch);
+    /// A batch's records written in one go after the segment's end, then
+    /// one `fdatasync`; each known as live before its sender hears.
+    fn commit(&self, batch: Vec<Append>) {
+        let (pending, answers): (Vec<Pending>, Vec<_>) = batch
+            .into_iter()
+            .map(|append| (append.pending, append.stored))
+            .unzip();
+        let written = self.write_batch(&mut lock(&self.writer), &pending);
         match written {
-            Ok(locations) => batch
-                .into_iter()
-                .zip(locations)
-                .map(|((ticket, _), location)| (ticket, Ok(location)))
-                .collect(),
-            Err(err) => batch
-                .into_iter()
-                .map(|(ticket, _)| (ticket, Err(copy(&err))))
-                .collect(),
+            Ok(locations) => {
+                let mut live = lock(&self.live);
+                for (record, location) in pending.iter().zip(locations) {
+                    live.insert(record.id.clone(), location);
+                }
+                drop(live);
+                for answer in answers {
+                    let _ = answer.send(Ok(()));
+                }
+            }
+            Err(err) => {
+                for answer in answers {
+                    let _ = answer.send(Err(copy(&err)));
+                }
+            }
         }
     }
 
     fn write_batch(
         &self,
         writer: &mut Option<Writer>,
-        batch: &[(u64, Pending)],
+        batch: &[Pending],
     ) -> io::Result<Vec<Location>> {
         let full = |writer: &Writer| {
             writer.end >= SEGMENT_BYTES
@@ -297,7 +367,7 @@ impl Journal {
             .as_ref()
             .is_none_or(|writer| full(writer) || unlinked(writer))
         {
-            let next = self.new_segment(&batch[0].1.id)?;
+            let next = self.new_segment(&batch[0].id)?;
             if let Some(full) = writer.replace(next)
                 && full.segment.live.load(Ordering::Acquire) == 0
             {
@@ -305,11 +375,11 @@ impl Journal {
             }
         }
         let Writer { segment, end } = writer.as_mut().expect("a segment to write");
-        let frames: Vec<[u8; FRAME]> = batch.iter().map(|(_, record)| frame(record)).collect();
+        let frames: Vec<[u8; FRAME]> = batch.iter().map(frame).collect();
         let mut parts = Vec::with_capacity(3 * batch.len());
         let mut locations = Vec::with_capacity(batch.len());
         let mut at = *end;
-        for ((_, record), frame) in batch.iter().zip(&frames) {
+        for (record, frame) in batch.iter().zip(&frames) {
             parts.extend([
                 IoSlice::new(frame),
                 IoSlice::new(&record.envelope),

@@ -49,7 +49,7 @@ pub mod operations;
 use crate::private_files;
 use crate::reply::Reply;
 use crate::transport::BodyFlags;
-use group_commit::{DirSyncs, commit_dir, sync_dir};
+use group_commit::{GroupCommit, sync_dir};
 use journal::{Journal, Location};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -182,8 +182,8 @@ pub struct FileVersion {
 
 pub struct Spool {
     root: PathBuf,
-    dir_syncs: DirSyncs,
-    journal: Journal,
+    dir_syncs: GroupCommit,
+    journal: Arc<Journal>,
     /// Set by [`Spool::recover`], which the relay alone runs: then every
     /// record in the journal is one this process appended and knows of;
     /// anyone else reads the journal from disk.
@@ -205,8 +205,8 @@ impl Spool {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Spool> {
         let root = root.into();
         let spool = Spool {
-            dir_syncs: DirSyncs::default(),
-            journal: Journal::open(root.join("journal"))?,
+            dir_syncs: GroupCommit::default(),
+            journal: Arc::new(Journal::open(root.join("journal"))?),
             owns_journal: AtomicBool::new(false),
             root,
         };
@@ -236,19 +236,45 @@ impl Spool {
 
     /// Stores a new message durably in `state` and assigns its id. Returns
     /// only after the bytes and the envelope are on disk: in the journal
-    /// for `active/`, else in a file of its own.
+    /// for `active/`, else in a file of its own. Blocks: not for the async
+    /// runtime's threads (see [`Spool::accept_active`]).
     pub fn accept(
         &self,
         envelope: &mut Envelope,
         message: &Arc<Vec<u8>>,
         state: State,
     ) -> io::Result<()> {
+        if state == State::Active {
+            return self
+                .journal
+                .append(self.journal_record_of(envelope, message)?);
+        }
         envelope.id = new_id();
         envelope.size = message.len() as u64;
-        if state != State::Active {
-            return self.store_file(envelope, message, state);
-        }
-        self.journal.append(journal::Pending {
+        self.store_file(envelope, message, state)
+    }
+
+    /// [`Spool::accept`] for `active/`, from the async runtime: the
+    /// blocking part runs on a blocking thread that serves every
+    /// acceptance in flight.
+    pub async fn accept_active(
+        &self,
+        envelope: &mut Envelope,
+        message: &Arc<Vec<u8>>,
+    ) -> io::Result<()> {
+        let record = self.journal_record_of(envelope, message)?;
+        self.journal.append_async(record).await
+    }
+
+    /// A new message's record for the journal, its id assigned.
+    fn journal_record_of(
+        &self,
+        envelope: &mut Envelope,
+        message: &Arc<Vec<u8>>,
+    ) -> io::Result<journal::Pending> {
+        envelope.id = new_id();
+        envelope.size = message.len() as u64;
+        Ok(journal::Pending {
             id: envelope.id.clone(),
             envelope: serde_json::to_vec(envelope)?,
             message: message.clone(),
@@ -268,7 +294,7 @@ impl Spool {
             write_synced(&temp, &[&header, message])?;
             fs::rename(&temp, &placed)?;
             // The directory fsync, shared with concurrent writers.
-            commit_dir(&self.dir_syncs, &self.state_dir(state))
+            self.dir_syncs.commit(&self.state_dir(state))
         })();
         if result.is_err() {
             // Nothing was acknowledged: leave no half-written message behind
