@@ -40,145 +40,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
+mod envelope;
 mod group_commit;
 mod journal;
 pub mod operations;
+mod recovery;
 
 use crate::private_files;
-use crate::reply::Reply;
-use crate::transport::BodyFlags;
 use group_commit::{GroupCommit, sync_dir};
 use journal::{Journal, Location};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Active,
-    Deferred,
-    Held,
-    Rejected,
-}
-
-impl State {
-    pub const ALL: [State; 4] = [State::Active, State::Deferred, State::Held, State::Rejected];
-
-    pub fn dir_name(self) -> &'static str {
-        match self {
-            State::Active => "active",
-            State::Deferred => "deferred",
-            State::Held => "held",
-            State::Rejected => "rejected",
-        }
-    }
-}
-
-impl std::fmt::Display for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.dir_name())
-    }
-}
-
-/// One line of a message's history, shown by `queue show`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    /// Unix milliseconds.
-    pub at: u64,
-    pub what: String,
-}
-
-/// Everything about a message except its bytes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Envelope {
-    /// Time-ordered and unique; assigned by [`Spool::accept`].
-    pub id: String,
-    pub account: String,
-    /// MAIL FROM as the client sent it (upstream uses the account's sender).
-    pub mail_from: String,
-    pub recipients: Vec<String>,
-    #[serde(default)]
-    pub flags: BodyFlags,
-    /// Local user that signed in; `None` for trusted-network clients.
-    pub user: Option<String>,
-    pub client: String,
-    pub session_id: String,
-    pub size: u64,
-    /// Unix milliseconds.
-    pub received_at: u64,
-    pub attempts: u32,
-    /// Unix milliseconds; meaningful in `deferred/`.
-    pub next_attempt_at: u64,
-    pub last_reply: Option<String>,
-    /// Set by `queue retry`: an operator asked to try again even though the
-    /// account is on hold (unix milliseconds of the request).
-    #[serde(default)]
-    pub retry_requested_at: Option<u64>,
-    #[serde(default)]
-    pub history: Vec<Event>,
-    /// Recipients the upstream accepted in earlier attempts or parts; never
-    /// sent to again.
-    #[serde(default)]
-    pub delivered: Vec<String>,
-    /// Recipients the upstream refused for good, with its reply.
-    #[serde(default)]
-    pub refused: Vec<RefusedRecipient>,
-    /// The notices about this message already dealt with, written in the
-    /// same update as the state change that raised them, so a restart
-    /// never repeats one.
-    #[serde(default)]
-    pub notices: Notices,
-    /// A notice the relay generated (bounce, delay warning, alert): never
-    /// itself the subject of a notice.
-    #[serde(default)]
-    pub is_notice: bool,
-}
-
-/// Which notices about a message were dealt with (sent, or left out on
-/// purpose: a null sender, a report, a rate limit).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Notices {
-    pub bounced: bool,
-    pub delay_warned: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RefusedRecipient {
-    pub address: String,
-    pub reply: Reply,
-}
-
-impl Envelope {
-    /// Recipients still to be delivered to.
-    pub fn pending(&self) -> Vec<String> {
-        let settled: std::collections::HashSet<&String> = self
-            .delivered
-            .iter()
-            .chain(self.refused.iter().map(|refused| &refused.address))
-            .collect();
-        self.recipients
-            .iter()
-            .filter(|address| !settled.contains(address))
-            .cloned()
-            .collect()
-    }
-
-    pub fn record(&mut self, at: u64, what: impl Into<String>) {
-        self.history.push(Event {
-            at,
-            what: what.into(),
-        });
-    }
-}
-
-/// Tells two versions of an envelope file apart: every update writes a new
-/// file (a new inode) and renames it into place; the modification time
-/// alone can repeat within the kernel's clock tick.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileVersion {
-    inode: u64,
-    modified: SystemTime,
-}
+pub use envelope::{Envelope, Event, FileVersion, Notices, RefusedRecipient, State};
+pub use recovery::Recovered;
 
 pub struct Spool {
     root: PathBuf,
@@ -188,15 +61,6 @@ pub struct Spool {
     /// record in the journal is one this process appended and knows of;
     /// anyone else reads the journal from disk.
     owns_journal: AtomicBool,
-}
-
-/// What recovery found on start.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Recovered {
-    /// Unacknowledged leftovers removed from `incoming/` and `data/`.
-    pub removed: usize,
-    /// Messages that were being delivered when the relay stopped.
-    pub reactivated: usize,
 }
 
 impl Spool {
@@ -356,59 +220,6 @@ impl Spool {
         Ok(())
     }
 
-    /// Cleans up after a crash; see the module documentation.
-    pub fn recover(&self) -> io::Result<Recovered> {
-        let mut recovered = Recovered::default();
-        for entry in fs::read_dir(self.root.join("incoming"))? {
-            fs::remove_file(entry?.path())?;
-            recovered.removed += 1;
-        }
-        for state in State::ALL {
-            for entry in fs::read_dir(self.state_dir(state))? {
-                let path = entry?.path();
-                if id_of(&path, "json").is_none() {
-                    // An acceptance or an update that did not finish.
-                    fs::remove_file(&path)?;
-                    recovered.removed += 1;
-                }
-            }
-        }
-        for id in self.file_ids(State::Active)? {
-            fs::rename(
-                self.envelope_path(State::Active, &id),
-                self.envelope_path(State::Deferred, &id),
-            )?;
-            recovered.reactivated += 1;
-        }
-        // Every valid record that did not leave, unless a copy of it was
-        // made before the crash; then the journal starts empty.
-        for stored in self.journal.scan(true)? {
-            let id = &stored.envelope.id;
-            if self.find_file(id)?.is_none() {
-                let message = self.journal.read_message(&stored.location)?;
-                self.store_file(&stored.envelope, &message, State::Deferred)?;
-                recovered.reactivated += 1;
-            }
-        }
-        self.journal.clear()?;
-        self.owns_journal.store(true, Ordering::Release);
-        for entry in fs::read_dir(self.root.join("data"))? {
-            let path = entry?.path();
-            let Some(id) = id_of(&path, "msg").or_else(|| id_of(&path, "eml")) else {
-                // A temporary file from an interrupted write.
-                fs::remove_file(&path)?;
-                recovered.removed += 1;
-                continue;
-            };
-            if self.find(&id)?.is_none() {
-                fs::remove_file(&path)?;
-                recovered.removed += 1;
-            }
-        }
-        sync_dir(&self.state_dir(State::Deferred))?;
-        Ok(recovered)
-    }
-
     /// A message's bytes, without the envelope stored before them: in
     /// `data/` once its envelope was updated, else still in its state entry.
     pub fn read_message(&self, id: &str) -> io::Result<Vec<u8>> {
@@ -522,18 +333,17 @@ impl Spool {
     /// Deletes a delivered (or operator-deleted) message: one unlink for a
     /// message delivered before any update.
     pub fn remove(&self, state: State, id: &str) -> io::Result<()> {
-        if state == State::Active
-            && let Some(location) = self.journal.live(id)
-        {
-            // Delivered at the first attempt: the common case.
-            return self.journal.leave(id, &location);
-        }
         let path = self.envelope_path(state, id);
-        if state == State::Active
-            && !path.exists()
-            && let Some(location) = self.journal_record(id)?
-        {
-            return self.journal.leave(id, &location);
+        if state == State::Active {
+            // Delivered at its first attempt, the common case: known to be in
+            // the journal, no file looked for.
+            let in_journal = match self.journal.live(id) {
+                None if !path.exists() => self.journal_record(id)?,
+                known => known,
+            };
+            if let Some(location) = in_journal {
+                return self.journal.leave(id, &location);
+            }
         }
         fs::remove_file(path)?;
         let removed = match fs::remove_file(self.data_path(id)) {
