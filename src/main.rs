@@ -176,7 +176,15 @@ fn main() -> ExitCode {
             sendbridge::observe::init_tracing(&config.log);
             sendbridge::observe::metrics::install(&config.admin);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            report(runtime.block_on(sendbridge::relay::run(config, cli.config)))
+            // On a worker rather than the thread that blocks on it: there
+            // the accept loop would hand every new session to a worker
+            // through a wake-up of another thread.
+            let relay = runtime.spawn(sendbridge::relay::run(config, cli.config));
+            report(
+                runtime
+                    .block_on(relay)
+                    .unwrap_or_else(|panic| Err(panic.into())),
+            )
         }
         Command::Reload => report(sendbridge::relay::signal_reload(&config)),
         Command::Health { ready } => report(sendbridge::cli::health(&config, ready)),

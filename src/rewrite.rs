@@ -253,12 +253,20 @@ mod tests {
     fn a_clean_body_has_crlf_line_ends_only_and_lines_within_the_limit() {
         let longest = format!("{}\r\n", "a".repeat(MAX_LINE));
         let too_long = format!("{}\r\n", "a".repeat(MAX_LINE + 1));
-        let table: [(&[u8], bool); 10] = [
+        let short_lines = "short\r\n".repeat(400);
+        let longest_after = format!("{short_lines}{longest}{short_lines}");
+        let too_long_after = format!("{short_lines}{too_long}{short_lines}");
+        let table: [(&[u8], bool); 15] = [
             (b"", true),
             (b"\r\n", true),
             (b"one\r\ntwo\r\n", true),
             (longest.as_bytes(), true),
             (too_long.as_bytes(), false),
+            (longest_after.as_bytes(), true),
+            (too_long_after.as_bytes(), false),
+            (b"\n", false),
+            (b"\nlf first\r\n", false),
+            (b"cr last\r", false),
             (b"no line end", false),
             (b"bare\nlf\r\n", false),
             (b"bare\rcr\r\n", false),

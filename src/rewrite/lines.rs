@@ -17,20 +17,34 @@ pub(super) const CRLF_SP: &[u8] = b"\r\n ";
 /// A body that goes out as it is: CRLF line ends only, lines within the
 /// limit, ending in CRLF (or empty).
 pub(super) fn is_clean_body(body: &[u8]) -> bool {
-    if !(body.is_empty() || body.ends_with(CRLF)) {
-        return false;
-    }
-    // memchr finds the line ends: a byte-by-byte loop here was about a
-    // tenth of the relay's CPU time for 1 MiB messages.
+    (body.is_empty() || body.ends_with(CRLF)) && !has_bare_line_ends(body) && lines_fit(body)
+}
+
+/// A CR not followed by LF, or an LF not after a CR. One branch-free pass
+/// the compiler vectorizes: finding each line end with memchr cost a call
+/// per line, about a twentieth of the relay's CPU time for 1 MiB messages
+/// of 78-character lines.
+fn has_bare_line_ends(body: &[u8]) -> bool {
+    let pairs = body.iter().zip(body.iter().skip(1));
+    body.first() == Some(&b'\n')
+        || pairs.fold(false, |bare, (&a, &b)| {
+            bare | ((a == b'\r') != (b == b'\n'))
+        })
+}
+
+/// Every line of a body with CRLF line ends only is at most `MAX_LINE`
+/// octets long: from each line start, the last LF within reach of the
+/// longest allowed line is found with one memrchr per ~1000 bytes, not one
+/// search per line.
+fn lines_fit(body: &[u8]) -> bool {
+    let reach = MAX_LINE + CRLF.len();
     let mut line_start = 0;
-    let mut line_ends = memchr::memchr2_iter(b'\r', b'\n', body);
-    while let Some(cr) = line_ends.next() {
-        let crlf = body[cr] == b'\r' && body.get(cr + 1) == Some(&b'\n');
-        if !crlf || cr - line_start > MAX_LINE {
-            return false;
+    while line_start < body.len() {
+        let window = &body[line_start..body.len().min(line_start + reach)];
+        match memchr::memrchr(b'\n', window) {
+            Some(lf) => line_start += lf + 1,
+            None => return false,
         }
-        line_ends.next(); // its LF
-        line_start = cr + 2;
     }
     true
 }

@@ -60,9 +60,12 @@ impl DotReader {
                     // The common case: only a line that starts with a dot
                     // needs a look, so everything up to the next such line
                     // (or the end of the input) is copied as one run.
+                    // (An LF that ends the input may start one too.) Searching
+                    // for LF "." as one needle skips the ordinary lines
+                    // without stopping at each.
                     let rest = &input[at..];
-                    let dot_line = memchr::memchr_iter(b'\n', rest)
-                        .find(|&lf| rest.get(lf + 1).is_none_or(|&next| next == b'.'));
+                    let dot_line = memchr::memmem::find(rest, b"\n.")
+                        .or_else(|| rest.ends_with(b"\n").then(|| rest.len() - 1));
                     let Some(lf) = dot_line else {
                         emit(rest);
                         self.state = State::Text {

@@ -116,6 +116,10 @@ pub struct Script {
     /// Never answer the end of a message (nor record it): a provider that
     /// hangs mid-delivery.
     pub stall_after_data: bool,
+    /// Answer MAIL and RCPT only together with DATA: a client that waits
+    /// for each reply before its next command (rather than pipelining)
+    /// never gets one.
+    pub answer_with_data: bool,
 }
 
 #[derive(Clone)]
@@ -182,6 +186,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 const HOSTNAME: &str = "smtp.fake.test";
 const DEFAULT_GREETING: &str = "220 smtp.fake.test ESMTP ready";
+const IMPROPER_PIPELINING: &str = "503 5.5.0 Error: improper command pipelining";
 const EHLO_BEFORE_TLS: &str = "250-smtp.fake.test at your service\r\n250-STARTTLS\r\n250-ENHANCEDSTATUSCODES\r\n250 PIPELINING";
 const EHLO_AFTER_TLS: &str = "250-smtp.fake.test at your service\r\n250-SIZE 35882577\r\n250-8BITMIME\r\n250-AUTH LOGIN PLAIN XOAUTH2\r\n250-ENHANCEDSTATUSCODES\r\n250-PIPELINING\r\n250 SMTPUTF8";
 const READY_FOR_TLS: &str = "220 2.0.0 Ready to start TLS";
@@ -578,7 +583,21 @@ impl Session {
                 })
                 .await?;
 
+            let script = self.script();
+            conn.hold = script.answer_with_data
+                && matches!(request, Ok(Request::Mail { .. } | Request::Rcpt { .. }));
+            // As Postfix's reject_unauth_pipelining: commands sent before
+            // the reply to the one before, to a server that did not offer
+            // PIPELINING, are refused.
+            let ehlo = match tls_active {
+                true => script.ehlo.as_deref().unwrap_or(EHLO_AFTER_TLS),
+                false => EHLO_BEFORE_TLS,
+            };
+            let improper = !ehlo.contains("PIPELINING")
+                && conn.pos < conn.buf.len()
+                && matches!(request, Ok(Request::Mail { .. } | Request::Rcpt { .. }));
             let reply: Cow<'static, str> = match request {
+                _ if improper => IMPROPER_PIPELINING.into(),
                 Ok(Request::Ehlo { .. }) => {
                     self.envelope = None;
                     if tls_active {
@@ -594,6 +613,7 @@ impl Session {
                 Ok(Request::StartTls) if tls_active => TLS_ALREADY_ACTIVE.into(),
                 Ok(Request::StartTls) => {
                     conn.reply(READY_FOR_TLS).await?;
+                    conn.send_replies().await?;
                     // Anything pipelined after STARTTLS arrived in plain text
                     // and must not be executed inside the TLS session, so
                     // only the stream is handed back; `conn`'s buffer is dropped.
@@ -840,11 +860,16 @@ impl Session {
     }
 }
 
-/// A client stream plus the bytes read from it but not yet parsed.
+/// A client stream plus the bytes read from it but not yet parsed, and
+/// replies not yet sent: as Postfix does, replies to pipelined commands go
+/// out together once the commands read so far are answered.
 struct Conn<S> {
     stream: S,
     buf: Vec<u8>,
     pos: usize,
+    replies: Vec<u8>,
+    /// Keep replies even when no input waits (`Script::answer_with_data`).
+    hold: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -853,6 +878,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             stream,
             buf: Vec::with_capacity(8192),
             pos: 0,
+            replies: Vec::new(),
+            hold: false,
         }
     }
 
@@ -872,6 +899,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
             self.buf.drain(..self.pos);
             self.pos = 0;
+            if !self.hold {
+                self.send_replies().await?;
+            }
             let read = tokio::time::timeout(READ_TIMEOUT, self.stream.read_buf(&mut self.buf))
                 .await
                 .map_err(|_| timed_out())??;
@@ -890,11 +920,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(String::from_utf8_lossy(&line.buf).into_owned())
     }
 
+    /// Sends `reply`, or keeps it while pipelined commands wait to be read.
     async fn reply(&mut self, reply: &str) -> std::io::Result<()> {
-        self.stream
-            .write_all(format!("{reply}\r\n").as_bytes())
-            .await?;
-        self.stream.flush().await
+        self.replies
+            .extend_from_slice(format!("{reply}\r\n").as_bytes());
+        if self.pos == self.buf.len() && !self.hold {
+            self.send_replies().await?;
+        }
+        Ok(())
+    }
+
+    async fn send_replies(&mut self) -> std::io::Result<()> {
+        if !self.replies.is_empty() {
+            self.stream.write_all(&self.replies).await?;
+            self.replies.clear();
+            self.stream.flush().await?;
+        }
+        Ok(())
     }
 
     /// Sends `reply`; if it is a 421, closes the connection as real servers
@@ -911,6 +953,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Shuts the stream down cleanly (sending TLS close_notify if any).
     async fn close(&mut self) {
         // The client may already be gone; nothing useful to do about it.
+        let _ = self.send_replies().await;
         let _ = self.stream.shutdown().await;
     }
 }
