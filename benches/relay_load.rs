@@ -85,8 +85,12 @@ const RELAY_MAX_CONNECTIONS: &str = "2000";
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--connection-per-message | --connection-per-message-trusted] [--skip-memory-checks]]
-Without --messages/--sessions/--size/--connection-per-message* it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes, one connection per session).\n--connection-per-message-trusted sends without AUTH, from the trusted network 127.0.0.1.";
+const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--connection-per-message | --connection-per-message-trusted] [--rounds N] [--skip-memory-checks]]
+Without --messages/--sessions/--size/--connection-per-message* it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes, one connection per session).\n--connection-per-message-trusted sends without AUTH, from the trusted network 127.0.0.1.\n--rounds N (default 3): runs of each scenario, reference and relay in turn; the medians are reported.";
+
+/// Runs of each scenario: one run of a second or two swings by a third on a
+/// busy 2-core machine, the median of three much less.
+const DEFAULT_ROUNDS: usize = 3;
 
 fn main() -> ExitCode {
     let options = match Options::parse(std::env::args().skip(1)) {
@@ -118,7 +122,7 @@ async fn run(options: Options) -> anyhow::Result<Report> {
     raise_fd_limit(IDLE_CONNECTIONS as u64 + 512)?;
     let mut scenarios = Vec::new();
     for scenario in options.scenarios {
-        scenarios.push(run_scenario(scenario).await?);
+        scenarios.push(run_scenario(scenario, options.rounds).await?);
     }
     let mut memory_checks = Vec::new();
     if options.memory_checks {
@@ -127,6 +131,7 @@ async fn run(options: Options) -> anyhow::Result<Report> {
     }
     let report = Report {
         cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        rounds: options.rounds,
         passed: memory_checks.iter().all(|check| check.passed),
         scenarios,
         memory_checks,
@@ -141,12 +146,14 @@ async fn run(options: Options) -> anyhow::Result<Report> {
 struct Options {
     scenarios: Vec<Scenario>,
     memory_checks: bool,
+    rounds: usize,
 }
 
 impl Options {
     fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
         let mut custom: Option<Scenario> = None;
         let mut memory_checks = true;
+        let mut rounds = DEFAULT_ROUNDS;
         while let Some(arg) = args.next() {
             let mut value = || -> anyhow::Result<usize> {
                 let value = args
@@ -169,6 +176,7 @@ impl Options {
                         Connections::PerMessageTrusted
                 }
                 "--skip-memory-checks" => memory_checks = false,
+                "--rounds" => rounds = value()?,
                 // cargo bench passes it to every bench target.
                 "--bench" => {}
                 other => bail!("unknown argument {other:?}"),
@@ -178,9 +186,11 @@ impl Options {
         for scenario in &scenarios {
             scenario.validate()?;
         }
+        ensure!(rounds > 0, "--rounds must be at least 1");
         Ok(Options {
             scenarios,
             memory_checks,
+            rounds,
         })
     }
 }
@@ -716,30 +726,38 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// The same load to the fake upstream directly, then through a relay, each
-/// with a fresh upstream.
-async fn run_scenario(scenario: Scenario) -> anyhow::Result<ScenarioResult> {
-    eprintln!("{}: reference run", scenario.name());
+/// `rounds` times the same load to the fake upstream directly, then through
+/// a relay, each with a fresh upstream.
+async fn run_scenario(scenario: Scenario, rounds: usize) -> anyhow::Result<ScenarioResult> {
+    let mut results = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        results.push(run_round(&scenario, &format!("round {round} of {rounds}")).await?);
+    }
+    Ok(ScenarioResult::new(scenario, results))
+}
+
+async fn run_round(scenario: &Scenario, round: &str) -> anyhow::Result<RoundResult> {
+    eprintln!("{}: reference run, {round}", scenario.name());
     let upstream = start_upstream().await;
-    let reference = measure_load(&Target::upstream(&upstream)?, &upstream, &scenario)
+    let reference = measure_load(&Target::upstream(&upstream)?, &upstream, scenario)
         .await
         .context("reference run")?;
     // Frees the messages it holds before the relay run.
     drop(upstream);
 
-    eprintln!("{}: relay run", scenario.name());
+    eprintln!("{}: relay run, {round}", scenario.name());
     let upstream = start_upstream().await;
     let relay = RelayProcess::start(&upstream).await?;
     let cpu_before = relay.cpu_time()?;
     let target = Target::relay(&relay, scenario.connections);
-    let through_relay = measure_load(&target, &upstream, &scenario)
+    let through_relay = measure_load(&target, &upstream, scenario)
         .await
         .map_err(|err| relay.explain(err))
         .context("relay run")?;
     let cpu = relay.cpu_time()?.since(cpu_before);
     let memory = relay.memory()?;
     relay.stop().await?;
-    Ok(ScenarioResult::new(
+    Ok(RoundResult::new(
         scenario,
         reference,
         through_relay,
@@ -837,11 +855,61 @@ impl Throughput {
     }
 }
 
+/// A scenario's figures: the median of each over its rounds.
 #[derive(Serialize)]
 struct ScenarioResult {
     name: String,
     #[serde(flatten)]
     scenario: Scenario,
+    #[serde(flatten)]
+    median: RoundResult,
+    /// The lowest and highest ratio of a round.
+    ratio_range: (f64, f64),
+    rounds: Vec<RoundResult>,
+}
+
+impl ScenarioResult {
+    fn new(scenario: Scenario, rounds: Vec<RoundResult>) -> ScenarioResult {
+        let median = |figure: fn(&RoundResult) -> f64| {
+            let mut values: Vec<f64> = rounds.iter().map(figure).collect();
+            values.sort_by(f64::total_cmp);
+            let middle = values.len() / 2;
+            match values.len() % 2 {
+                1 => values[middle],
+                _ => (values[middle - 1] + values[middle]) / 2.0,
+            }
+        };
+        let rate = |messages_per_second: f64| Throughput {
+            seconds: scenario.messages as f64 / messages_per_second,
+            messages_per_second,
+        };
+        let median_result = RoundResult {
+            reference: rate(median(|round| round.reference.messages_per_second)),
+            relay: rate(median(|round| round.relay.messages_per_second)),
+            ratio: median(|round| round.ratio),
+            relay_cpu_us_per_message: median(|round| round.relay_cpu_us_per_message),
+            relay_user_cpu_us_per_message: median(|round| round.relay_user_cpu_us_per_message),
+            relay_peak_rss_mib: median(|round| round.relay_peak_rss_mib),
+            relay_rss_at_end_mib: median(|round| round.relay_rss_at_end_mib),
+        };
+        let ratios = rounds.iter().map(|round| round.ratio);
+        let ratio_range = (
+            ratios.clone().fold(f64::INFINITY, f64::min),
+            ratios.fold(f64::NEG_INFINITY, f64::max),
+        );
+        ScenarioResult {
+            name: scenario.name(),
+            scenario,
+            median: median_result,
+            ratio_range,
+            rounds,
+        }
+    }
+}
+
+/// One reference run and one relay run of a scenario.
+#[derive(Serialize)]
+struct RoundResult {
     reference: Throughput,
     relay: Throughput,
     /// Relay throughput over reference throughput.
@@ -854,20 +922,18 @@ struct ScenarioResult {
     relay_rss_at_end_mib: f64,
 }
 
-impl ScenarioResult {
+impl RoundResult {
     fn new(
-        scenario: Scenario,
+        scenario: &Scenario,
         reference: Duration,
         relay: Duration,
         relay_cpu: CpuTime,
         memory: Memory,
-    ) -> ScenarioResult {
+    ) -> RoundResult {
         let reference = Throughput::new(scenario.messages, reference);
         let relay = Throughput::new(scenario.messages, relay);
         let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / scenario.messages as f64;
-        ScenarioResult {
-            name: scenario.name(),
-            scenario,
+        RoundResult {
             ratio: relay.messages_per_second / reference.messages_per_second,
             reference,
             relay,
@@ -904,6 +970,7 @@ impl MemoryCheck {
 #[derive(Serialize)]
 struct Report {
     cpus: usize,
+    rounds: usize,
     scenarios: Vec<ScenarioResult>,
     memory_checks: Vec<MemoryCheck>,
     passed: bool,
@@ -911,29 +978,36 @@ struct Report {
 
 impl Report {
     fn print(&self) {
-        println!("\nsendbridge relay load ({} CPUs)\n", self.cpus);
         println!(
-            "{:<46} {:>12} {:>12} {:>10} {:>12} {:>8} {:>10} {:>12}",
+            "\nsendbridge relay load ({} CPUs), medians of {} rounds\n",
+            self.cpus, self.rounds
+        );
+        println!(
+            "{:<46} {:>12} {:>12} {:>10} {:>13} {:>12} {:>8} {:>10} {:>12}",
             "scenario",
             "ref msg/s",
             "relay msg/s",
             "relay/ref",
+            "(range)",
             "CPU µs/msg",
             "(user)",
             "peak MiB",
             "RSS end MiB"
         );
         for result in &self.scenarios {
+            let median = &result.median;
+            let (lowest, highest) = result.ratio_range;
             println!(
-                "{:<46} {:>12.1} {:>12.1} {:>10.3} {:>12.0} {:>8.0} {:>10.1} {:>12.1}",
+                "{:<46} {:>12.1} {:>12.1} {:>10.3} {:>13} {:>12.0} {:>8.0} {:>10.1} {:>12.1}",
                 result.name,
-                result.reference.messages_per_second,
-                result.relay.messages_per_second,
-                result.ratio,
-                result.relay_cpu_us_per_message,
-                result.relay_user_cpu_us_per_message,
-                result.relay_peak_rss_mib,
-                result.relay_rss_at_end_mib
+                median.reference.messages_per_second,
+                median.relay.messages_per_second,
+                median.ratio,
+                format!("{lowest:.3}–{highest:.3}"),
+                median.relay_cpu_us_per_message,
+                median.relay_user_cpu_us_per_message,
+                median.relay_peak_rss_mib,
+                median.relay_rss_at_end_mib
             );
         }
         let ratios = [
@@ -985,7 +1059,7 @@ impl Report {
                 .scenarios
                 .iter()
                 .find(|result| result.scenario == wanted)?;
-            Some(result.relay.messages_per_second)
+            Some(result.median.relay.messages_per_second)
         };
         Some(rate(Connections::PerMessage)? / rate(reference)?)
     }
