@@ -81,19 +81,12 @@ fn raise_soft_nofile() -> io::Result<u64> {
 /// Fresh pages cost page faults on every use, so it is not lower than
 /// needed: at 256 KiB a 1 MiB message cost 0.9 ms more CPU (relay_load);
 /// at 4 MiB the common small messages reuse the heap.
-///
-/// Below it, glibc hands the top of a heap back as soon as 128 KiB are free
-/// there, so every message of a few hundred KiB faulted its pages in afresh
-/// (~180 page faults per 1 MiB message, a tenth of the relay's CPU time in
-/// relay_load). Free memory at the top is kept up to twice the threshold
-/// instead; [`trim_freed_memory`] returns it within seconds of a burst.
 pub fn return_large_buffers_to_the_system() {
     const THRESHOLD: i32 = 4 * 1024 * 1024;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called at start-up.
+    // SAFETY: mallopt only sets an allocator parameter; called at start-up.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * THRESHOLD);
     }
 }
 
