@@ -291,31 +291,34 @@ async fn a_reused_upstream_connection_is_reset_only_after_an_unfinished_transact
 /// Gmail's capabilities without PIPELINING.
 const EHLO_WITHOUT_PIPELINING: &str = "250-smtp.fake.test at your service\r\n250-SIZE 35882577\r\n250-8BITMIME\r\n250-AUTH LOGIN PLAIN XOAUTH2\r\n250 ENHANCEDSTATUSCODES";
 
+/// Sends one message to `recipients` through a relay in front of an
+/// upstream playing `script`; returns whom the upstream received it for.
+async fn delivered_to(script: Script, recipients: &[&str]) -> Vec<String> {
+    let upstream = upstream_with(script).await;
+    let relay = relay(&upstream, "").await;
+    let mut client = relay.signed_in_client().await;
+    let reply = client
+        .send_mail("billing@legacy.example", recipients, &message(1))
+        .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    let mut received = upstream.wait_for_messages(1, WAIT).await;
+    received.remove(0).rcpt_to
+}
+
 #[tokio::test]
 async fn the_envelope_goes_in_one_round_trip_when_the_upstream_offers_pipelining() {
     // This upstream answers MAIL and RCPT only once DATA has arrived too:
     // a relay waiting for each reply before its next command never
     // delivers.
     let refused = "nobody@example.com";
-    let upstream = upstream_with(Script {
+    let script = Script {
         answer_with_data: true,
         rcpt_for: vec![(refused.to_string(), gmail::RECIPIENT_UNKNOWN.to_string())],
         ..Script::default()
-    })
-    .await;
-    let relay = relay(&upstream, "").await;
-    let mut client = relay.signed_in_client().await;
-    let reply = client
-        .send_mail(
-            "billing@legacy.example",
-            &["customer@example.com", refused, "accounts@example.com"],
-            &message(1),
-        )
-        .await;
-    assert_eq!(reply.code, 250, "{reply:?}");
-    let received = upstream.wait_for_messages(1, WAIT).await;
+    };
+    let recipients = ["customer@example.com", refused, "accounts@example.com"];
     assert_eq!(
-        received[0].rcpt_to,
+        delivered_to(script, &recipients).await,
         ["customer@example.com", "accounts@example.com"]
     );
 }
@@ -324,26 +327,12 @@ async fn the_envelope_goes_in_one_round_trip_when_the_upstream_offers_pipelining
 async fn without_pipelining_each_command_waits_for_its_reply() {
     // Like Postfix with reject_unauth_pipelining, this upstream refuses a
     // command sent before the reply to the one before.
-    let upstream = upstream_with(Script {
+    let script = Script {
         ehlo: Some(EHLO_WITHOUT_PIPELINING.to_string()),
         ..Script::default()
-    })
-    .await;
-    let relay = relay(&upstream, "").await;
-    let mut client = relay.signed_in_client().await;
-    let reply = client
-        .send_mail(
-            "billing@legacy.example",
-            &["customer@example.com", "accounts@example.com"],
-            &message(1),
-        )
-        .await;
-    assert_eq!(reply.code, 250, "{reply:?}");
-    let received = upstream.wait_for_messages(1, WAIT).await;
-    assert_eq!(
-        received[0].rcpt_to,
-        ["customer@example.com", "accounts@example.com"]
-    );
+    };
+    let recipients = ["customer@example.com", "accounts@example.com"];
+    assert_eq!(delivered_to(script, &recipients).await, recipients);
 }
 
 #[tokio::test]
