@@ -114,25 +114,38 @@ pub async fn trim_freed_memory(stop: CancellationToken) {
 
 /// Cancels `stop` on SIGTERM or SIGINT; reloads `path` on SIGHUP. An invalid
 /// configuration is refused and the running one stays.
-pub async fn handle_signals(stop: CancellationToken, reloader: Reloader, path: Option<PathBuf>) {
-    let (Ok(mut terminate), Ok(mut hangup)) = (
+///
+/// The handlers are installed by this call, not when the returned future
+/// first runs: the relay announces it is accepting connections right after,
+/// and a SIGTERM before the spawned task got a thread would meet the
+/// default action and kill the process without a clean stop.
+pub fn handle_signals(
+    stop: CancellationToken,
+    reloader: Reloader,
+    path: Option<PathBuf>,
+) -> impl Future<Output = ()> {
+    let installed = (
         signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
-    ) else {
-        error!("cannot install signal handlers; stop the relay with SIGKILL");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = hangup.recv() => reload(&reloader, path.as_deref()).await,
-        }
-    }
-    info!(
-        "shutting down: no new connections; open sessions may finish within server.shutdown_grace"
     );
-    stop.cancel();
+    async move {
+        let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = installed else {
+            error!("cannot install signal handlers; stop the relay with SIGKILL");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = hangup.recv() => reload(&reloader, path.as_deref()).await,
+            }
+        }
+        info!(
+            "shutting down: no new connections; open sessions may finish within server.shutdown_grace"
+        );
+        stop.cancel();
+    }
 }
 
 async fn reload(reloader: &Reloader, path: Option<&Path>) {
