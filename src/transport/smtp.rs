@@ -3,7 +3,6 @@
 //! OAuth 2.0 access token (XOAUTH2), and every result turned into an
 //! [`Outcome`].
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -374,12 +373,11 @@ impl SmtpTransport {
             params.add("SMTPUTF8");
         }
         let commands = Commands::new(connection.needs_reset, &self.sender, &params, recipients);
-        let content = wire_content(message);
         let transacted = transaction::run(
             &mut connection.client,
             connection.pipelining,
             &commands,
-            &content,
+            message,
         )
         .await;
         refused.extend(
@@ -511,19 +509,6 @@ fn sign_in_refused(account: &str, oauth2: bool, reply: Reply) -> Failure {
     }
 }
 
-/// The content as mail-send's `data()` needs it. It appends CRLF "." CRLF
-/// itself, so the CRLF ending the content goes (or the message would gain an
-/// empty line); and it stuffs dots only after a line break, so a dot that
-/// starts the message is stuffed here.
-fn wire_content(message: &[u8]) -> Cow<'_, [u8]> {
-    let content = message.strip_suffix(b"\r\n").unwrap_or(message);
-    if content.starts_with(b".") {
-        Cow::Owned([b".", content].concat())
-    } else {
-        Cow::Borrowed(content)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::pin::Pin;
@@ -588,7 +573,7 @@ mod tests {
         });
         // Each dot-stuffed piece and the terminator are written on their
         // own; over TLS each write would be a record and a system call.
-        let content = wire_content(b"Subject: a\r\n\r\n.one\r\n.two\r\nend\r\n");
+        let content = transaction::wire_content(b"Subject: a\r\n\r\n.one\r\n.two\r\nend\r\n");
         transaction::write_content(&mut client.stream, &content)
             .await
             .unwrap();
@@ -650,15 +635,5 @@ mod tests {
             let hint = failure.hint.unwrap();
             assert!(hint.contains(expected), "{code}: {hint}");
         }
-    }
-
-    #[test]
-    fn wire_content_drops_one_final_crlf_and_stuffs_a_leading_dot() {
-        assert_eq!(&*wire_content(b"a\r\n\r\n"), b"a\r\n");
-        assert_eq!(&*wire_content(b""), b"");
-        assert_eq!(
-            &*wire_content(b".first\r\nsecond\r\n"),
-            b"..first\r\nsecond"
-        );
     }
 }

@@ -10,6 +10,8 @@
 //! it each command waits for its reply. [`verdict`] decides from the replies
 //! either way.
 
+use std::borrow::Cow;
+
 use mail_send::SmtpClient;
 use mail_send::smtp::AssertReply;
 use mail_send::smtp::message::Parameters;
@@ -56,13 +58,13 @@ pub struct Transacted {
     pub result: mail_send::Result<Option<Response<String>>>,
 }
 
-/// Runs the transaction `commands`, then sends `content` (ready for the
-/// wire: dots at line starts not yet stuffed, no final CRLF).
+/// Runs the transaction `commands`, then sends `message` (as spooled,
+/// ending in CRLF).
 pub async fn run(
     client: &mut SmtpClient<Box<dyn Stream>>,
     pipelining: bool,
     commands: &Commands,
-    content: &[u8],
+    message: &[u8],
 ) -> Transacted {
     let mut replies = Vec::with_capacity(commands.lines.len());
     let exchanged = if pipelining {
@@ -91,7 +93,9 @@ pub async fn run(
         // A server that let DATA through without recipients (RFC 2920
         // forbids it) gets an empty message it has nobody to deliver to.
         Verdict::NoRecipients { data_open: true } => send_content(client, None).await.map(|_| None),
-        Verdict::Content => send_content(client, Some(content)).await.map(Some),
+        Verdict::Content => send_content(client, Some(&wire_content(message)))
+            .await
+            .map(Some),
     };
     Transacted { refused, result }
 }
@@ -123,13 +127,13 @@ async fn one_by_one(
     commands: &Commands,
     replies: &mut Vec<Response<String>>,
 ) -> mail_send::Result<()> {
-    loop {
-        let codes: Vec<u16> = replies.iter().map(Response::code).collect();
-        if verdict(&codes, commands.reset, commands.recipients) != Verdict::Pending {
-            return Ok(());
-        }
-        replies.push(client.cmd(&commands.lines[replies.len()]).await?);
+    let mut codes = Vec::with_capacity(commands.lines.len());
+    while verdict(&codes, commands.reset, commands.recipients) == Verdict::Pending {
+        let reply = client.cmd(&commands.lines[replies.len()]).await?;
+        codes.push(reply.code());
+        replies.push(reply);
     }
+    Ok(())
 }
 
 /// Reads replies until there are `count`, keeping those that arrived
@@ -180,6 +184,20 @@ async fn send_content(
     .await
     .map_err(|_| mail_send::Error::Timeout)??
     .into_positive_completion()
+}
+
+/// The content as [`write_content`] needs it (it writes as mail-send's
+/// `data()` does). It appends CRLF "." CRLF itself, so the CRLF ending the
+/// content goes (or the message would gain an empty line); and it stuffs
+/// dots only after a line break, so a dot that starts the message is
+/// stuffed here.
+pub(super) fn wire_content(message: &[u8]) -> Cow<'_, [u8]> {
+    let content = message.strip_suffix(b"\r\n").unwrap_or(message);
+    if content.starts_with(b".") {
+        Cow::Owned([b".", content].concat())
+    } else {
+        Cow::Borrowed(content)
+    }
 }
 
 /// Writes the content with each dot that follows a CR or LF doubled, as
@@ -297,6 +315,16 @@ mod tests {
                 "{codes:?} reset {reset} recipients {recipients}"
             );
         }
+    }
+
+    #[test]
+    fn wire_content_drops_one_final_crlf_and_stuffs_a_leading_dot() {
+        assert_eq!(&*wire_content(b"a\r\n\r\n"), b"a\r\n");
+        assert_eq!(&*wire_content(b""), b"");
+        assert_eq!(
+            &*wire_content(b".first\r\nsecond\r\n"),
+            b"..first\r\nsecond"
+        );
     }
 
     #[test]
