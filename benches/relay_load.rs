@@ -85,12 +85,12 @@ const RELAY_MAX_CONNECTIONS: &str = "2000";
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--connection-per-message | --connection-per-message-trusted] [--rounds N] [--skip-memory-checks]]
-Without --messages/--sessions/--size/--connection-per-message* it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes, one connection per session).\n--connection-per-message-trusted sends without AUTH, from the trusted network 127.0.0.1.\n--rounds N (default 3): runs of each scenario, reference and relay in turn; the medians are reported.";
+const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--connection-per-message | --connection-per-message-trusted] [--sign-in-cost] [--rounds N] [--skip-memory-checks]]
+Without --messages/--sessions/--size/--connection-per-message* it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes, one connection per session).\n--connection-per-message-trusted sends without AUTH, from the trusted network 127.0.0.1.\n--sign-in-cost runs only the two standard scenarios with a connection per message, with and without AUTH.\n--rounds N (default 5): every scenario once per round (reference, then relay), the order reversed every other round; the medians are reported.";
 
 /// Runs of each scenario: one run of a second or two swings by a third on a
 /// busy 2-core machine, the median of three much less.
-const DEFAULT_ROUNDS: usize = 3;
+const DEFAULT_ROUNDS: usize = 5;
 
 fn main() -> ExitCode {
     let options = match Options::parse(std::env::args().skip(1)) {
@@ -120,10 +120,14 @@ fn main() -> ExitCode {
 
 async fn run(options: Options) -> anyhow::Result<Report> {
     raise_fd_limit(IDLE_CONNECTIONS as u64 + 512)?;
-    let mut scenarios = Vec::new();
-    for scenario in options.scenarios {
-        scenarios.push(run_scenario(scenario, options.rounds).await?);
-    }
+    let rounds = run_rounds(&options.scenarios, options.rounds).await?;
+    let scenarios: Vec<ScenarioResult> = options
+        .scenarios
+        .into_iter()
+        .zip(rounds)
+        .map(|(scenario, rounds)| ScenarioResult::new(scenario, rounds))
+        .collect();
+    let per_message_ratios = PerMessageRatio::all(&scenarios);
     let mut memory_checks = Vec::new();
     if options.memory_checks {
         memory_checks.push(idle_connections_check().await?);
@@ -134,6 +138,7 @@ async fn run(options: Options) -> anyhow::Result<Report> {
         rounds: options.rounds,
         passed: memory_checks.iter().all(|check| check.passed),
         scenarios,
+        per_message_ratios,
         memory_checks,
     };
     report.print();
@@ -154,6 +159,7 @@ impl Options {
         let mut custom: Option<Scenario> = None;
         let mut memory_checks = true;
         let mut rounds = DEFAULT_ROUNDS;
+        let mut sign_in_cost_only = false;
         while let Some(arg) = args.next() {
             let mut value = || -> anyhow::Result<usize> {
                 let value = args
@@ -175,6 +181,7 @@ impl Options {
                     custom.get_or_insert(STANDARD_SCENARIOS[0]).connections =
                         Connections::PerMessageTrusted
                 }
+                "--sign-in-cost" => sign_in_cost_only = true,
                 "--skip-memory-checks" => memory_checks = false,
                 "--rounds" => rounds = value()?,
                 // cargo bench passes it to every bench target.
@@ -182,7 +189,15 @@ impl Options {
                 other => bail!("unknown argument {other:?}"),
             }
         }
-        let scenarios = custom.map_or_else(|| STANDARD_SCENARIOS.to_vec(), |custom| vec![custom]);
+        let scenarios = match (custom, sign_in_cost_only) {
+            (Some(_), true) => bail!("--sign-in-cost runs standard scenarios, not a custom one"),
+            (Some(custom), false) => vec![custom],
+            (None, true) => STANDARD_SCENARIOS
+                .into_iter()
+                .filter(|scenario| scenario.connections != Connections::OneSession)
+                .collect(),
+            (None, false) => STANDARD_SCENARIOS.to_vec(),
+        };
         for scenario in &scenarios {
             scenario.validate()?;
         }
@@ -726,16 +741,33 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// `rounds` times the same load to the fake upstream directly, then through
-/// a relay, each with a fresh upstream.
-async fn run_scenario(scenario: Scenario, rounds: usize) -> anyhow::Result<ScenarioResult> {
-    let mut results = Vec::with_capacity(rounds);
+/// Every scenario once per round, the order reversed every other round: a
+/// drift of the machine (the disk's fsync time, other load) then weighs on
+/// all scenarios alike, and the runs that the per-message ratios compare
+/// are at most one round apart. The rounds of each scenario, in order.
+async fn run_rounds(
+    scenarios: &[Scenario],
+    rounds: usize,
+) -> anyhow::Result<Vec<Vec<RoundResult>>> {
+    let mut results: Vec<Vec<RoundResult>> = scenarios
+        .iter()
+        .map(|_| Vec::with_capacity(rounds))
+        .collect();
     for round in 1..=rounds {
-        results.push(run_round(&scenario, &format!("round {round} of {rounds}")).await?);
+        let label = format!("round {round} of {rounds}");
+        let mut order: Vec<usize> = (0..scenarios.len()).collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for index in order {
+            results[index].push(run_round(&scenarios[index], &label).await?);
+        }
     }
-    Ok(ScenarioResult::new(scenario, results))
+    Ok(results)
 }
 
+/// The same load to the fake upstream directly, then through a relay, each
+/// with a fresh upstream.
 async fn run_round(scenario: &Scenario, round: &str) -> anyhow::Result<RoundResult> {
     eprintln!("{}: reference run, {round}", scenario.name());
     let upstream = start_upstream().await;
@@ -870,15 +902,7 @@ struct ScenarioResult {
 
 impl ScenarioResult {
     fn new(scenario: Scenario, rounds: Vec<RoundResult>) -> ScenarioResult {
-        let median = |figure: fn(&RoundResult) -> f64| {
-            let mut values: Vec<f64> = rounds.iter().map(figure).collect();
-            values.sort_by(f64::total_cmp);
-            let middle = values.len() / 2;
-            match values.len() % 2 {
-                1 => values[middle],
-                _ => (values[middle - 1] + values[middle]) / 2.0,
-            }
-        };
+        let median = |figure: fn(&RoundResult) -> f64| median(rounds.iter().map(figure));
         let rate = |messages_per_second: f64| Throughput {
             seconds: scenario.messages as f64 / messages_per_second,
             messages_per_second,
@@ -892,18 +916,89 @@ impl ScenarioResult {
             relay_peak_rss_mib: median(|round| round.relay_peak_rss_mib),
             relay_rss_at_end_mib: median(|round| round.relay_rss_at_end_mib),
         };
-        let ratios = rounds.iter().map(|round| round.ratio);
-        let ratio_range = (
-            ratios.clone().fold(f64::INFINITY, f64::min),
-            ratios.fold(f64::NEG_INFINITY, f64::max),
-        );
         ScenarioResult {
             name: scenario.name(),
             scenario,
             median: median_result,
-            ratio_range,
+            ratio_range: range(rounds.iter().map(|round| round.ratio)),
             rounds,
         }
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    match values.len() % 2 {
+        1 => values[middle],
+        _ => (values[middle - 1] + values[middle]) / 2.0,
+    }
+}
+
+/// The lowest and the highest.
+fn range(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    (
+        values.clone().fold(f64::INFINITY, f64::min),
+        values.fold(f64::NEG_INFINITY, f64::max),
+    )
+}
+
+/// The relay's throughput with a connection and sign-in per message over
+/// that of the same load sent another way, round by round: what the sign-in
+/// (and the connection) per message costs. The runs of a round are close in
+/// time, so their ratio is steadier than the ratio of two medians.
+#[derive(Serialize)]
+struct PerMessageRatio {
+    what: &'static str,
+    median: f64,
+    range: (f64, f64),
+    rounds: Vec<f64>,
+}
+
+impl PerMessageRatio {
+    /// The ratios whose two scenarios both ran.
+    fn all(scenarios: &[ScenarioResult]) -> Vec<PerMessageRatio> {
+        let comparisons = [
+            (
+                Connections::PerMessageTrusted,
+                "sign-in per message / the same without AUTH from a trusted network",
+            ),
+            (
+                Connections::OneSession,
+                "connection and sign-in per message / one session per client",
+            ),
+        ];
+        let Some(per_message) = scenarios
+            .iter()
+            .find(|result| result.scenario.connections == Connections::PerMessage)
+        else {
+            return Vec::new();
+        };
+        comparisons
+            .into_iter()
+            .filter_map(|(connections, what)| {
+                let wanted = Scenario {
+                    connections,
+                    ..per_message.scenario
+                };
+                let other = scenarios.iter().find(|result| result.scenario == wanted)?;
+                let rounds: Vec<f64> = per_message
+                    .rounds
+                    .iter()
+                    .zip(&other.rounds)
+                    .map(|(signed_in, other)| {
+                        signed_in.relay.messages_per_second / other.relay.messages_per_second
+                    })
+                    .collect();
+                Some(PerMessageRatio {
+                    what,
+                    median: median(rounds.iter().copied()),
+                    range: range(rounds.iter().copied()),
+                    rounds,
+                })
+            })
+            .collect()
     }
 }
 
@@ -972,6 +1067,7 @@ struct Report {
     cpus: usize,
     rounds: usize,
     scenarios: Vec<ScenarioResult>,
+    per_message_ratios: Vec<PerMessageRatio>,
     memory_checks: Vec<MemoryCheck>,
     passed: bool,
 }
@@ -1010,22 +1106,14 @@ impl Report {
                 median.relay_rss_at_end_mib
             );
         }
-        let ratios = [
-            (
-                Connections::PerMessageTrusted,
-                "sign-in per message / the same without AUTH from a trusted network",
-            ),
-            (
-                Connections::OneSession,
-                "connection and sign-in per message / one session per client",
-            ),
-        ];
         let mut first = true;
-        for (reference, what) in ratios {
-            if let Some(ratio) = self.per_message_ratio(reference) {
-                let gap = if std::mem::take(&mut first) { "\n" } else { "" };
-                println!("{gap}{what}, relay msg/s (same load): {ratio:.3}");
-            }
+        for ratio in &self.per_message_ratios {
+            let gap = if std::mem::take(&mut first) { "\n" } else { "" };
+            let (lowest, highest) = ratio.range;
+            println!(
+                "{gap}{}, relay msg/s (same load, round by round): {:.3} ({lowest:.3}–{highest:.3})",
+                ratio.what, ratio.median
+            );
         }
         if !self.memory_checks.is_empty() {
             println!("\nrelay memory checks");
@@ -1040,28 +1128,6 @@ impl Report {
                 if check.passed { "ok" } else { "FAILED" }
             );
         }
-    }
-
-    /// The relay's throughput with a connection and sign-in per message
-    /// over that of the same load sent as `reference` says, when both ran:
-    /// what the sign-in (and the connection) per message costs.
-    fn per_message_ratio(&self, reference: Connections) -> Option<f64> {
-        let rate = |connections| {
-            let per_message = self
-                .scenarios
-                .iter()
-                .find(|result| result.scenario.connections == Connections::PerMessage)?;
-            let wanted = Scenario {
-                connections,
-                ..per_message.scenario
-            };
-            let result = self
-                .scenarios
-                .iter()
-                .find(|result| result.scenario == wanted)?;
-            Some(result.median.relay.messages_per_second)
-        };
-        Some(rate(Connections::PerMessage)? / rate(reference)?)
     }
 
     fn write_json(&self, path: &Path) -> anyhow::Result<()> {
