@@ -40,6 +40,12 @@ impl Reader for DotReader {
     }
 }
 
+/// Room the message buffer keeps after the content for what the rewrite
+/// adds to the header (Received, perhaps Date and Message-ID): splicing
+/// that in then moves the body within the buffer, instead of reallocating
+/// and copying a message that happened to fill its buffer to the byte.
+const HEADER_ROOM: usize = 4096;
+
 /// A message being received, within its size limit and the memory budget.
 struct Receiving {
     dots: DotReader,
@@ -49,11 +55,32 @@ struct Receiving {
     max: usize,
 }
 
+impl Receiving {
+    /// The buffer is allocated for a declared size (up to `max`) at once,
+    /// rather than grown and copied on the way; untouched capacity costs no
+    /// memory until the content arrives. A read holds at most `READ_BUFFER`
+    /// bytes, the terminator included.
+    fn new(dots: DotReader, memory: Reservation, max: usize, declared_size: usize) -> Self {
+        let capacity = match declared_size {
+            0 => 0,
+            declared => declared.min(max) + READ_BUFFER + HEADER_ROOM,
+        };
+        Receiving {
+            dots,
+            message: Vec::with_capacity(capacity),
+            memory,
+            max,
+        }
+    }
+}
+
 impl Reader for Receiving {
     /// Whether a bare LF ended the message, or why it is not kept.
     type Output = Result<bool, DataEnd>;
 
     fn take(&mut self, input: &[u8]) -> (usize, Option<Self::Output>) {
+        // Grows as a Vec does (doubling), with the header's room on top.
+        self.message.reserve(input.len() + HEADER_ROOM);
         let used = self.dots.read(input, Some(&mut self.message));
         if let Some(bare_end) = self.dots.finished() {
             return (used, Some(Ok(bare_end)));
@@ -268,12 +295,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let server = &self.settings.server;
         let idle = server.data_timeout;
         let deadline = Instant::now() + server.data_deadline;
-        let mut receiving = Receiving {
-            dots: DotReader::new(command_end_bare),
-            message: Vec::new(),
-            memory: self.ctx.memory.reservation(),
-            max: server.max_message_size,
-        };
+        let declared_size = self
+            .transaction
+            .as_ref()
+            .map_or(0, |transaction| transaction.declared_size);
+        let mut receiving = Receiving::new(
+            DotReader::new(command_end_bare),
+            self.ctx.memory.reservation(),
+            server.max_message_size,
+            declared_size,
+        );
         let end = self
             .conn
             .read_with(idle, deadline, Recorded::NotHere, &mut receiving)
@@ -300,5 +331,74 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .read_with(idle, deadline, Recorded::NotHere, &mut dots)
             .await?;
         Ok(over)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::memory::MemoryBudget;
+
+    const MAX: usize = 1 << 20;
+
+    fn receiving(declared_size: usize) -> Receiving {
+        let budget = MemoryBudget::new(8 * MAX, MAX);
+        Receiving::new(
+            DotReader::new(false),
+            budget.reservation(),
+            MAX,
+            declared_size,
+        )
+    }
+
+    /// `len` bytes of 78-octet lines, the last one ended too.
+    fn content(len: usize) -> Vec<u8> {
+        let line =
+            b"0123456789012345678901234567890123456789012345678901234567890123456789012345\r\n";
+        let mut content: Vec<u8> = line.iter().copied().cycle().take(len - 2).collect();
+        content.extend_from_slice(b"\r\n");
+        content
+    }
+
+    /// Feeds `content` and the terminator as reads of `READ_BUFFER` bytes.
+    fn receive(mut receiving: Receiving, content: &[u8]) -> Vec<u8> {
+        let input = [content, b".\r\n"].concat();
+        let mut ended = false;
+        for read in input.chunks(READ_BUFFER) {
+            assert!(!ended, "content after the end");
+            let (used, end) = receiving.take(read);
+            assert_eq!(used, read.len());
+            ended = end.is_some_and(|end| matches!(end, Ok(false)));
+        }
+        assert!(ended, "no end");
+        receiving.message
+    }
+
+    #[test]
+    fn a_message_that_would_fill_its_buffer_still_has_room_for_the_header() {
+        for len in [64 * 1024, 512 * 1024, 100_000] {
+            let message = receive(receiving(0), &content(len));
+            assert_eq!(message.len(), len);
+            assert!(
+                message.capacity() - message.len() >= HEADER_ROOM,
+                "{len} bytes in a buffer of {}",
+                message.capacity()
+            );
+        }
+    }
+
+    #[test]
+    fn a_declared_size_is_allocated_at_once_and_never_moved() {
+        for len in [10_000, 300_000, MAX] {
+            let receiving = receiving(len);
+            let allocated = receiving.message.as_ptr();
+            let message = receive(receiving, &content(len));
+            assert_eq!(message.len(), len);
+            assert_eq!(message.as_ptr(), allocated, "{len} bytes: reallocated");
+            assert!(message.capacity() - message.len() >= HEADER_ROOM);
+        }
+        // A declared size over the limit allocates no more than the limit.
+        let capacity = receiving(usize::MAX).message.capacity();
+        assert!(capacity <= MAX + READ_BUFFER + HEADER_ROOM);
     }
 }

@@ -82,6 +82,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
                 smtputf8,
             },
+            declared_size: from.size,
         });
         self.reply(Reply::new(250, [2, 1, 0], "Sender OK"));
     }

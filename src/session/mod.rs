@@ -152,6 +152,9 @@ struct Transaction {
     mail_from: String,
     recipients: Vec<String>,
     flags: BodyFlags,
+    /// MAIL FROM's SIZE= (RFC 1870), 0 when not given: the message buffer
+    /// is sized for it up front.
+    declared_size: usize,
 }
 
 pub struct Session<S> {
