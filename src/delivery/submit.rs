@@ -50,22 +50,29 @@ impl Delivery {
         let message = Arc::new(message);
         let stored = if state == State::Active {
             let accepted = self.spool.accept_active(&mut envelope, &message).await;
-            Ok(accepted.map(|()| envelope))
+            accepted.map(|()| envelope)
         } else {
             let (spool, message) = (self.spool.clone(), message.clone());
-            tokio::task::spawn_blocking(move || {
+            let storing = tokio::task::spawn_blocking(move || {
                 spool
                     .accept(&mut envelope, &message, state)
                     .map(|()| envelope)
-            })
-            .await
+            });
+            match storing.await {
+                Ok(stored) => stored,
+                Err(_) => {
+                    let reply = Reply::new(451, [4, 3, 0], "Internal error, try again later");
+                    let refusal = Refusal::new("internal", "see the error above");
+                    return Submitted::refused(reply, None, refusal).into();
+                }
+            }
         };
         let envelope = match stored {
-            Ok(Ok(envelope)) => {
+            Ok(envelope) => {
                 self.space.wrote();
                 envelope
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 let refusal = if is_full(&err) {
                     // Logged once a minute, not per message.
                     self.space.failed();
@@ -84,15 +91,6 @@ impl Delivery {
                     "Insufficient system storage, try again later",
                 );
                 return Submitted::refused(reply, None, refusal).into();
-            }
-            Err(_) => {
-                let reply = Reply::new(451, [4, 3, 0], "Internal error, try again later");
-                return Submitted::refused(
-                    reply,
-                    None,
-                    Refusal::new("internal", "see the error above"),
-                )
-                .into();
             }
         };
         let id = envelope.id.clone();

@@ -196,9 +196,12 @@ impl Journal {
         lock(&self.live).get(id).cloned()
     }
 
-    /// The ids of the records this process appended that have not left.
-    pub fn live_ids(&self) -> Vec<String> {
-        lock(&self.live).keys().cloned().collect()
+    /// The records this process appended that have not left, by id.
+    pub fn live_records(&self) -> Vec<(String, Location)> {
+        let live = lock(&self.live);
+        live.iter()
+            .map(|(id, location)| (id.clone(), location.clone()))
+            .collect()
     }
 
     /// Records that `id` left the journal (delivered, deleted or copied
@@ -309,12 +312,6 @@ impl Journal {
             fs::remove_file(entry?.path())?;
         }
         sync_dir(&self.dir)
-    }
-
-    /// The size of the records this process appended that have not left:
-    /// a drained segment kept for the next records holds no messages.
-    pub fn live_bytes(&self) -> u64 {
-        lock(&self.live).values().map(Location::len).sum()
     }
 
     /// A batch's records written in one go after the segment's end, then

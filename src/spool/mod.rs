@@ -170,35 +170,42 @@ impl Spool {
         result
     }
 
-    /// Where a message in the journal is: known to this process when it
-    /// owns the journal, else read from disk.
-    fn journal_record(&self, id: &str) -> io::Result<Option<Location>> {
+    /// The messages in the journal, by id: known to this process when it
+    /// owns the journal, else read from disk (the queue commands, beside a
+    /// running relay).
+    fn journal_records(&self) -> io::Result<Vec<(String, Location)>> {
         if self.owns_journal.load(Ordering::Acquire) {
-            return Ok(self.journal.live(id));
-        }
-        if let Some(location) = self.journal.live(id) {
-            return Ok(Some(location));
+            return Ok(self.journal.live_records());
         }
         let stored = self.journal.scan(false)?;
         Ok(stored
             .into_iter()
-            .find(|stored| stored.envelope.id == id)
-            .map(|stored| stored.location))
+            .map(|stored| (stored.envelope.id, stored.location))
+            .collect())
+    }
+
+    /// Where a message in the journal is.
+    fn journal_record(&self, id: &str) -> io::Result<Option<Location>> {
+        if let Some(location) = self.journal.live(id) {
+            return Ok(Some(location));
+        }
+        if self.owns_journal.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let records = self.journal_records()?;
+        Ok(records
+            .into_iter()
+            .find(|(stored, _)| stored == id)
+            .map(|(_, location)| location))
     }
 
     /// The envelopes of the messages in the journal, all `active`.
     fn journal_envelopes(&self) -> io::Result<Vec<Envelope>> {
-        if !self.owns_journal.load(Ordering::Acquire) {
-            let stored = self.journal.scan(false)?;
-            return Ok(stored.into_iter().map(|stored| stored.envelope).collect());
-        }
-        let mut envelopes = Vec::new();
-        for id in self.journal.live_ids() {
-            if let Some(location) = self.journal.live(&id) {
-                envelopes.push(self.journal.read_envelope(&location)?);
-            }
-        }
-        Ok(envelopes)
+        let records = self.journal_records()?;
+        records
+            .iter()
+            .map(|(_, location)| self.journal.read_envelope(location))
+            .collect()
     }
 
     /// Copies a message out of the journal into a file of its own in `to`
@@ -362,12 +369,7 @@ impl Spool {
     pub fn ids(&self, state: State) -> io::Result<Vec<String>> {
         let mut ids = self.file_ids(state)?;
         if state == State::Active {
-            if self.owns_journal.load(Ordering::Acquire) {
-                ids.extend(self.journal.live_ids());
-            } else {
-                let stored = self.journal.scan(false)?;
-                ids.extend(stored.into_iter().map(|stored| stored.envelope.id));
-            }
+            ids.extend(self.journal_records()?.into_iter().map(|(id, _)| id));
             ids.sort();
         }
         Ok(ids)
@@ -485,12 +487,8 @@ impl Spool {
                 }
             }
         }
-        let journal = if self.owns_journal.load(Ordering::Acquire) {
-            self.journal.live_bytes()
-        } else {
-            let stored = self.journal.scan(false)?;
-            stored.iter().map(|stored| stored.location.len()).sum()
-        };
+        let records = self.journal_records()?;
+        let journal: u64 = records.iter().map(|(_, location)| location.len()).sum();
         Ok(total + journal)
     }
 
