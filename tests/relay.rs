@@ -589,6 +589,53 @@ async fn bare_lf_dot_cannot_smuggle_a_second_message() {
     assert_eq!(received[0].rcpt_to, ["b@example.com"]);
 }
 
+/// The content after 354 is read straight into the message's buffer, many
+/// bytes at a time: commands a client pipelines right after the final dot
+/// come in the same reads and must still run, in order.
+#[tokio::test]
+async fn commands_pipelined_right_after_a_large_message_run_in_order() {
+    let setup = Setup::new().await;
+    let (upstream, relay) = (&setup.upstream, &setup.relay);
+    let mut client = relay.signed_in_client().await;
+    client.expect("MAIL FROM:<a@legacy.example>", 250).await;
+    client.expect("RCPT TO:<b@example.com>", 250).await;
+    client.expect("DATA", 354).await;
+    // About 200 KB, every line dot-stuffed, so reads end inside them.
+    let body = "..a line that starts with a dot\r\n".repeat(6000);
+    let first = format!(
+        "Subject: first\r\n\r\n{body}.\r\nMAIL FROM:<a@legacy.example>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n"
+    );
+    client.write(first.as_bytes()).await;
+
+    for (what, code) in [
+        ("first message", 250),
+        ("MAIL", 250),
+        ("RCPT", 250),
+        ("DATA", 354),
+    ] {
+        let reply = client.read_reply().await;
+        assert_eq!(reply.code, code, "{what}: {reply:?}");
+    }
+    client.write(b"Subject: second\r\n\r\nok\r\n.\r\n").await;
+    assert_eq!(client.read_reply().await.code, 250);
+
+    let received = upstream.wait_for_messages(2, WAIT).await;
+    let by_subject = |subject: &str| {
+        received
+            .iter()
+            .find(|message| String::from_utf8_lossy(&message.data).contains(subject))
+            .unwrap_or_else(|| panic!("no message with {subject}"))
+    };
+    let first = by_subject("Subject: first");
+    assert_eq!(first.rcpt_to, ["b@example.com"]);
+    let unstuffed = ".a line that starts with a dot\r\n".repeat(6000);
+    assert!(
+        String::from_utf8_lossy(&first.data).ends_with(&format!("\r\n\r\n{unstuffed}")),
+        "the body arrives whole, unstuffed once"
+    );
+    assert_eq!(by_subject("Subject: second").rcpt_to, ["c@example.com"]);
+}
+
 #[tokio::test]
 async fn protocol_errors_get_the_proper_codes() {
     let setup = Setup::new().await;

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use bytes::BufMut;
 use smtp_proto::request::receiver::MAX_LINE_LENGTH;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -16,6 +17,17 @@ use crate::reply::Reply;
 
 /// Read buffer per connection: small, so idle connections stay cheap.
 pub(super) const READ_BUFFER: usize = 8 * 1024;
+
+/// The most one read adds to a message's own buffer (see
+/// [`Connection::read_content_with`]): a large message takes few reads.
+pub(super) const CONTENT_READ: usize = 64 * 1024;
+
+/// How much the next read into a message's buffer may add: as much as the
+/// message holds so far, from one read buffer up to [`CONTENT_READ`], so a
+/// small message keeps a small buffer.
+pub(super) fn content_read(so_far: usize) -> usize {
+    so_far.clamp(READ_BUFFER, CONTENT_READ)
+}
 
 /// Why the connection stopped reading.
 pub(super) enum Stop {
@@ -52,6 +64,20 @@ pub(super) trait Reader {
     fn before_reading_more(&mut self) -> impl Future<Output = Option<Self::Output>> + Send {
         std::future::ready(None)
     }
+}
+
+/// A [`Reader`] that keeps what it takes in a buffer of its own (message
+/// content): input the connection has not buffered yet is read straight
+/// into that buffer instead of being copied there.
+pub(super) trait KeepingReader: Reader {
+    /// The buffer the next read appends to, with room for
+    /// [`content_read`] of its length more bytes.
+    fn buffer(&mut self) -> &mut Vec<u8>;
+
+    /// Takes what the last read appended to [`KeepingReader::buffer`] from
+    /// `from` on; the bytes after the end of what it wants go to
+    /// `after_end`. Returns the result once it has all it wants.
+    fn take_appended(&mut self, from: usize, after_end: &mut Vec<u8>) -> Option<Self::Output>;
 }
 
 /// How input read with [`Connection::read_with`] goes into the transcript.
@@ -230,29 +256,65 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// [`Connection::read_with`] for message content, without the copy:
+    /// what the connection has buffered is handed to `reader` first, then
+    /// every read goes straight into the reader's buffer, up to
+    /// [`content_read`] bytes at a time. Bytes read past the end of the
+    /// content (commands a client pipelined after it) are the connection's
+    /// next input.
+    pub(super) async fn read_content_with<R: KeepingReader>(
+        &mut self,
+        idle: Duration,
+        deadline: Instant,
+        reader: &mut R,
+    ) -> Result<R::Output, Stop> {
+        let (used, value) = reader.take(&self.input[self.start..self.end]);
+        self.start += used;
+        if let Some(value) = value {
+            return Ok(value);
+        }
+        debug_assert_eq!(self.start, self.end, "all buffered input is taken");
+        let mut after_end = Vec::new();
+        loop {
+            if let Some(value) = reader.before_reading_more().await {
+                return Ok(value);
+            }
+            self.flush().await.map_err(Stop::Io)?;
+            let buffer = reader.buffer();
+            let from = buffer.len();
+            let mut room = buffer.limit(content_read(from));
+            let read = self.stream.read_buf(&mut room);
+            wait_for(read, idle, deadline, &self.close_sessions).await?;
+            if let Some(value) = reader.take_appended(from, &mut after_end) {
+                self.put_back(&after_end);
+                return Ok(value);
+            }
+        }
+    }
+
+    /// Makes `bytes` the next input, in a buffer grown for them if need be.
+    fn put_back(&mut self, bytes: &[u8]) {
+        if bytes.len() > self.input.len() {
+            self.input = vec![0; bytes.len()].into_boxed_slice();
+        }
+        self.input[..bytes.len()].copy_from_slice(bytes);
+        self.start = 0;
+        self.end = bytes.len();
+    }
+
     /// Sends what is queued, then reads more bytes into the empty input
-    /// buffer, waiting at most `idle` and never past `deadline`. Once the
-    /// shutdown grace period is over, the wait ends even inside a message:
-    /// nothing is lost, since only a stored message is ever acknowledged.
+    /// buffer, waiting at most `idle` and never past `deadline`.
     async fn read_more_until(&mut self, idle: Duration, deadline: Instant) -> Result<(), Stop> {
         self.flush().await.map_err(Stop::Io)?;
         debug_assert_eq!(self.start, self.end, "all buffered input is consumed first");
-        let until = deadline.min(Instant::now() + idle);
-        let read = tokio::time::timeout_at(until, self.stream.read(&mut self.input));
-        let result = tokio::select! {
-            result = read => result,
-            _ = self.close_sessions.cancelled() => return Err(Stop::Shutdown),
-        };
-        match result {
-            Err(_) => Err(Stop::Timeout),
-            Ok(Err(err)) => Err(Stop::Io(err)),
-            Ok(Ok(0)) => Err(Stop::Eof),
-            Ok(Ok(n)) => {
-                self.start = 0;
-                self.end = n;
-                Ok(())
-            }
+        if self.input.len() > READ_BUFFER {
+            // Grown for bytes put back, which are taken now.
+            self.input = vec![0; READ_BUFFER].into_boxed_slice();
         }
+        let read = self.stream.read(&mut self.input);
+        self.end = wait_for(read, idle, deadline, &self.close_sessions).await?;
+        self.start = 0;
+        Ok(())
     }
 
     /// Sends what is queued, then waits for `wanted` (a password check, or
@@ -347,6 +409,30 @@ impl Reader for LineFramer {
 }
 
 /// A TLS record starts with 0x16 (handshake) and version 3.x.
+/// Waits for `read` at most `idle` and never past `deadline`. Once the
+/// shutdown grace period is over (`close_sessions`), the wait ends even
+/// inside a message: nothing is lost, since only a stored message is ever
+/// acknowledged. Returns the bytes read, never 0: that is the end of the
+/// stream.
+async fn wait_for(
+    read: impl Future<Output = std::io::Result<usize>>,
+    idle: Duration,
+    deadline: Instant,
+    close_sessions: &CancellationToken,
+) -> Result<usize, Stop> {
+    let until = deadline.min(Instant::now() + idle);
+    let result = tokio::select! {
+        result = tokio::time::timeout_at(until, read) => result,
+        _ = close_sessions.cancelled() => return Err(Stop::Shutdown),
+    };
+    match result {
+        Err(_) => Err(Stop::Timeout),
+        Ok(Err(err)) => Err(Stop::Io(err)),
+        Ok(Ok(0)) => Err(Stop::Eof),
+        Ok(Ok(n)) => Ok(n),
+    }
+}
+
 fn is_tls_client_hello(bytes: &[u8]) -> bool {
     matches!(bytes, [0x16, 0x03, ..])
 }
@@ -368,6 +454,20 @@ mod tests {
             }
         }
         (None, framer.line, taken)
+    }
+
+    #[test]
+    fn reads_into_a_message_grow_with_it_up_to_a_bound() {
+        let cases = [
+            (0, READ_BUFFER),
+            (READ_BUFFER + 1, READ_BUFFER + 1),
+            (40_000, 40_000),
+            (CONTENT_READ, CONTENT_READ),
+            (25 << 20, CONTENT_READ),
+        ];
+        for (so_far, read) in cases {
+            assert_eq!(content_read(so_far), read, "{so_far} bytes so far");
+        }
     }
 
     #[test]

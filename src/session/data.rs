@@ -5,7 +5,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::info;
 
-use super::connection::{READ_BUFFER, Reader, Recorded};
+use super::connection::{CONTENT_READ, KeepingReader, Reader, Recorded, content_read};
 use super::dot_reader::DotReader;
 use super::memory::Reservation;
 use super::{Flow, Session, Stop, Transaction};
@@ -49,7 +49,10 @@ const HEADER_ROOM: usize = 4096;
 /// A message being received, within its size limit and the memory budget.
 struct Receiving {
     dots: DotReader,
+    /// The content is `message[..written]`; bytes the dot reader holds may
+    /// follow (see `DotReader::read_in_place`).
     message: Vec<u8>,
+    written: usize,
     /// Covers `message` and the next read.
     memory: Reservation,
     max: usize,
@@ -58,19 +61,28 @@ struct Receiving {
 impl Receiving {
     /// The buffer is allocated for a declared size (up to `max`) at once,
     /// rather than grown and copied on the way; untouched capacity costs no
-    /// memory until the content arrives. A read holds at most `READ_BUFFER`
-    /// bytes, the terminator included.
+    /// memory until the content arrives.
     fn new(dots: DotReader, memory: Reservation, max: usize, declared_size: usize) -> Self {
         let capacity = match declared_size {
             0 => 0,
-            declared => declared.min(max) + READ_BUFFER + HEADER_ROOM,
+            declared => declared.min(max) + CONTENT_READ + HEADER_ROOM,
         };
         Receiving {
             dots,
             message: Vec::with_capacity(capacity),
+            written: 0,
             memory,
             max,
         }
+    }
+
+    /// Over the limit, whether complete or not, or the end of the message;
+    /// `None` while it goes on.
+    fn outcome(&self) -> Option<Result<bool, DataEnd>> {
+        if self.written > self.max {
+            return Some(Err(DataEnd::TooLarge));
+        }
+        self.dots.finished().map(Ok)
     }
 }
 
@@ -78,21 +90,36 @@ impl Reader for Receiving {
     /// Whether a bare LF ended the message, or why it is not kept.
     type Output = Result<bool, DataEnd>;
 
+    /// Content that came with the DATA command is copied from the
+    /// connection's buffer; the rest is read into `message` directly.
     fn take(&mut self, input: &[u8]) -> (usize, Option<Self::Output>) {
-        // Grows as a Vec does (doubling), with the header's room on top.
         self.message.reserve(input.len() + HEADER_ROOM);
         let used = self.dots.read(input, Some(&mut self.message));
-        if let Some(bare_end) = self.dots.finished() {
-            return (used, Some(Ok(bare_end)));
-        }
-        // `message` exceeds the limit by at most one read buffer.
-        let too_large = self.message.len() > self.max;
-        (used, too_large.then_some(Err(DataEnd::TooLarge)))
+        self.written = self.message.len();
+        (used, self.outcome())
     }
 
     async fn before_reading_more(&mut self) -> Option<Self::Output> {
-        let covered = self.memory.cover(self.message.len() + READ_BUFFER).await;
+        let covered = self.memory.cover(self.message.len() + CONTENT_READ).await;
         (!covered).then_some(Err(DataEnd::NoMemory))
+    }
+}
+
+impl KeepingReader for Receiving {
+    /// Grows as a Vec does (doubling), with the header's room on top.
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        // After a copy the held bytes are in the reader only: their place
+        // in the buffer comes first.
+        self.message.resize(self.written + self.dots.held(), 0);
+        let room = content_read(self.message.len());
+        self.message.reserve(room + HEADER_ROOM);
+        &mut self.message
+    }
+
+    fn take_appended(&mut self, from: usize, after_end: &mut Vec<u8>) -> Option<Self::Output> {
+        self.dots
+            .read_in_place(&mut self.message, &mut self.written, from, after_end);
+        self.outcome()
     }
 }
 
@@ -307,7 +334,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         );
         let end = self
             .conn
-            .read_with(idle, deadline, Recorded::NotHere, &mut receiving)
+            .read_content_with(idle, deadline, &mut receiving)
             .await?;
         let Receiving {
             mut dots,
@@ -341,12 +368,12 @@ mod tests {
 
     const MAX: usize = 1 << 20;
 
-    fn receiving(declared_size: usize) -> Receiving {
-        let budget = MemoryBudget::new(8 * MAX, MAX);
+    fn receiving(max: usize, declared_size: usize) -> Receiving {
+        let budget = MemoryBudget::new(8 * MAX, max);
         Receiving::new(
             DotReader::new(false),
             budget.reservation(),
-            MAX,
+            max,
             declared_size,
         )
     }
@@ -360,25 +387,48 @@ mod tests {
         content
     }
 
-    /// Feeds `content` and the terminator as reads of `READ_BUFFER` bytes.
-    fn receive(mut receiving: Receiving, content: &[u8]) -> Vec<u8> {
+    /// Feeds `content` and the terminator as the connection does: the
+    /// first `buffered` bytes through `take` (they came with DATA), the
+    /// rest read into the message's buffer, as much at a time as
+    /// `content_read` allows.
+    fn receive(
+        receiving: &mut Receiving,
+        content: &[u8],
+        buffered: usize,
+    ) -> Option<Result<bool, DataEnd>> {
         let input = [content, b".\r\n"].concat();
-        let mut ended = false;
-        for read in input.chunks(READ_BUFFER) {
-            assert!(!ended, "content after the end");
-            let (used, end) = receiving.take(read);
-            assert_eq!(used, read.len());
-            ended = end.is_some_and(|end| matches!(end, Ok(false)));
+        let (first, rest) = input.split_at(buffered.min(input.len()));
+        let (used, mut end) = receiving.take(first);
+        assert_eq!(used, first.len());
+        let mut after_end = Vec::new();
+        let mut rest = rest;
+        while !rest.is_empty() {
+            assert!(end.is_none(), "content after the end");
+            let buffer = receiving.buffer();
+            let from = buffer.len();
+            let (read, after) = rest.split_at(content_read(from).min(rest.len()));
+            assert!(buffer.capacity() - from >= read.len(), "no room for a read");
+            buffer.extend_from_slice(read);
+            end = receiving.take_appended(from, &mut after_end);
+            rest = after;
         }
-        assert!(ended, "no end");
-        receiving.message
+        assert!(after_end.is_empty());
+        end
     }
 
     #[test]
     fn a_message_that_would_fill_its_buffer_still_has_room_for_the_header() {
-        for len in [64 * 1024, 512 * 1024, 100_000] {
-            let message = receive(receiving(0), &content(len));
-            assert_eq!(message.len(), len);
+        for (len, buffered) in [
+            (64 * 1024, 0),
+            (512 * 1024, 0),
+            (100_000, 9000),
+            (3000, 5000),
+        ] {
+            let mut receiving = receiving(MAX, 0);
+            let end = receive(&mut receiving, &content(len), buffered);
+            assert!(matches!(end, Some(Ok(false))), "{len} bytes: no end");
+            let message = receiving.message;
+            assert_eq!(message, content(len));
             assert!(
                 message.capacity() - message.len() >= HEADER_ROOM,
                 "{len} bytes in a buffer of {}",
@@ -390,15 +440,31 @@ mod tests {
     #[test]
     fn a_declared_size_is_allocated_at_once_and_never_moved() {
         for len in [10_000, 300_000, MAX] {
-            let receiving = receiving(len);
+            let mut receiving = receiving(MAX, len);
             let allocated = receiving.message.as_ptr();
-            let message = receive(receiving, &content(len));
+            let end = receive(&mut receiving, &content(len), 0);
+            assert!(matches!(end, Some(Ok(false))), "{len} bytes: no end");
+            let message = receiving.message;
             assert_eq!(message.len(), len);
             assert_eq!(message.as_ptr(), allocated, "{len} bytes: reallocated");
             assert!(message.capacity() - message.len() >= HEADER_ROOM);
         }
         // A declared size over the limit allocates no more than the limit.
-        let capacity = receiving(usize::MAX).message.capacity();
-        assert!(capacity <= MAX + READ_BUFFER + HEADER_ROOM);
+        let capacity = receiving(MAX, usize::MAX).message.capacity();
+        assert!(capacity <= MAX + CONTENT_READ + HEADER_ROOM);
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_refused_even_when_it_ends_in_the_same_read() {
+        for buffered in [0, 5000] {
+            let mut receiving = receiving(1000, 0);
+            let end = receive(&mut receiving, &content(2000), buffered);
+            assert!(matches!(end, Some(Err(DataEnd::TooLarge))));
+        }
+        let mut receiving = receiving(1000, 0);
+        assert!(matches!(
+            receive(&mut receiving, &content(1000), 0),
+            Some(Ok(false))
+        ));
     }
 }

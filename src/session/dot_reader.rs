@@ -9,6 +9,8 @@
 //! the rewrite turns it into CRLF, and the upstream sees the one message we
 //! saw.
 
+use std::ops::Range;
+
 /// Where the reader stands in the byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -24,11 +26,22 @@ enum State {
     Done { bare: bool },
 }
 
+/// A piece of the content, in order: a run of the input, or bytes the
+/// reader took earlier and gives back now (a line-start dot it held while
+/// deciding, a CR it held after that dot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Input(Range<usize>),
+    Held(&'static [u8]),
+}
+
 /// Dot-unstuffing and end detection over any split of the input.
 pub(super) struct DotReader {
     state: State,
     /// Bare LF line ends may end the message.
     lenient: bool,
+    /// Kept between in-place reads, so they allocate nothing.
+    pieces: Vec<Piece>,
 }
 
 impl DotReader {
@@ -40,6 +53,7 @@ impl DotReader {
                 bare: command_end_bare,
             },
             lenient: command_end_bare,
+            pieces: Vec::new(),
         }
     }
 
@@ -47,11 +61,66 @@ impl DotReader {
     /// many bytes of `input` it consumed: all of them, or up to and
     /// including the terminator.
     pub(super) fn read(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) -> usize {
-        let mut emit = |bytes: &[u8]| {
+        self.scan(input, |piece| {
             if let Some(out) = out.as_deref_mut() {
-                out.extend_from_slice(bytes);
+                match piece {
+                    Piece::Input(run) => out.extend_from_slice(&input[run]),
+                    Piece::Held(bytes) => out.extend_from_slice(bytes),
+                }
             }
-        };
+        })
+    }
+
+    /// The same for input read straight into the content's own buffer,
+    /// which saves copying it there: `buffer[..*written]` is the content so
+    /// far, `buffer[from..]` was just read, and the bytes between are ones
+    /// this reader holds (see [`DotReader::held`]). The content is
+    /// unstuffed in place: it never gets ahead of the input it comes from.
+    /// Bytes after the terminator move to `after_end`. `buffer` is left as
+    /// the content plus the held bytes, ready for the next read at its end.
+    pub(super) fn read_in_place(
+        &mut self,
+        buffer: &mut Vec<u8>,
+        written: &mut usize,
+        from: usize,
+        after_end: &mut Vec<u8>,
+    ) {
+        debug_assert_eq!(from, *written + self.held(), "held bytes precede the input");
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let used = self.scan(&buffer[from..], |piece| pieces.push(piece));
+        for piece in pieces.drain(..) {
+            match piece {
+                Piece::Input(run) => {
+                    let (start, len) = (from + run.start, run.len());
+                    if start != *written {
+                        buffer.copy_within(start..start + len, *written);
+                    }
+                    *written += len;
+                }
+                Piece::Held(bytes) => {
+                    buffer[*written..*written + bytes.len()].copy_from_slice(bytes);
+                    *written += bytes.len();
+                }
+            }
+        }
+        self.pieces = pieces;
+        after_end.extend_from_slice(&buffer[from + used..]);
+        buffer.truncate(*written + self.held());
+    }
+
+    /// How many of the bytes it took it holds back, undecided: a dot that
+    /// starts a line, and a CR after it.
+    pub(super) fn held(&self) -> usize {
+        match self.state {
+            State::Dot { .. } => 1,
+            State::DotCr { .. } => 2,
+            _ => 0,
+        }
+    }
+
+    /// The content in `input` as pieces to `emit`; returns how many bytes
+    /// of `input` it consumed.
+    fn scan(&mut self, input: &[u8], mut emit: impl FnMut(Piece)) -> usize {
         let mut at = 0;
         while at < input.len() {
             let byte = input[at];
@@ -67,13 +136,13 @@ impl DotReader {
                     let dot_line = memchr::memmem::find(rest, b"\n.")
                         .or_else(|| rest.ends_with(b"\n").then(|| rest.len() - 1));
                     let Some(lf) = dot_line else {
-                        emit(rest);
+                        emit(Piece::Input(at..input.len()));
                         self.state = State::Text {
                             after_cr: rest.last() == Some(&b'\r'),
                         };
                         return input.len();
                     };
-                    emit(&rest[..=lf]);
+                    emit(Piece::Input(at..at + lf + 1));
                     let bare = match lf {
                         0 => !after_cr,
                         _ => rest[lf - 1] != b'\r',
@@ -98,7 +167,7 @@ impl DotReader {
                 }
                 State::DotCr { bare } => {
                     self.unstuff(bare, &mut emit);
-                    emit(b"\r");
+                    emit(Piece::Held(b"\r"));
                     self.state = State::Text { after_cr: true };
                     continue;
                 }
@@ -115,9 +184,9 @@ impl DotReader {
     /// A dot that starts a line and is not the terminator: after CRLF it
     /// was stuffed by the client and goes (RFC 5321 4.5.2). After a bare
     /// end it stays: the rewrite unstuffs those lines, counting them.
-    fn unstuff(&self, bare: bool, emit: &mut impl FnMut(&[u8])) {
+    fn unstuff(&self, bare: bool, emit: &mut impl FnMut(Piece)) {
         if bare {
-            emit(b".");
+            emit(Piece::Held(b"."));
         }
     }
 
@@ -161,7 +230,38 @@ mod tests {
             .finished()
             .map(|bare| (String::from_utf8(out).unwrap(), bare, used));
         assert_eq!(whole, bytewise, "split reads agree for {input:?}");
+        for chunk in [1, 2, 3, 7, input.len().max(1)] {
+            let in_place = read_in_place(input, command_end_bare, chunk);
+            assert_eq!(in_place, whole, "in place, {chunk} at a time: {input:?}");
+        }
         whole
+    }
+
+    /// `read` for input read into the content's buffer, `chunk` bytes at a
+    /// time.
+    fn read_in_place(
+        input: &[u8],
+        command_end_bare: bool,
+        chunk: usize,
+    ) -> Option<(String, bool, usize)> {
+        let mut reader = DotReader::new(command_end_bare);
+        let (mut buffer, mut written, mut after_end) = (Vec::new(), 0, Vec::new());
+        let mut read = 0;
+        for piece in input.chunks(chunk) {
+            let from = buffer.len();
+            buffer.extend_from_slice(piece);
+            reader.read_in_place(&mut buffer, &mut written, from, &mut after_end);
+            read += piece.len();
+            if reader.finished().is_some() {
+                break;
+            }
+            assert!(after_end.is_empty());
+        }
+        let bare = reader.finished()?;
+        let used = read - after_end.len();
+        assert_eq!(after_end, &input[used..read], "the bytes after the end");
+        assert_eq!(buffer.len(), written);
+        Some((String::from_utf8(buffer).unwrap(), bare, used))
     }
 
     fn check(cases: &[Case], command_end_bare: bool) {
@@ -181,6 +281,8 @@ mod tests {
             ("a\r\n.\r\nQUIT\r\n", Some(("a\r\n", false, 6))),
             (".\r\n", Some(("", false, 3))),
             ("..x\r\n.x\r\n.\r\n", Some((".x\r\nx\r\n", false, 12))),
+            ("..\r\n...\r\n.\r\n", Some((".\r\n..\r\n", false, 12))),
+            (".\rx\r\n.\r\n", Some(("\rx\r\n", false, 8))),
             // Smuggling patterns stay content.
             (
                 "a\n.\nMAIL FROM:<x@y>\r\n.\r\n",

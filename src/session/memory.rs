@@ -75,7 +75,7 @@ impl MemoryBudget {
     /// `bytes` in all; a single message may hold up to `max_message` (plus
     /// a read buffer). The budget never goes below one message's claim.
     pub fn new(bytes: usize, max_message: usize) -> Self {
-        let claim = (max_message + super::connection::READ_BUFFER).div_ceil(STEP);
+        let claim = (max_message + super::connection::CONTENT_READ).div_ceil(STEP);
         let ledger = Ledger {
             free: bytes.div_ceil(STEP).max(claim),
             claim,
