@@ -45,35 +45,38 @@ const UPSTREAM_TLS_NAME: &str = "localhost";
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 
+/// 2000 × 4 KiB from 10 clients over one session each; also what a custom
+/// scenario leaves out.
+const SMALL_MESSAGES: Scenario = Scenario {
+    messages: 2000,
+    sessions: 10,
+    size: 4 * KIB,
+    connections: Connections::OneSession,
+};
+
 const STANDARD_SCENARIOS: [Scenario; 4] = [
-    Scenario {
-        messages: 2000,
-        sessions: 10,
-        size: 4 * KIB,
-        connections: Connections::OneSession,
-    },
+    SMALL_MESSAGES,
     // A legacy program that signs in on every connection.
     Scenario {
-        messages: 2000,
-        sessions: 10,
-        size: 4 * KIB,
         connections: Connections::PerMessage,
+        ..SMALL_MESSAGES
     },
     // The same from a trusted network, without AUTH: what the sign-in
     // costs is the difference.
     Scenario {
-        messages: 2000,
-        sessions: 10,
-        size: 4 * KIB,
         connections: Connections::PerMessageTrusted,
+        ..SMALL_MESSAGES
     },
     Scenario {
         messages: 200,
-        sessions: 10,
         size: MIB,
-        connections: Connections::OneSession,
+        ..SMALL_MESSAGES
     },
 ];
+
+/// Pairs of relay runs that measure the sign-in's cost (see
+/// `sign_in_pairs`).
+const DEFAULT_SIGN_IN_PAIRS: usize = 10;
 
 const IDLE_CONNECTIONS: usize = 1000;
 const IDLE_LIMIT_MIB: f64 = 50.0;
@@ -85,8 +88,8 @@ const RELAY_MAX_CONNECTIONS: &str = "2000";
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--connection-per-message | --connection-per-message-trusted] [--sign-in-cost] [--rounds N] [--skip-memory-checks]]
-Without --messages/--sessions/--size/--connection-per-message* it runs the standard scenarios; a value left out\nof a custom scenario is that of the first standard one (2000 messages, 10 sessions, 4096 bytes, one connection per session).\n--connection-per-message-trusted sends without AUTH, from the trusted network 127.0.0.1.\n--sign-in-cost runs only the two standard scenarios with a connection per message, with and without AUTH.\n--rounds N (default 5): every scenario once per round (reference, then relay), the order reversed every other round; the medians are reported.";
+const USAGE: &str = "usage: cargo bench --bench relay_load [-- [--messages N] [--sessions C] [--size BYTES] [--connection-per-message | --connection-per-message-trusted] [--sign-in-cost] [--rounds N] [--sign-in-pairs N] [--skip-memory-checks]]
+Without --messages/--sessions/--size/--connection-per-message* it runs the standard scenarios; a value left out\nof a custom scenario is that of the one-session standard one (2000 messages, 10 sessions, 4096 bytes, one connection per session).\n--connection-per-message-trusted sends without AUTH, from the trusted network 127.0.0.1.\n--sign-in-cost runs only the two standard scenarios with a connection per message, with and without AUTH.\n--rounds N (default 5): every scenario once per round (reference, then relay), the order reversed every other round; the medians are reported.\n--sign-in-pairs N (default 10, 0 for none): pairs of relay runs with and without AUTH, back to back, for the sign-in's cost.";
 
 /// Runs of each scenario: one run of a second or two swings by a third on a
 /// busy 2-core machine, the median of three much less.
@@ -127,7 +130,17 @@ async fn run(options: Options) -> anyhow::Result<Report> {
         .zip(rounds)
         .map(|(scenario, rounds)| ScenarioResult::new(scenario, rounds))
         .collect();
-    let per_message_ratios = PerMessageRatio::all(&scenarios);
+    let mut per_message_ratios = Vec::new();
+    if let Some((signed_in, trusted)) = sign_in_pair(&scenarios)
+        && options.sign_in_pairs > 0
+    {
+        let samples = sign_in_pairs(&signed_in, &trusted, options.sign_in_pairs).await?;
+        per_message_ratios.push(PerMessageRatio::new(
+            "sign-in per message / the same without AUTH from a trusted network, pairs of relay runs",
+            samples,
+        ));
+    }
+    per_message_ratios.extend(PerMessageRatio::against_one_session(&scenarios));
     let mut memory_checks = Vec::new();
     if options.memory_checks {
         memory_checks.push(idle_connections_check().await?);
@@ -152,6 +165,7 @@ struct Options {
     scenarios: Vec<Scenario>,
     memory_checks: bool,
     rounds: usize,
+    sign_in_pairs: usize,
 }
 
 impl Options {
@@ -160,6 +174,7 @@ impl Options {
         let mut memory_checks = true;
         let mut rounds = DEFAULT_ROUNDS;
         let mut sign_in_cost_only = false;
+        let mut sign_in_pairs = DEFAULT_SIGN_IN_PAIRS;
         while let Some(arg) = args.next() {
             let mut value = || -> anyhow::Result<usize> {
                 let value = args
@@ -170,20 +185,20 @@ impl Options {
                     .with_context(|| format!("{arg}: not a number: {value:?}"))
             };
             match arg.as_str() {
-                "--messages" => custom.get_or_insert(STANDARD_SCENARIOS[0]).messages = value()?,
-                "--sessions" => custom.get_or_insert(STANDARD_SCENARIOS[0]).sessions = value()?,
-                "--size" => custom.get_or_insert(STANDARD_SCENARIOS[0]).size = value()?,
+                "--messages" => custom.get_or_insert(SMALL_MESSAGES).messages = value()?,
+                "--sessions" => custom.get_or_insert(SMALL_MESSAGES).sessions = value()?,
+                "--size" => custom.get_or_insert(SMALL_MESSAGES).size = value()?,
                 "--connection-per-message" => {
-                    custom.get_or_insert(STANDARD_SCENARIOS[0]).connections =
-                        Connections::PerMessage
+                    custom.get_or_insert(SMALL_MESSAGES).connections = Connections::PerMessage
                 }
                 "--connection-per-message-trusted" => {
-                    custom.get_or_insert(STANDARD_SCENARIOS[0]).connections =
+                    custom.get_or_insert(SMALL_MESSAGES).connections =
                         Connections::PerMessageTrusted
                 }
                 "--sign-in-cost" => sign_in_cost_only = true,
                 "--skip-memory-checks" => memory_checks = false,
                 "--rounds" => rounds = value()?,
+                "--sign-in-pairs" => sign_in_pairs = value()?,
                 // cargo bench passes it to every bench target.
                 "--bench" => {}
                 other => bail!("unknown argument {other:?}"),
@@ -206,6 +221,7 @@ impl Options {
             scenarios,
             memory_checks,
             rounds,
+            sign_in_pairs,
         })
     }
 }
@@ -743,8 +759,7 @@ fn mib(kib: u64) -> f64 {
 
 /// Every scenario once per round, the order reversed every other round: a
 /// drift of the machine (the disk's fsync time, other load) then weighs on
-/// all scenarios alike, and the runs that the per-message ratios compare
-/// are at most one round apart. The rounds of each scenario, in order.
+/// all scenarios alike. The rounds of each scenario, in order.
 async fn run_rounds(
     scenarios: &[Scenario],
     rounds: usize,
@@ -769,14 +784,77 @@ async fn run_rounds(
 /// The same load to the fake upstream directly, then through a relay, each
 /// with a fresh upstream.
 async fn run_round(scenario: &Scenario, round: &str) -> anyhow::Result<RoundResult> {
-    eprintln!("{}: reference run, {round}", scenario.name());
-    let upstream = start_upstream().await;
-    let reference = measure_load(&Target::upstream(&upstream)?, &upstream, scenario)
-        .await
-        .context("reference run")?;
-    // Frees the messages it holds before the relay run.
-    drop(upstream);
+    let reference = reference_run(scenario, round).await?;
+    let (through_relay, cpu, memory) = relay_run(scenario, round).await?;
+    Ok(RoundResult::new(
+        scenario,
+        reference,
+        through_relay,
+        cpu,
+        memory,
+    ))
+}
 
+/// The relay's throughput with a sign-in per message over its throughput
+/// without (`trusted`), from `pairs` pairs of relay runs back to back, in
+/// turn first: runs a second apart, without the per-message references
+/// (8 s each) between them, so a machine whose speed drifts from one
+/// second to the next weighs on both alike. One ratio per pair.
+async fn sign_in_pairs(
+    signed_in: &Scenario,
+    trusted: &Scenario,
+    pairs: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut ratios = Vec::with_capacity(pairs);
+    for pair in 1..=pairs {
+        let label = format!("sign-in pair {pair} of {pairs}");
+        let (signed_in_run, trusted_run) = if pair % 2 == 1 {
+            let first = relay_run(signed_in, &label).await?;
+            (first, relay_run(trusted, &label).await?)
+        } else {
+            let first = relay_run(trusted, &label).await?;
+            (relay_run(signed_in, &label).await?, first)
+        };
+        let rate = |scenario: &Scenario, elapsed: Duration| {
+            Throughput::new(scenario.messages, elapsed).messages_per_second
+        };
+        ratios.push(rate(signed_in, signed_in_run.0) / rate(trusted, trusted_run.0));
+    }
+    Ok(ratios)
+}
+
+/// The per-message scenarios with and without sign-in, when both ran
+/// with the same load.
+fn sign_in_pair(scenarios: &[ScenarioResult]) -> Option<(Scenario, Scenario)> {
+    let signed_in = scenarios
+        .iter()
+        .find(|result| result.scenario.connections == Connections::PerMessage)?
+        .scenario;
+    let trusted = Scenario {
+        connections: Connections::PerMessageTrusted,
+        ..signed_in
+    };
+    scenarios
+        .iter()
+        .any(|result| result.scenario == trusted)
+        .then_some((signed_in, trusted))
+}
+
+async fn reference_run(scenario: &Scenario, round: &str) -> anyhow::Result<Duration> {
+    eprintln!("{}: reference run, {round}", scenario.name());
+    // Dropped at the end, with the messages it holds.
+    let upstream = start_upstream().await;
+    measure_load(&Target::upstream(&upstream)?, &upstream, scenario)
+        .await
+        .context("reference run")
+}
+
+/// The load's duration through a relay, with the relay's CPU time and
+/// memory.
+async fn relay_run(
+    scenario: &Scenario,
+    round: &str,
+) -> anyhow::Result<(Duration, CpuTime, Memory)> {
     eprintln!("{}: relay run, {round}", scenario.name());
     let upstream = start_upstream().await;
     let relay = RelayProcess::start(&upstream).await?;
@@ -789,13 +867,7 @@ async fn run_round(scenario: &Scenario, round: &str) -> anyhow::Result<RoundResu
     let cpu = relay.cpu_time()?.since(cpu_before);
     let memory = relay.memory()?;
     relay.stop().await?;
-    Ok(RoundResult::new(
-        scenario,
-        reference,
-        through_relay,
-        cpu,
-        memory,
-    ))
+    Ok((through_relay, cpu, memory))
 }
 
 /// RSS the relay adds for idle client connections (connected, greeted,
@@ -945,60 +1017,50 @@ fn range(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
 }
 
 /// The relay's throughput with a connection and sign-in per message over
-/// that of the same load sent another way, round by round: what the sign-in
-/// (and the connection) per message costs. The runs of a round are close in
-/// time, so their ratio is steadier than the ratio of two medians.
+/// that of the same load sent another way, each sample from two runs close
+/// in time (of one round, or one pair): steadier than the ratio of two
+/// medians.
 #[derive(Serialize)]
 struct PerMessageRatio {
     what: &'static str,
     median: f64,
     range: (f64, f64),
-    rounds: Vec<f64>,
+    samples: Vec<f64>,
 }
 
 impl PerMessageRatio {
-    /// The ratios whose two scenarios both ran.
-    fn all(scenarios: &[ScenarioResult]) -> Vec<PerMessageRatio> {
-        let comparisons = [
-            (
-                Connections::PerMessageTrusted,
-                "sign-in per message / the same without AUTH from a trusted network",
-            ),
-            (
-                Connections::OneSession,
-                "connection and sign-in per message / one session per client",
-            ),
-        ];
-        let Some(per_message) = scenarios
+    fn new(what: &'static str, samples: Vec<f64>) -> PerMessageRatio {
+        PerMessageRatio {
+            what,
+            median: median(samples.iter().copied()),
+            range: range(samples.iter().copied()),
+            samples,
+        }
+    }
+
+    /// Connection and sign-in per message against one session per client,
+    /// round by round, when both ran.
+    fn against_one_session(scenarios: &[ScenarioResult]) -> Option<PerMessageRatio> {
+        let per_message = scenarios
             .iter()
-            .find(|result| result.scenario.connections == Connections::PerMessage)
-        else {
-            return Vec::new();
+            .find(|result| result.scenario.connections == Connections::PerMessage)?;
+        let wanted = Scenario {
+            connections: Connections::OneSession,
+            ..per_message.scenario
         };
-        comparisons
-            .into_iter()
-            .filter_map(|(connections, what)| {
-                let wanted = Scenario {
-                    connections,
-                    ..per_message.scenario
-                };
-                let other = scenarios.iter().find(|result| result.scenario == wanted)?;
-                let rounds: Vec<f64> = per_message
-                    .rounds
-                    .iter()
-                    .zip(&other.rounds)
-                    .map(|(signed_in, other)| {
-                        signed_in.relay.messages_per_second / other.relay.messages_per_second
-                    })
-                    .collect();
-                Some(PerMessageRatio {
-                    what,
-                    median: median(rounds.iter().copied()),
-                    range: range(rounds.iter().copied()),
-                    rounds,
-                })
+        let one_session = scenarios.iter().find(|result| result.scenario == wanted)?;
+        let samples = per_message
+            .rounds
+            .iter()
+            .zip(&one_session.rounds)
+            .map(|(per_message, one_session)| {
+                per_message.relay.messages_per_second / one_session.relay.messages_per_second
             })
-            .collect()
+            .collect();
+        Some(PerMessageRatio::new(
+            "connection and sign-in per message / one session per client, round by round",
+            samples,
+        ))
     }
 }
 
@@ -1111,7 +1173,7 @@ impl Report {
             let gap = if std::mem::take(&mut first) { "\n" } else { "" };
             let (lowest, highest) = ratio.range;
             println!(
-                "{gap}{}, relay msg/s (same load, round by round): {:.3} ({lowest:.3}–{highest:.3})",
+                "{gap}{}, relay msg/s (same load): {:.3} ({lowest:.3}–{highest:.3})",
                 ratio.what, ratio.median
             );
         }
