@@ -310,6 +310,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self.input.len() > READ_BUFFER {
             // Grown for bytes put back, which are taken now.
             self.input = vec![0; READ_BUFFER].into_boxed_slice();
+            (self.start, self.end) = (0, 0);
         }
         let read = self.stream.read(&mut self.input);
         self.end = wait_for(read, idle, deadline, &self.close_sessions).await?;
@@ -408,7 +409,6 @@ impl Reader for LineFramer {
     }
 }
 
-/// A TLS record starts with 0x16 (handshake) and version 3.x.
 /// Waits for `read` at most `idle` and never past `deadline`. Once the
 /// shutdown grace period is over (`close_sessions`), the wait ends even
 /// inside a message: nothing is lost, since only a stored message is ever
@@ -433,6 +433,7 @@ async fn wait_for(
     }
 }
 
+/// A TLS record starts with 0x16 (handshake) and version 3.x.
 fn is_tls_client_hello(bytes: &[u8]) -> bool {
     matches!(bytes, [0x16, 0x03, ..])
 }

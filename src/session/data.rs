@@ -100,7 +100,8 @@ impl Reader for Receiving {
     }
 
     async fn before_reading_more(&mut self) -> Option<Self::Output> {
-        let covered = self.memory.cover(self.message.len() + CONTENT_READ).await;
+        let next_read = content_read(self.message.len());
+        let covered = self.memory.cover(self.message.len() + next_read).await;
         (!covered).then_some(Err(DataEnd::NoMemory))
     }
 }
