@@ -595,12 +595,32 @@ async fn bare_lf_dot_cannot_smuggle_a_second_message() {
 #[tokio::test]
 async fn commands_pipelined_right_after_a_large_message_run_in_order() {
     let setup = Setup::new().await;
-    let (upstream, relay) = (&setup.upstream, &setup.relay);
-    let mut client = relay.signed_in_client().await;
+    let client = setup.relay.signed_in_client().await;
+    pipeline_after_a_large_message(client, &setup.upstream).await;
+}
+
+/// The same inside STARTTLS, where reads come out of TLS records.
+#[tokio::test]
+async fn a_large_message_and_pipelined_commands_over_starttls() {
+    let setup = Setup::new().await;
+    let relay = &setup.relay;
+    let mut client = Client::connect(relay.addr).await;
+    client.ehlo().await;
+    let mut client = client.starttls(&relay.cert).await;
+    client.ehlo().await;
+    let reply = client.login_plain(LOCAL_USER, LOCAL_PASSWORD).await;
+    assert_eq!(reply.code, 235, "{reply:?}");
+    pipeline_after_a_large_message(client, &setup.upstream).await;
+}
+
+/// About 200 KB, every line dot-stuffed so reads end inside them, with
+/// MAIL, RCPT and DATA in the same write as its final dot; then a second
+/// message. Both arrive, each to its own recipient, the first unstuffed
+/// once.
+async fn pipeline_after_a_large_message(mut client: Client, upstream: &FakeUpstream) {
     client.expect("MAIL FROM:<a@legacy.example>", 250).await;
     client.expect("RCPT TO:<b@example.com>", 250).await;
     client.expect("DATA", 354).await;
-    // About 200 KB, every line dot-stuffed, so reads end inside them.
     let body = "..a line that starts with a dot\r\n".repeat(6000);
     let first = format!(
         "Subject: first\r\n\r\n{body}.\r\nMAIL FROM:<a@legacy.example>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n"
