@@ -44,6 +44,10 @@ pub(super) struct DotReader {
     pieces: Vec<Piece>,
 }
 
+/// Pieces scanned before they are written when unstuffing in place: bounds
+/// what a read full of dot-stuffed lines makes the reader hold.
+const IN_PLACE_PIECES: usize = 64;
+
 impl DotReader {
     /// `command_end_bare`: the DATA command ended in a bare LF; its line end
     /// starts the first line, so a lone "." is an empty message.
@@ -61,7 +65,7 @@ impl DotReader {
     /// many bytes of `input` it consumed: all of them, or up to and
     /// including the terminator.
     pub(super) fn read(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) -> usize {
-        self.scan(input, |piece| {
+        self.scan(input, usize::MAX, |piece| {
             if let Some(out) = out.as_deref_mut() {
                 match piece {
                     Piece::Input(run) => out.extend_from_slice(&input[run]),
@@ -87,24 +91,28 @@ impl DotReader {
     ) {
         debug_assert_eq!(from, *written + self.held(), "held bytes precede the input");
         let mut pieces = std::mem::take(&mut self.pieces);
-        let used = self.scan(&buffer[from..], |piece| pieces.push(piece));
-        for piece in pieces.drain(..) {
-            match piece {
-                Piece::Input(run) => {
-                    let (start, len) = (from + run.start, run.len());
-                    if start != *written {
-                        buffer.copy_within(start..start + len, *written);
+        let mut at = from;
+        while at < buffer.len() && self.finished().is_none() {
+            let scanned = at;
+            at += self.scan(&buffer[at..], IN_PLACE_PIECES, |piece| pieces.push(piece));
+            for piece in pieces.drain(..) {
+                match piece {
+                    Piece::Input(run) => {
+                        let (start, len) = (scanned + run.start, run.len());
+                        if start != *written {
+                            buffer.copy_within(start..start + len, *written);
+                        }
+                        *written += len;
                     }
-                    *written += len;
-                }
-                Piece::Held(bytes) => {
-                    buffer[*written..*written + bytes.len()].copy_from_slice(bytes);
-                    *written += bytes.len();
+                    Piece::Held(bytes) => {
+                        buffer[*written..*written + bytes.len()].copy_from_slice(bytes);
+                        *written += bytes.len();
+                    }
                 }
             }
         }
         self.pieces = pieces;
-        after_end.extend_from_slice(&buffer[from + used..]);
+        after_end.extend_from_slice(&buffer[at..]);
         buffer.truncate(*written + self.held());
     }
 
@@ -119,10 +127,23 @@ impl DotReader {
     }
 
     /// The content in `input` as pieces to `emit`; returns how many bytes
-    /// of `input` it consumed.
-    fn scan(&mut self, input: &[u8], mut emit: impl FnMut(Piece)) -> usize {
+    /// of `input` it consumed: all of them, up to and including the
+    /// terminator, or, once about `budget` pieces were emitted, up to where
+    /// it stopped (any split of the input is fine to go on from).
+    fn scan(&mut self, input: &[u8], budget: usize, emit: impl FnMut(Piece)) -> usize {
+        let emitted = std::cell::Cell::new(0usize);
+        let mut emit = {
+            let (mut emit, emitted) = (emit, &emitted);
+            move |piece| {
+                emitted.set(emitted.get() + 1);
+                emit(piece)
+            }
+        };
         let mut at = 0;
         while at < input.len() {
+            if emitted.get() >= budget {
+                return at;
+            }
             let byte = input[at];
             self.state = match self.state {
                 State::Text { after_cr } => {
@@ -272,6 +293,25 @@ mod tests {
                 expected,
                 "{input:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_read_full_of_stuffed_lines_is_unstuffed_in_place_in_bounded_steps() {
+        for ending in ["\r\n", "\n"] {
+            let line = format!("..{ending}.x{ending}");
+            let input = format!("{}.{ending}QUIT{ending}", line.repeat(5000));
+            let lenient = ending == "\n";
+            let expected = read(input.as_bytes(), lenient);
+            assert!(expected.is_some(), "ends");
+            let mut reader = DotReader::new(lenient);
+            let (mut buffer, mut written, mut after_end) =
+                (input.clone().into_bytes(), 0, Vec::new());
+            reader.read_in_place(&mut buffer, &mut written, 0, &mut after_end);
+            assert_eq!(after_end, format!("QUIT{ending}").as_bytes());
+            let content = String::from_utf8(buffer).unwrap();
+            assert_eq!(Some(content), expected.map(|(content, _, _)| content));
+            assert!(reader.pieces.capacity() <= 2 * (IN_PLACE_PIECES + 2));
         }
     }
 
