@@ -93,6 +93,10 @@ impl Reader for Receiving {
     /// Content that came with the DATA command is copied from the
     /// connection's buffer; the rest is read into `message` directly.
     fn take(&mut self, input: &[u8]) -> (usize, Option<Self::Output>) {
+        if input.is_empty() {
+            // The usual case: the content is still on its way.
+            return (0, self.outcome());
+        }
         self.message.reserve(input.len() + HEADER_ROOM);
         let used = self.dots.read(input, Some(&mut self.message));
         self.written = self.message.len();

@@ -199,9 +199,14 @@ impl Spool {
             .map(|(_, location)| location))
     }
 
-    /// The envelopes of the messages in the journal, all `active`.
+    /// The envelopes of the messages in the journal, all `active`. Read
+    /// from disk, the scan has them already.
     fn journal_envelopes(&self) -> io::Result<Vec<Envelope>> {
-        let records = self.journal_records()?;
+        if !self.owns_journal.load(Ordering::Acquire) {
+            let stored = self.journal.scan(false)?;
+            return Ok(stored.into_iter().map(|stored| stored.envelope).collect());
+        }
+        let records = self.journal.live_records();
         records
             .iter()
             .map(|(_, location)| self.journal.read_envelope(location))
